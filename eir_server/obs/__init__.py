@@ -1,0 +1,1 @@
+"""Observability: metrics and health endpoints, structured logs, audit trail and export."""

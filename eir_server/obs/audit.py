@@ -1,0 +1,344 @@
+"""Audit trail of checks (what the EIR saw) and device-change / clone signals.
+
+The hot path calls `AuditRecorder.record(...)`: a sampling decision and one deque append, no
+I/O, no formatting. A background task (`start()`) drains the buffer in batches: it feeds the
+`DeviceChangeDetector` and writes the sampled observations to a sink, a bounded Redis Stream
+(pipelined `XADD ... MAXLEN ~`), daily JSON-lines files, or a bounded in-memory deque. When the
+buffer is full new observations are dropped and counted (`eir_audit_records_total{outcome=
+"dropped"}`): answers never wait for the audit.
+
+Stream entry fields (all strings, "" when unknown): t (unix seconds, ms precision), imei,
+imeisv, imsi, msisdn, peer, interface (s13 | n5g_eir), verdict (whitelisted | greylisted |
+blacklisted | unknown), rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from eir_server.obs.logging import get_logger
+from eir_server.obs.metrics import Metrics
+from eir_server.policy.types import CheckRequest, EquipmentStatus, Verdict
+
+DEFAULT_STREAM = "eir:audit"
+FIELDS = ("t", "imei", "imeisv", "imsi", "msisdn", "peer", "interface", "verdict", "rule")
+
+Row = dict[str, str]
+
+
+def verdict_name(status: EquipmentStatus | None) -> str:
+    return "unknown" if status is None else status.name.lower()
+
+
+def observation(
+    when: float, req: CheckRequest, verdict: Verdict, peer: str, interface: str
+) -> Row:
+    """The stored form of one check. IMEI keeps what was received minus a software version."""
+    imei = req.imei
+    imeisv = ""
+    if len(imei) == 16:  # an IMEISV (N5g-eir PEI): 14 digits + 2-digit SVN
+        imeisv, imei = imei, imei[:14]
+    elif req.software_version:
+        imeisv = imei[:14] + req.software_version
+    return {
+        "t": f"{when:.3f}",
+        "imei": imei,
+        "imeisv": imeisv,
+        "imsi": req.imsi or "",
+        "msisdn": req.msisdn or "",
+        "peer": peer,
+        "interface": interface,
+        "verdict": verdict_name(verdict.status),
+        "rule": verdict.rule,
+    }
+
+
+class AuditSink(Protocol):
+    async def write(self, rows: Sequence[Row]) -> None: ...
+
+
+class RedisStreamSink:
+    """One pipelined round trip per batch; the stream is trimmed approximately to `maxlen`."""
+
+    def __init__(self, redis: Any, stream: str = DEFAULT_STREAM, maxlen: int = 10_000_000) -> None:
+        self.redis = redis  # redis.asyncio.Redis
+        self.stream = stream
+        self.maxlen = maxlen
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for row in rows:
+            pipe.xadd(self.stream, row, maxlen=self.maxlen, approximate=True)
+        await pipe.execute()
+
+
+class MemorySink:
+    """Embedded, bounded: keeps the newest `maxlen` observations in this process only."""
+
+    def __init__(self, maxlen: int = 100_000) -> None:
+        self.rows: deque[Row] = deque(maxlen=maxlen)
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        self.rows.extend(rows)
+
+
+class JsonlDirSink:
+    """Embedded and readable by `eir-server export`: one `audit-YYYYMMDD.jsonl` per UTC day,
+    files older than `keep_days` deleted. Writes run in a thread (file I/O off the loop)."""
+
+    def __init__(self, directory: str, keep_days: int = 35) -> None:
+        self.directory = directory
+        self.keep_days = keep_days
+        os.makedirs(directory, mode=0o750, exist_ok=True)
+
+    def _write_sync(self, rows: Sequence[Row]) -> None:
+        by_day: dict[str, list[str]] = {}
+        for row in rows:
+            day = datetime.fromtimestamp(float(row["t"]), UTC).strftime("%Y%m%d")
+            by_day.setdefault(day, []).append(json.dumps(row, separators=(",", ":")))
+        for day, lines in by_day.items():
+            with open(os.path.join(self.directory, f"audit-{day}.jsonl"), "a") as f:
+                f.write("\n".join(lines) + "\n")
+        cutoff = datetime.fromtimestamp(time.time() - self.keep_days * 86400, UTC)
+        oldest_kept = cutoff.strftime("%Y%m%d")
+        for name in os.listdir(self.directory):
+            if name.startswith("audit-") and name.endswith(".jsonl") and name[6:14] < oldest_kept:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
+
+    async def write(self, rows: Sequence[Row]) -> None:
+        await asyncio.to_thread(self._write_sync, rows)
+
+
+def make_sink(
+    store_url: str,
+    *,
+    redis: Any = None,
+    audit_dir: str | None = None,
+    stream: str = DEFAULT_STREAM,
+    maxlen: int = 10_000_000,
+) -> AuditSink:
+    """redis:// or rediss:// store -> Redis Stream (reusing `redis` if given); otherwise daily
+    files in `audit_dir` if set, else an in-memory ring."""
+    if store_url.startswith(("redis://", "rediss://", "unix://")):
+        if redis is None:
+            import redis.asyncio as aioredis
+
+            redis = aioredis.Redis.from_url(store_url)
+        return RedisStreamSink(redis, stream=stream, maxlen=maxlen)
+    if audit_dir:
+        return JsonlDirSink(audit_dir)
+    return MemorySink()
+
+
+class _ImeiEntry:
+    __slots__ = ("imsis", "flagged_at")
+
+    def __init__(self) -> None:
+        self.imsis: dict[str, float] = {}
+        self.flagged_at = float("-inf")
+
+
+class DeviceChangeDetector:
+    """Counts and logs (event "device_signal"):
+
+    - imei_multi_imsi: one IMEI (14 digits) seen with more than `max_imsis` IMSIs within
+      `window` seconds (a cloned IMEI, or a shared test device). Signalled at most once per
+      IMEI per window.
+    - imsi_imei_change: an IMSI seen with a different IMEI than last time, within `window`
+      (a device change, or a SIM moved into a cloned/stolen device).
+
+    State is bounded by `max_tracked` IMEIs and IMSIs (least recently seen evicted first) and
+    is per worker process: a subscriber whose MME connections land on different workers is
+    tracked by each separately.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_imsis: int = 2,
+        window: float = 86400.0,
+        max_tracked: int = 1_000_000,
+        log_events: bool = True,
+    ) -> None:
+        self.metrics = metrics
+        self.max_imsis = max_imsis
+        self.window = window
+        self.max_tracked = max_tracked
+        self.log_events = log_events
+        self._by_imei: dict[str, _ImeiEntry] = {}
+        self._by_imsi: dict[str, tuple[str, float]] = {}
+        self._log = get_logger("eir_server.audit")
+
+    def observe(self, when: float, imei: str, imsi: str | None) -> list[str]:
+        if not imsi:
+            return []
+        signals: list[str] = []
+        key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
+        entry = self._by_imei.pop(key, None)  # pop + reinsert keeps recency order
+        if entry is None:
+            entry = _ImeiEntry()
+        entry.imsis[imsi] = when
+        if len(entry.imsis) > self.max_imsis:
+            horizon = when - self.window
+            entry.imsis = {s: t for s, t in entry.imsis.items() if t >= horizon}
+            if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
+                entry.flagged_at = when
+                signals.append("imei_multi_imsi")
+                self._signal("imei_multi_imsi", imei=key, imsi=imsi,
+                             imsi_count=len(entry.imsis))
+        self._by_imei[key] = entry
+
+        prev = self._by_imsi.pop(imsi, None)
+        self._by_imsi[imsi] = (key, when)
+        if prev is not None and prev[0] != key and when - prev[1] <= self.window:
+            signals.append("imsi_imei_change")
+            self._signal("imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev[0])
+
+        for table in (self._by_imei, self._by_imsi):
+            while len(table) > self.max_tracked:
+                del table[next(iter(table))]
+        return signals
+
+    def _signal(self, kind: str, **context: Any) -> None:
+        self.metrics.device_signals[kind] += 1
+        if self.log_events:
+            self._log.info("device_signal", kind=kind, window_s=self.window, **context)
+
+
+# (when, request, verdict, peer, interface, sampled)
+_Item = tuple[float, CheckRequest, Verdict, str, str, bool]
+
+
+class AuditRecorder:
+    """Non-blocking audit of checks. One per worker process.
+
+    Wiring (worker): `rec = AuditRecorder(metrics, make_sink(cfg.store, redis=client),
+    sample=cfg.audit_sample, detector=DeviceChangeDetector(metrics))`; `rec.start()` once the
+    loop runs; `rec.record(time.time(), req, verdict, peer_name, "s13")` after each answer;
+    `await rec.close()` on shutdown (flushes what is buffered). With `--audit off` pass
+    `sink=None`: the detector (if any) still sees every check, nothing is written.
+
+    Sampling applies to what is written; the detector sees every check so that sampling does
+    not hide clones.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        sink: AuditSink | None,
+        *,
+        sample: float = 1.0,
+        capacity: int = 100_000,
+        batch_size: int = 500,
+        flush_interval: float = 0.25,
+        detector: DeviceChangeDetector | None = None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        if not 0.0 <= sample <= 1.0:
+            raise ValueError("audit sample must be between 0 and 1")
+        self.metrics = metrics
+        self.sink = sink
+        self.sample = sample if sink is not None else 0.0
+        self.capacity = capacity
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.detector = detector
+        self._rng = rng
+        self._buf: deque[_Item] = deque()
+        self._counts = metrics.audit
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._log = get_logger("eir_server.audit")
+        self._last_error_log = float("-inf")
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+    def record(
+        self,
+        when: float,
+        req: CheckRequest,
+        verdict: Verdict,
+        peer: str,
+        interface: str = "s13",
+    ) -> None:
+        sample = self.sample
+        keep = sample >= 1.0 or (sample > 0.0 and self._rng() < sample)
+        if not keep and self.detector is None:
+            return
+        buf = self._buf
+        if len(buf) >= self.capacity:
+            self._counts["dropped"] += 1
+            return
+        buf.append((when, req, verdict, peer, interface, keep))
+        if keep:
+            self._counts["queued"] += 1
+        if len(buf) == self.batch_size:
+            self._wake.set()
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-flush")
+        return self._task
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.flush_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Drain the buffer now; returns the number of observations written."""
+        written = 0
+        buf = self._buf
+        while buf:
+            n = min(len(buf), self.batch_size)
+            items = [buf.popleft() for _ in range(n)]
+            written += await self._write(items)
+        return written
+
+    async def _write(self, items: Iterable[_Item]) -> int:
+        det = self.detector
+        rows: list[Row] = []
+        for when, req, verdict, peer, interface, keep in items:
+            if det is not None:
+                det.observe(when, req.imei, req.imsi)
+            if keep:
+                rows.append(observation(when, req, verdict, peer, interface))
+        if not rows or self.sink is None:
+            return 0
+        try:
+            await self.sink.write(rows)
+        except Exception as exc:  # noqa: BLE001 - the audit must never take the server down
+            self._counts["write_failed"] += len(rows)
+            now = time.monotonic()
+            if now - self._last_error_log >= 10.0:  # one line per 10 s while the sink is down
+                self._last_error_log = now
+                self._log.error("audit_write_failed", error=repr(exc), rows=len(rows))
+            return 0
+        self._counts["written"] += len(rows)
+        return len(rows)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.flush()
