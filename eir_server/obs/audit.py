@@ -39,9 +39,7 @@ def verdict_name(status: EquipmentStatus | None) -> str:
     return "unknown" if status is None else status.name.lower()
 
 
-def observation(
-    when: float, req: CheckRequest, verdict: Verdict, peer: str, interface: str
-) -> Row:
+def observation(when: float, req: CheckRequest, verdict: Verdict, peer: str, interface: str) -> Row:
     """The stored form of one check. IMEI keeps what was received minus a software version."""
     imei = req.imei
     imeisv = ""
@@ -195,8 +193,7 @@ class DeviceChangeDetector:
             if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
                 entry.flagged_at = when
                 signals.append("imei_multi_imsi")
-                self._signal("imei_multi_imsi", imei=key, imsi=imsi,
-                             imsi_count=len(entry.imsis))
+                self._signal("imei_multi_imsi", imei=key, imsi=imsi, imsi_count=len(entry.imsis))
         self._by_imei[key] = entry
 
         prev = self._by_imsi.pop(imsi, None)

@@ -70,17 +70,31 @@ def add_export_parser(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--since", required=True, type=parse_time,
-                   help="start: 2024-05-01, 20240501, ISO datetime, unix seconds, or 7d/24h ago")
+    p.add_argument(
+        "--since",
+        required=True,
+        type=parse_time,
+        help="start: 2024-05-01, 20240501, ISO datetime, unix seconds, or 7d/24h ago",
+    )
     p.add_argument("--until", type=parse_time, default=None, help="end (exclusive); default now")
     p.add_argument("--format", choices=("csv",), default="csv")
-    p.add_argument("--store", default=os.environ.get("EIR_STORE", ""),
-                   help="redis://... holding the audit stream (default: $EIR_STORE)")
-    p.add_argument("--audit-dir", default=os.environ.get("EIR_AUDIT_DIR", ""),
-                   help="read the daily audit-*.jsonl files here instead of Redis")
+    p.add_argument(
+        "--store",
+        default=os.environ.get("EIR_STORE", ""),
+        help="redis://... holding the audit stream (default: $EIR_STORE)",
+    )
+    p.add_argument(
+        "--audit-dir",
+        default=os.environ.get("EIR_AUDIT_DIR", ""),
+        help="read the daily audit-*.jsonl files here instead of Redis",
+    )
     p.add_argument("--stream", default=DEFAULT_STREAM, help="audit stream key")
-    p.add_argument("--rat", action="append", metavar="INTERFACE=RAT",
-                   help="RAT value per interface (default s13=4G, n5g_eir=5G); repeatable")
+    p.add_argument(
+        "--rat",
+        action="append",
+        metavar="INTERFACE=RAT",
+        help="RAT value per interface (default s13=4G, n5g_eir=5G); repeatable",
+    )
     p.add_argument("-o", "--output", default="-", help="output file (default stdout)")
     p.set_defaults(func=run_export)
 
@@ -156,8 +170,11 @@ def run_export(args: argparse.Namespace) -> int:
     elif args.store.startswith(("redis://", "rediss://", "unix://")):
         rows = _from_redis(args.store, args.stream, args.since, until)
     else:
-        print("eir-server export: needs --store redis://... or --audit-dir DIR "
-              "(an in-memory audit cannot be read from another process)", file=sys.stderr)
+        print(
+            "eir-server export: needs --store redis://... or --audit-dir DIR "
+            "(an in-memory audit cannot be read from another process)",
+            file=sys.stderr,
+        )
         return 2
     out: TextIO = sys.stdout if args.output == "-" else open(args.output, "w", newline="")
     try:
@@ -168,6 +185,7 @@ def run_export(args: argparse.Namespace) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    print(f"eir-server export: {written} rows, {skipped} checks without IMSI skipped",
-          file=sys.stderr)
+    print(
+        f"eir-server export: {written} rows, {skipped} checks without IMSI skipped", file=sys.stderr
+    )
     return 0

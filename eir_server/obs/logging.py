@@ -89,8 +89,9 @@ def get_logger(name: str, **initial: Any) -> Any:
 
 def connection_logger(peer: str, *, transport: str = "tcp", **context: Any) -> Any:
     """Bind once per connection: `peer` is "ip:port"; rebind origin_host after CER."""
-    return structlog.get_logger(logger="eir_server.diameter", peer=peer, transport=transport,
-                                **context)
+    return structlog.get_logger(
+        logger="eir_server.diameter", peer=peer, transport=transport, **context
+    )
 
 
 def log_protocol_error(

@@ -59,67 +59,155 @@ class MetricSpec:
 
 SPECS: tuple[MetricSpec, ...] = (
     # --- traffic -------------------------------------------------------------------------
-    MetricSpec("eir_requests_total", "counter",
-               "Requests answered, by interface (s13, n5g_eir), command and result "
-               "(Diameter Result-Code / Experimental-Result-Code, or HTTP status).",
-               ("interface", "command", "result")),
-    MetricSpec("eir_verdicts_total", "counter",
-               "Equipment verdicts by status (whitelisted, greylisted, blacklisted, unknown) "
-               "and deciding policy rule.", ("status", "rule")),
-    MetricSpec("eir_request_duration_seconds", "histogram",
-               "Time from a request's last byte read to its answer being queued for sending.",
-               ("interface",)),
-    MetricSpec("eir_requests_in_flight", "gauge",
-               "Requests received and not yet answered.", (), "sum", "in_flight"),
-    MetricSpec("eir_request_queue_depth", "gauge",
-               "Requests waiting for a store lookup batch.", (), "sum", "queue_depth"),
+    MetricSpec(
+        "eir_requests_total",
+        "counter",
+        "Requests answered, by interface (s13, n5g_eir), command and result "
+        "(Diameter Result-Code / Experimental-Result-Code, or HTTP status).",
+        ("interface", "command", "result"),
+    ),
+    MetricSpec(
+        "eir_verdicts_total",
+        "counter",
+        "Equipment verdicts by status (whitelisted, greylisted, blacklisted, unknown) "
+        "and deciding policy rule.",
+        ("status", "rule"),
+    ),
+    MetricSpec(
+        "eir_request_duration_seconds",
+        "histogram",
+        "Time from a request's last byte read to its answer being queued for sending.",
+        ("interface",),
+    ),
+    MetricSpec(
+        "eir_requests_in_flight",
+        "gauge",
+        "Requests received and not yet answered.",
+        (),
+        "sum",
+        "in_flight",
+    ),
+    MetricSpec(
+        "eir_request_queue_depth",
+        "gauge",
+        "Requests waiting for a store lookup batch.",
+        (),
+        "sum",
+        "queue_depth",
+    ),
     # --- Diameter peers ------------------------------------------------------------------
-    MetricSpec("eir_diameter_peers", "gauge",
-               "Diameter peer connections by RFC 6733 state (lower case, e.g. r_open).",
-               ("state",), "sum", "peers"),
-    MetricSpec("eir_diameter_cer_total", "counter",
-               "Capabilities-Exchange-Requests handled, by outcome.", ("outcome",)),
-    MetricSpec("eir_diameter_watchdog_failures_total", "counter",
-               "RFC 3539 watchdog expiries (peer went SUSPECT or DOWN)."),
-    MetricSpec("eir_diameter_dpr_total", "counter",
-               "Disconnect-Peer-Requests by direction (received, sent) and Disconnect-Cause.",
-               ("direction", "cause")),
-    MetricSpec("eir_diameter_protocol_errors_total", "counter",
-               "Answers carrying a protocol/permanent error, by Result-Code sent.",
-               ("result_code",)),
+    MetricSpec(
+        "eir_diameter_peers",
+        "gauge",
+        "Diameter peer connections by RFC 6733 state (lower case, e.g. r_open).",
+        ("state",),
+        "sum",
+        "peers",
+    ),
+    MetricSpec(
+        "eir_diameter_cer_total",
+        "counter",
+        "Capabilities-Exchange-Requests handled, by outcome.",
+        ("outcome",),
+    ),
+    MetricSpec(
+        "eir_diameter_watchdog_failures_total",
+        "counter",
+        "RFC 3539 watchdog expiries (peer went SUSPECT or DOWN).",
+    ),
+    MetricSpec(
+        "eir_diameter_dpr_total",
+        "counter",
+        "Disconnect-Peer-Requests by direction (received, sent) and Disconnect-Cause.",
+        ("direction", "cause"),
+    ),
+    MetricSpec(
+        "eir_diameter_protocol_errors_total",
+        "counter",
+        "Answers carrying a protocol/permanent error, by Result-Code sent.",
+        ("result_code",),
+    ),
     # --- store -----------------------------------------------------------------------------
-    MetricSpec("eir_store_lookups_total", "counter",
-               "Equipment lookups by store tier (cache, redis) and result (hit, miss).",
-               ("tier", "result"), "sum", "store"),
-    MetricSpec("eir_store_redis_errors_total", "counter",
-               "Redis commands that failed or timed out.", (), "sum", "store"),
-    MetricSpec("eir_store_fallback_verdicts_total", "counter",
-               "Verdicts given by the configured fallback because the store was unreachable.",
-               (), "sum", "store"),
-    MetricSpec("eir_store_fallback_active", "gauge",
-               "1 while the store is unreachable and answers come from the fallback.",
-               (), "max", "store"),
+    MetricSpec(
+        "eir_store_lookups_total",
+        "counter",
+        "Equipment lookups by store tier (cache, redis) and result (hit, miss).",
+        ("tier", "result"),
+        "sum",
+        "store",
+    ),
+    MetricSpec(
+        "eir_store_redis_errors_total",
+        "counter",
+        "Redis commands that failed or timed out.",
+        (),
+        "sum",
+        "store",
+    ),
+    MetricSpec(
+        "eir_store_fallback_verdicts_total",
+        "counter",
+        "Verdicts given by the configured fallback because the store was unreachable.",
+        (),
+        "sum",
+        "store",
+    ),
+    MetricSpec(
+        "eir_store_fallback_active",
+        "gauge",
+        "1 while the store is unreachable and answers come from the fallback.",
+        (),
+        "max",
+        "store",
+    ),
     # --- national register -----------------------------------------------------------------
-    MetricSpec("eir_register_version", "gauge",
-               "Version of the national register data served (lowest across workers).",
-               (), "min", "register"),
-    MetricSpec("eir_register_last_sync_timestamp_seconds", "gauge",
-               "Unix time of the last successful register sync (oldest across workers).",
-               (), "min", "register"),
-    MetricSpec("eir_register_sync_rows", "gauge",
-               "Rows applied or rejected by the last successful sync, per list "
-               "(blacklist, notification, exception...).", ("list", "outcome"), "max",
-               "register"),
+    MetricSpec(
+        "eir_register_version",
+        "gauge",
+        "Version of the national register data served (lowest across workers).",
+        (),
+        "min",
+        "register",
+    ),
+    MetricSpec(
+        "eir_register_last_sync_timestamp_seconds",
+        "gauge",
+        "Unix time of the last successful register sync (oldest across workers).",
+        (),
+        "min",
+        "register",
+    ),
+    MetricSpec(
+        "eir_register_sync_rows",
+        "gauge",
+        "Rows applied or rejected by the last successful sync, per list "
+        "(blacklist, notification, exception...).",
+        ("list", "outcome"),
+        "max",
+        "register",
+    ),
     # --- audit and device signals --------------------------------------------------------
-    MetricSpec("eir_audit_records_total", "counter",
-               "Audit observations by outcome: queued, dropped (buffer full), written, "
-               "write_failed.", ("outcome",)),
-    MetricSpec("eir_device_signals_total", "counter",
-               "Device-change/clone signals: imei_multi_imsi, imsi_imei_change.", ("kind",)),
+    MetricSpec(
+        "eir_audit_records_total",
+        "counter",
+        "Audit observations by outcome: queued, dropped (buffer full), written, write_failed.",
+        ("outcome",),
+    ),
+    MetricSpec(
+        "eir_device_signals_total",
+        "counter",
+        "Device-change/clone signals: imei_multi_imsi, imsi_imei_change.",
+        ("kind",),
+    ),
     # --- aggregation -----------------------------------------------------------------------
-    MetricSpec("eir_metrics_workers", "gauge",
-               "Worker processes by scrape state (expected, reporting).", ("state",), "sum",
-               "aggregator"),
+    MetricSpec(
+        "eir_metrics_workers",
+        "gauge",
+        "Worker processes by scrape state (expected, reporting).",
+        ("state",),
+        "sum",
+        "aggregator",
+    ),
 )
 
 SPEC_BY_NAME: dict[str, MetricSpec] = {s.name: s for s in SPECS}
@@ -177,8 +265,7 @@ class Snapshot:
         return {
             "s": {n: [[list(k), v] for k, v in d.items()] for n, d in self.samples.items()},
             "h": {
-                n: [[list(k), c, s] for k, (c, s) in d.items()]
-                for n, d in self.histograms.items()
+                n: [[list(k), c, s] for k, (c, s) in d.items()] for n, d in self.histograms.items()
             },
             "r": list(self.ready) if self.ready is not None else None,
             "i": self.incarnation,
@@ -222,8 +309,10 @@ def merge_snapshots(snaps: Iterable[Snapshot], *, counters_only: bool = False) -
             for k, (counts, total) in hrows.items():
                 if k in hdst:
                     old_counts, old_sum = hdst[k]
-                    hdst[k] = ([a + b for a, b in zip(old_counts, counts, strict=True)],
-                               old_sum + total)
+                    hdst[k] = (
+                        [a + b for a, b in zip(old_counts, counts, strict=True)],
+                        old_sum + total,
+                    )
                 else:
                     hdst[k] = (list(counts), total)
     return out
@@ -420,8 +509,13 @@ def render(snap: Snapshot) -> bytes:
 def __getattr__(name: str) -> Any:
     # The listener lives in obs.server (it imports this module); re-export it lazily so
     # `from eir_server.obs.metrics import start_metrics_server` works without an import cycle.
-    if name in ("start_metrics_server", "start_worker_snapshot_server", "MetricsAggregator",
-                "worker_socket_path", "parse_listen"):
+    if name in (
+        "start_metrics_server",
+        "start_worker_snapshot_server",
+        "MetricsAggregator",
+        "worker_socket_path",
+        "parse_listen",
+    ):
         from eir_server.obs import server
 
         return getattr(server, name)

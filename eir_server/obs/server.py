@@ -46,8 +46,14 @@ ReadinessResult = tuple[bool, str]
 ReadinessFn = Callable[[], ReadinessResult | Awaitable[ReadinessResult]]
 
 _MAX_HEAD = 16 * 1024
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def worker_socket_path(runtime_dir: str, index: int) -> str:
@@ -143,9 +149,7 @@ class MetricsAggregator:
                     problems.append(f"worker {index}: not answering ({type(res).__name__})")
                     if last is not None:
                         gone.append(last)
-            merged = merge_snapshots(
-                [self._base, merge_snapshots(gone, counters_only=True), *live]
-            )
+            merged = merge_snapshots([self._base, merge_snapshots(gone, counters_only=True), *live])
         merged.samples["eir_metrics_workers"] = {
             ("expected",): float(len(self.socket_paths)),
             ("reporting",): float(len(live)),
@@ -179,8 +183,10 @@ async def start_metrics_server(
         readiness = metrics.readiness
 
     async def metrics_body() -> bytes:
-        snap = await metrics.collect() if isinstance(metrics, MetricsAggregator) else (
-            metrics.snapshot()
+        snap = (
+            await metrics.collect()
+            if isinstance(metrics, MetricsAggregator)
+            else (metrics.snapshot())
         )
         return await asyncio.to_thread(render, snap)
 
@@ -199,8 +205,12 @@ async def start_metrics_server(
         try:
             async with asyncio.timeout(request_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError):
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+        ):
             writer.close()
             return
         method = ""
