@@ -99,14 +99,17 @@ def add_export_parser(subparsers: Any) -> None:
     p.set_defaults(func=run_export)
 
 
-def _from_redis(url: str, stream: str, since: float, until: float) -> Iterator[Row]:
+def _from_redis(
+    url: str, stream: str, since: float, until: float, slack: float = 3600.0
+) -> Iterator[Row]:
     import redis
 
     client = redis.Redis.from_url(url, decode_responses=True)
-    # Entry ids are write times, a flush interval after the check: widen by a minute, then
-    # filter on the recorded check time.
-    lo: str = str(max(0, int(since * 1000) - 60_000))
-    hi = str(int(until * 1000) + 60_000)
+    # Entry ids are the Redis server's clock at write time, a flush interval after the check
+    # (plus any clock skew between nodes and Redis): select ids with `slack` either side, then
+    # filter on the recorded check time `t`.
+    lo: str = str(max(0, int((since - slack) * 1000)))
+    hi = str(int((until + slack) * 1000))
     try:
         while True:
             batch = client.xrange(stream, min=lo, max=hi, count=10_000)

@@ -26,6 +26,13 @@ _LEVELS = {
 }
 
 
+def _rename_logger_name(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    name = event.pop("logger_name_", None)
+    if name is not None:
+        event["logger"] = name
+    return event
+
+
 def _renderer(fmt: str, stream: TextIO) -> tuple[list[Processor], Processor]:
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
@@ -56,6 +63,7 @@ def configure_logging(
         raise ValueError(f"unknown log level {level!r}") from None
     extra, renderer = _renderer(fmt, stream)
     shared: list[Processor] = [
+        _rename_logger_name,
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -84,14 +92,14 @@ def configure_logging(
 
 def get_logger(name: str, **initial: Any) -> Any:
     """A structlog logger carrying `logger=name` (the stdlib-style logger name)."""
-    return structlog.get_logger(logger=name, **initial)
+    # `logger` is a reserved keyword of structlog.get_logger(); pass it under another key and
+    # rename it in the processor chain, so the logger stays lazy (configured on first use).
+    return structlog.get_logger(logger_name_=name, **initial)
 
 
 def connection_logger(peer: str, *, transport: str = "tcp", **context: Any) -> Any:
     """Bind once per connection: `peer` is "ip:port"; rebind origin_host after CER."""
-    return structlog.get_logger(
-        logger="eir_server.diameter", peer=peer, transport=transport, **context
-    )
+    return get_logger("eir_server.diameter", peer=peer, transport=transport, **context)
 
 
 def log_protocol_error(

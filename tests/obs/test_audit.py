@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+import structlog
+
+from eir_server.obs.audit import (
+    AuditRecorder,
+    DeviceChangeDetector,
+    JsonlDirSink,
+    MemorySink,
+    RedisStreamSink,
+    make_sink,
+    observation,
+)
+from eir_server.obs.logging import configure_logging
+from eir_server.obs.metrics import Metrics
+from eir_server.policy.types import CheckRequest, EquipmentStatus, Verdict
+
+WHITE = Verdict(EquipmentStatus.WHITELISTED, "default")
+BLACK = Verdict(EquipmentStatus.BLACKLISTED, "blacklist", ("stolen",))
+DAY = 1_714_521_600.0  # 2024-05-01T00:00:00Z
+
+
+def req(n: int, imsi: str | None = None, **kw: str) -> CheckRequest:
+    return CheckRequest(imei=f"35{n:012d}", imsi=imsi, **kw)
+
+
+@pytest.fixture
+def log_buf() -> Iterator[io.StringIO]:
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf, cache_loggers=False)
+    yield buf
+    structlog.reset_defaults()
+
+
+def test_observation_fields() -> None:
+    row = observation(
+        DAY + 0.1234, CheckRequest("35000000000001", "07", "001010000000001", "15550001"),
+        BLACK, "mme1.example.net", "s13",
+    )
+    assert row == {
+        "t": f"{DAY + 0.1234:.3f}", "imei": "35000000000001", "imeisv": "3500000000000107",
+        "imsi": "001010000000001", "msisdn": "15550001", "peer": "mme1.example.net",
+        "interface": "s13", "verdict": "blacklisted", "rule": "blacklist",
+    }
+    # an N5g-eir PEI carrying an IMEISV: the IMEI is its first 14 digits
+    row = observation(DAY, CheckRequest("3500000000000107"), Verdict(None, "unknown"), "amf", "n5g_eir")
+    assert (row["imei"], row["imeisv"], row["imsi"], row["verdict"]) == (
+        "35000000000001", "3500000000000107", "", "unknown")
+
+
+async def test_batches_land_in_a_redis_stream(obs_redis, obs_redis_url: str) -> None:
+    client = aioredis.Redis.from_url(obs_redis_url)
+    m = Metrics()
+    rec = AuditRecorder(m, RedisStreamSink(client, stream="t:audit"), batch_size=100)
+    for i in range(250):
+        rec.record(DAY + i, req(i, imsi=f"00101{i:010d}"), WHITE, "mme1")
+    assert rec.pending == 250 and obs_redis.xlen("t:audit") == 0  # nothing written inline
+    assert await rec.flush() == 250
+    await client.aclose()
+    entries = obs_redis.xrange("t:audit")
+    assert len(entries) == 250
+    first = entries[0][1]
+    assert first["imei"] == "35000000000000" and first["imsi"] == "001010000000000"
+    assert first["verdict"] == "whitelisted" and first["peer"] == "mme1"
+    assert m.audit["queued"] == 250 and m.audit["written"] == 250
+
+
+async def test_stream_is_bounded_by_approximate_maxlen(obs_redis, obs_redis_url: str) -> None:
+    client = aioredis.Redis.from_url(obs_redis_url)
+    rec = AuditRecorder(Metrics(), RedisStreamSink(client, "t:bounded", maxlen=1000))
+    for i in range(5000):
+        rec.record(DAY + i, req(i), WHITE, "mme1")
+    await rec.flush()
+    await client.aclose()
+    # `~` trims whole stream nodes (100 entries by default): bounded, not exact
+    assert 1000 <= obs_redis.xlen("t:bounded") <= 1100
+
+
+async def test_background_task_flushes_without_being_asked(obs_redis, obs_redis_url) -> None:
+    client = aioredis.Redis.from_url(obs_redis_url)
+    rec = AuditRecorder(Metrics(), RedisStreamSink(client, "t:bg"), batch_size=10,
+                        flush_interval=0.05)
+    rec.start()
+    for i in range(25):
+        rec.record(DAY + i, req(i), WHITE, "mme1")
+    async with asyncio.timeout(10):
+        while obs_redis.xlen("t:bg") < 25:
+            await asyncio.sleep(0.01)
+    await rec.close()
+    await client.aclose()
+    assert obs_redis.xlen("t:bg") == 25
+
+
+def test_full_buffer_drops_new_observations_and_counts_them() -> None:
+    m = Metrics()
+    rec = AuditRecorder(m, MemorySink(), capacity=3)
+    for i in range(5):
+        rec.record(DAY, req(i), WHITE, "mme1")
+    assert rec.pending == 3
+    assert m.audit["queued"] == 3 and m.audit["dropped"] == 2
+
+
+async def test_sampling_decides_what_is_written() -> None:
+    m = Metrics()
+    draws = iter([0.05, 0.5, 0.09, 0.95, 0.1])
+    sink = MemorySink()
+    rec = AuditRecorder(m, sink, sample=0.1, rng=lambda: next(draws))
+    for i in range(5):
+        rec.record(DAY, req(i), WHITE, "mme1")
+    await rec.flush()
+    assert [r["imei"] for r in sink.rows] == ["35000000000000", "35000000000002"]
+    assert m.audit["written"] == 2
+
+
+async def test_sample_zero_without_detector_costs_nothing() -> None:
+    rec = AuditRecorder(Metrics(), MemorySink(), sample=0.0, rng=lambda: pytest.fail("drawn"))
+    rec.record(DAY, req(1), WHITE, "mme1")
+    assert rec.pending == 0
+
+
+async def test_detector_sees_unsampled_checks() -> None:
+    m = Metrics()
+    det = DeviceChangeDetector(m, max_imsis=1, window=3600)
+    rec = AuditRecorder(m, None, detector=det)  # audit off, detection on
+    rec.record(DAY, req(7, imsi="001010000000001"), WHITE, "mme1")
+    rec.record(DAY + 1, req(7, imsi="001010000000002"), WHITE, "mme1")
+    assert await rec.flush() == 0
+    assert m.device_signals["imei_multi_imsi"] == 1
+
+
+async def test_redis_down_counts_failures_and_logs_once(log_buf: io.StringIO) -> None:
+    m = Metrics()
+    client = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    rec = AuditRecorder(m, RedisStreamSink(client), batch_size=5)
+    for i in range(12):
+        rec.record(DAY, req(i), WHITE, "mme1")
+    assert await rec.flush() == 0  # no exception escapes
+    await client.aclose()
+    assert m.audit["write_failed"] == 12
+    errors = [json.loads(line) for line in log_buf.getvalue().splitlines()]
+    assert [e["event"] for e in errors] == ["audit_write_failed"]  # rate-limited
+    assert errors[0]["level"] == "error"
+
+
+def test_imei_with_too_many_imsis_is_signalled_once_per_window(log_buf) -> None:
+    m = Metrics()
+    det = DeviceChangeDetector(m, max_imsis=2, window=100)
+    imei = "35000000000001"
+    assert det.observe(0, imei + "5", "001") == []
+    assert det.observe(1, imei, "002") == []
+    assert det.observe(2, imei, "003") == ["imei_multi_imsi"]  # check digit ignored: 3 IMSIs
+    assert det.observe(3, imei, "004") == []  # already signalled in this window
+    assert m.device_signals["imei_multi_imsi"] == 1
+    # long after: old IMSIs expired, only two within the window again -> no signal
+    assert det.observe(500, imei, "005") == []
+    assert det.observe(501, imei, "006") == []
+    assert det.observe(502, imei, "007") == ["imei_multi_imsi"]
+    events = [json.loads(line) for line in log_buf.getvalue().splitlines()]
+    assert [(e["event"], e["kind"], e["imei"]) for e in events] == [
+        ("device_signal", "imei_multi_imsi", imei)] * 2
+
+
+def test_imsi_changing_imei_is_signalled_within_the_window() -> None:
+    m = Metrics()
+    det = DeviceChangeDetector(m, max_imsis=5, window=100)
+    assert det.observe(0, "35000000000001", "001") == []
+    assert det.observe(10, "35000000000001", "001") == []  # same device
+    assert det.observe(20, "35000000000002", "001") == ["imsi_imei_change"]
+    assert det.observe(500, "35000000000003", "001") == []  # previous sighting too old
+    assert det.observe(501, "35000000000003", None) == []  # no IMSI: nothing to correlate
+    assert m.device_signals["imsi_imei_change"] == 1
+
+
+def test_detector_memory_is_bounded() -> None:
+    det = DeviceChangeDetector(Metrics(), max_tracked=100, log_events=False)
+    for i in range(1000):
+        det.observe(i, f"35{i:012d}", f"00101{i:010d}")
+    assert len(det._by_imei) == 100 and len(det._by_imsi) == 100
+    assert "35000000000999" in det._by_imei  # the most recent are kept
+
+
+async def test_jsonl_dir_sink_writes_daily_files(tmp_path: Path) -> None:
+    sink = JsonlDirSink(str(tmp_path), keep_days=100_000)
+    rec = AuditRecorder(Metrics(), sink)
+    rec.record(DAY + 10, req(1, imsi="001"), WHITE, "mme1")
+    rec.record(DAY + 86400 + 10, req(2, imsi="002"), BLACK, "mme2")
+    await rec.flush()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["audit-20240501.jsonl", "audit-20240502.jsonl"]
+    row = json.loads((tmp_path / "audit-20240502.jsonl").read_text())
+    assert row["imsi"] == "002" and row["verdict"] == "blacklisted"
+
+
+def test_make_sink_picks_by_store_url(tmp_path: Path) -> None:
+    assert isinstance(make_sink("redis://127.0.0.1:1/0"), RedisStreamSink)
+    assert isinstance(make_sink("memory://", audit_dir=str(tmp_path)), JsonlDirSink)
+    assert isinstance(make_sink("memory://"), MemorySink)
