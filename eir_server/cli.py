@@ -1,0 +1,148 @@
+"""`eir-server` command line: serve, check, sync, export, dictionary."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import OPTIONS, load_config
+
+EPILOG = """Every serve option is also a TOML key in --config FILE (dashes -> underscores, e.g.
+diameter_listen = "0.0.0.0:3868") and an environment variable EIR_<NAME> (e.g.
+EIR_DIAMETER_LISTEN). Precedence: flag > environment > file > default. The [policy] table of the
+TOML file configures the verdict policy (see README)."""
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the EIR (S13 Diameter)", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    for f in OPTIONS:
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": None,
+                                  "dest": f.name}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        kwargs["type"] = {"int": int, "float": float}.get(str(f.type), str)
+        kwargs["help"] += f" (default: {f.default!r})"
+        p.add_argument(flag, **kwargs)
+
+
+def _add_check(sub: Any) -> None:
+    p = sub.add_parser("check", help="print the verdict for an IMEI and why; exit code = status "
+                       "(0 whitelisted, 1 blacklisted, 2 greylisted, 3 unknown)")
+    p.add_argument("imei", help="IMEI (14 or 15 digits) or IMEISV (16 digits)")
+    p.add_argument("--imsi", help="IMSI used with the device (exception pairing)")
+    p.add_argument("--msisdn")
+    p.add_argument("--software-version", help="2-digit SVN")
+    p.add_argument("--date", help="evaluate as of this date (YYYYMMDD, default today UTC)")
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file ([policy], store)")
+    p.add_argument("--store", metavar="URL", help="store URL (default memory://)")
+    p.add_argument("--register", metavar="DIR", help="register directory for the embedded store")
+    p.add_argument("--unknown-equipment", choices=("whitelisted", "greylisted", "blacklisted",
+                                                   "unknown"))
+
+
+def _add_dictionary(sub: Any) -> None:
+    sub.add_parser("dictionary", help="print the compiled Diameter dictionary as XML")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eir-server", description=(
+        "Equipment Identity Register: answers S13 ME-Identity-Check (TS 29.272) from the "
+        "national device register."))
+    parser.add_argument("--version", action="version", version=f"eir-server {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(sub)
+    _add_check(sub)
+    try:
+        from .sync.command import add_sync_parser, run_sync
+    except ImportError:  # pragma: no cover - only while the sync package is incomplete
+        run_sync = None
+    else:
+        add_sync_parser(sub)
+    from .obs.export import add_export_parser, run_export
+    add_export_parser(sub)
+    _add_dictionary(sub)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "check":
+        return _check(args)
+    if args.command == "sync" and run_sync is not None:
+        return run_sync(args)
+    if args.command == "export":
+        return run_export(args)
+    if args.command == "dictionary":
+        from .diameter.dictionary import emit_xml, load_dictionary
+        sys.stdout.write(emit_xml(load_dictionary()))
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .io.app import serve
+    from .obs.logging import configure_logging
+    overrides = {f.name: getattr(args, f.name) for f in OPTIONS}
+    try:
+        cfg = load_config(args.config, overrides=overrides)
+    except (OSError, ValueError) as e:
+        print(f"eir-server: configuration error: {e}", file=sys.stderr)
+        return 2
+    configure_logging(cfg.log_format, cfg.log_level)
+    try:
+        return serve(cfg)
+    except (OSError, ValueError) as e:
+        print(f"eir-server: {e}", file=sys.stderr)
+        return 1
+
+
+def _check(args: argparse.Namespace) -> int:
+    from .io.app import build_policy
+    from .policy import exit_code_for, explain
+    from .policy.types import CheckRequest
+    from .store import MISSING, open_store
+    overrides: dict[str, Any] = {"store": args.store, "register": args.register,
+                                 "unknown_equipment": args.unknown_equipment}
+    try:
+        cfg = load_config(args.config, overrides=overrides)
+        policy = build_policy(cfg)
+    except (OSError, ValueError) as e:
+        print(f"eir-server: configuration error: {e}", file=sys.stderr)
+        return 64
+    today = args.date or time.strftime("%Y%m%d", time.gmtime())
+    req = CheckRequest(args.imei, args.software_version, args.imsi, args.msisdn)
+
+    async def lookup() -> Any:
+        store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
+        await store.start()
+        try:
+            key = policy.imei_key(req.imei)
+            if key is None:
+                return None
+            record = store.get_nowait(key)
+            if record is MISSING:
+                record = await store.fetch(key)
+            return record
+        finally:
+            await store.close()
+
+    record = asyncio.run(lookup())
+    verdict = policy.decide(req, record, today)
+    print(explain(verdict, req))
+    return exit_code_for(verdict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

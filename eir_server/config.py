@@ -1,0 +1,150 @@
+"""One frozen, validated configuration for `eir-server serve`.
+
+Every option has one name and three spellings: the command-line flag `--diameter-listen`, the
+TOML key `diameter_listen` (top level of `--config FILE`), and the environment variable
+`EIR_DIAMETER_LISTEN`. Precedence: flag > environment > file > default. The `[policy]` TOML
+table configures the verdict policy (docs/policy.md). Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+STATUSES = ("whitelisted", "greylisted", "blacklisted", "unknown")
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         metavar: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices,
+                                            "metavar": metavar})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    diameter_listen: str = _opt("0.0.0.0:3868", "S13 Diameter listen address (TCP)",
+                                metavar="HOST:PORT")
+    origin_host: str = _opt("eir.localdomain", "our Diameter Origin-Host (DiameterIdentity)")
+    origin_realm: str = _opt("localdomain", "our Diameter Origin-Realm")
+    host_ip_addresses: str = _opt(
+        "", "Host-IP-Address values advertised in CEA, comma separated "
+        "(default: the listen address, or 127.0.0.1 when listening on all addresses)")
+    workers: int = _opt(1, "worker processes sharing the Diameter port (SO_REUSEPORT)")
+    unknown_equipment: str = _opt(
+        "whitelisted", "verdict for an IMEI no list mentions; 'unknown' answers S13 "
+        "Experimental-Result 5422 DIAMETER_ERROR_EQUIPMENT_UNKNOWN", choices=STATUSES)
+    store: str = _opt("memory://", "verdict store: memory:// (embedded) or a Redis URL "
+                      "(redis://, rediss://, redis+sentinel://, redis+cluster://)", metavar="URL")
+    register: str = _opt("", "directory of national-register files (DIRBS zips/CSVs) loaded "
+                         "into the embedded store at start", metavar="DIR")
+    store_fallback: str = _opt(
+        "whitelisted", "verdict when the store cannot answer (Redis down, IMEI not cached)",
+        choices=STATUSES)
+    metrics_listen: str = _opt("0.0.0.0:9868", "Prometheus /metrics, /healthz, /readyz "
+                               "listen address; empty disables", metavar="HOST:PORT")
+    max_register_age: float = _opt(0.0, "/readyz fails when the register is older than this "
+                                   "many seconds; 0 disables the check", metavar="SECONDS")
+    log_format: str = _opt("auto", "log format: JSON, console, or auto (console on a TTY)",
+                           choices=("auto", "json", "console"))
+    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    allowed_peers: str = _opt("", "Origin-Host patterns (fnmatch, comma separated) allowed to "
+                              "connect; others get CEA 3010. Empty: any", metavar="PATTERNS")
+    allowed_networks: str = _opt("", "peer source networks (CIDR, comma separated) allowed to "
+                                 "connect; empty: any", metavar="CIDRS")
+    watchdog_interval: float = _opt(30.0, "RFC 3539 watchdog Tw in seconds (>= 6, jitter "
+                                    "+-2 s added)", metavar="SECONDS")
+    max_message_length: int = _opt(65535, "largest Diameter message accepted; a larger "
+                                   "Message-Length closes the connection", metavar="BYTES")
+    duplicate_window: float = _opt(240.0, "seconds a T-flag retransmission is answered from "
+                                   "the duplicate cache", metavar="SECONDS")
+    duplicate_max_entries: int = _opt(2_000_000, "duplicate-detection cache size (entries)",
+                                      metavar="N")
+    shutdown_timeout: float = _opt(10.0, "SIGTERM: seconds to wait for DPA and in-flight "
+                                   "answers before closing", metavar="SECONDS")
+    audit: str = _opt("off", "record every check as an observation (Redis Stream or "
+                      "embedded buffer)", choices=("off", "on"))
+    audit_sample: float = _opt(1.0, "share of checks recorded when --audit on (0..1)",
+                               metavar="FLOAT")
+    policy: Mapping[str, Any] = field(default_factory=dict,
+                                      metadata={"help": None, "choices": None, "metavar": None})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name}: {getattr(self, f.name)!r} not one of "
+                                 f"{', '.join(choices)}")
+        parse_hostport(self.diameter_listen, "diameter_listen")
+        if self.metrics_listen:
+            parse_hostport(self.metrics_listen, "metrics_listen")
+        if self.workers < 1:
+            raise ValueError("workers: must be at least 1")
+        if self.watchdog_interval < 6:
+            raise ValueError("watchdog_interval: RFC 3539 requires at least 6 seconds")
+        if not 0.0 <= self.audit_sample <= 1.0:
+            raise ValueError("audit_sample: must be between 0 and 1")
+        if self.max_message_length < 20:
+            raise ValueError("max_message_length: at least 20 (the Diameter header)")
+        if not self.origin_host or not self.origin_realm:
+            raise ValueError("origin_host and origin_realm must not be empty")
+
+    def host_ips(self) -> tuple[str, ...]:
+        if self.host_ip_addresses:
+            return tuple(a.strip() for a in self.host_ip_addresses.split(",") if a.strip())
+        host, _ = parse_hostport(self.diameter_listen, "diameter_listen")
+        return ("127.0.0.1",) if host in ("", "0.0.0.0", "::") else (host,)
+
+
+OPTIONS = [f for f in fields(ServeConfig) if f.name != "policy"]
+
+
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what}: expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    t = typ if isinstance(typ, type) else {"str": str, "int": int, "float": float}.get(typ, str)
+    try:
+        if t is int:
+            return int(value)
+        if t is float:
+            return float(value)
+        if isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {value!r} is not a valid {t.__name__}") from None
+
+
+def load_config(file: str | None = None, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None) -> ServeConfig:
+    """Defaults < TOML file < EIR_* environment < explicit command-line overrides."""
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in OPTIONS}
+    if file:
+        with open(file, "rb") as fh:
+            data = tomllib.load(fh)
+        for k, v in data.items():
+            if k == "policy":
+                if not isinstance(v, dict):
+                    raise ValueError("[policy] must be a table")
+                values["policy"] = v
+                continue
+            if k not in known:
+                raise ValueError(f"{file}: unknown option {k!r}")
+            values[k] = _coerce(k, v, known[k].type)
+    env = os.environ if env is None else env
+    for name, f in known.items():
+        var = "EIR_" + name.upper()
+        if var in env:
+            values[name] = _coerce(var, env[var], f.type)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k] = _coerce(k, v, known[k].type)
+    return replace(ServeConfig(), **values)

@@ -1,0 +1,594 @@
+"""Sans-I/O Diameter peer connection, responder side (RFC 6733 section 5, RFC 3539 watchdog).
+
+Three calls drive it, as in h11/h2: `receive_data(bytes, now)` feeds the stream, `events()`
+takes what happened (application requests, peer up/down, protocol errors), `data_to_send()`
+takes bytes for the socket. Time is an argument: `next_deadline()` tells the shell when to call
+`handle_timer(now)`. No sockets, no clock, no asyncio here.
+
+The connection answers the base protocol itself (CER, DWR, DPR, DWA/DPA it asked for) and the
+errors every application shares (unknown application or command, bad header bits, malformed AVPs,
+Destination-Host/Realm not ours); only well-formed application requests reach the application.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from . import errors
+from .answers import (
+    AUTH_SESSION_STATE,
+    NO_STATE_MAINTAINED,
+    ORIGIN_STATE_ID,
+    RESULT_CODE,
+    Identity,
+    error_answer,
+    frame,
+)
+from .codec import (
+    CHILDREN,
+    CODE,
+    FLAG_E,
+    FLAG_P,
+    FLAG_R,
+    VENDOR,
+    Framer,
+    Message,
+    Problem,
+    address_payload,
+    avp,
+    decode,
+    grouped_avp,
+    message,
+    str_avp,
+    u32_avp,
+    validate,
+)
+from .dictionary import Dictionary
+
+CER, DWR, DPR = 257, 280, 282
+BASE_APPLICATION = 0
+RELAY_APPLICATION = 0xFFFFFFFF
+VENDOR_3GPP = 10415
+S13_APPLICATION = 16777252
+AUTH_APPLICATION_ID = 258
+ACCT_APPLICATION_ID = 259
+VENDOR_SPECIFIC_APPLICATION_ID = 260
+VENDOR_ID = 266
+ORIGIN_HOST = 264
+ORIGIN_REALM = 296
+DESTINATION_HOST = 293
+DESTINATION_REALM = 283
+DISCONNECT_CAUSE = 273
+HOST_IP_ADDRESS = 257
+PRODUCT_NAME = 269
+FIRMWARE_REVISION = 267
+SUPPORTED_VENDOR_ID = 265
+REBOOTING, BUSY, DO_NOT_WANT_TO_TALK_TO_YOU = 0, 1, 2
+DISCONNECT_CAUSES = {0: "REBOOTING", 1: "BUSY", 2: "DO_NOT_WANT_TO_TALK_TO_YOU"}
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """What a connection needs to know about us and whom we accept. Immutable, shared."""
+
+    identity: Identity
+    host_ip_addresses: tuple[str, ...] = ("127.0.0.1",)
+    vendor_id: int = 0
+    product_name: str = "eir-server"
+    firmware_revision: int = 1
+    # (vendor id or 0, application id) pairs we serve; Relay in a CER also matches.
+    applications: tuple[tuple[int, int], ...] = ((VENDOR_3GPP, S13_APPLICATION),)
+    allowed_hosts: tuple[str, ...] = ()  # fnmatch patterns of Origin-Host; empty: anyone
+    allowed_networks: tuple[str, ...] = ()  # CIDRs of peer addresses; empty: anywhere
+    watchdog_interval: float = 30.0  # Tw (RFC 3539 3.4.1)
+    watchdog_jitter: float = 2.0
+    cer_timeout: float = 10.0  # a connection that sends no CER by then is closed
+    dpa_timeout: float = 5.0
+    max_message_length: int = 65_535
+    _networks: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.watchdog_interval < 6.0:
+            raise ValueError("watchdog interval (Tw) must be at least 6 s (RFC 3539 3.4.1)")
+        if not 0 <= self.watchdog_jitter <= 2.0:
+            raise ValueError("watchdog jitter must be between 0 and 2 s (RFC 3539 3.4.1)")
+        nets = tuple(ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
+        object.__setattr__(self, "_networks", nets)
+
+    def address_allowed(self, address: str | None) -> bool:
+        if not self._networks:
+            return True
+        if address is None:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in n for n in self._networks)
+
+    def host_allowed(self, origin_host: str) -> bool:
+        if not self.allowed_hosts:
+            return True
+        host = origin_host.lower()
+        return any(fnmatch.fnmatchcase(host, p.lower()) for p in self.allowed_hosts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Events the shell receives
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOpened:
+    origin_host: str
+    origin_realm: str
+    applications: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CerRejected:
+    result_code: int
+    reason: str
+    origin_host: str
+
+
+@dataclass(frozen=True, slots=True)
+class AppRequest:
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorAnswered:
+    """A request we answered with a failure because of what the peer sent (log once, count)."""
+
+    result_code: int
+    command: int
+    hop_by_hop: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchdogChanged:
+    old: str
+    new: str
+
+
+@dataclass(frozen=True, slots=True)
+class DisconnectRequested:
+    """The peer sent DPR; we answered DPA and will close."""
+
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The shell must close the transport once `data_to_send()` is flushed."""
+
+    reason: str
+
+
+Event = PeerOpened | CerRejected | AppRequest | ErrorAnswered | WatchdogChanged | \
+    DisconnectRequested | Closed
+
+
+class PeerState(Enum):
+    """RFC 6733 5.6, responder states. Wait-* and I-* states belong to initiators."""
+
+    CLOSED = "Closed"  # transport up, no CER yet
+    R_OPEN = "R-Open"
+    CLOSING = "Closing"  # we sent DPR and wait for DPA
+    DONE = "Done"  # terminal: the transport is (to be) closed
+
+
+class Watchdog(Enum):
+    """RFC 3539 3.4.1 states. DOWN and REOPEN matter to an initiator that reconnects; a responder
+    closes the transport on DOWN and the peer reconnects."""
+
+    INITIAL = "INITIAL"
+    OKAY = "OKAY"
+    SUSPECT = "SUSPECT"
+    DOWN = "DOWN"
+
+
+# RFC 6733 5.6, the responder's rows (R-Conn-CER is our accept of a transport with a CER on it):
+#   Closed    R-Conn-CER    R-Accept, Process-CER, R-Snd-CEA   R-Open
+#   R-Open    R-Rcv-Message Process                             R-Open
+#   R-Open    R-Rcv-DWR     Process-DWR, R-Snd-DWA              R-Open
+#   R-Open    R-Rcv-DWA     Process-DWA                         R-Open
+#   R-Open    R-Rcv-CER     R-Snd-CEA                           R-Open
+#   R-Open    Stop          R-Snd-DPR                           Closing
+#   R-Open    R-Rcv-DPR     R-Snd-DPA, R-Disc                   Closed
+#   R-Open    R-Peer-Disc   R-Disc                              Closed
+#   Closing   R-Rcv-DPA     R-Disc                              Closed
+#   Closing   Timeout       Error                               Closed
+# Deviations, labelled: a CER that fails (3010, 5010, bad AVPs) is answered and closes (the RFC's
+# "Process-CER" leaves the rejection implicit); any other message in Closed is a peer that skipped
+# the capabilities exchange: requests get 3010 DIAMETER_UNKNOWN_PEER, then we close. In Closing
+# we still answer requests that crossed our DPR (RFC 6733 5.4 lets in-flight answers drain).
+TRANSITIONS: dict[tuple[PeerState, str], tuple[str, PeerState]] = {
+    (PeerState.CLOSED, "rcv-CER-ok"): ("snd-CEA", PeerState.R_OPEN),
+    (PeerState.CLOSED, "rcv-CER-bad"): ("snd-CEA-error", PeerState.DONE),
+    (PeerState.CLOSED, "rcv-other"): ("snd-3010", PeerState.DONE),
+    (PeerState.CLOSED, "timeout"): ("disc", PeerState.DONE),
+    (PeerState.R_OPEN, "rcv-message"): ("process", PeerState.R_OPEN),
+    (PeerState.R_OPEN, "rcv-DWR"): ("snd-DWA", PeerState.R_OPEN),
+    (PeerState.R_OPEN, "rcv-DWA"): ("process-DWA", PeerState.R_OPEN),
+    (PeerState.R_OPEN, "rcv-CER-ok"): ("snd-CEA", PeerState.R_OPEN),
+    (PeerState.R_OPEN, "rcv-CER-bad"): ("snd-CEA-error", PeerState.R_OPEN),
+    (PeerState.R_OPEN, "stop"): ("snd-DPR", PeerState.CLOSING),
+    (PeerState.R_OPEN, "rcv-DPR"): ("snd-DPA-disc", PeerState.DONE),
+    (PeerState.R_OPEN, "watchdog-down"): ("disc", PeerState.DONE),
+    (PeerState.CLOSING, "rcv-message"): ("process", PeerState.CLOSING),
+    (PeerState.CLOSING, "rcv-DWR"): ("snd-DWA", PeerState.CLOSING),
+    (PeerState.CLOSING, "rcv-DWA"): ("process-DWA", PeerState.CLOSING),
+    (PeerState.CLOSING, "rcv-DPA"): ("disc", PeerState.DONE),
+    (PeerState.CLOSING, "rcv-DPR"): ("snd-DPA-disc", PeerState.DONE),
+    (PeerState.CLOSING, "timeout"): ("disc", PeerState.DONE),
+}
+
+# RFC 3539 3.4.1, as a table (event -> action, next state); "pending" is the DWR-outstanding flag:
+#   OKAY     any message     SetWatchdog                                  OKAY
+#   OKAY     timer, !pending SendWatchdog, SetWatchdog, pending=true      OKAY
+#   OKAY     timer, pending  Failover, SetWatchdog                        SUSPECT
+#   SUSPECT  DWA or message  pending=false, Failback, SetWatchdog         OKAY
+#   SUSPECT  timer           CloseConnection                              DOWN
+WATCHDOG: dict[tuple[Watchdog, str], tuple[str, Watchdog]] = {
+    (Watchdog.OKAY, "message"): ("reset", Watchdog.OKAY),
+    (Watchdog.OKAY, "timer-idle"): ("send-DWR", Watchdog.OKAY),
+    (Watchdog.OKAY, "timer-pending"): ("failover", Watchdog.SUSPECT),
+    (Watchdog.SUSPECT, "message"): ("failback", Watchdog.OKAY),
+    (Watchdog.SUSPECT, "timer-idle"): ("close", Watchdog.DOWN),
+    (Watchdog.SUSPECT, "timer-pending"): ("close", Watchdog.DOWN),
+}
+
+
+class Connection:
+    """One transport connection from a peer (MME, SGSN, DRA)."""
+
+    def __init__(self, config: PeerConfig, dictionary: Dictionary, now: float,
+                 peer_address: str | None = None, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.dictionary = dictionary
+        self.peer_address = peer_address
+        self.state = PeerState.CLOSED
+        self.watchdog = Watchdog.INITIAL
+        self.origin_host = ""
+        self.origin_realm = ""
+        self._framer = Framer(config.max_message_length)
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self._rng = rng or random.Random()
+        self._deadline: float | None = now + config.cer_timeout
+        self._dwr_pending = False
+        self._next_id = self._rng.getrandbits(32)
+        me = config.identity
+        self._realm = me.origin_realm.lower()
+        self._host = me.origin_host.lower()
+        self._osi = u32_avp(ORIGIN_STATE_ID, me.origin_state_id)
+        self._capabilities = b"".join(
+            [avp(HOST_IP_ADDRESS, address_payload(a)) for a in config.host_ip_addresses]
+            + [u32_avp(VENDOR_ID, config.vendor_id),
+               str_avp(PRODUCT_NAME, config.product_name, mandatory=False),
+               self._osi]
+            + [u32_avp(SUPPORTED_VENDOR_ID, v)
+               for v in sorted({v for v, _ in config.applications if v})]
+            + [self._app_avp(v, a) for v, a in config.applications]
+            + [u32_avp(FIRMWARE_REVISION, config.firmware_revision, mandatory=False)]
+        )
+        self._app_ids = frozenset(a for _, a in config.applications)
+
+    @staticmethod
+    def _app_avp(vendor: int, app: int) -> bytes:
+        if vendor:
+            return grouped_avp(VENDOR_SPECIFIC_APPLICATION_ID,
+                               [u32_avp(VENDOR_ID, vendor), u32_avp(AUTH_APPLICATION_ID, app)])
+        return u32_avp(AUTH_APPLICATION_ID, app)
+
+    # -- the three calls ----------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        if self.state is PeerState.DONE:
+            return
+        try:
+            frames = self._framer.feed(data)
+        except errors.FramingError as e:
+            self._close(f"framing error: {e}")
+            return
+        for raw in frames:
+            self._handle(raw, now)
+            if self.state is PeerState.DONE:
+                break
+
+    def events(self) -> list[Event]:
+        ev = self._events
+        self._events = []
+        return ev
+
+    def data_to_send(self) -> bytes:
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out = []
+        return out
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        return self._deadline
+
+    def handle_timer(self, now: float) -> None:
+        if self._deadline is None or now < self._deadline:
+            return
+        if self.state is PeerState.CLOSED:
+            self._transition("timeout")
+            self._close("no CER within the capabilities-exchange timeout")
+        elif self.state is PeerState.CLOSING:
+            self._transition("timeout")
+            self._close("no DPA before the deadline")
+        elif self.state is PeerState.R_OPEN:
+            self._watchdog_event("timer-pending" if self._dwr_pending else "timer-idle", now)
+
+    # -- commands from the shell --------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Queue an answer produced by the application."""
+        if self.state is not PeerState.DONE:
+            self._out.append(data)
+
+    def disconnect(self, now: float, cause: int = REBOOTING) -> None:
+        """Start an orderly shutdown: send DPR, then wait for DPA (or the deadline)."""
+        if self.state is PeerState.R_OPEN:
+            self._transition("stop")
+            me = self.config.identity
+            self._out.append(message(FLAG_R, DPR, BASE_APPLICATION, self._new_id(),
+                                     self._new_id(),
+                                     [me.host_origin, u32_avp(DISCONNECT_CAUSE, cause)]))
+            self._deadline = now + self.config.dpa_timeout
+        elif self.state is PeerState.CLOSED:
+            self._close("shutting down")
+
+    def connection_lost(self) -> None:
+        if self.state is not PeerState.DONE:
+            self.state = PeerState.DONE
+            self._deadline = None
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+        return self._next_id
+
+    def _transition(self, event: str) -> str:
+        action, nxt = TRANSITIONS[(self.state, event)]
+        self.state = nxt
+        return action
+
+    def _close(self, reason: str) -> None:
+        self.state = PeerState.DONE
+        self._deadline = None
+        self._events.append(Closed(reason))
+
+    def _set_watchdog(self, now: float) -> None:
+        cfg = self.config
+        self._deadline = now + cfg.watchdog_interval + self._rng.uniform(
+            -cfg.watchdog_jitter, cfg.watchdog_jitter)
+
+    def _watchdog_event(self, event: str, now: float) -> None:
+        old = self.watchdog
+        action, nxt = WATCHDOG[(old, event)]
+        self.watchdog = nxt
+        if action == "reset":
+            self._set_watchdog(now)
+            return
+        if action == "send-DWR":
+            me = self.config.identity
+            self._out.append(message(FLAG_R, DWR, BASE_APPLICATION, self._new_id(),
+                                     self._new_id(), [me.host_origin, self._osi]))
+            self._dwr_pending = True
+            self._set_watchdog(now)
+        elif action == "failover":
+            self._set_watchdog(now)
+        elif action == "failback":
+            self._dwr_pending = False
+            self._set_watchdog(now)
+        elif action == "close":
+            self._transition("watchdog-down")
+            self._events.append(WatchdogChanged(old.value, nxt.value))
+            self._close("watchdog: no answer to DWR within 2 Tw")
+            return
+        if nxt is not old:
+            self._events.append(WatchdogChanged(old.value, nxt.value))
+
+    def _handle(self, raw: bytes, now: float) -> None:
+        msg = decode(raw, self.dictionary)
+        if self.state is PeerState.R_OPEN or self.state is PeerState.CLOSING:
+            if self.watchdog is not Watchdog.INITIAL:
+                self._watchdog_event("message", now)
+            if msg.flags & FLAG_R:
+                if msg.code == DWR and msg.application_id == BASE_APPLICATION:
+                    self._transition("rcv-DWR")
+                    self._base_request(msg, self._dwa_body)
+                elif msg.code == DPR and msg.application_id == BASE_APPLICATION:
+                    self._on_dpr(msg)
+                elif msg.code == CER and msg.application_id == BASE_APPLICATION:
+                    self._on_cer(msg)
+                else:
+                    self._transition("rcv-message")
+                    self._app_request(msg)
+            else:
+                self._on_answer(msg)
+            return
+        # Closed: the first message must be a CER.
+        if msg.code == CER and msg.application_id == BASE_APPLICATION and msg.flags & FLAG_R:
+            self._on_cer(msg)
+            if self.state is PeerState.R_OPEN:
+                self.watchdog = Watchdog.OKAY
+                self._set_watchdog(now)
+            return
+        self._transition("rcv-other")
+        if msg.flags & FLAG_R:
+            problem = Problem(errors.UNKNOWN_PEER, None, "capabilities exchange (CER) required")
+            self._out.append(error_answer(msg, problem, self.config.identity))
+            self._events.append(ErrorAnswered(errors.UNKNOWN_PEER, msg.code, msg.hop_by_hop,
+                                              problem.message))
+        self._close("message before CER")
+
+    # -- base protocol ------------------------------------------------------------------------
+
+    def _base_problem(self, msg: Message) -> Problem | None:
+        """Grammar and header-bit problems of a base-protocol request."""
+        if msg.problems:
+            return msg.problems[0]
+        if msg.flags & (FLAG_P | FLAG_E):
+            return Problem(errors.INVALID_HDR_BITS, None,
+                           "P or E bit set on a base protocol request")
+        cmd = self.dictionary.command(BASE_APPLICATION, msg.code)
+        if cmd is not None and cmd.request is not None:
+            validate(msg, cmd.request)
+        return msg.problems[0] if msg.problems else None
+
+    def _base_request(self, msg: Message, body: Callable[[], bytes]) -> None:
+        problem = self._base_problem(msg)
+        if problem is not None:
+            self._answer_error(msg, problem)
+        else:
+            self._out.append(frame(msg, body()))
+
+    def _dwa_body(self) -> bytes:
+        return u32_avp(RESULT_CODE, errors.SUCCESS) + self.config.identity.host_origin + self._osi
+
+    def _answer_error(self, msg: Message, problem: Problem, extra: bytes = b"") -> None:
+        self._out.append(error_answer(msg, problem, self.config.identity, extra))
+        self._events.append(ErrorAnswered(problem.result_code, msg.code, msg.hop_by_hop,
+                                          problem.message))
+
+    def _on_cer(self, msg: Message) -> None:
+        problem = self._base_problem(msg)
+        host = ""
+        a = msg.find(ORIGIN_HOST)
+        if a is not None:
+            host = msg.text(a)
+        if problem is None:
+            if not self.config.address_allowed(self.peer_address) or \
+                    not self.config.host_allowed(host):
+                problem = Problem(errors.UNKNOWN_PEER, None, "peer not in the allow-list")
+            else:
+                common = self._common_applications(msg)
+                if not common:
+                    problem = Problem(errors.NO_COMMON_APPLICATION, None,
+                                      "no common application (S13 16777252 or Relay)")
+        if problem is not None:
+            self._transition("rcv-CER-bad")
+            self._cea_error(msg, problem)
+            self._events.append(CerRejected(problem.result_code, problem.message, host))
+            if self.state is PeerState.DONE:
+                self._close(f"CER rejected with {problem.result_code}")
+            return
+        was_open = self.state is PeerState.R_OPEN
+        self._transition("rcv-CER-ok")
+        self.origin_host = host
+        realm = msg.find(ORIGIN_REALM)
+        self.origin_realm = msg.text(realm) if realm is not None else ""
+        body = (u32_avp(RESULT_CODE, errors.SUCCESS) + self.config.identity.host_origin
+                + self._capabilities)
+        self._out.append(frame(msg, body))
+        if not was_open:
+            self._events.append(PeerOpened(host, self.origin_realm, tuple(sorted(common))))
+
+    def _cea_error(self, msg: Message, problem: Problem) -> None:
+        # A failed CEA still carries the capability AVPs its grammar requires (RFC 6733 5.3.2).
+        me = self.config.identity
+        parts = [u32_avp(RESULT_CODE, problem.result_code), me.host_origin, self._capabilities]
+        if problem.message:
+            parts.append(str_avp(281, problem.message, mandatory=False))
+        if problem.failed_avp is not None:
+            parts.append(avp(279, problem.failed_avp))
+        self._out.append(frame(msg, b"".join(parts),
+                               error=errors.is_protocol_error(problem.result_code)))
+
+    def _common_applications(self, msg: Message) -> set[int]:
+        offered: set[int] = set()
+        for a in msg.avps:
+            code = a[CODE]
+            if a[VENDOR]:
+                continue
+            if code == AUTH_APPLICATION_ID or code == ACCT_APPLICATION_ID:
+                offered.add(msg.u32(a))
+            elif code == VENDOR_SPECIFIC_APPLICATION_ID and a[CHILDREN]:
+                for c in a[CHILDREN]:
+                    if c[CODE] in (AUTH_APPLICATION_ID, ACCT_APPLICATION_ID) and not c[VENDOR]:
+                        offered.add(msg.u32(c))
+        if RELAY_APPLICATION in offered:
+            return set(self._app_ids)
+        return offered & self._app_ids
+
+    def _on_dpr(self, msg: Message) -> None:
+        problem = self._base_problem(msg)
+        if problem is not None:
+            self._answer_error(msg, problem)
+            return
+        cause = msg.find(DISCONNECT_CAUSE)
+        name = DISCONNECT_CAUSES.get(msg.u32(cause), "?") if cause is not None else "?"
+        self._transition("rcv-DPR")
+        self._out.append(frame(msg, u32_avp(RESULT_CODE, errors.SUCCESS)
+                               + self.config.identity.host_origin))
+        self._events.append(DisconnectRequested(name))
+        self._close(f"peer sent DPR ({name})")
+
+    def _on_answer(self, msg: Message) -> None:
+        if msg.application_id != BASE_APPLICATION:
+            return  # we send no application requests; a stray answer is discarded (RFC 6733 6.2)
+        if msg.code == DWR:
+            self._transition("rcv-DWA")
+            self._dwr_pending = False
+        elif msg.code == DPR and self.state is PeerState.CLOSING:
+            self._transition("rcv-DPA")
+            self._close("DPA received")
+
+    # -- application requests -----------------------------------------------------------------
+
+    def _app_request(self, msg: Message) -> None:
+        app = msg.application_id
+        if app == BASE_APPLICATION:
+            self._answer_error(msg, Problem(errors.COMMAND_UNSUPPORTED, None,
+                                            f"base command {msg.code} not supported"))
+            return
+        if app not in self._app_ids:
+            self._answer_error(msg, Problem(errors.APPLICATION_UNSUPPORTED, None,
+                                            f"application {app} not supported"))
+            return
+        cmd = self.dictionary.command(app, msg.code)
+        if cmd is None or cmd.request is None:
+            self._answer_error(msg, Problem(errors.COMMAND_UNSUPPORTED, None,
+                                            f"command {msg.code} not supported"))
+            return
+        extra = (u32_avp(AUTH_SESSION_STATE, NO_STATE_MAINTAINED)
+                 if cmd.answer is not None and any(r.name == "Auth-Session-State"
+                                                   for r in cmd.answer.rules) else b"")
+        if msg.problems:
+            self._answer_error(msg, msg.problems[0], extra)
+            return
+        if msg.flags & FLAG_E or ("PXY" not in cmd.request.flags and msg.flags & FLAG_P):
+            self._answer_error(msg, Problem(errors.INVALID_HDR_BITS, None,
+                                            "header bits inconsistent with the command"), extra)
+            return
+        validate(msg, cmd.request)
+        if msg.problems:
+            self._answer_error(msg, msg.problems[0], extra)
+            return
+        # Routing (RFC 6733 6.1): we are a server, not an agent.
+        a = msg.find(DESTINATION_REALM)
+        if a is not None and msg.text(a).lower() != self._realm:
+            self._answer_error(msg, Problem(errors.REALM_NOT_SERVED, None,
+                                            f"realm {msg.text(a)!r} not served"))
+            return
+        a = msg.find(DESTINATION_HOST)
+        if a is not None and msg.text(a).lower() != self._host:
+            self._answer_error(msg, Problem(errors.UNABLE_TO_DELIVER, None,
+                                            f"host {msg.text(a)!r} is not this node"))
+            return
+        self._events.append(AppRequest(msg))

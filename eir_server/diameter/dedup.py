@@ -1,0 +1,53 @@
+"""Duplicate request detection (RFC 6733 6.2.1 / 5.5.4): a request retransmitted with the T flag
+whose (Origin-Host, End-to-End-Id) we answered recently gets the same answer again.
+
+Storing every answer for the full window costs memory proportional to the request rate, so the
+cache keeps the *outcome* (a shared, usually cached Verdict object) rather than answer bytes; the
+answer is rebuilt from the retransmitted request, which gives the same bytes (the request carries
+the same AVPs) except the hop-by-hop id. Entries expire after `window` seconds, and the oldest are
+dropped first beyond `max_entries` (coverage = min(window, max_entries / request rate)).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_WINDOW = 240.0  # RFC 6733 5.5.4 suggests remembering answers for about 4 minutes
+DEFAULT_MAX_ENTRIES = 2_000_000
+
+
+class DuplicateCache(Generic[T]):
+    __slots__ = ("window", "max_entries", "_entries", "hits")
+
+    def __init__(self, window: float = DEFAULT_WINDOW,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.window = window
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[bytes, int], tuple[float, T]] = OrderedDict()
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[bytes, int], now: float) -> T | None:
+        item = self._entries.get(key)
+        if item is None or now - item[0] > self.window:
+            return None
+        self.hits += 1
+        return item[1]
+
+    def put(self, key: tuple[bytes, int], outcome: T, now: float) -> None:
+        entries = self._entries
+        entries[key] = (now, outcome)
+        entries.move_to_end(key)
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
+        # Expire a couple per insert: amortised O(1) and the cache never needs a sweep task.
+        for _ in range(2):
+            oldest = next(iter(entries.values()))
+            if now - oldest[0] <= self.window:
+                break
+            entries.popitem(last=False)

@@ -1,0 +1,192 @@
+"""Process lifecycle for `eir-server serve`: build a worker from the config, run it, stop it in
+order on SIGTERM; with `--workers N`, a parent that forks N workers and serves node metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import tempfile
+import time
+from typing import Any
+
+from ..checker import EquipmentChecker
+from ..config import ServeConfig, parse_hostport
+from ..diameter.answers import Identity
+from ..diameter.connection import PeerConfig
+from ..diameter.dedup import DuplicateCache
+from ..diameter.dictionary import load_dictionary
+from ..obs.health import make_readiness
+from ..obs.logging import get_logger
+from ..obs.metrics import Metrics
+from ..obs.server import (
+    MetricsAggregator,
+    start_metrics_server,
+    start_worker_snapshot_server,
+    worker_socket_path,
+)
+from ..policy import PolicyConfig, load_policy, parse_status
+from ..store import open_store
+from .diameter_server import DiameterNode
+
+log = get_logger("eir_server.app")
+
+
+def build_policy(cfg: ServeConfig) -> Any:
+    table = dict(cfg.policy)
+    if "unknown_equipment" in table:
+        raise ValueError("set unknown_equipment at the top level (or --unknown-equipment), "
+                         "not in [policy]")
+    table["unknown_equipment"] = cfg.unknown_equipment
+    return load_policy(PolicyConfig.from_mapping(table))
+
+
+async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None = None,
+                     origin_state_id: int | None = None,
+                     started: asyncio.Event | None = None,
+                     stop: asyncio.Event | None = None) -> DiameterNode:
+    """Run one full node until SIGTERM/SIGINT (or `stop` is set); returns the stopped node."""
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    policy = build_policy(cfg)
+    store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
+    await store.start()
+    loaded_at = time.time()
+    checker = EquipmentChecker(policy, store, parse_status(cfg.store_fallback, "store_fallback"))
+    metrics = Metrics()
+    metrics.set_gauge_callback("store", lambda: store.stats)
+    identity = Identity(cfg.origin_host, cfg.origin_realm,
+                        origin_state_id if origin_state_id is not None else int(time.time()))
+    peer_cfg = PeerConfig(
+        identity=identity,
+        host_ip_addresses=cfg.host_ips(),
+        allowed_hosts=tuple(p.strip() for p in cfg.allowed_peers.split(",") if p.strip()),
+        allowed_networks=tuple(n.strip() for n in cfg.allowed_networks.split(",") if n.strip()),
+        watchdog_interval=cfg.watchdog_interval,
+        max_message_length=cfg.max_message_length,
+    )
+    node = DiameterNode(peer_cfg, load_dictionary(), checker, metrics,
+                        DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries))
+    host, port = parse_hostport(cfg.diameter_listen, "diameter_listen")
+    server = await node.start(host, port, reuse_port=cfg.workers > 1)
+    readiness = make_readiness(
+        listening=server.is_serving,
+        store_reachable=lambda: bool(store.ready),
+        fallback_allowed=True,
+        register_timestamp=lambda: loaded_at if store.ready else None,
+        max_register_age=cfg.max_register_age or None,
+    )
+    metrics_server = None
+    if runtime_dir is not None:
+        metrics_server = await start_worker_snapshot_server(
+            metrics, worker_socket_path(runtime_dir, index), readiness=readiness)
+    elif cfg.metrics_listen:
+        mhost, mport = parse_hostport(cfg.metrics_listen, "metrics_listen")
+        metrics_server = await start_metrics_server(metrics, mhost, mport, readiness=readiness)
+    sockets = [s.getsockname() for s in server.sockets]
+    log.info("diameter_listening", worker=index, addresses=[f"{a[0]}:{a[1]}" for a in sockets],
+             origin_host=cfg.origin_host, origin_realm=cfg.origin_realm, store=store.name,
+             metrics=cfg.metrics_listen if runtime_dir is None else "parent")
+    if started is not None:
+        started.set()
+    await stop.wait()
+    log.info("shutting_down", worker=index, peers=node.peers_open(),
+             in_flight=node.in_flight)
+    await node.shutdown(cfg.shutdown_timeout)
+    if metrics_server is not None:
+        metrics_server.close()
+        with contextlib.suppress(Exception):
+            await metrics_server.wait_closed()
+    await store.close()
+    log.info("stopped", worker=index)
+    return node
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def serve(cfg: ServeConfig) -> int:
+    _use_uvloop()
+    build_policy(cfg)  # fail fast on a bad [policy] before forking
+    if cfg.workers == 1:
+        asyncio.run(run_worker(cfg))
+        return 0
+    return _serve_forked(cfg)
+
+
+def _serve_forked(cfg: ServeConfig) -> int:
+    runtime_dir = tempfile.mkdtemp(prefix="eir-")
+    osi = int(time.time())  # one Origin-State-Id: the workers are one node
+    children: dict[int, int] = {}
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                asyncio.run(run_worker(cfg, index, runtime_dir, osi))
+            except BaseException:
+                log.exception("worker_crashed", worker=index)
+                code = 1
+            os._exit(code)
+        children[pid] = index
+        log.info("worker_started", worker=index, pid=pid)
+
+    for i in range(cfg.workers):
+        spawn(i)
+
+    async def parent() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = None
+        if cfg.metrics_listen:
+            host, port = parse_hostport(cfg.metrics_listen, "metrics_listen")
+            agg = MetricsAggregator([worker_socket_path(runtime_dir, i)
+                                     for i in range(cfg.workers)])
+            server = await start_metrics_server(agg, host, port)
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            while True:  # reap and restart crashed workers
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                if pid == 0:
+                    break
+                index = children.pop(pid, None)
+                if index is not None and not stop.is_set():
+                    log.error("worker_exited", worker=index, pid=pid, status=status)
+                    spawn(index)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + cfg.shutdown_timeout + 5
+        while children and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                children.pop(pid, None)
+            else:
+                await asyncio.sleep(0.05)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if server is not None:
+            server.close()
+
+    asyncio.run(parent())
+    return 0
