@@ -1,0 +1,76 @@
+"""The store contract shared by the embedded and the Redis backends."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final, Protocol, runtime_checkable
+
+from eir_server.policy.types import ImeiRecord
+
+
+class _Missing:
+    """Sentinel type: "not in the in-process cache, call fetch()"."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Final = _Missing
+"""`get_nowait` returns this (the class itself, so `is MISSING` and `type[MISSING]` both work)."""
+
+
+class StoreUnavailable(Exception):
+    """The backend cannot answer now; the caller applies its fallback verdict."""
+
+
+class StoreStats:
+    """Plain int counters, read by the metrics exporter on scrape (no locking needed)."""
+
+    __slots__ = (
+        "cache_hits",
+        "cache_misses",
+        "fetches",
+        "fetch_batches",
+        "fetch_keys",
+        "redis_errors",
+        "unavailable_fetches",
+        "version_changes",
+        "cache_evictions",
+        "redis_up",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __repr__(self) -> str:
+        return f"StoreStats({self.as_dict()})"
+
+
+@runtime_checkable
+class RecordStore(Protocol):
+    """Where the S13/N5g-eir handlers get the register record for a 14-digit IMEI.
+
+    Hot path: `r = store.get_nowait(imei14)`; when `r is MISSING`, `await store.fetch(imei14)`.
+    """
+
+    name: str
+    version: str | None
+    ready: bool
+    stats: StoreStats
+
+    def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]: ...
+
+    def fetch(self, imei14: str) -> asyncio.Future[ImeiRecord | None]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...

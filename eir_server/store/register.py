@@ -1,0 +1,455 @@
+"""DIRBS-style national register files: names, zips and CSV rows.
+
+Used by `eir_server.sync` (Redis feed) and by `MemoryStore.load_register_dir` (embedded store),
+so both read exactly the same things the same way. Standard library only.
+
+Published files (one zip per list per run):
+  <YYYYMMDD_HHMMSS>_blacklist.zip
+  <YYYYMMDD_HHMMSS>_notifications_<operator>.zip
+  <YYYYMMDD_HHMMSS>_exceptions_<operator>.zip
+each holding the full list `<ts>_<list>.csv` and delta CSVs
+`<ts>_<list>_delta_<base_run_id>_<run_id>_<reason>.csv` (same columns as the full list).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import IO
+from zlib import error as zlib_error
+
+from eir_server.policy.types import BlacklistEntry, ExceptionEntry, NotificationEntry
+
+from .codec import FORBIDDEN, Listing
+
+
+class RegisterError(Exception):
+    """A register file is refused as a whole (nothing from it is applied)."""
+
+
+class ListKind(StrEnum):
+    BLACKLIST = "blacklist"
+    NOTIFICATIONS = "notifications"
+    EXCEPTIONS = "exceptions"
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class ListName:
+    kind: ListKind
+    operator: str = ""
+
+    def __str__(self) -> str:
+        return self.kind.value if not self.operator else f"{self.kind.value}_{self.operator}"
+
+    @classmethod
+    def parse(cls, text: str) -> ListName:
+        if text == "blacklist":
+            return cls(ListKind.BLACKLIST)
+        for kind in (ListKind.NOTIFICATIONS, ListKind.EXCEPTIONS):
+            prefix = kind.value + "_"
+            if text.startswith(prefix) and _OP_RE.fullmatch(text[len(prefix) :]):
+                return cls(kind, text[len(prefix) :])
+        raise ValueError(f"not a register list name: {text!r}")
+
+
+_OP_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]*(?:_[A-Za-z0-9.\-]+)*")
+_TS = r"(?P<ts>\d{8}_\d{6})"
+_LIST = r"(?P<list>blacklist|(?:notifications|exceptions)_[A-Za-z0-9][A-Za-z0-9_.\-]*?)"
+ZIP_RE = re.compile(rf"{_TS}_{_LIST}\.zip")
+FULL_RE = re.compile(rf"{_TS}_{_LIST}\.csv")
+
+# Delta reason -> operation. "upsert" replaces this list's entry for the IMEI (or the
+# (operator, imsi) pair); "remove" deletes it.
+REASONS: dict[ListKind, dict[str, str]] = {
+    ListKind.BLACKLIST: {"blocked": "upsert", "changed": "upsert", "unblocked": "remove"},
+    ListKind.NOTIFICATIONS: {
+        "new": "upsert",
+        "changed": "upsert",
+        "resolved": "remove",
+        "blacklisted": "remove",
+        "no_longer_seen": "remove",
+    },
+    ListKind.EXCEPTIONS: {"added": "upsert", "removed": "remove"},
+}
+_ALL_REASONS = "|".join(sorted({r for m in REASONS.values() for r in m}, key=len, reverse=True))
+DELTA_RE = re.compile(
+    rf"{_TS}_{_LIST}_delta_(?P<base>[^_]+)_(?P<run>[^_]+)_(?P<reason>{_ALL_REASONS})\.csv"
+)
+# Removals first so an IMEI that moves between reasons in one run ends up added.
+REASON_ORDER = {"remove": 0, "upsert": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaMember:
+    name: str
+    base_run_id: str
+    run_id: str
+    reason: str
+    op: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListZip:
+    """One published zip, checked for structure (not yet for CRCs: those are checked as read)."""
+
+    path: Path
+    ts: str
+    list: ListName
+    full_member: str
+    deltas: tuple[DeltaMember, ...]
+
+    @property
+    def run_id(self) -> str:
+        """DIRBS run id from the delta names; the timestamp when the zip has no deltas."""
+        return self.deltas[0].run_id if self.deltas else self.ts
+
+    @property
+    def base_run_id(self) -> str | None:
+        return self.deltas[0].base_run_id if self.deltas else None
+
+
+def parse_zip_name(name: str) -> tuple[str, ListName] | None:
+    m = ZIP_RE.fullmatch(name)
+    if not m:
+        return None
+    try:
+        return m["ts"], ListName.parse(m["list"])
+    except ValueError:
+        return None
+
+
+def open_list_zip(path: Path) -> ListZip:
+    """Check a zip's name and members; raise RegisterError if truncated or inconsistent."""
+    parsed = parse_zip_name(path.name)
+    if parsed is None:
+        raise RegisterError(f"{path.name}: not a register zip name")
+    ts, lname = parsed
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise RegisterError(f"{path.name}: unreadable or truncated zip ({e})") from e
+    full = f"{ts}_{lname}.csv"
+    deltas: list[DeltaMember] = []
+    base = {Path(n).name: n for n in names}
+    if full not in base:
+        raise RegisterError(f"{path.name}: missing full list member {full}")
+    for short, member in base.items():
+        m = DELTA_RE.fullmatch(short)
+        if not m:
+            continue
+        if m["ts"] != ts or m["list"] != str(lname):
+            raise RegisterError(f"{path.name}: delta {short} belongs to another list or run")
+        op = REASONS[lname.kind].get(m["reason"])
+        if op is None:
+            raise RegisterError(f"{path.name}: reason {m['reason']!r} not valid for {lname}")
+        deltas.append(DeltaMember(member, m["base"], m["run"], m["reason"], op))
+    if len({(d.base_run_id, d.run_id) for d in deltas}) > 1:
+        raise RegisterError(f"{path.name}: delta members disagree on base/run ids")
+    deltas.sort(key=lambda d: (REASON_ORDER[d.op], d.reason))
+    return ListZip(path, ts, lname, base[full], tuple(deltas))
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV rows
+
+_COLUMNS: dict[ListKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # kind: (required columns in published order, optional trailing columns)
+    ListKind.BLACKLIST: (("imei", "block_date", "reasons"), ()),
+    ListKind.NOTIFICATIONS: (
+        ("imei", "imsi", "msisdn", "block_date", "reasons"),
+        ("amnesty_granted",),
+    ),
+    ListKind.EXCEPTIONS: (("imei", "imsi"), ("msisdn",)),
+}
+MAX_SAMPLES = 20
+_TRUE = frozenset({"true", "t", "1", "yes", "y"})
+_FALSE = frozenset({"false", "f", "0", "no", "n", ""})
+
+
+@dataclass(frozen=True, slots=True)
+class BadRow:
+    line: int
+    reason: str
+
+
+@dataclass(slots=True)
+class CsvReport:
+    """What reading one CSV found; bad rows are skipped, counted and sampled by line number."""
+
+    source: str
+    rows: int = 0
+    bad: int = 0
+    samples: list[BadRow] = field(default_factory=list)
+
+    def add_bad(self, line: int, reason: str) -> None:
+        self.bad += 1
+        if len(self.samples) < MAX_SAMPLES:
+            self.samples.append(BadRow(line, reason))
+
+    def check(self, max_bad_share: float) -> None:
+        total = self.rows + self.bad
+        if total and self.bad / total > max_bad_share:
+            first = "; ".join(f"line {b.line}: {b.reason}" for b in self.samples[:5])
+            raise RegisterError(
+                f"{self.source}: {self.bad} of {total} rows are bad "
+                f"(> {max_bad_share:.2%} allowed), file refused; {first}"
+            )
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "rows": self.rows,
+            "bad": self.bad,
+            "bad_lines": [[b.line, b.reason] for b in self.samples],
+        }
+
+
+def split_reasons(raw: str) -> tuple[str, ...]:
+    return tuple(r for r in (x.strip() for x in raw.split("|")) if r)
+
+
+def _valid_date(s: str) -> bool:
+    if len(s) != 8 or not (s.isdigit() and s.isascii()):
+        return False
+    try:
+        _dt.date(int(s[:4]), int(s[4:6]), int(s[6:]))
+    except ValueError:
+        return False
+    return True
+
+
+def _imei14(s: str) -> str | None:
+    if not (14 <= len(s) <= 16 and s.isdigit() and s.isascii()):
+        s = s.strip()
+        if not (14 <= len(s) <= 16 and s.isdigit() and s.isascii()):
+            return None
+    return s[:14]
+
+
+def _digits(s: str, lo: int, hi: int) -> str | None:
+    s = s.strip()
+    if lo <= len(s) <= hi and (not s or (s.isdigit() and s.isascii())):
+        return s
+    return None
+
+
+def _text_rows(stream: IO[bytes]) -> Iterator[list[str]]:
+    # utf-8-sig drops a BOM; newline="" lets csv handle CRLF and quoted newlines; undecodable
+    # bytes become U+FFFD so the row fails validation instead of aborting the file.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+    return csv.reader(text)
+
+
+def iter_list_rows(
+    kind: ListKind, stream: IO[bytes], report: CsvReport
+) -> Iterator[tuple[str, tuple[str, str] | NotificationEntry | ExceptionEntry]]:
+    """Yield (imei14, payload) for each good row. Blacklist payload: (block_date, raw reasons).
+
+    Raises RegisterError for a broken zip member (CRC/truncation) or unusable header. The
+    caller decides on the bad-row share with `report.check()` once the file is exhausted.
+    """
+    required, optional = _COLUMNS[kind]
+    reader = _text_rows(stream)
+    idx: dict[str, int] = {c: i for i, c in enumerate(required)}
+    counts = set(range(len(required), len(required) + len(optional) + 1))
+    header_seen = False
+    good_dates: set[str] = set()
+    good_text: set[str] = set()
+    try:
+        for row in reader:
+            n = len(row)
+            if n == 0 or (n == 1 and not row[0].strip()):
+                continue  # blank line
+            if not header_seen:
+                header_seen = True
+                if row[0].strip().lower() == "imei":
+                    names = [c.strip().lower() for c in row]
+                    missing = [c for c in required if c not in names]
+                    if missing:
+                        raise RegisterError(f"{report.source}: header lacks {missing}")
+                    idx = {c: names.index(c) for c in (*required, *optional) if c in names}
+                    counts = {len(names)}
+                    continue
+            line = reader.line_num
+            if n not in counts:
+                report.add_bad(line, f"{n} columns")
+                continue
+            imei = _imei14(row[0] if idx["imei"] == 0 else row[idx["imei"]])
+            if imei is None:
+                report.add_bad(line, "bad IMEI")
+                continue
+            if kind is ListKind.BLACKLIST:
+                date = row[idx["block_date"]].strip()
+                if date not in good_dates:
+                    if not _valid_date(date):
+                        report.add_bad(line, "bad block_date")
+                        continue
+                    good_dates.add(date)
+                reasons = row[idx["reasons"]]
+                if reasons not in good_text:
+                    if FORBIDDEN.intersection(reasons):
+                        report.add_bad(line, "control character in reasons")
+                        continue
+                    good_text.add(reasons)
+                report.rows += 1
+                yield imei, (date, reasons)
+                continue
+            imsi = _digits(row[idx["imsi"]], 5, 15)
+            if not imsi:
+                report.add_bad(line, "bad IMSI")
+                continue
+            msisdn = (
+                _digits(row[idx["msisdn"]], 0, 15) if "msisdn" in idx and idx["msisdn"] < n else ""
+            )
+            if msisdn is None:
+                report.add_bad(line, "bad MSISDN")
+                continue
+            if kind is ListKind.EXCEPTIONS:
+                report.rows += 1
+                yield imei, ExceptionEntry(imsi, msisdn)
+                continue
+            date = row[idx["block_date"]].strip()
+            if not _valid_date(date):
+                report.add_bad(line, "bad block_date")
+                continue
+            reasons = row[idx["reasons"]]
+            if FORBIDDEN.intersection(reasons):
+                report.add_bad(line, "control character in reasons")
+                continue
+            amnesty = False
+            if "amnesty_granted" in idx and idx["amnesty_granted"] < n:
+                a = row[idx["amnesty_granted"]].strip().lower()
+                if a not in _TRUE and a not in _FALSE:
+                    report.add_bad(line, "bad amnesty_granted")
+                    continue
+                amnesty = a in _TRUE
+            report.rows += 1
+            yield imei, NotificationEntry(imsi, msisdn, date, split_reasons(reasons), amnesty)
+    except (zipfile.BadZipFile, EOFError, zlib_error) as e:
+        raise RegisterError(f"{report.source}: corrupt data ({e})") from e
+    except csv.Error as e:
+        raise RegisterError(f"{report.source}: line {reader.line_num}: {e}") from e
+
+
+def apply_row(listing: Listing, lname: ListName, op: str, payload: object) -> None:
+    """Apply one list row (full-load rows are "upsert") to the merged listing of its IMEI."""
+    kind = lname.kind
+    if kind is ListKind.BLACKLIST:
+        if op == "upsert":
+            date, raw = payload  # type: ignore[misc]
+            listing.blacklist = BlacklistEntry(date, split_reasons(raw))
+        else:
+            listing.blacklist = None
+        return
+    key = (lname.operator, payload.imsi)  # type: ignore[attr-defined]
+    table = listing.notifications if kind is ListKind.NOTIFICATIONS else listing.exceptions
+    if op == "upsert":
+        table[key] = payload  # type: ignore[assignment]
+    else:
+        table.pop(key, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Register directories (embedded store) and list discovery
+
+
+@dataclass(frozen=True, slots=True)
+class ListSource:
+    """The newest full list found for one list name: a zip, or a bare `<ts>_<list>.csv`."""
+
+    list: ListName
+    ts: str
+    path: Path
+    member: str | None  # zip member of the full CSV, None for a bare CSV
+    run_id: str
+
+
+def discover(directory: Path) -> dict[ListName, list[Path]]:
+    """Zips per list name, oldest first (by the timestamp in the name)."""
+    found: dict[ListName, list[tuple[str, Path]]] = {}
+    for p in directory.iterdir():
+        parsed = parse_zip_name(p.name)
+        if parsed and p.is_file():
+            found.setdefault(parsed[1], []).append((parsed[0], p))
+    return {k: [p for _, p in sorted(v)] for k, v in found.items()}
+
+
+def latest_full_lists(directory: Path) -> dict[ListName, ListSource]:
+    out: dict[ListName, ListSource] = {}
+    for lname, paths in discover(directory).items():
+        z = open_list_zip(paths[-1])
+        out[lname] = ListSource(lname, z.ts, z.path, z.full_member, z.run_id)
+    for p in directory.iterdir():
+        m = FULL_RE.fullmatch(p.name)
+        if not m or not p.is_file():
+            continue
+        try:
+            lname = ListName.parse(m["list"])
+        except ValueError:
+            continue
+        if lname not in out or out[lname].ts < m["ts"]:
+            out[lname] = ListSource(lname, m["ts"], p, None, m["ts"])
+    return out
+
+
+def open_source(src: ListSource) -> IO[bytes]:
+    if src.member is None:
+        return open(src.path, "rb")  # noqa: SIM115 - caller closes
+    try:
+        zf = zipfile.ZipFile(src.path)
+        return _ZipMember(zf, zf.open(src.member))
+    except (zipfile.BadZipFile, OSError, KeyError) as e:
+        raise RegisterError(f"{src.path.name}: unreadable zip ({e})") from e
+
+
+class _ZipMember(io.RawIOBase):
+    """A zip member stream that also closes its ZipFile."""
+
+    def __init__(self, zf: zipfile.ZipFile, member: IO[bytes]) -> None:
+        self._zf, self._m = zf, member
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        data = self._m.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._m.read(n)
+
+    def read1(self, n: int = -1) -> bytes:
+        return self._m.read1(n)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._m.close()
+        self._zf.close()
+        super().close()
+
+
+def read_full_lists(
+    sources: dict[ListName, ListSource], max_bad_share: float, reports: list[CsvReport]
+) -> dict[str, Listing]:
+    """Merge full lists into {imei14: Listing}. Raises RegisterError on a refused file."""
+    merged: dict[str, Listing] = {}
+    for lname in sorted(sources):
+        src = sources[lname]
+        report = CsvReport(src.path.name if src.member is None else f"{src.path.name}:{src.member}")
+        with open_source(src) as stream:
+            for imei, payload in iter_list_rows(lname.kind, stream, report):
+                listing = merged.get(imei)
+                if listing is None:
+                    listing = merged[imei] = Listing()
+                apply_row(listing, lname, "upsert", payload)
+        report.check(max_bad_share)
+        reports.append(report)
+    return merged

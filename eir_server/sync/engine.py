@@ -1,0 +1,476 @@
+"""One sync run: plan (noop / delta / full), build a new version beside the live one, switch.
+
+Invariants:
+- Nothing a reader can see changes until the single CAS on N:cur; a failure or crash before it
+  leaves the previous version serving, and its half-written keys are deleted by the next run's
+  GC (every version id is registered in N:versions before its first key is written).
+- The applied run id of every list is stored in the version's meta, so "what is served" and
+  "what was applied" cannot disagree; re-running the same files is a no-op.
+- A delta applies only on top of the run id it names as base; any gap means a full load built
+  from the newest full list of every list name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from eir_server.store import layout
+from eir_server.store.codec import Listing, decode_listing, encode_blacklist
+from eir_server.store.register import (
+    CsvReport,
+    ListKind,
+    ListName,
+    ListZip,
+    RegisterError,
+    apply_row,
+    iter_list_rows,
+    open_list_zip,
+    split_reasons,
+)
+
+from .progress import BAD_ROWS, IMEIS, Progress
+from .redis_db import BulkWriter, Current, RegisterDB, bulk
+from .source import Source, file_sha256
+
+log = structlog.get_logger("eir.sync")
+
+
+@dataclass(slots=True)
+class SyncOptions:
+    max_bad_share: float = 0.01
+    bucket_size: int | None = None  # target entries per bucket; None: half the listpack limit
+    compact_threshold: int = 200_000  # overlay entries beyond which a delta becomes a full load
+    max_records: int = 65_536  # distinct shared blacklist records per version
+    grace: float = 2.0  # seconds between the switch and deleting the old version
+    force_full: bool = False
+    allow_missing_lists: bool = False
+    progress: Progress | None = None
+    tac_hook: Callable[[Path], None] | None = None
+    # Test hook: called with a stage name at each step; raising there simulates a crash.
+    checkpoint: Callable[[str], None] = lambda stage: None
+
+
+@dataclass(slots=True)
+class RunResult:
+    mode: str  # "noop" | "delta" | "full" | "failed"
+    version: str | None
+    previous: str | None
+    lists: dict[str, dict[str, Any]] = field(default_factory=dict)
+    imeis: int = 0
+    rows: int = 0
+    bad_rows: int = 0
+    duration_s: float = 0.0
+    error: str | None = None
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "mode": self.mode,
+            "version": self.version,
+            "previous": self.previous,
+            "lists": self.lists,
+            "imeis": self.imeis,
+            "rows": self.rows,
+            "bad_rows": self.bad_rows,
+            "duration_s": round(self.duration_s, 3),
+            "rows_per_s": round(self.rows / self.duration_s) if self.duration_s > 0 else 0,
+            "error": self.error,
+            "finished": time.time(),
+        }
+
+
+def _ts(name: str) -> str:
+    return name[:15]
+
+
+class NeedFull(Exception):
+    pass
+
+
+class SyncRun:
+    def __init__(self, source: Source, db: RegisterDB, opts: SyncOptions) -> None:
+        self.source = source
+        self.db = db
+        self.opts = opts
+        self.progress = opts.progress or Progress("never")
+        self.reports: list[CsvReport] = []
+        self._zips: dict[str, ListZip] = {}
+
+    # -- planning ------------------------------------------------------------------------------
+    def _zip(self, name: str) -> ListZip:
+        z = self._zips.get(name)
+        if z is None:
+            z = self._zips[name] = open_list_zip(self.source.fetch(name))
+        return z
+
+    def plan(
+        self, cur: Current
+    ) -> tuple[dict[ListName, list[str]], dict[ListName, list[ListZip]], bool]:
+        """-> (available names per list, delta chains per changed list, full load needed)."""
+        available = self.source.list_zips()
+        applied = cur.lists
+        missing = [n for n in applied if ListName.parse(n) not in available]
+        if missing and not self.opts.allow_missing_lists:
+            raise RegisterError(
+                f"lists {missing} are served but no longer published by the source; "
+                "refusing to drop them (use --allow-missing-lists)"
+            )
+        chains: dict[ListName, list[ListZip]] = {}
+        full = self.opts.force_full or cur.version is None or bool(missing)
+        for lname, names in sorted(available.items()):
+            a = applied.get(str(lname))
+            if a is not None and a["file"] == names[-1]:
+                continue  # this list is up to date
+            if a is None:
+                full = True
+                chains[lname] = []
+                continue
+            newer = [self._zip(n) for n in names if _ts(n) > a["ts"]]
+            prev = a["run_id"]
+            ok = bool(newer)
+            for z in newer:
+                if z.base_run_id != prev:
+                    ok = False
+                    break
+                prev = z.run_id
+            if not ok:
+                log.info("delta chain broken, full load", list=str(lname), applied=a["run_id"])
+                full = True
+            chains[lname] = newer
+        return available, chains, full
+
+    # -- run -----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        t0 = time.monotonic()
+        cur = self.db.current()
+        result = RunResult("noop", cur.version, cur.version)
+        try:
+            available, chains, full = self.plan(cur)
+            self.opts.checkpoint("planned")
+            self._stage_tac(result)
+            if not chains and not full:
+                result.lists = cur.lists
+                result.imeis = int(cur.meta.get("count", 0))
+            else:
+                if not full:
+                    try:
+                        self._delta(cur, chains, result)
+                    except NeedFull:
+                        log.info(
+                            "overlay over compact threshold, full load",
+                            threshold=self.opts.compact_threshold,
+                        )
+                        full = True
+                if full:
+                    self._full(cur, available, result)
+        except BaseException as e:
+            result.mode = "failed"
+            result.version = cur.version
+            result.error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            result.duration_s = time.monotonic() - t0
+            result.bad_rows = sum(r.bad for r in self.reports)
+            BAD_ROWS.inc(result.bad_rows)
+            for r in self.reports:
+                name = r.source.split(":")[0][16:-4]
+                result.lists.setdefault(name, {}).setdefault("files", []).append(r.as_dict())
+            try:
+                self.db.record_run(result.as_dict())
+            except Exception as e:  # noqa: BLE001 - the run's own outcome matters more
+                log.warning("could not record sync run", error=repr(e))
+        return result
+
+    def _stage_tac(self, result: RunResult) -> None:
+        tac = self.source.tac_file()
+        if tac is None:
+            return
+        result.lists["gsma_tac"] = {"file": tac.name, "sha256": file_sha256(tac)}
+        if self.opts.tac_hook is not None:
+            self.opts.tac_hook(tac)
+
+    def _switch(self, cur: Current, ver: str, result: RunResult, count: int) -> None:
+        self.db.switch(cur.version, ver)
+        result.version = ver
+        result.imeis = count
+        IMEIS.set(count)
+        self.opts.checkpoint("switched")
+        log.info(
+            "register version switched",
+            version=ver,
+            previous=cur.version,
+            mode=result.mode,
+            imeis=count,
+            rows=result.rows,
+        )
+
+    def _read_rows(self, z: ListZip, member: str, report: CsvReport) -> Iterable[tuple[str, Any]]:
+        zf = zipfile.ZipFile(z.path)
+        try:
+            with zf.open(member) as stream:
+                yield from iter_list_rows(z.list.kind, stream, report)
+        finally:
+            zf.close()
+        report.check(self.opts.max_bad_share)
+        self.reports.append(report)
+
+    # -- full load -----------------------------------------------------------------------------
+    def _full(self, cur: Current, available: dict[ListName, list[str]], result: RunResult) -> None:
+        result.mode = "full"
+        latest = {lname: self._zip(names[-1]) for lname, names in available.items()}
+        lists_meta: dict[str, dict[str, Any]] = {}
+        extras: dict[str, Listing] = {}
+        rows = 0
+        for lname, z in sorted(latest.items()):
+            lists_meta[str(lname)] = {"file": z.path.name, "ts": z.ts, "run_id": z.run_id}
+            if lname.kind is ListKind.BLACKLIST:
+                continue
+            report = CsvReport(f"{z.path.name}:{z.full_member}")
+            for imei, payload in self._read_rows(z, z.full_member, report):
+                listing = extras.get(imei)
+                if listing is None:
+                    listing = extras[imei] = Listing()
+                apply_row(listing, lname, "upsert", payload)
+            rows += report.rows
+            lists_meta[str(lname)]["rows"] = report.rows
+        bl = latest.get(ListName(ListKind.BLACKLIST))
+        est = len(extras) + (self._estimate_rows(bl) if bl else 0)
+        per_bucket = self.opts.bucket_size or max(8, self.db.hash_limits() // 2)
+        nb = max(1, math.ceil(est / per_bucket))
+        flen = layout.field_len(nb)
+        ver = self.db.new_version(nb, full=True)
+        self.opts.checkpoint("version-created")
+        buckets = layout.Buckets(self.db.ns, ver, nb, flen)
+        writer = self.db.writer()
+        table: dict[int, bytes] = {}
+        try:
+            if bl is not None:
+                n = self._write_blacklist(bl, buckets, writer, extras, table)
+                rows += n
+                lists_meta["blacklist"]["rows"] = n
+            for imei, listing in extras.items():
+                if listing.is_empty():
+                    continue
+                k, f = buckets.locate(imei)
+                writer.hset_frags(k, [bulk(f) + bulk(listing.encode())])
+            count = writer.flush()
+            self._write_table_meta(
+                writer,
+                ver,
+                table,
+                base=ver,
+                nb=nb,
+                flen=flen,
+                kind="full",
+                count=count,
+                lists=lists_meta,
+                overlay=0,
+            )
+            writer.flush()
+        finally:
+            writer.close()
+        result.rows = rows
+        result.lists = {k: dict(v) for k, v in lists_meta.items()}
+        self.opts.checkpoint("written")
+        self._switch(cur, ver, result, count)
+
+    def _estimate_rows(self, z: ListZip) -> int:
+        """Rows in the blacklist from its size and the mean length of its first lines."""
+        with zipfile.ZipFile(z.path) as zf:
+            info = zf.getinfo(z.full_member)
+            with zf.open(info) as f:
+                head = f.read(1 << 16)
+        lines = max(head.count(b"\n"), 1)
+        return int(info.file_size / (len(head) / lines)) + 1
+
+    def _write_blacklist(
+        self,
+        z: ListZip,
+        buckets: layout.Buckets,
+        writer: BulkWriter,
+        extras: dict[str, Listing],
+        table: dict[int, bytes],
+    ) -> int:
+        """The 10M-row path: one dict probe per row for the shared value, grouped HSETs."""
+        report = CsvReport(f"{z.path.name}:{z.full_member}")
+        nb, flen = buckets.nb, buckets.flen
+        fpre = b"$%d\r\n" % flen
+        ns_pre = f"{buckets.ns}:{buckets.base}:b:"
+        values: dict[tuple[str, str], bytes] = {}
+        max_records = self.opts.max_records
+        groups: dict[int, list[bytes]] = {}
+        chunk = max(200_000, min(2_000_000, nb * 8))
+        pending = 0
+        total = self._estimate_rows(z)
+        self.progress.start(f"{z.path.name}", total)
+        blk = ListName(ListKind.BLACKLIST)
+        first_flush = True
+        for imei, payload in self._read_rows(z, z.full_member, report):
+            if imei in extras:
+                apply_row(extras[imei], blk, "upsert", payload)
+                continue
+            vf = values.get(payload)  # type: ignore[arg-type]
+            if vf is None:
+                date, raw = payload  # type: ignore[misc]
+                if len(table) < max_records:
+                    rid = len(table) + 1
+                    table[rid] = encode_blacklist(date, split_reasons(raw))
+                    vf = bulk(b"%d" % rid)
+                else:
+                    vf = bulk(encode_blacklist(date, split_reasons(raw)))
+                values[payload] = vf  # type: ignore[index]
+            q, b = divmod(int(imei), nb)
+            frag = fpre + q.to_bytes(flen, "big") + b"\r\n" + vf
+            g = groups.get(b)
+            if g is None:
+                groups[b] = [frag]
+            else:
+                g.append(frag)
+            pending += 1
+            if pending >= chunk:
+                for b, frags in groups.items():
+                    writer.hset_frags(ns_pre + str(b), frags)
+                groups.clear()
+                pending = 0
+                self.progress.update(report.rows)
+                self.db.refresh_lock()
+                if first_flush:
+                    first_flush = False
+                    self.opts.checkpoint("buckets-partial")
+        for b, frags in groups.items():
+            writer.hset_frags(ns_pre + str(b), frags)
+        self.progress.update(report.rows)
+        self.progress.finish()
+        return report.rows
+
+    def _write_table_meta(
+        self,
+        writer: BulkWriter,
+        ver: str,
+        table: dict[int, bytes],
+        *,
+        lists: dict[str, dict[str, Any]],
+        **meta: Any,
+    ) -> None:
+        tkey = layout.table_key(self.db.ns, ver)
+        items = list(table.items())
+        for start in range(0, len(items), 1000):
+            writer.hset(tkey, {str(k): v for k, v in items[start : start + 1000]})
+        m = {k: str(v) for k, v in meta.items()}
+        m.update(
+            lists=json.dumps(lists, sort_keys=True),
+            records=str(len(table)),
+            created=str(time.time()),
+        )
+        writer.hset(layout.meta_key(self.db.ns, ver), m)  # type: ignore[arg-type]
+
+    # -- delta ---------------------------------------------------------------------------------
+    def _delta(
+        self, cur: Current, chains: dict[ListName, list[ListZip]], result: RunResult
+    ) -> None:
+        result.mode = "delta"
+        assert cur.version is not None and cur.buckets is not None
+        ops: list[tuple[str, ListName, str, Any]] = []
+        lists_meta = {k: dict(v) for k, v in cur.lists.items()}
+        rows = 0
+        for lname, zips in sorted(chains.items()):
+            counts: dict[str, int] = {}
+            for z in zips:
+                for d in z.deltas:
+                    report = CsvReport(f"{z.path.name}:{d.name}")
+                    for imei, payload in self._read_rows(z, d.name, report):
+                        ops.append((imei, lname, d.op, payload))
+                    counts[d.reason] = counts.get(d.reason, 0) + report.rows
+                    rows += report.rows
+            last = zips[-1]
+            lists_meta[str(lname)] = {
+                "file": last.path.name,
+                "ts": last.ts,
+                "run_id": last.run_id,
+                "delta": counts,
+            }
+        old_overlay = self.db.read_hash(layout.overlay_key(self.db.ns, cur.version))
+        touched = {op[0] for op in ops}
+        if len(old_overlay.keys() | {i.encode() for i in touched}) > self.opts.compact_threshold:
+            raise NeedFull
+        raw_table = self.db.read_hash(layout.table_key(self.db.ns, cur.version))
+        table = {int(k): v for k, v in raw_table.items()}
+        current = self.db.read_listings(cur, touched, old_overlay, table)
+        before = {i: not listing.is_empty() for i, listing in current.items()}
+        for imei, lname, op, payload in ops:
+            apply_row(current[imei], lname, op, payload)
+        by_value = {v: k for k, v in table.items()}
+        overlay = dict(old_overlay)
+        count = int(cur.meta.get("count", 0))
+        for imei, listing in current.items():
+            count += int(not listing.is_empty()) - int(before[imei])
+            if listing.is_empty():
+                value = b""  # tombstone: hides the full load's entry
+            elif listing.blacklist_only():
+                enc = listing.encode()
+                rid = by_value.get(enc)
+                if rid is None and len(table) < self.opts.max_records:
+                    rid = max(table, default=0) + 1
+                    table[rid] = enc
+                    by_value[enc] = rid
+                value = b"%d" % rid if rid is not None else enc
+            else:
+                value = listing.encode()
+            overlay[imei.encode()] = value
+        ver = self.db.new_version(0, full=False)
+        self.opts.checkpoint("version-created")
+        writer = self.db.writer()
+        try:
+            okey = layout.overlay_key(self.db.ns, ver)
+            items = list(overlay.items())
+            for start in range(0, len(items), 1000):
+                writer.hset(okey, dict(items[start : start + 1000]))  # type: ignore[arg-type]
+            b = cur.buckets
+            self._write_table_meta(
+                writer,
+                ver,
+                table,
+                base=b.base,
+                nb=b.nb,
+                flen=b.flen,
+                kind="delta",
+                count=count,
+                lists=lists_meta,
+                overlay=len(overlay),
+            )
+            writer.flush()
+        finally:
+            writer.close()
+        result.rows = rows
+        result.lists = lists_meta
+        self.opts.checkpoint("written")
+        self._switch(cur, ver, result, count)
+
+
+def run_once(source: Source, db: RegisterDB, opts: SyncOptions) -> RunResult:
+    """Lock, run, and after the grace period delete versions nobody serves any more."""
+    db.acquire_lock()
+    try:
+        db.gc()  # leftovers of crashed runs (never the current version or its base)
+        result = SyncRun(source, db, opts).run()
+        if result.mode in ("full", "delta") and opts.grace > 0:
+            time.sleep(opts.grace)  # let every node's poller move off the old version
+        db.gc()
+        return result
+    finally:
+        db.release_lock()
+
+
+def decode_value(v: bytes, table: dict[int, bytes]) -> Listing:
+    return decode_listing(table[int(v)] if v[:1].isdigit() else v)

@@ -1,0 +1,334 @@
+"""The sync side of the Redis register: versions, bulk writes, the switch, GC, run records.
+
+Blocking redis-py: sync is a batch job, and bulk loads are written as raw RESP through a
+connection taken from the client's pool (redis-py's per-command packing would cap the load far
+below 500k rows/s). Replies are read one chunk behind the writes so Redis and Python overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from eir_server.store import layout
+from eir_server.store.codec import Listing, decode_listing
+from eir_server.store.urls import RedisTarget, sync_client
+
+_CAS_SWITCH = """
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class StoreBusy(Exception):
+    """Another sync holds the lock."""
+
+
+class SwitchConflict(Exception):
+    """The current version changed under us (another writer): nothing was switched."""
+
+
+def bulk(b: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def pack(*args: bytes | str | int) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, str):
+            a = a.encode()
+        elif isinstance(a, int):
+            a = b"%d" % a
+        parts.append(bulk(a))
+    return b"".join(parts)
+
+
+class _Target:
+    __slots__ = ("client", "conn", "buf", "cmds", "size", "outstanding")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.conn = client.connection_pool.get_connection()
+        self.buf: list[bytes] = []
+        self.cmds = 0
+        self.size = 0
+        self.outstanding = 0
+
+
+class BulkWriter:
+    """Pipelined raw writes; `total` sums integer replies (HSET: fields created)."""
+
+    CHUNK_BYTES = 1 << 20
+
+    def __init__(self, client: Any, cluster: bool) -> None:
+        self._client = client
+        self._cluster = cluster
+        self._targets: dict[Any, _Target] = {}
+        self.total = 0
+
+    def _target(self, key: str) -> _Target:
+        if not self._cluster:
+            t = self._targets.get(None)
+            if t is None:
+                t = self._targets[None] = _Target(self._client)
+            return t
+        node = self._client.get_node_from_key(key)
+        t = self._targets.get(node.name)
+        if t is None:
+            t = self._targets[node.name] = _Target(node.redis_connection)
+        return t
+
+    def raw(self, key: str, command: bytes) -> None:
+        t = self._target(key)
+        t.buf.append(command)
+        t.cmds += 1
+        t.size += len(command)
+        if t.size >= self.CHUNK_BYTES:
+            self._send(t)
+
+    def hset_frags(self, key: str, frags: list[bytes]) -> None:
+        """HSET key with pre-encoded RESP field/value pairs (2 bulk strings per element)."""
+        self.raw(
+            key,
+            b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(frags)) + bulk(key.encode()) + b"".join(frags),
+        )
+
+    def hset(self, key: str, mapping: dict[bytes | str, bytes | str]) -> None:
+        args: list[bytes | str | int] = ["HSET", key]
+        for k, v in mapping.items():
+            args += [k, v]
+        self.raw(key, pack(*args))
+
+    def _read(self, t: _Target) -> None:
+        err: Exception | None = None
+        for _ in range(t.outstanding):
+            try:
+                r = t.conn.read_response()
+            except ResponseError as e:  # keep reading so the connection stays in sync
+                err = err or e
+                continue
+            if isinstance(r, int):
+                self.total += r
+        t.outstanding = 0
+        if err is not None:
+            raise err
+
+    def _send(self, t: _Target) -> None:
+        if not t.buf:
+            return
+        data = b"".join(t.buf)
+        t.buf.clear()
+        cmds, t.cmds, t.size = t.cmds, 0, 0
+        t.conn.send_packed_command([data])
+        self._read(t)  # replies of the previous chunk (sent before this one)
+        t.outstanding = cmds
+        # The chunk just sent is read on the next send or flush: Redis works while we build.
+
+    def flush(self) -> int:
+        for t in self._targets.values():
+            if t.buf:
+                self._send(t)
+            self._read(t)
+        return self.total
+
+    def close(self) -> None:
+        for t in self._targets.values():
+            try:
+                t.client.connection_pool.release(t.conn)
+            except Exception:  # noqa: BLE001
+                t.conn.disconnect()
+        self._targets.clear()
+
+
+@dataclass(slots=True)
+class Current:
+    version: str | None
+    meta: dict[str, str]
+
+    @property
+    def lists(self) -> dict[str, dict[str, Any]]:
+        return json.loads(self.meta["lists"]) if self.meta.get("lists") else {}
+
+    @property
+    def buckets(self) -> layout.Buckets | None:
+        base = self.meta.get("base")
+        if not base:
+            return None
+        return layout.Buckets(self.meta["ns"], base, int(self.meta["nb"]), int(self.meta["flen"]))
+
+
+class RegisterDB:
+    def __init__(self, target: RedisTarget, namespace: str = "eir", timeout: float = 60.0) -> None:
+        self.target = target
+        self.ns = namespace
+        self.client = sync_client(target, timeout)
+        self.cluster = target.mode == "cluster"
+        self._cas = self.client.register_script(_CAS_SWITCH)
+        self._release = self.client.register_script(_RELEASE_LOCK)
+        self._lock_token: str | None = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- lock ----------------------------------------------------------------------------------
+    def acquire_lock(self, ttl_ms: int = 60_000) -> None:
+        token = uuid.uuid4().hex
+        if not self.client.set(layout.lock_key(self.ns), token, nx=True, px=ttl_ms):
+            raise StoreBusy(f"another sync holds {layout.lock_key(self.ns)}")
+        self._lock_token = token
+        self._lock_ttl = ttl_ms
+
+    def refresh_lock(self) -> None:
+        if self._lock_token is not None:
+            self.client.pexpire(layout.lock_key(self.ns), self._lock_ttl)
+
+    def release_lock(self) -> None:
+        if self._lock_token is not None:
+            self._release(keys=[layout.lock_key(self.ns)], args=[self._lock_token])
+            self._lock_token = None
+
+    # -- versions ------------------------------------------------------------------------------
+    def current(self) -> Current:
+        cur = self.client.get(layout.cur_key(self.ns))
+        if cur is None:
+            return Current(None, {})
+        ver = cur.decode()
+        meta = {
+            k.decode(): v.decode()
+            for k, v in self.client.hgetall(layout.meta_key(self.ns, ver)).items()
+        }
+        meta["ns"] = self.ns
+        return Current(ver, meta)
+
+    def new_version(self, nb: int, full: bool) -> str:
+        """Reserve a version id and register it before any of its keys exist (for GC)."""
+        ver = str(self.client.incr(layout.seq_key(self.ns)))
+        info = {"nb": nb if full else 0, "full": full, "started": time.time()}
+        self.client.hset(layout.versions_key(self.ns), ver, json.dumps(info))
+        return ver
+
+    def writer(self) -> BulkWriter:
+        return BulkWriter(self.client, self.cluster)
+
+    def hash_limits(self) -> int:
+        """hash-max-listpack-entries of the server (128 if CONFIG is not allowed)."""
+        try:
+            nodes = self.client.get_primaries() if self.cluster else [None]
+            vals = []
+            for n in nodes:
+                cfg = (
+                    self.client.config_get("hash-max-listpack-entries", target_nodes=n)
+                    if n is not None
+                    else self.client.config_get("hash-max-listpack-entries")
+                )
+                vals.append(int(next(iter(cfg.values()))))
+            return min(vals)
+        except Exception:  # noqa: BLE001 - managed Redis often forbids CONFIG
+            return 128
+
+    def read_hash(self, key: str) -> dict[bytes, bytes]:
+        out: dict[bytes, bytes] = {}
+        for k, v in self.client.hscan_iter(key, count=10000):
+            out[k] = v
+        return out
+
+    def read_listings(
+        self,
+        cur: Current,
+        imeis: Iterable[str],
+        overlay: dict[bytes, bytes],
+        table: dict[int, bytes],
+    ) -> dict[str, Listing]:
+        """Current merged listing of each IMEI (overlay first, then the full load's buckets)."""
+        out: dict[str, Listing] = {}
+        need: list[str] = []
+        for i in imeis:
+            v = overlay.get(i.encode())
+            if v is not None:
+                out[i] = _listing(v, table)
+            else:
+                need.append(i)
+        b = cur.buckets
+        if b is None:
+            for i in need:
+                out[i] = Listing()
+            return out
+        for start in range(0, len(need), 10000):
+            part = need[start : start + 10000]
+            pipe = self.client.pipeline(transaction=False)
+            for i in part:
+                k, f = b.locate(i)
+                pipe.hget(k, f)
+            for i, v in zip(part, pipe.execute(), strict=True):
+                out[i] = _listing(v, table)
+        return out
+
+    def switch(self, expected: str | None, new: str) -> None:
+        ok = self._cas(keys=[layout.cur_key(self.ns)], args=[expected or "", new])
+        if not ok:
+            raise SwitchConflict(f"{layout.cur_key(self.ns)} is no longer {expected!r}")
+
+    def record_run(self, run: dict[str, Any], keep: int = 100) -> None:
+        key = layout.runs_key(self.ns)
+        self.client.lpush(key, json.dumps(run, sort_keys=True))
+        self.client.ltrim(key, 0, keep - 1)
+
+    def runs(self, n: int = 10) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.client.lrange(layout.runs_key(self.ns), 0, n - 1)]
+
+    def gc(self) -> list[str]:
+        """Delete every version that is neither current nor the full load current builds on."""
+        cur = self.current()
+        keep = {cur.version, cur.meta.get("base")} - {None, ""}
+        deleted = []
+        for ver_b, info_b in self.client.hgetall(layout.versions_key(self.ns)).items():
+            ver = ver_b.decode()
+            if ver in keep:
+                continue
+            info = json.loads(info_b)
+            keys = [
+                layout.meta_key(self.ns, ver),
+                layout.table_key(self.ns, ver),
+                layout.overlay_key(self.ns, ver),
+            ]
+            keys += [layout.bucket_key(self.ns, ver, i) for i in range(int(info.get("nb", 0)))]
+            self._unlink(keys)
+            self.client.hdel(layout.versions_key(self.ns), ver)
+            deleted.append(ver)
+        return deleted
+
+    def _unlink(self, keys: list[str]) -> None:
+        if self.cluster:
+            for start in range(0, len(keys), 5000):
+                pipe = self.client.pipeline()
+                for k in keys[start : start + 5000]:
+                    pipe.unlink(k)
+                pipe.execute()
+            return
+        w = self.writer()
+        try:
+            for start in range(0, len(keys), 1000):
+                w.raw("", pack("UNLINK", *keys[start : start + 1000]))
+            w.flush()
+        finally:
+            w.close()
+
+
+def _listing(v: bytes | None, table: dict[int, bytes]) -> Listing:
+    if not v:
+        return Listing()
+    if v[0] < 0x3A:
+        return decode_listing(table[int(v)])
+    return decode_listing(v)

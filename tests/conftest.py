@@ -1,0 +1,249 @@
+"""Shared fixtures: real redis-server processes (single, Sentinel, Cluster) on free ports.
+
+No Redis mocks anywhere: a missing redis-server is a test FAILURE (CI installs it via .ci/run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisProc:
+    """One redis-server child process; can be stopped and restarted on the same port."""
+
+    def __init__(self, workdir: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+        if not os.access(REDIS_SERVER, os.X_OK):
+            pytest.fail(f"redis-server not found at {REDIS_SERVER}: install it (.ci/run does)")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, conf: Path | None = None) -> RedisProc:
+        args = [REDIS_SERVER] + ([str(conf)] if conf else [])
+        args += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        if conf is None:
+            args += ["--save", "", "--appendonly", "no"]
+        args += list(self.extra)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+        client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
+    proc = RedisProc(tmp_path_factory.mktemp("redis")).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisProc) -> str:
+    """URL of the session's redis-server, emptied before each test."""
+    with contextlib.closing(redis_server.client()) as c:
+        c.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[type]:
+    """Start dedicated servers (for tests that kill and restart Redis)."""
+    procs: list[RedisProc] = []
+
+    class Factory:
+        @staticmethod
+        def start(port: int | None = None) -> RedisProc:
+            p = RedisProc(tmp_path / f"r{len(procs)}", port).start()
+            procs.append(p)
+            return p
+
+    yield Factory
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-master Redis Cluster (no replicas); yields a redis+cluster:// URL."""
+    base = tmp_path_factory.mktemp("cluster")
+    nodes = []
+    for i in range(3):
+        p = RedisProc(base / f"n{i}", extra=("--cluster-enabled", "yes", "--cluster-config-file",
+                                              str(base / f"nodes{i}.conf")))
+        nodes.append(p.start())
+    try:
+        step = 16384 // 3
+        for i, p in enumerate(nodes):
+            hi = 16383 if i == 2 else (i + 1) * step - 1
+            with contextlib.closing(p.client()) as c:
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, hi)
+        with contextlib.closing(nodes[0].client()) as c:
+            for p in nodes[1:]:
+                c.execute_command("CLUSTER", "MEET", "127.0.0.1", p.port)
+        deadline = time.monotonic() + 20
+        for p in nodes:
+            with contextlib.closing(p.client()) as c:
+                while b"cluster_state:ok" not in c.execute_command("CLUSTER", "INFO"):
+                    if time.monotonic() > deadline:
+                        pytest.fail("redis cluster did not converge")
+                    time.sleep(0.05)
+        # All nodes must also agree on the slot map before clients rely on MOVED-free routing.
+        time.sleep(0.5)
+        yield "redis+cluster://" + ",".join(f"127.0.0.1:{p.port}" for p in nodes)
+    finally:
+        for p in nodes:
+            p.stop()
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: str) -> str:
+    from eir_server.store.urls import parse_store_url, sync_client
+
+    c = sync_client(parse_store_url(redis_cluster), 5)
+    c.flushall(target_nodes=c.PRIMARIES)
+    c.close()
+    return redis_cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A master plus one Sentinel monitoring it as `eirmaster`; yields a redis+sentinel:// URL."""
+    base = tmp_path_factory.mktemp("sentinel")
+    master = RedisProc(base / "master").start()
+    sport = free_port()
+    conf = base / "sentinel.conf"
+    conf.write_text(
+        f"port {sport}\nbind 127.0.0.1\ndir {base}\n"
+        f"sentinel monitor eirmaster 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds eirmaster 1000\n"
+    )
+    sentinel = RedisProc(base / "s", port=sport, extra=("--sentinel",))
+    sentinel.start(conf)
+    try:
+        s = redis.Redis(port=sport)
+        deadline = time.monotonic() + 10
+        while not s.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "eirmaster"):
+            if time.monotonic() > deadline:
+                pytest.fail("sentinel did not learn the master")
+            time.sleep(0.05)
+        s.close()
+        yield f"redis+sentinel://127.0.0.1:{sport}/eirmaster"
+    finally:
+        sentinel.stop()
+        master.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# DIRBS-style register files for store and sync tests
+
+HEADERS = {
+    "blacklist": "imei,block_date,reasons",
+    "notifications": "imei,imsi,msisdn,block_date,reasons,amnesty_granted",
+    "exceptions": "imei,imsi,msisdn",
+}
+
+
+class Dirbs:
+    """Writes register zips the way a DIRBS list generator publishes them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def publish(
+        self,
+        list_name: str,
+        ts: str,
+        rows: list[list[str]] | None = None,
+        deltas: dict[str, list[list[str]]] | None = None,
+        base: str | int = -1,
+        run: str | int | None = None,
+        raw_full: bytes | None = None,
+        checksum: str | None = None,
+    ) -> Path:
+        import hashlib
+        import zipfile
+
+        kind = list_name.split("_")[0]
+        path = self.root / f"{ts}_{list_name}.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            full = raw_full
+            if full is None:
+                full = ("\n".join([HEADERS[kind]] + [",".join(r) for r in rows or []]) + "\n").encode()
+            zf.writestr(f"{ts}_{list_name}.csv", full)
+            for reason, drows in (deltas or {}).items():
+                body = "\n".join([HEADERS[kind]] + [",".join(r) for r in drows]) + "\n"
+                zf.writestr(f"{ts}_{list_name}_delta_{base}_{run}_{reason}.csv", body)
+        if checksum:
+            digest = hashlib.new(checksum, path.read_bytes()).hexdigest()
+            (self.root / (path.name + "." + checksum)).write_text(f"{digest}  {path.name}\n")
+        return path
+
+
+@pytest.fixture
+def dirbs(tmp_path: Path) -> Dirbs:
+    return Dirbs(tmp_path / "register")
+
+
+@pytest.fixture
+def sync_dir():  # noqa: ANN201
+    """sync_dir(store_url, directory, **SyncOptions fields) -> RunResult (grace 0)."""
+    from eir_server.store.urls import parse_store_url
+    from eir_server.sync.engine import SyncOptions, run_once
+    from eir_server.sync.redis_db import RegisterDB
+    from eir_server.sync.source import DirSource
+
+    dbs = []
+
+    def run(url: str, directory: Path, **opts: object):  # noqa: ANN202
+        target = parse_store_url(url)
+        db = RegisterDB(target, target.options.get("namespace", "eir"))
+        dbs.append(db)
+        return run_once(DirSource(directory), db, SyncOptions(**{"grace": 0.0, **opts}))
+
+    yield run
+    for db in dbs:
+        db.close()
