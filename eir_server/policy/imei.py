@@ -1,0 +1,132 @@
+"""IMEI / IMEISV normalisation (3GPP TS 23.003 §6.2).
+
+An IMEI is TAC (8 digits) + SNR (6 digits) + one check or spare digit; an IMEISV is TAC + SNR +
+SVN (2 digits), without a check digit. The national (DIRBS) lists and the store are keyed by the
+14-digit body TAC+SNR, so every accepted form normalises to that body:
+
+    "35209900176148"      -> imei14 "35209900176148"                  (no check digit)
+    "352099001761481"     -> imei14 "35209900176148", check digit "1"  (Luhn verified)
+    "3520990017614823"    -> imei14 "35209900176148", svn "23"         (IMEISV, no Luhn)
+    "imei-352099001761481" / "imeisv-3520990017614823"                  (TS 29.571 PEI forms)
+
+Anything else is `Malformed` with a short reason code from `MALFORMED_REASONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+MALFORMED_REASONS: Final[dict[str, str]] = {
+    "non_digit": "contains characters other than ASCII digits",
+    "bad_length": "not 14 or 15 digits (IMEI) or 16 digits (IMEISV)",
+    "bad_check_digit": "the 15th digit fails the Luhn check",
+    "zero_tac": "all-zero TAC",
+    "test_tac": "test TAC (policy test_tacs)",
+}
+
+# Codes for which the 14-digit body is still known, so operator-local lists can override them.
+BODY_KNOWN: Final = frozenset({"bad_check_digit", "zero_tac", "test_tac"})
+
+ZERO_TAC: Final = "00000000"
+
+
+def _luhn_chunk(chunk: str) -> int:
+    # Digits at odd offsets of the 14-digit body are doubled (they sit at even positions
+    # counted from the right once the check digit is appended).
+    total = 0
+    for i, ch in enumerate(chunk):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total
+
+
+# Luhn in four dict lookups: the body splits into chunks starting at even offsets
+# (0, 4, 8: 4 digits; 12: 2 digits), so one table serves all chunks. ~10k small ints.
+_LUHN_PART: Final[dict[str, int]] = {
+    **{f"{i:04d}": _luhn_chunk(f"{i:04d}") for i in range(10_000)},
+    **{f"{i:02d}": _luhn_chunk(f"{i:02d}") for i in range(100)},
+}
+# Check digit by partial sum (max 3*36 + 18 = 126): indexing beats `(10 - s % 10) % 10`.
+_CHECK_BY_SUM: Final[str] = "".join(str((10 - s % 10) % 10) for s in range(127))
+
+
+def luhn_check_digit(imei14: str) -> str:
+    """The Luhn check digit of a 14-digit IMEI body: luhn_check_digit("35209900176148") == "1"."""
+    p = _LUHN_PART
+    return _CHECK_BY_SUM[p[imei14[:4]] + p[imei14[4:8]] + p[imei14[8:12]] + p[imei14[12:14]]]
+
+
+@dataclass(frozen=True, slots=True)
+class NormalizedImei:
+    """A well-formed identity. `check_digit` is the received 15th digit (None for 14-digit and
+    IMEISV input); `svn` is the IMEISV's software version (None for IMEI input)."""
+
+    imei14: str
+    check_digit: str | None = None
+    svn: str | None = None
+
+    @property
+    def tac(self) -> str:
+        return self.imei14[:8]
+
+    @property
+    def snr(self) -> str:
+        return self.imei14[8:]
+
+    @property
+    def imei15(self) -> str:
+        """The IMEI with its computed Luhn check digit, for display."""
+        return self.imei14 + luhn_check_digit(self.imei14)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """Not a valid identity. `reason` is a key of MALFORMED_REASONS; `imei14` is the 14-digit
+    body when it could still be read (bad check digit, zero or test TAC), else None."""
+
+    reason: str
+    imei14: str | None = None
+
+    @property
+    def description(self) -> str:
+        return MALFORMED_REASONS[self.reason]
+
+
+def normalize_imei(
+    raw: str, *, check_luhn: bool = True, accept_zero_spare: bool = False
+) -> NormalizedImei | Malformed:
+    """Normalise a received IMEI/IMEISV to its 14-digit body.
+
+    check_luhn: verify the 15th digit of a 15-digit IMEI. accept_zero_spare: accept a 15th digit
+    "0" without the Luhn check (TS 23.003: the spare digit is 0 when sent by the MS; some cores
+    pass it on). All-zero TACs are always malformed; test TACs are a policy setting
+    (`Policy.normalize` applies them).
+    """
+    s = raw
+    want: tuple[int, ...] = (14, 15, 16)
+    if s[:1] == "i":  # TS 29.571 PEI prefixes, as N5g-eir carries them
+        if s.startswith("imeisv-"):
+            s, want = s[7:], (16,)
+        elif s.startswith("imei-"):
+            s, want = s[5:], (14, 15)
+    if not (s.isascii() and s.isdigit()):
+        # isascii first: str.isdigit() alone accepts e.g. "²" and Arabic-Indic digits.
+        return Malformed("non_digit")
+    n = len(s)
+    if n not in want:
+        return Malformed("bad_length")
+    body = s[:14]
+    cd = s[14] if n == 15 else None
+    if (cd is not None and check_luhn and cd != luhn_check_digit(body)
+            and not (accept_zero_spare and cd == "0")):
+        return Malformed("bad_check_digit", body)
+    if body.startswith(ZERO_TAC):
+        return Malformed("zero_tac", body)
+    if n == 16:
+        return NormalizedImei(body, None, s[14:])
+    return NormalizedImei(body, cd)
