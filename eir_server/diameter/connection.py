@@ -225,6 +225,8 @@ TRANSITIONS: dict[tuple[PeerState, str], tuple[str, PeerState]] = {
     (PeerState.CLOSING, "rcv-message"): ("process", PeerState.CLOSING),
     (PeerState.CLOSING, "rcv-DWR"): ("snd-DWA", PeerState.CLOSING),
     (PeerState.CLOSING, "rcv-DWA"): ("process-DWA", PeerState.CLOSING),
+    (PeerState.CLOSING, "rcv-CER-ok"): ("snd-CEA", PeerState.CLOSING),
+    (PeerState.CLOSING, "rcv-CER-bad"): ("snd-CEA-error", PeerState.CLOSING),
     (PeerState.CLOSING, "rcv-DPA"): ("disc", PeerState.DONE),
     (PeerState.CLOSING, "rcv-DPR"): ("snd-DPA-disc", PeerState.DONE),
     (PeerState.CLOSING, "timeout"): ("disc", PeerState.DONE),
@@ -406,7 +408,8 @@ class Connection:
     def _handle(self, raw: bytes, now: float) -> None:
         msg = decode(raw, self.dictionary)
         if self.state is PeerState.R_OPEN or self.state is PeerState.CLOSING:
-            if self.watchdog is not Watchdog.INITIAL:
+            # In Closing the DPA deadline is the only timer; the watchdog rests.
+            if self.state is PeerState.R_OPEN and self.watchdog is not Watchdog.INITIAL:
                 self._watchdog_event("message", now)
             if msg.flags & FLAG_R:
                 if msg.code == DWR and msg.application_id == BASE_APPLICATION:
@@ -488,7 +491,7 @@ class Connection:
             if self.state is PeerState.DONE:
                 self._close(f"CER rejected with {problem.result_code}")
             return
-        was_open = self.state is PeerState.R_OPEN
+        was_open = self.state is not PeerState.CLOSED
         self._transition("rcv-CER-ok")
         self.origin_host = host
         realm = msg.find(ORIGIN_REALM)

@@ -1,0 +1,32 @@
+# The two commands of the README:  `make run`  and  `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: run test install system-deps lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Start the EIR on the embedded store: S13 on TCP 3868, metrics on 9868.
+run: install
+	$(VENV)/bin/eir-server serve $(ARGS)
+
+## Install what the tests need (redis-server, tshark), lint, run the whole suite.
+test: install system-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+system-deps:
+	@scripts/system-deps.sh
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

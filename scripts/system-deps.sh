@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Debian packages the test suite runs for real: redis-server (store tests start their own
+# instances on free ports) and tshark (Wireshark's Diameter dissector checks our answers).
+set -euo pipefail
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v tshark >/dev/null 2>&1 || missing+=(tshark)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO=sudo
+else
+  SUDO=
+fi
+echo "installing ${missing[*]} (apt)" >&2
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
