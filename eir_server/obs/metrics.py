@@ -14,6 +14,7 @@ docs, the Grafana dashboard and the alert rules are tested against it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from bisect import bisect_left
@@ -153,6 +154,38 @@ SPECS: tuple[MetricSpec, ...] = (
         "store",
     ),
     MetricSpec(
+        "eir_store_fetches_total",
+        "counter",
+        "Lookups that missed the local cache and were fetched from the backend.",
+        (),
+        "sum",
+        "store",
+    ),
+    MetricSpec(
+        "eir_store_fetch_batches_total",
+        "counter",
+        "Backend round trips (batched MGETs) made for those fetches.",
+        (),
+        "sum",
+        "store",
+    ),
+    MetricSpec(
+        "eir_store_cache_evictions_total",
+        "counter",
+        "Entries evicted from the local cache.",
+        (),
+        "sum",
+        "store",
+    ),
+    MetricSpec(
+        "eir_store_redis_up",
+        "gauge",
+        "1 while Redis answers (lowest across workers); the embedded store reports 1.",
+        (),
+        "min",
+        "store",
+    ),
+    MetricSpec(
         "eir_store_fallback_active",
         "gauge",
         "1 while the store is unreachable and answers come from the fallback.",
@@ -167,6 +200,14 @@ SPECS: tuple[MetricSpec, ...] = (
         "Version of the national register data served (lowest across workers).",
         (),
         "min",
+        "register",
+    ),
+    MetricSpec(
+        "eir_register_info",
+        "gauge",
+        "1 for each register version served by a worker (the version may be any string).",
+        ("version",),
+        "max",
         "register",
     ),
     MetricSpec(
@@ -331,15 +372,21 @@ def _peer_state_label(state: object) -> str:
 
 
 # Store stats: attribute (or mapping key) names accepted from the store's `stats` object.
-_STORE_FIELDS: dict[str, tuple[str, Labels]] = {
-    "cache_hits": ("eir_store_lookups_total", ("cache", "hit")),
-    "cache_misses": ("eir_store_lookups_total", ("cache", "miss")),
-    "redis_hits": ("eir_store_lookups_total", ("redis", "hit")),
-    "redis_misses": ("eir_store_lookups_total", ("redis", "miss")),
-    "redis_errors": ("eir_store_redis_errors_total", ()),
-    "fallback_verdicts": ("eir_store_fallback_verdicts_total", ()),
-    "fallback_active": ("eir_store_fallback_active", ()),
-}
+# Store stats: attribute (or mapping key) names read from the store's `stats` object
+# (eir_server.store.base.StoreStats), first matching name wins per series.
+_STORE_FIELDS: tuple[tuple[tuple[str, ...], str, Labels], ...] = (
+    (("cache_hits",), "eir_store_lookups_total", ("cache", "hit")),
+    (("cache_misses",), "eir_store_lookups_total", ("cache", "miss")),
+    (("redis_hits",), "eir_store_lookups_total", ("redis", "hit")),
+    (("redis_misses",), "eir_store_lookups_total", ("redis", "miss")),
+    (("fetches",), "eir_store_fetches_total", ()),
+    (("fetch_batches",), "eir_store_fetch_batches_total", ()),
+    (("cache_evictions",), "eir_store_cache_evictions_total", ()),
+    (("redis_errors",), "eir_store_redis_errors_total", ()),
+    # a fetch the store could not answer gets the fallback verdict from the caller
+    (("fallback_verdicts", "unavailable_fetches"), "eir_store_fallback_verdicts_total", ()),
+    (("redis_up",), "eir_store_redis_up", ()),
+)
 
 
 def _field(obj: object, name: str) -> Any:
@@ -365,10 +412,11 @@ class Metrics:
       "peers"       -> Mapping[state, count]
       "in_flight"   -> number
       "queue_depth" -> number
-      "store"       -> the store's stats object or a mapping with any of cache_hits,
-                       cache_misses, redis_hits, redis_misses, redis_errors,
-                       fallback_verdicts (monotonic ints) and fallback_active (bool)
-      "register"    -> mapping: version (int), last_sync (unix seconds), rows:
+      "store"       -> the store's `stats` (StoreStats) or a mapping with any of
+                       cache_hits, cache_misses, fetches, fetch_batches, cache_evictions,
+                       redis_errors, unavailable_fetches (monotonic ints), redis_up (0/1);
+                       fallback_active defaults to `not redis_up`
+      "register"    -> mapping: version (number or string), last_sync (unix seconds), rows:
                        Mapping[(list, "applied"|"rejected"), int]
     """
 
@@ -436,15 +484,25 @@ class Metrics:
             s["eir_diameter_peers"] = peers
         if "store" in cb:
             stats = cb["store"]()
-            for fname, (family, labels) in _STORE_FIELDS.items():
-                value = _field(stats, fname)
-                if value is not None:
-                    s.setdefault(family, {})[labels] = float(value)
+            for names, family, labels in _STORE_FIELDS:
+                for fname in names:
+                    value = _field(stats, fname)
+                    if value is not None:
+                        s.setdefault(family, {})[labels] = float(value)
+                        break
+            active = _field(stats, "fallback_active")
+            if active is None and (up := _field(stats, "redis_up")) is not None:
+                active = not up  # the store is down: every miss gets the fallback verdict
+            if active is not None:
+                s["eir_store_fallback_active"] = {(): float(active)}
         if "register" in cb:
             reg = cb["register"]() or {}
             version = _field(reg, "version")
             if version is not None:
-                s["eir_register_version"] = {(): float(version)}
+                # info-style series carries any version string; the numeric gauge only a number
+                s["eir_register_info"] = {(str(version),): 1.0}
+                with contextlib.suppress(TypeError, ValueError):
+                    s["eir_register_version"] = {(): float(version)}
             last_sync = _field(reg, "last_sync")
             if last_sync is not None:
                 s["eir_register_last_sync_timestamp_seconds"] = {(): float(last_sync)}

@@ -95,7 +95,7 @@ def test_gauge_callbacks_are_read_on_scrape_only() -> None:
     m.set_gauge_callback("in_flight", lambda: 5)
     m.set_gauge_callback("queue_depth", lambda: 9)
 
-    class StoreStats:  # the store exposes plain-int attributes
+    class StoreStats:  # any object with plain-int attributes
         cache_hits = 10
         cache_misses = 4
         redis_hits = 3
@@ -224,3 +224,38 @@ def test_every_metric_is_documented_with_type_and_labels() -> None:
         assert kind == spec.kind, spec.name
         assert labels == set(spec.labels), spec.name
     assert set(rows) == {s.name for s in SPECS}, "docs list a metric the code does not define"
+
+
+def test_store_stats_of_the_real_store_map_to_metrics() -> None:
+    from eir_server.store.base import StoreStats
+
+    stats = StoreStats()
+    stats.cache_hits, stats.cache_misses, stats.fetches, stats.fetch_batches = 90, 10, 10, 2
+    stats.redis_errors, stats.unavailable_fetches, stats.cache_evictions = 3, 4, 5
+    stats.redis_up = 1
+    m = Metrics()
+    m.set_gauge_callback("store", lambda: stats)
+    got = parse(render(m.snapshot()))
+    assert got[("eir_store_lookups_total", (("result", "hit"), ("tier", "cache")))] == 90
+    assert got[("eir_store_lookups_total", (("result", "miss"), ("tier", "cache")))] == 10
+    assert got[("eir_store_fetches_total", ())] == 10
+    assert got[("eir_store_fetch_batches_total", ())] == 2
+    assert got[("eir_store_cache_evictions_total", ())] == 5
+    assert got[("eir_store_redis_errors_total", ())] == 3
+    assert got[("eir_store_fallback_verdicts_total", ())] == 4
+    assert got[("eir_store_redis_up", ())] == 1
+    assert got[("eir_store_fallback_active", ())] == 0
+    stats.redis_up = 0  # Redis lost: the fallback is answering
+    got = parse(render(m.snapshot()))
+    assert got[("eir_store_fallback_active", ())] == 1 and got[("eir_store_redis_up", ())] == 0
+
+
+def test_register_version_strings_go_to_the_info_series() -> None:
+    m = Metrics()
+    m.set_gauge_callback("register", lambda: {"version": "20240501T0300", "last_sync": 5.0})
+    got = parse(render(m.snapshot()))
+    assert got[("eir_register_info", (("version", "20240501T0300"),))] == 1
+    assert ("eir_register_version", ()) not in got
+    m.set_gauge_callback("register", lambda: {"version": "17"})
+    got = parse(render(m.snapshot()))
+    assert got[("eir_register_version", ())] == 17
