@@ -247,6 +247,8 @@ class AuditRecorder:
         self.metrics = metrics
         self.sink = sink
         self.sample = sample if sink is not None else 0.0
+        self._keep_all = self.sample >= 1.0
+        self._sampling = 0.0 < self.sample < 1.0
         self.capacity = capacity
         self.batch_size = batch_size
         self.flush_interval = flush_interval
@@ -271,18 +273,20 @@ class AuditRecorder:
         peer: str,
         interface: str = "s13",
     ) -> None:
-        sample = self.sample
-        keep = sample >= 1.0 or (sample > 0.0 and self._rng() < sample)
-        if not keep and self.detector is None:
-            return
+        # Hot path: one branch for sampling, one append; "queued" is counted when drained.
+        if self._keep_all:
+            keep = True
+        else:
+            keep = self._sampling and self._rng() < self.sample
+            if not keep and self.detector is None:
+                return
         buf = self._buf
-        if len(buf) >= self.capacity:
+        n = len(buf)
+        if n >= self.capacity:
             self._counts["dropped"] += 1
             return
         buf.append((when, req, verdict, peer, interface, keep))
-        if keep:
-            self._counts["queued"] += 1
-        if len(buf) == self.batch_size:
+        if n + 1 == self.batch_size:
             self._wake.set()
 
     def start(self) -> asyncio.Task[None]:
@@ -316,6 +320,7 @@ class AuditRecorder:
                 det.observe(when, req.imei, req.imsi)
             if keep:
                 rows.append(observation(when, req, verdict, peer, interface))
+        self._counts["queued"] += len(rows)
         if not rows or self.sink is None:
             return 0
         try:

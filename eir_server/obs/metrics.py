@@ -231,7 +231,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "eir_audit_records_total",
         "counter",
-        "Audit observations by outcome: queued, dropped (buffer full), written, write_failed.",
+        "Audit observations by outcome: queued (sampled, taken for writing), dropped (buffer "
+        "full), written, write_failed.",
         ("outcome",),
     ),
     MetricSpec(

@@ -99,13 +99,16 @@ async def test_background_task_flushes_without_being_asked(obs_redis, obs_redis_
     assert obs_redis.xlen("t:bg") == 25
 
 
-def test_full_buffer_drops_new_observations_and_counts_them() -> None:
+async def test_full_buffer_drops_new_observations_and_counts_them() -> None:
     m = Metrics()
-    rec = AuditRecorder(m, MemorySink(), capacity=3)
+    sink = MemorySink()
+    rec = AuditRecorder(m, sink, capacity=3)
     for i in range(5):
         rec.record(DAY, req(i), WHITE, "mme1")
-    assert rec.pending == 3
-    assert m.audit["queued"] == 3 and m.audit["dropped"] == 2
+    assert rec.pending == 3 and m.audit["dropped"] == 2
+    await rec.flush()
+    assert [r["imei"] for r in sink.rows] == [f"35{i:012d}" for i in range(3)]  # oldest kept
+    assert m.audit["queued"] == 3 and m.audit["written"] == 3
 
 
 async def test_sampling_decides_what_is_written() -> None:
