@@ -266,6 +266,7 @@ class Connection:
         self._rng = rng or random.Random()
         self._deadline: float | None = now + config.cer_timeout
         self._dwr_pending = False
+        self._lost = False  # the transport is gone: nothing more can be sent
         self._next_id = self._rng.getrandbits(32)
         me = config.identity
         self._realm = me.origin_realm.lower()
@@ -337,8 +338,10 @@ class Connection:
     # -- commands from the shell --------------------------------------------------------------
 
     def send(self, data: bytes) -> None:
-        """Queue an answer produced by the application."""
-        if self.state is not PeerState.DONE:
+        """Queue an answer produced by the application. Still accepted after a DPR/DPA or a
+        close decision (state DONE): answers to requests received before it are flushed before
+        the transport closes; only a lost transport drops them."""
+        if not self._lost:
             self._out.append(data)
 
     def disconnect(self, now: float, cause: int = REBOOTING) -> None:
@@ -354,6 +357,7 @@ class Connection:
             self._close("shutting down")
 
     def connection_lost(self) -> None:
+        self._lost = True
         if self.state is not PeerState.DONE:
             self.state = PeerState.DONE
             self._deadline = None
