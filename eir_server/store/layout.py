@@ -3,27 +3,38 @@
 Keys, with N the namespace (default "eir") and V a version id (decimal, from INCR N:seq):
   N:cur          string: the version being served; switching it is the one atomic step
   N:seq          counter for version ids
-  N:versions     hash V -> JSON {nb, full}: every version ever started (so a crashed run's
+  N:versions     hash V -> JSON {k, full}: every version ever started (so a crashed run's
                  leftovers can be found and deleted without SCAN)
-  N:V:m          hash: meta (base, nb, flen, lists JSON, counts, created)
+  N:V:m          hash: meta (base, k, lists JSON, counts, created)
   N:V:r          hash: record table id -> encoded blacklist-only listing (shared values)
   N:V:d          hash: overlay imei14 -> value or "" (tombstone); deltas since the full load
-  N:V:b:<i>      hash, i in [0, nb): bucket of a full load; field = (imei // nb) as flen
-                 big-endian bytes, value = record id (decimal) or an encoded listing
+  N:V:b:<s>      hash, s = the last k digits of the 14-digit IMEI (10**k buckets); field =
+                 the first 14-k digits: for k >= 5 as the decimal "1"+digits, for k <= 4 packed
+                 two digits per byte (BCD, "1"-padded to an even count); value = record id
+                 (decimal) or an encoded listing
 
-Bucketing by `imei % nb` spreads IMEIs evenly whatever the TAC mix, keeps every bucket small
-enough for Redis's listpack encoding, and the quotient needs only 4-5 bytes as a field.
+Why: the low serial digits spread IMEIs evenly whatever the TAC mix, so with k chosen from the
+list size every bucket stays small enough for Redis's compact listpack encoding; the field is a
+decimal Redis stores as a 4-byte integer for k >= 5 (the leading "1" keeps a TAC's leading zero
+from turning it into a string); with k <= 4 the 10+ digits would need an 8-byte integer, so they
+are BCD-packed into 5 bytes instead. Slices and unhexlify only: neither the 10M-row load nor the
+reader converts an IMEI to an int.
 """
 
 from __future__ import annotations
 
+from binascii import unhexlify
 from dataclasses import dataclass
 
 IMEI14_MAX = 10**14 - 1
 
 
-def field_len(nb: int) -> int:
-    return max(1, ((IMEI14_MAX // nb).bit_length() + 7) // 8)
+def digits_for(rows: int, per_bucket: int) -> int:
+    """Smallest k (1..6) such that 10**k buckets hold at most `per_bucket` rows on average."""
+    k = 1
+    while k < 6 and rows / 10**k > per_bucket:
+        k += 1
+    return k
 
 
 def cur_key(ns: str) -> str:
@@ -58,8 +69,8 @@ def overlay_key(ns: str, ver: str) -> str:
     return f"{ns}:{ver}:d"
 
 
-def bucket_key(ns: str, ver: str, i: int) -> str:
-    return f"{ns}:{ver}:b:{i}"
+def bucket_key(ns: str, ver: str, i: int, k: int) -> str:
+    return f"{ns}:{ver}:b:{i:0{k}d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,9 +79,15 @@ class Buckets:
 
     ns: str
     base: str
-    nb: int
-    flen: int
+    k: int
 
-    def locate(self, imei14: str) -> tuple[str, bytes]:
-        q, b = divmod(int(imei14), self.nb)
-        return f"{self.ns}:{self.base}:b:{b}", q.to_bytes(self.flen, "big")
+    def locate(self, imei14: str) -> tuple[str, str | bytes]:
+        cut = 14 - self.k
+        return f"{self.ns}:{self.base}:b:{imei14[cut:]}", field_of(imei14[:cut])
+
+
+def field_of(prefix: str) -> str | bytes:
+    """Hash field for the first 14-k digits of an IMEI (see the module docstring)."""
+    if len(prefix) <= 9:
+        return "1" + prefix
+    return unhexlify(prefix if len(prefix) % 2 == 0 else "1" + prefix)

@@ -217,7 +217,7 @@ class RedisStore:
             return out
         raise StoreUnavailable("register version kept changing during lookup")
 
-    async def _round_trip(self, keys: list[str], fields: list[bytes]) -> tuple[Any, list[Any]]:
+    async def _round_trip(self, keys: list[str], fields: list[str]) -> tuple[Any, list[Any]]:
         if self._script is not None:
             res = await self._script(keys=[self._cur_key, *keys], args=fields)
             return res[0], res[1:]
@@ -280,9 +280,7 @@ class RedisStore:
         if not meta:
             raise StoreUnavailable(f"register version {ver} has no meta (being deleted?)")
         base = meta.get("base") or None
-        buckets = (
-            layout.Buckets(self.ns, base, int(meta["nb"]), int(meta["flen"])) if base else None
-        )
+        buckets = layout.Buckets(self.ns, base, int(meta["k"])) if base else None
         raw_table = await c.hgetall(layout.table_key(self.ns, ver))
         table = {int(k): decode_record(v) for k, v in raw_table.items()}
         overlay_raw: dict[str, bytes] = {}

@@ -216,7 +216,7 @@ def split_reasons(raw: str) -> tuple[str, ...]:
     return tuple(r for r in (x.strip() for x in raw.split("|")) if r)
 
 
-def _valid_date(s: str) -> bool:
+def valid_date(s: str) -> bool:
     if len(s) != 8 or not (s.isdigit() and s.isascii()):
         return False
     try:
@@ -289,7 +289,7 @@ def iter_list_rows(
             if kind is ListKind.BLACKLIST:
                 date = row[idx["block_date"]].strip()
                 if date not in good_dates:
-                    if not _valid_date(date):
+                    if not valid_date(date):
                         report.add_bad(line, "bad block_date")
                         continue
                     good_dates.add(date)
@@ -317,7 +317,7 @@ def iter_list_rows(
                 yield imei, ExceptionEntry(imsi, msisdn)
                 continue
             date = row[idx["block_date"]].strip()
-            if not _valid_date(date):
+            if not valid_date(date):
                 report.add_bad(line, "bad block_date")
                 continue
             reasons = row[idx["reasons"]]
@@ -453,3 +453,95 @@ def read_full_lists(
         report.check(max_bad_share)
         reports.append(report)
     return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast line access for the 10M-row blacklist load (see sync.engine): plain lines in chunks, the
+# generic csv path only for lines that need it.
+
+
+def line_chunks(stream: IO[bytes], source: str) -> Iterator[tuple[int, list[str], bool]]:
+    """Yield (number of the first line, lines, all ASCII?) with the BOM and "\n" removed.
+
+    "\r" is kept: stripping it per line costs more than letting the few consumers that care
+    strip it. A line with an odd number of double quotes is joined with the following line(s),
+    so a quoted field holding a newline stays in one logical line (numbered by its first line).
+    """
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+    carry = ""
+    lineno = 1
+    try:
+        while True:
+            data = stream.read(1 << 20)
+            text = carry + decoder.decode(data, final=not data)
+            if not text:
+                return
+            lines = text.split("\n")
+            carry = lines.pop() if data else ""
+            if not data and lines and lines[-1] == "":
+                lines.pop()
+            quoted = '"' in text
+            if quoted:
+                lines = _join_quoted(lines)
+            nlines = (
+                text.count("\n") + (0 if data or text.endswith("\n") else 1) - len(carry and "x")
+            )
+            yield lineno, lines, text.isascii()
+            lineno += nlines if quoted else len(lines)
+            if not data:
+                return
+    except (zipfile.BadZipFile, EOFError, zlib_error) as e:
+        raise RegisterError(f"{source}: corrupt data ({e})") from e
+
+
+def _join_quoted(lines: list[str]) -> list[str]:
+    out: list[str] = []
+    buf: str | None = None
+    for ln in lines:
+        if buf is not None:
+            buf += "\n" + ln
+            if buf.count('"') % 2 == 0:
+                out.append(buf)
+                buf = None
+            continue
+        if ln.count('"') % 2:
+            buf = ln
+        else:
+            out.append(ln)
+    if buf is not None:
+        out.append(buf)
+    return out
+
+
+def parse_line(kind: ListKind, line: str, lineno: int, report: CsvReport) -> list[str] | None:
+    """csv-parse one logical line; None for blank lines. Counts nothing."""
+    if not line.strip():
+        return None
+    try:
+        return next(csv.reader([line.rstrip("\r")]))
+    except (csv.Error, StopIteration) as e:
+        report.add_bad(lineno, f"csv: {e}")
+        return None
+
+
+def check_blacklist_row(
+    row: list[str], lineno: int, report: CsvReport
+) -> tuple[str, str, str] | None:
+    """Validate a positional blacklist row -> (imei14, block_date, raw reasons) or None (bad)."""
+    if len(row) != 3:
+        report.add_bad(lineno, f"{len(row)} columns")
+        return None
+    imei = _imei14(row[0])
+    if imei is None:
+        report.add_bad(lineno, "bad IMEI")
+        return None
+    date = row[1].strip()
+    if not valid_date(date):
+        report.add_bad(lineno, "bad block_date")
+        return None
+    if FORBIDDEN.intersection(row[2]):
+        report.add_bad(lineno, "control character in reasons")
+        return None
+    return imei, date, row[2]

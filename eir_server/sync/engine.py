@@ -12,20 +12,22 @@ Invariants:
 
 from __future__ import annotations
 
+import gc
 import json
-import math
 import time
 import uuid
 import zipfile
+from binascii import unhexlify
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from eir_server.store import layout
-from eir_server.store.codec import Listing, decode_listing, encode_blacklist
+from eir_server.store.codec import FORBIDDEN, Listing, decode_listing, encode_blacklist
 from eir_server.store.register import (
     CsvReport,
     ListKind,
@@ -33,9 +35,13 @@ from eir_server.store.register import (
     ListZip,
     RegisterError,
     apply_row,
+    check_blacklist_row,
     iter_list_rows,
+    line_chunks,
     open_list_zip,
+    parse_line,
     split_reasons,
+    valid_date,
 )
 
 from .progress import BAD_ROWS, IMEIS, Progress
@@ -88,6 +94,9 @@ class RunResult:
             "error": self.error,
             "finished": time.time(),
         }
+
+
+_IMEI_LENGTHS = frozenset((14, 15, 16))
 
 
 def _ts(name: str) -> str:
@@ -246,12 +255,12 @@ class SyncRun:
             lists_meta[str(lname)]["rows"] = report.rows
         bl = latest.get(ListName(ListKind.BLACKLIST))
         est = len(extras) + (self._estimate_rows(bl) if bl else 0)
-        per_bucket = self.opts.bucket_size or max(8, self.db.hash_limits() // 2)
-        nb = max(1, math.ceil(est / per_bucket))
-        flen = layout.field_len(nb)
-        ver = self.db.new_version(nb, full=True)
+        # Average bucket well under the listpack limit, so Poisson spread never tips one over.
+        per_bucket = self.opts.bucket_size or max(8, self.db.hash_limits() * 3 // 4)
+        k = layout.digits_for(est, per_bucket)
+        ver = self.db.new_version(k, full=True)
         self.opts.checkpoint("version-created")
-        buckets = layout.Buckets(self.db.ns, ver, nb, flen)
+        buckets = layout.Buckets(self.db.ns, ver, k)
         writer = self.db.writer()
         table: dict[int, bytes] = {}
         try:
@@ -262,16 +271,15 @@ class SyncRun:
             for imei, listing in extras.items():
                 if listing.is_empty():
                     continue
-                k, f = buckets.locate(imei)
-                writer.hset_frags(k, [bulk(f) + bulk(listing.encode())])
+                key, f = buckets.locate(imei)
+                writer.hset(key, {f: listing.encode()})
             count = writer.flush()
             self._write_table_meta(
                 writer,
                 ver,
                 table,
                 base=ver,
-                nb=nb,
-                flen=flen,
+                k=k,
                 kind="full",
                 count=count,
                 lists=lists_meta,
@@ -302,57 +310,237 @@ class SyncRun:
         extras: dict[str, Listing],
         table: dict[int, bytes],
     ) -> int:
-        """The 10M-row path: one dict probe per row for the shared value, grouped HSETs."""
+        """The 10M-row path, kept to a handful of C calls per row.
+
+        Each line is split once at its first comma; the rest ("date,reasons") is looked up in a
+        cache of already validated tails holding the ready RESP value, and the bucket and field
+        are slices of the IMEI. Only lines whose tail is new, whose IMEI part is not 14-16
+        digits, that hold quotes or whose IMEI is also on another list take the careful path.
+        Commands are built as latin-1 str (one char per byte) and encoded once per bucket.
+        """
         report = CsvReport(f"{z.path.name}:{z.full_member}")
-        nb, flen = buckets.nb, buckets.flen
-        fpre = b"$%d\r\n" % flen
+        k = buckets.k
+        cut = 14 - k
+        bcd = cut > 9
+        fast = self._blacklist_lines_bcd if bcd else self._blacklist_lines
+        fpre = f"${(cut + 1) // 2}\r\n" if bcd else f"${cut + 1}\r\n1"
         ns_pre = f"{buckets.ns}:{buckets.base}:b:"
-        values: dict[tuple[str, str], bytes] = {}
+        tails: dict[str, str] = {}  # validated "date,reasons" -> "\r\n" + RESP value
+        values: dict[tuple[str, str], str] = {}
         max_records = self.opts.max_records
-        groups: dict[int, list[bytes]] = {}
-        chunk = max(200_000, min(2_000_000, nb * 8))
-        pending = 0
-        total = self._estimate_rows(z)
-        self.progress.start(f"{z.path.name}", total)
+        groups: dict[str, list[str]] = {f"{i:0{k}d}": [] for i in range(10**k)}
+        chunk = max(200_000, min(2_000_000, 10**k * 16))
+        pending = rows = 0
+        self.progress.start(z.path.name, self._estimate_rows(z))
         blk = ListName(ListKind.BLACKLIST)
+        first_line = True
         first_flush = True
-        for imei, payload in self._read_rows(z, z.full_member, report):
-            if imei in extras:
-                apply_row(extras[imei], blk, "upsert", payload)
-                continue
-            vf = values.get(payload)  # type: ignore[arg-type]
+
+        def value_of(date: str, raw: str) -> str:
+            vf = values.get((date, raw))
             if vf is None:
-                date, raw = payload  # type: ignore[misc]
+                enc = encode_blacklist(date, split_reasons(raw))
                 if len(table) < max_records:
                     rid = len(table) + 1
-                    table[rid] = encode_blacklist(date, split_reasons(raw))
-                    vf = bulk(b"%d" % rid)
-                else:
-                    vf = bulk(encode_blacklist(date, split_reasons(raw)))
-                values[payload] = vf  # type: ignore[index]
-            q, b = divmod(int(imei), nb)
-            frag = fpre + q.to_bytes(flen, "big") + b"\r\n" + vf
-            g = groups.get(b)
-            if g is None:
-                groups[b] = [frag]
-            else:
-                g.append(frag)
-            pending += 1
-            if pending >= chunk:
-                for b, frags in groups.items():
-                    writer.hset_frags(ns_pre + str(b), frags)
-                groups.clear()
-                pending = 0
-                self.progress.update(report.rows)
-                self.db.refresh_lock()
-                if first_flush:
-                    first_flush = False
-                    self.opts.checkpoint("buckets-partial")
-        for b, frags in groups.items():
-            writer.hset_frags(ns_pre + str(b), frags)
-        self.progress.update(report.rows)
+                    table[rid] = enc
+                    enc = b"%d" % rid
+                vf = "\r\n" + bulk(enc).decode("latin-1")
+                values[(date, raw)] = vf
+            return vf
+
+        def new_tail(tail: str) -> str | None:
+            """First sight of a "date,reasons" tail: validate it without the csv module."""
+            date, sep, raw = tail.rstrip("\r").partition(",")
+            if (
+                not sep
+                or '"' in tail
+                or "," in raw
+                or not valid_date(date)
+                or FORBIDDEN.intersection(raw)
+            ):
+                return None
+            vf = tails[tail] = value_of(date, raw)
+            return vf
+
+        zf = zipfile.ZipFile(z.path)
+        gc_was = gc.isenabled()
+        gc.disable()  # millions of short-lived objects, nothing cyclic: skip the collector
+        try:
+            stream = zf.open(z.full_member)
+            for start, lines, ascii_only in line_chunks(stream, report.source):
+                n = i = 0
+                end = len(lines)
+                while i < end:
+                    j = (
+                        fast(lines, i, tails, groups, cut, fpre, extras, new_tail)
+                        if ascii_only
+                        else i
+                    )
+                    n += j - i
+                    if j >= end:
+                        break
+                    i = j + 1
+                    # The careful path for one line: header, new tail, bad row, quotes, extras.
+                    line = lines[j]
+                    row = parse_line(ListKind.BLACKLIST, line, start + j, report)
+                    if row is None:
+                        continue
+                    if first_line:
+                        first_line = False
+                        if row[0].strip().lower() == "imei":
+                            if [c.strip().lower() for c in row] != [
+                                "imei",
+                                "block_date",
+                                "reasons",
+                            ]:
+                                stream.close()
+                                return self._write_blacklist_generic(
+                                    z, buckets, writer, extras, table
+                                )
+                            continue
+                    checked = check_blacklist_row(row, start + j, report)
+                    if checked is None:
+                        continue
+                    imei, date, raw = checked
+                    vf = value_of(date, raw)
+                    head, _, tail = line.partition(",")
+                    if (
+                        '"' not in line
+                        and line.count(",") == 2
+                        and head.isdigit()
+                        and head.isascii()
+                    ):
+                        tails[tail] = vf
+                    n += 1
+                    listing = extras.get(imei) if extras else None
+                    if listing is not None:
+                        apply_row(listing, blk, "upsert", (date, raw))
+                        continue
+                    fld = layout.field_of(imei[:cut])
+                    fld_s = fld.decode("latin-1") if isinstance(fld, bytes) else fld[1:]
+                    groups[imei[cut:]].append(fpre + fld_s + vf)
+                first_line = False
+                rows += n
+                pending += n
+                if pending >= chunk:
+                    self._flush_groups(groups, ns_pre, writer)
+                    pending = 0
+                    self.progress.update(rows)
+                    self.db.refresh_lock()
+                    if first_flush:
+                        first_flush = False
+                        self.opts.checkpoint("buckets-partial")
+            stream.close()
+        finally:
+            zf.close()
+            if gc_was:
+                gc.enable()
+        self._flush_groups(groups, ns_pre, writer)
+        report.rows = rows
+        report.check(self.opts.max_bad_share)
+        self.reports.append(report)
+        self.progress.update(rows)
         self.progress.finish()
-        return report.rows
+        return rows
+
+    @staticmethod
+    def _blacklist_lines(
+        lines: list[str],
+        start: int,
+        tails: dict[str, str],
+        groups: dict[str, list[str]],
+        cut: int,
+        fpre: str,
+        extras: dict[str, Listing],
+        new_tail: Callable[[str], str | None],
+    ) -> int:
+        """Fast path from lines[start]: returns the index of the first line that is not a plain
+        "<14-16 digits>,<valid tail>" line (or len(lines)). The caller checked the chunk is
+        ASCII, so isdigit() means ASCII digits here."""
+        get = tails.get
+        ok_len = _IMEI_LENGTHS
+        for line in lines if start == 0 else islice(lines, start, None):
+            imei, _, tail = line.partition(",")
+            vf = get(tail)
+            if vf is None:
+                vf = new_tail(tail)
+            if (
+                vf is None
+                or len(imei) not in ok_len
+                or not imei.isdigit()
+                or (extras and imei[:14] in extras)
+            ):
+                return lines.index(line, start)
+            groups[imei[cut:14]].append(fpre + imei[:cut] + vf)
+        return len(lines)
+
+    @staticmethod
+    def _blacklist_lines_bcd(
+        lines: list[str],
+        start: int,
+        tails: dict[str, str],
+        groups: dict[str, list[str]],
+        cut: int,
+        fpre: str,
+        extras: dict[str, Listing],
+        new_tail: Callable[[str], str | None],
+    ) -> int:
+        """`_blacklist_lines` for k <= 4: the field is the BCD-packed prefix (see layout)."""
+        get = tails.get
+        ok_len = _IMEI_LENGTHS
+        pad = "1" if cut % 2 else ""
+        for line in lines if start == 0 else islice(lines, start, None):
+            imei, _, tail = line.partition(",")
+            vf = get(tail)
+            if vf is None:
+                vf = new_tail(tail)
+            if (
+                vf is None
+                or len(imei) not in ok_len
+                or not imei.isdigit()
+                or (extras and imei[:14] in extras)
+            ):
+                return lines.index(line, start)
+            groups[imei[cut:14]].append(fpre + unhexlify(pad + imei[:cut]).decode("latin-1") + vf)
+        return len(lines)
+
+    @staticmethod
+    def _flush_groups(groups: dict[str, list[str]], ns_pre: str, writer: BulkWriter) -> None:
+        for suffix, frags in groups.items():
+            if frags:
+                key = ns_pre + suffix
+                head = f"*{2 + 2 * len(frags)}\r\n$4\r\nHSET\r\n${len(key)}\r\n{key}\r\n"
+                writer.raw(key, (head + "".join(frags)).encode("latin-1"))
+                frags.clear()
+
+    def _write_blacklist_generic(
+        self,
+        z: ListZip,
+        buckets: layout.Buckets,
+        writer: BulkWriter,
+        extras: dict[str, Listing],
+        table: dict[int, bytes],
+    ) -> int:
+        """Any column order (named by the header): the csv path for every row."""
+        blk = ListName(ListKind.BLACKLIST)
+        by_value: dict[bytes, int] = {}
+        report = CsvReport(f"{z.path.name}:{z.full_member}")
+        n = 0
+        for imei, payload in self._read_rows(z, z.full_member, report):
+            listing = extras.get(imei)
+            if listing is not None:
+                apply_row(listing, blk, "upsert", payload)
+                continue
+            date, raw = payload  # type: ignore[misc]
+            enc = encode_blacklist(date, split_reasons(raw))
+            rid = by_value.get(enc)
+            if rid is None and len(table) < self.opts.max_records:
+                rid = by_value[enc] = len(table) + 1
+                table[rid] = enc
+            key, f = buckets.locate(imei)
+            writer.hset(key, {f: b"%d" % rid if rid else enc})
+            n += 1
+        return n
 
     def _write_table_meta(
         self,
@@ -442,8 +630,7 @@ class SyncRun:
                 ver,
                 table,
                 base=b.base,
-                nb=b.nb,
-                flen=b.flen,
+                k=b.k,
                 kind="delta",
                 count=count,
                 lists=lists_meta,
