@@ -17,6 +17,7 @@ import json
 import time
 import uuid
 import zipfile
+import zlib
 from binascii import unhexlify
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class SyncOptions:
     max_bad_share: float = 0.01
     bucket_size: int | None = None  # target entries per bucket; None: half the listpack limit
     compact_threshold: int = 200_000  # overlay entries beyond which a delta becomes a full load
+    flush_rows: int | None = None  # rows buffered per write round (None: from bucket count)
     max_records: int = 65_536  # distinct shared blacklist records per version
     grace: float = 2.0  # seconds between the switch and deleting the old version
     force_full: bool = False
@@ -295,10 +297,13 @@ class SyncRun:
 
     def _estimate_rows(self, z: ListZip) -> int:
         """Rows in the blacklist from its size and the mean length of its first lines."""
-        with zipfile.ZipFile(z.path) as zf:
-            info = zf.getinfo(z.full_member)
-            with zf.open(info) as f:
-                head = f.read(1 << 16)
+        try:
+            with zipfile.ZipFile(z.path) as zf:
+                info = zf.getinfo(z.full_member)
+                with zf.open(info) as f:
+                    head = f.read(1 << 16)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+            raise RegisterError(f"{z.path.name}: corrupt data ({e})") from e
         lines = max(head.count(b"\n"), 1)
         return int(info.file_size / (len(head) / lines)) + 1
 
@@ -329,7 +334,8 @@ class SyncRun:
         values: dict[tuple[str, str], str] = {}
         max_records = self.opts.max_records
         groups: dict[str, list[str]] = {f"{i:0{k}d}": [] for i in range(10**k)}
-        chunk = max(200_000, min(2_000_000, 10**k * 16))
+        # Rows buffered before writing: more rows per bucket per HSET means less Redis work.
+        chunk = self.opts.flush_rows or max(200_000, min(2_000_000, 10**k * 16))
         pending = rows = 0
         self.progress.start(z.path.name, self._estimate_rows(z))
         blk = ListName(ListKind.BLACKLIST)
