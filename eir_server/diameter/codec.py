@@ -59,10 +59,11 @@ class Message:
     """A decoded message. `data` is the whole message; AVP offsets index into it."""
 
     __slots__ = ("flags", "code", "application_id", "hop_by_hop", "end_to_end", "data", "avps",
-                 "problems")
+                 "problems", "slots")
 
     def __init__(self, flags: int, code: int, application_id: int, hop_by_hop: int,
-                 end_to_end: int, data: bytes, avps: list[Avp], problems: list[Problem]) -> None:
+                 end_to_end: int, data: bytes, avps: list[Avp], problems: list[Problem],
+                 slots: list | None = None) -> None:
         self.flags = flags
         self.code = code
         self.application_id = application_id
@@ -71,6 +72,8 @@ class Message:
         self.data = data
         self.avps = avps
         self.problems = problems
+        # After validation: the last AVP matching each grammar rule, by rule index.
+        self.slots = slots
 
     @property
     def is_request(self) -> bool:
@@ -459,6 +462,230 @@ def prepare(dictionary: Dictionary) -> None:
     _prepared.add(id(dictionary))
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast path: validate-or-bail
+
+
+_KIND_NONE, _KIND_UTF8, _KIND_IDENT, _KIND_ENUM, _KIND_ADDRESS = range(5)
+_KINDS = {"UTF8String": _KIND_UTF8, "DiameterURI": _KIND_UTF8, "DiameterIdentity": _KIND_IDENT,
+          "Enumerated": _KIND_ENUM, "Address": _KIND_ADDRESS}
+
+
+class FastGrammar:
+    """A grammar compiled for `decode_fast`: one dict lookup per AVP keyed by an int."""
+
+    __slots__ = ("table", "nslots", "required", "any_avp", "any_min", "first_slot", "grammar",
+                 "simple_mins")
+
+    def __init__(self, dictionary: Dictionary, grammar: Grammar,
+                 memo: dict[int, FastGrammar] | None = None) -> None:
+        memo = {} if memo is None else memo
+        memo[id(grammar)] = self
+        self.grammar = grammar
+        index = grammar.index()
+        rules = grammar.rules
+        self.nslots = len(rules)
+        # Rules with min >= 1, as (slot, min); when every min is 1, counting first sightings
+        # of required slots is enough (`simple_mins`).
+        self.required = tuple((i, r.min) for i, r in enumerate(rules) if r.min)
+        self.simple_mins = all(m == 1 for _, m in self.required)
+        self.any_avp = grammar.any_avp
+        self.any_min = grammar.any_min
+        self.first_slot = next((i for i, r in enumerate(rules) if r.first), -1)
+        table: dict[int, tuple] = {}
+        for key, d in dictionary.avps.items():
+            slot = index.get(key, -1)
+            if slot < 0 and not grammar.any_avp:
+                continue  # not allowed here: a lookup miss makes the fast path bail
+            bad = AVP_RESERVED | (AVP_M if d.mandatory == "mustnot" else 0)
+            child = None
+            if d.grammar is not None:
+                child = memo.get(id(d.grammar)) or FastGrammar(dictionary, d.grammar, memo)
+            enums = frozenset(d.enums) if d.enums else None
+            rule = rules[slot] if slot >= 0 else None
+            maxc = (rule.max if rule.max is not None else 1 << 30) if rule else 1 << 30
+            table[key[0] | (key[1] << 32)] = (
+                slot, bad, FIXED_LENGTH.get(d.type, 0), _KINDS.get(d.type, _KIND_NONE), enums,
+                child, d, maxc, bool(rule and rule.min))
+        self.table = table
+
+
+def decode_fast(data: bytes, fg: FastGrammar, start: int, end: int,
+                slots: list | None = None, depth: int = 0) -> list[Avp] | None:
+    """Walk and check AVPs in one pass. Returns None at the first thing that is not plainly
+    valid (or not ASCII, where UTF-8 needs a closer look); the caller then runs `decode` +
+    `validate`, which say exactly what is wrong. So the fast path never has to produce a
+    diagnosis, and what it accepts the general path accepts too (a property test checks it)."""
+    out: list[Avp] = []
+    append = out.append
+    table = fg.table
+    counts = [0] * fg.nslots
+    unpack = AVP_HEADER.unpack_from
+    pos = start
+    first_slot = fg.first_slot
+    found = 0
+    while pos < end:
+        if end - pos < 8:
+            return None
+        code, fl = unpack(data, pos)
+        if fl & 0x80000000:
+            if end - pos < 12:
+                return None
+            vendor = U32.unpack_from(data, pos + 8)[0]
+            vs = pos + 12
+            ent = table.get(code | (vendor << 32))
+        else:
+            vendor = 0
+            vs = pos + 8
+            ent = table.get(code)
+        aend = pos + (fl & 0xFFFFFF)
+        if aend > end or aend < vs:
+            return None
+        padded = (aend + 3) & ~3
+        if padded > end:
+            padded = end  # as `walk`: a missing final padding is the message length's problem
+        flags = fl >> 24
+        if ent is None:
+            if flags & 0x5F or not fg.any_avp:  # M or reserved bits on an unknown AVP
+                return None
+            append((code, vendor, flags, vs, aend, pos, padded, None, None))
+            pos = padded
+            continue
+        slot, bad, fixed, kind, enums, child, d, maxc, required = ent
+        if flags & bad or (fixed and aend - vs != fixed):
+            return None
+        if slot >= 0:
+            c = counts[slot] + 1
+            if c > maxc or (slot == first_slot and out):
+                return None
+            counts[slot] = c
+            if required and c == 1:
+                found += 1
+        if kind:
+            if kind <= _KIND_IDENT:
+                # UTF8String and DiameterIdentity: ASCII is plainly valid; anything else goes to
+                # the general path (UTF-8 there, or 5004 for a non-ASCII identity).
+                if not data[vs:aend].isascii() or (kind == _KIND_IDENT and aend == vs):
+                    return None
+            elif kind == _KIND_ENUM:
+                if enums is not None and I32.unpack_from(data, vs)[0] not in enums:
+                    return None
+            else:
+                n = aend - vs
+                if n < 2:
+                    return None
+                family = data[vs] << 8 | data[vs + 1]
+                if (family == 1 and n != 6) or (family == 2 and n != 18):
+                    return None
+        if child is not None:
+            if depth >= MAX_DEPTH:
+                return None
+            children = decode_fast(data, child, vs, aend, None, depth + 1)
+            if children is None:
+                return None
+            t = (code, vendor, flags, vs, aend, pos, padded, children, d)
+        else:
+            t = (code, vendor, flags, vs, aend, pos, padded, None, d)
+        append(t)
+        if slots is not None and slot >= 0:
+            slots[slot] = t
+        pos = padded
+    if fg.simple_mins:
+        if found != len(fg.required):
+            return None
+    else:
+        for i, lo in fg.required:
+            if counts[i] < lo:
+                return None
+    if fg.any_min and len(out) < fg.any_min:
+        return None
+    return out
+
+
+class Layout:
+    """The shape of a message that `decode_fast` accepted: where every AVP header sits and
+    what it says. Consecutive requests from one peer mostly share a shape (only values change),
+    so a later message with the same header words at the same offsets has the same AVP tuples
+    and the same verdict on everything but values; `match` re-checks those values (ASCII text,
+    enumerations) with two C-level struct reads instead of a Python loop over AVPs."""
+
+    __slots__ = ("headers", "header_struct", "text_struct", "enum_checks", "avps", "slots")
+
+    def __init__(self, data: bytes, avps: list[Avp], slots: list | None) -> None:
+        fmt_h = ["!"]
+        fmt_t = ["!"]
+        self.enum_checks: list[tuple[int, frozenset[int]]] = []
+        pos_h = pos_t = 0
+        for a in _flatten(avps):
+            start, vs, aend, d = a[START], a[VSTART], a[VEND], a[DEF]
+            fmt_h.append(f"{start - pos_h}x{'III' if a[FLAGS] & AVP_V else 'II'}")
+            pos_h = vs
+            if d is None or a[CHILDREN] is not None:
+                continue
+            kind = _KINDS.get(d.type, _KIND_NONE)
+            if kind in (_KIND_UTF8, _KIND_IDENT):
+                fmt_t.append(f"{vs - pos_t}x{aend - vs}s")
+                pos_t = aend
+            elif kind == _KIND_ENUM and d.enums:
+                self.enum_checks.append((vs, frozenset(d.enums)))
+            elif kind == _KIND_ADDRESS:
+                raise ValueError("layouts with Address AVPs are not cached")
+        self.header_struct = struct.Struct("".join(fmt_h))
+        self.headers = self.header_struct.unpack_from(data, 0)
+        self.text_struct = struct.Struct("".join(fmt_t))
+        self.avps = avps
+        self.slots = slots
+
+    def match(self, data: bytes) -> bool:
+        if self.header_struct.unpack_from(data, 0) != self.headers:
+            return False
+        if not b"".join(self.text_struct.unpack_from(data, 0)).isascii():
+            return False
+        for off, allowed in self.enum_checks:
+            if I32.unpack_from(data, off)[0] not in allowed:
+                return False
+        return True
+
+
+def _flatten(avps: list[Avp]) -> list[Avp]:
+    out = []
+    for a in avps:
+        out.append(a)
+        if a[CHILDREN]:
+            out.extend(_flatten(a[CHILDREN]))
+    return out
+
+
+class LayoutCache:
+    """Layouts by message length, bounded: a peer sending endlessly new shapes just stops
+    being cached (it still gets `decode_fast`)."""
+
+    __slots__ = ("_by_length", "_count", "max_layouts")
+
+    def __init__(self, max_layouts: int = 1024) -> None:
+        self._by_length: dict[int, list[Layout]] = {}
+        self._count = 0
+        self.max_layouts = max_layouts
+
+    def find(self, data: bytes, length: int) -> Layout | None:
+        candidates = self._by_length.get(length)
+        if candidates:
+            for lay in candidates:
+                if lay.match(data):
+                    return lay
+        return None
+
+    def learn(self, data: bytes, length: int, avps: list[Avp], slots: list | None) -> None:
+        if self._count >= self.max_layouts:
+            return
+        try:
+            lay = Layout(data, avps, slots)
+        except (ValueError, struct.error):
+            return
+        self._by_length.setdefault(length, []).append(lay)
+        self._count += 1
+
+
 def decode(data: bytes, dictionary: Dictionary) -> Message:
     """Decode one framed message; problems found while walking go to `Message.problems`.
 
@@ -481,8 +708,17 @@ def decode(data: bytes, dictionary: Dictionary) -> Message:
 
 
 def validate(msg: Message, grammar: Grammar) -> None:
-    """Check a decoded message against its command grammar, appending to `msg.problems`."""
+    """Check a decoded message against its command grammar, appending to `msg.problems`;
+    when it is valid, index its AVPs by grammar rule in `msg.slots`."""
     check(msg.data, msg.avps, grammar, msg.problems)
+    if not msg.problems:
+        index = _index(grammar)
+        slots: list = [None] * len(grammar.rules)
+        for a in msg.avps:
+            i = index.get((a[CODE], a[VENDOR]))
+            if i is not None:
+                slots[i] = a
+        msg.slots = slots
 
 
 def to_dict(msg: Message, dictionary: Dictionary) -> list[tuple[str, object]]:

@@ -63,7 +63,7 @@ class DiameterNode:
         self.checker = checker
         self.metrics = metrics or Metrics()
         self.dedup = dedup if dedup is not None else DuplicateCache()
-        self.eca = EcaBuilder(peer_config.identity)
+        self.eca = EcaBuilder(peer_config.identity, dictionary)
         self.audit = audit
         self.protocols: set[DiameterProtocol] = set()
         self.in_flight = 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class EquipmentStatus(IntEnum):
@@ -18,12 +19,12 @@ class EquipmentStatus(IntEnum):
     GREYLISTED = 2
 
 
-@dataclass(frozen=True, slots=True)
-class CheckRequest:
+class CheckRequest(NamedTuple):
     """One "may this device be used?" question, as the interfaces received it.
 
     `imei` is the digit string as received (14 or 15 digits, or 16 for an IMEISV from N5g-eir);
-    `software_version` is the 2-digit SVN when the peer sent one.
+    `software_version` is the 2-digit SVN when the peer sent one. A NamedTuple rather than a
+    frozen dataclass: one is built per request, and this is half the cost.
     """
 
     imei: str

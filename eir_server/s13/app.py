@@ -12,10 +12,8 @@ from ..diameter import errors
 from ..diameter.answers import (
     AUTH_SESSION_STATE,
     NO_STATE_MAINTAINED,
-    ORIGIN_HOST,
     PROXY_INFO,
     RESULT_CODE,
-    SESSION_ID,
     Identity,
     error_answer,
     frame,
@@ -34,6 +32,7 @@ from ..diameter.codec import (
     grouped_avp,
     u32_avp,
 )
+from ..diameter.dictionary import Dictionary
 from ..policy.types import CheckRequest, EquipmentStatus, Verdict
 
 APPLICATION_ID = 16777252
@@ -68,10 +67,14 @@ _MISSING_IMEI = avp(TERMINAL_INFORMATION,
 class EcaBuilder:
     """Turns (ECR, verdict) into ECA bytes from templates fixed at start."""
 
-    __slots__ = ("identity", "_verdict_parts", "_unknown_part", "_auth_and_host")
+    __slots__ = ("identity", "_verdict_parts", "_unknown_part", "_auth_and_host", "_slot")
 
-    def __init__(self, identity: Identity) -> None:
+    def __init__(self, identity: Identity, dictionary: Dictionary) -> None:
         self.identity = identity
+        cmd = dictionary.command(APPLICATION_ID, COMMAND_CODE)
+        if cmd is None or cmd.request is None:
+            raise ValueError("the dictionary has no S13 ME-Identity-Check-Request")
+        self._slot = {r.name: i for i, r in enumerate(cmd.request.rules)}
         host = identity.host_origin
         self._auth_and_host = _AUTH_SESSION_STATE + host
         # TS 29.272 7.2.20 order: Result-Code, Auth-Session-State, Origin-*, Equipment-Status.
@@ -88,47 +91,38 @@ class EcaBuilder:
         ) + self._auth_and_host
 
     def parse(self, msg: Message) -> tuple[CheckRequest, bytes, bytes, bytes] | bytes:
-        """Read an ECR: (request, answer prefix, answer suffix, Origin-Host bytes), or a finished
-        error ECA. The Origin-Host bytes key duplicate detection."""
+        """Read a validated ECR: (request, answer prefix, answer suffix, Origin-Host bytes), or a
+        finished error ECA. The Origin-Host bytes key duplicate detection."""
         data = msg.data
-        session = drmp = origin = b""
-        proxies: list[bytes] = []
-        oc = b""
-        imei: str | None = None
-        sv: str | None = None
-        imsi: str | None = None
-        for a in msg.avps:
-            code = a[CODE]
-            if a[VENDOR] == VENDOR_3GPP:
-                if code == TERMINAL_INFORMATION:
-                    for c in a[CHILDREN] or ():
-                        if c[VENDOR] != VENDOR_3GPP:
-                            continue
-                        if c[CODE] == IMEI:
-                            imei = data[c[VSTART]:c[VEND]].decode()
-                        elif c[CODE] == SOFTWARE_VERSION:
-                            sv = data[c[VSTART]:c[VEND]].decode()
-                continue
-            if a[VENDOR]:
-                continue
-            if code == SESSION_ID:
-                session = data[a[START]:a[END]]
-            elif code == ORIGIN_HOST:
-                origin = data[a[VSTART]:a[VEND]]
-            elif code == USER_NAME:
-                imsi = data[a[VSTART]:a[VEND]].decode()
-            elif code == PROXY_INFO:
-                proxies.append(data[a[START]:a[END]])
-            elif code == DRMP:
-                drmp = data[a[START]:a[END]]
-            elif code == OC_SUPPORTED_FEATURES:
-                oc = _OC_SUPPORTED
+        slots = msg.slots
+        assert slots is not None, "ECR must be validated before parse"
+        s = self._slot
+        a = slots[s["Terminal-Information"]]
+        imei = sv = None
+        for c in a[CHILDREN]:
+            if c[VENDOR] == VENDOR_3GPP:
+                if c[CODE] == IMEI:
+                    imei = data[c[VSTART]:c[VEND]].decode()
+                elif c[CODE] == SOFTWARE_VERSION:
+                    sv = data[c[VSTART]:c[VEND]].decode()
         if imei is None:
             return error_answer(msg, Problem(errors.MISSING_AVP, _MISSING_IMEI,
                                              "Terminal-Information without IMEI"),
                                 self.identity, _AUTH_SESSION_STATE)
-        req = CheckRequest(imei, sv, imsi)
-        return (req, session + drmp + _VSAI, oc + b"".join(proxies) if proxies else oc, origin)
+        a = slots[s["User-Name"]]
+        imsi = data[a[VSTART]:a[VEND]].decode() if a is not None else None
+        a = slots[s["Session-Id"]]
+        prefix = data[a[START]:a[END]]
+        a = slots[s["DRMP"]]
+        if a is not None:
+            prefix += data[a[START]:a[END]]
+        suffix = _OC_SUPPORTED if slots[s["OC-Supported-Features"]] is not None else b""
+        if slots[s["Proxy-Info"]] is not None:  # every one of them, in order (RFC 6733 6.7.3)
+            suffix += b"".join(data[p[START]:p[END]] for p in msg.avps
+                               if p[CODE] == PROXY_INFO and not p[VENDOR])
+        a = slots[s["Origin-Host"]]
+        return (CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
+                data[a[VSTART]:a[VEND]])
 
     def answer(self, msg: Message, prefix: bytes, suffix: bytes, verdict: Verdict) -> bytes:
         status = verdict.status

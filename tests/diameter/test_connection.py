@@ -185,6 +185,8 @@ def test_dwr_is_answered_and_resets_watchdog() -> None:
                                                   str_avp(296, "epc.test")]), 20.0)
     (dwa,) = answers(c)
     assert dwa.code == 280 and result_code(dwa) == 2001
+    c.handle_timer(30.0)  # the first deadline re-arms from the last message: no DWR yet
+    assert c.data_to_send() == b""
     assert c.next_deadline() == 50.0
 
 

@@ -60,7 +60,7 @@ def ecr_message(frame: bytes):  # noqa: ANN201
 
 def run(frame: bytes, unknown: EquipmentStatus | None = EquipmentStatus.WHITELISTED) -> bytes:
     msg = ecr_message(frame)
-    eca = EcaBuilder(ME)
+    eca = EcaBuilder(ME, D)
     parsed = eca.parse(msg)
     if isinstance(parsed, bytes):
         return parsed
@@ -142,7 +142,7 @@ def test_terminal_information_without_imei_is_5005() -> None:
 def test_t_flag_replay_is_byte_identical_except_hop_by_hop() -> None:
     """The answer is rebuilt from the cached outcome even if the register changed since."""
     cache: DuplicateCache[Verdict] = DuplicateCache(window=240.0)
-    eca = EcaBuilder(ME)
+    eca = EcaBuilder(ME, D)
     first = ecr_message(ecr(hbh=10, e2e=99, imei=BLACK))
     req, prefix, suffix, origin = eca.parse(first)  # type: ignore[misc]
     verdict = checker().check(req)
