@@ -385,6 +385,13 @@ async def start_server(config: PeerConfig | None = None,
     return Server(node, srv, store, srv.sockets[0].getsockname()[1])
 
 
+def pytest_asyncio_loop_factories(config: pytest.Config,
+                                  item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Every async test here runs on the stdlib loop and on uvloop (what `serve` uses)."""
+    import uvloop
+    return {"asyncio": asyncio.SelectorEventLoop, "uvloop": uvloop.new_event_loop}
+
+
 @pytest.fixture
 async def servers() -> AsyncIterator[Callable[..., Any]]:
     """`await servers(**start_server kwargs)`: a node on a free port, stopped after the test."""

@@ -127,3 +127,12 @@ async def test_second_cer_on_open_connection_is_answered(server: Server) -> None
     assert cea.result_code == 2001 and cea.hbh == 9
     assert (await p.request(ecr())).get(RESULT_CODE) is None
     p.close()
+
+
+async def test_dwr_before_cer_gets_3010_and_close(server: Server) -> None:
+    from .conftest import dwr
+    p = await Peer.connect(server.port)
+    ans = await p.request(dwr(hbh=3, e2e=4))
+    assert (ans.code, ans.app, ans.hbh, ans.e2e) == (280, 0, 3, 4)
+    assert ans.result_code == 3010 and ans.flags == E
+    assert await p.expect_closed() == b""

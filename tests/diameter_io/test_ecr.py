@@ -128,6 +128,29 @@ async def test_unknown_equipment_default_whitelisted(servers: Callable[..., Any]
     p.close()
 
 
+@pytest.mark.parametrize(("config", "imei", "status"), [
+    (PolicyConfig(unknown_equipment=STATUS.GREYLISTED), IMEI_UNKNOWN, STATUS.GREYLISTED),
+    (PolicyConfig(unknown_equipment=None, barred_tacs=(IMEI_UNKNOWN[:8],)), IMEI_UNKNOWN,
+     STATUS.BLACKLISTED),
+    (PolicyConfig(unknown_equipment=None, notification_grace=STATUS.WHITELISTED), IMEI_GREY,
+     STATUS.WHITELISTED),
+    (PolicyConfig(unknown_equipment=None, malformed=None), "35209900176", None),
+], ids=["unknown->grey", "barred-tac", "grace-whitelisted", "malformed-unknown"])
+async def test_policy_config_drives_the_eca(servers: Callable[..., Any], config: PolicyConfig,
+                                            imei: str, status: int | None) -> None:
+    srv: Server = await servers(policy=config)
+    p = await srv.peer()
+    req = ecr(imei, n=8, proxies=PROXIES)
+    eca = await p.request(req)
+    check_common(req, eca, error_bit=False)
+    assert eca.equipment_status == status
+    if status is None:
+        assert eca.experimental_result == (V3GPP, 5422) and eca.result_code is None
+    else:
+        assert eca.result_code == 2001
+    p.close()
+
+
 async def test_store_change_is_seen_by_the_next_ecr(server: Server) -> None:
     p = await server.peer()
     assert (await p.request(ecr(IMEI_UNKNOWN, n=1))).experimental_result == (V3GPP, 5422)

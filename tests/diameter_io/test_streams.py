@@ -8,6 +8,8 @@ import asyncio
 import random
 import socket
 import struct
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from .conftest import (
@@ -21,6 +23,7 @@ from .conftest import (
     V3GPP,
     Msg,
     Peer,
+    ServeProcess,
     Server,
     cer,
     dwr,
@@ -109,8 +112,12 @@ async def test_peer_that_never_reads_is_paused_and_others_are_served(
             await writer.drain()
             sent += len(batch)
 
+    for _ in range(400):
+        if server.node.protocols:
+            break
+        await asyncio.sleep(0.005)
+    (proto,) = server.node.protocols
     task = asyncio.ensure_future(flood())
-    (proto,) = [p for p in server.node.protocols]
     try:
         for _ in range(2000):
             if not proto.transport.is_reading():
@@ -206,6 +213,8 @@ async def test_mutated_ecr_frames_never_break_the_server(
                 f[rng.randrange(len(f))] = rng.randrange(256)
         return bytes(f)
 
+    outcomes: Counter[int | str] = Counter()
+
     async def one(frame: bytes) -> None:
         p = await server.peer()
         await p.send(frame + ecr(IMEI_BLACK, n=77))
@@ -215,6 +224,16 @@ async def test_mutated_ecr_frames_never_break_the_server(
         for m in answers:
             assert not m.flags & 0x80
             assert m.code in (ECR, int.from_bytes(frame[5:8], "big"))
+        first = answers[0] if answers else None
+        if first is None:
+            outcomes["closed"] += 1
+        else:
+            code = first.result_code
+            outcomes[code if code is not None else "5422"] += 1
+            # The trailing valid ECR is answered whenever the mutated frame was framed exactly.
+            if len(frame) == int.from_bytes(frame[1:4], "big") and frame[0] == 1 and \
+                    first.result_code != 3010:
+                assert answers[-1].hbh == 77 and answers[-1].equipment_status == 1, answers
 
     frames = [mutate() for _ in range(300)]
     for i in range(0, len(frames), 30):
@@ -222,3 +241,51 @@ async def test_mutated_ecr_frames_never_break_the_server(
         await assert_served(server, good, n=i)
     assert not loop_errors
     good.close()
+    # The mutations reached the decoder in many ways, not just the framer.
+    assert outcomes["closed"] > 0 and outcomes[2001] > 0
+    assert len([k for k in outcomes if isinstance(k, int) and k >= 3000]) >= 5, outcomes
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_serve_process_memory_stays_bounded_under_a_non_reading_peer(
+        serve_process: Callable[..., ServeProcess]) -> None:
+    proc = serve_process()
+    warm = await Peer.connect(proc.port)
+    await warm.open()
+    for i in range(200):
+        await warm.request(ecr(IMEI_UNKNOWN, n=i))
+    rss0 = _rss_kib(proc.proc.pid)
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proc.port))
+    _reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(cer())
+    batch = b"".join(ecr(IMEI_UNKNOWN, n=i) for i in range(1000))
+    budget = 60 * 1024 * 1024
+    sent = 0
+    try:
+        while sent < budget:
+            writer.write(batch)
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                break  # the server stopped reading from us
+            sent += len(batch)
+        grown = _rss_kib(proc.proc.pid) - rss0
+        assert sent < budget, "the server read everything a non-reading peer sent"
+        assert grown < 24 * 1024, f"server RSS grew by {grown} KiB"
+        # Another peer is answered meanwhile.
+        eca = await warm.request(ecr(IMEI_UNKNOWN, n=9999))
+        assert eca.hbh == 9999 and eca.equipment_status == STATUS.WHITELISTED  # serve default
+    finally:
+        writer.transport.abort()
+        warm.close()
