@@ -110,9 +110,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A 3-master Redis Cluster (no replicas); yields a redis+cluster:// URL."""
     base = tmp_path_factory.mktemp("cluster")
     nodes = []
+    bus_ports = []
     for i in range(3):
-        p = RedisProc(base / f"n{i}", extra=("--cluster-enabled", "yes", "--cluster-config-file",
-                                              str(base / f"nodes{i}.conf")))
+        bus_ports.append(free_port())
+        p = RedisProc(
+            base / f"n{i}",
+            # An explicit bus port: the default (port + 10000) may be taken or out of range.
+            extra=(
+                "--cluster-enabled", "yes",
+                "--cluster-port", str(bus_ports[-1]),
+                "--cluster-config-file", str(base / f"nodes{i}.conf"),
+            ),
+        )  # fmt: skip
         nodes.append(p.start())
     try:
         step = 16384 // 3
@@ -121,8 +130,8 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             with contextlib.closing(p.client()) as c:
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, hi)
         with contextlib.closing(nodes[0].client()) as c:
-            for p in nodes[1:]:
-                c.execute_command("CLUSTER", "MEET", "127.0.0.1", p.port)
+            for p, bus in zip(nodes[1:], bus_ports[1:], strict=True):
+                c.execute_command("CLUSTER", "MEET", "127.0.0.1", p.port, bus)
         deadline = time.monotonic() + 20
         for p in nodes:
             with contextlib.closing(p.client()) as c:
@@ -212,7 +221,9 @@ class Dirbs:
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
             full = raw_full
             if full is None:
-                full = ("\n".join([HEADERS[kind]] + [",".join(r) for r in rows or []]) + "\n").encode()
+                full = (
+                    "\n".join([HEADERS[kind]] + [",".join(r) for r in rows or []]) + "\n"
+                ).encode()
             zf.writestr(f"{ts}_{list_name}.csv", full)
             for reason, drows in (deltas or {}).items():
                 body = "\n".join([HEADERS[kind]] + [",".join(r) for r in drows]) + "\n"

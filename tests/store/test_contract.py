@@ -42,8 +42,16 @@ def publish(dirbs, records: dict[str, ImeiRecord], ts: str = "20240101_000000") 
         if r.blacklist:
             bl.append([imei, r.blacklist.block_date, "|".join(r.blacklist.reasons)])
         for n in r.notifications:
-            notif.append([imei, n.imsi, n.msisdn, n.block_date, "|".join(n.reasons),
-                          "True" if n.amnesty_granted else "False"])
+            notif.append(
+                [
+                    imei,
+                    n.imsi,
+                    n.msisdn,
+                    n.block_date,
+                    "|".join(n.reasons),
+                    "True" if n.amnesty_granted else "False",
+                ]
+            )
         for e in r.exceptions:
             exc.append([imei, e.imsi, e.msisdn])
     dirbs.publish("blacklist", ts, bl)

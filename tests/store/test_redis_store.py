@@ -1,0 +1,226 @@
+"""RedisStore behaviour that the memory store does not have: batching, versions, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+import redis
+
+from eir_server.policy.types import BlacklistEntry, ImeiRecord
+from eir_server.store import MISSING, StoreUnavailable, open_store
+from eir_server.store.urls import parse_store_url
+
+A, B, C = "35000000000001", "35000000000002", "35000000000003"
+
+
+def publish_bl(dirbs, ts: str, imeis, base=-1, run=1, deltas=None):
+    rows = [[i, "20240101", "stolen"] for i in imeis]
+    return dirbs.publish(
+        "blacklist", ts, rows, deltas=deltas or {"blocked": rows}, base=base, run=run
+    )
+
+
+async def started(url: str, **kw):
+    s = open_store(url, **kw)
+    await s.start()
+    return s
+
+
+async def test_misses_in_one_tick_share_one_round_trip(redis_url, dirbs, sync_dir):
+    imeis = [f"3500000000{i:04d}" for i in range(0, 400, 2)]
+    publish_bl(dirbs, "20240101_000000", imeis)
+    sync_dir(redis_url, dirbs.root)
+    s = await started(redis_url)
+    try:
+        asked = [f"3500000000{i:04d}" for i in range(200)]
+        got = await asyncio.gather(*(s.fetch(i) for i in asked))
+        assert s.stats.fetch_batches == 1 and s.stats.fetch_keys == 200
+        assert [g is not None for g in got] == [i % 2 == 0 for i in range(200)]
+        assert all(s.get_nowait(i) is not MISSING for i in asked)  # negatives cached too
+        assert s.stats.cache_hits == 200
+    finally:
+        await s.close()
+
+
+async def test_new_version_enforced_within_one_second(redis_url, dirbs, sync_dir):
+    publish_bl(dirbs, "20240101_000000", [A])
+    sync_dir(redis_url, dirbs.root)
+    s = await started(redis_url)
+    try:
+        assert await s.fetch(B) is None and s.get_nowait(B) is None  # cached negative
+        assert await s.fetch(A) is not None
+        publish_bl(
+            dirbs,
+            "20240102_000000",
+            [A, B],
+            base=1,
+            run=2,
+            deltas={"blocked": [[B, "20240101", "stolen"]]},
+        )
+        r = sync_dir(redis_url, dirbs.root)
+        assert r.mode == "delta"
+        switched = time.monotonic()
+        while s.get_nowait(B) in (None, MISSING):
+            assert time.monotonic() - switched < 1.0, "change not enforced within 1 s"
+            await asyncio.sleep(0.01)
+        assert s.version == r.version
+        assert s.get_nowait(A) is not MISSING  # a delta drops only what changed from the cache
+    finally:
+        await s.close()
+
+
+async def test_full_load_switch_flushes_cache(redis_url, dirbs, sync_dir):
+    publish_bl(dirbs, "20240101_000000", [A])
+    sync_dir(redis_url, dirbs.root)
+    s = await started(redis_url, poll_interval=0.05)
+    try:
+        assert await s.fetch(A) is not None
+        publish_bl(dirbs, "20240102_000000", [C])
+        sync_dir(redis_url, dirbs.root, force_full=True)
+        deadline = time.monotonic() + 1
+        while s.get_nowait(A) is not MISSING:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert await s.fetch(A) is None and await s.fetch(C) is not None
+    finally:
+        await s.close()
+
+
+async def test_redis_down_serves_cache_fails_misses_fast_then_recovers(
+    redis_factory, dirbs, sync_dir, caplog
+):
+    srv = redis_factory.start()
+    publish_bl(dirbs, "20240101_000000", [A])
+    sync_dir(srv.url, dirbs.root)
+    s = await started(srv.url, timeout=0.3, backoff_max=0.2, poll_interval=0.05)
+    try:
+        assert await s.fetch(A) is not None
+        srv.stop()
+        assert s.get_nowait(A) == ImeiRecord(blacklist=BlacklistEntry("20240101", ("stolen",)))
+        t = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(s.fetch(B), 2)
+        assert time.monotonic() - t < 1.0
+        # Once down, misses fail without touching the network, and only one state change is logged.
+        for _ in range(100):
+            with pytest.raises(StoreUnavailable):
+                await s.fetch(C)
+        assert s.stats.redis_up == 0 and not s.ready
+        srv.start()
+        sync_dir(srv.url, dirbs.root)  # restarted empty: re-feed it
+        deadline = time.monotonic() + 3
+        while not s.ready:
+            assert time.monotonic() < deadline, "did not reconnect"
+            await asyncio.sleep(0.02)
+        assert await s.fetch(B) is None and s.stats.redis_up == 1
+    finally:
+        await s.close()
+
+
+async def test_unreachable_at_start_then_appears(redis_factory, dirbs, sync_dir):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"redis://127.0.0.1:{port}/0"
+    s = await started(url, timeout=0.2, backoff_max=0.1)
+    try:
+        assert not s.ready and s.version is None
+        with pytest.raises(StoreUnavailable):
+            await s.fetch(A)
+        srv = redis_factory.start(port)
+        publish_bl(dirbs, "20240101_000000", [A])
+        sync_dir(srv.url, dirbs.root)
+        deadline = time.monotonic() + 3
+        while s.version is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert s.ready and await s.fetch(A) is not None
+    finally:
+        await s.close()
+
+
+async def test_hung_redis_never_leaves_a_future_pending(redis_factory, dirbs, sync_dir):
+    srv = redis_factory.start()
+    publish_bl(dirbs, "20240101_000000", [A])
+    sync_dir(srv.url, dirbs.root)
+    s = await started(srv.url, timeout=0.3)
+    srv.proc.send_signal(signal.SIGSTOP)  # alive but silent: the worst kind of outage
+    try:
+        t = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(s.fetch(B), 3)
+        assert time.monotonic() - t < 1.5
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+        await s.close()
+
+
+async def test_store_without_any_register_answers_not_listed(redis_url):
+    s = await started(redis_url)
+    try:
+        assert s.ready and s.version is None
+        assert await s.fetch(A) is None
+    finally:
+        await s.close()
+
+
+async def test_cluster_delta_and_overlay(redis_cluster_url, dirbs, sync_dir):
+    publish_bl(dirbs, "20240101_000000", [A, B])
+    sync_dir(redis_cluster_url, dirbs.root)
+    publish_bl(
+        dirbs,
+        "20240102_000000",
+        [A, C],
+        base=1,
+        run=2,
+        deltas={"blocked": [[C, "20240101", "stolen"]], "unblocked": [[B, "20240101", "stolen"]]},
+    )
+    assert sync_dir(redis_cluster_url, dirbs.root).mode == "delta"
+    s = await started(redis_cluster_url)
+    try:
+        got = await asyncio.gather(*(s.fetch(i) for i in (A, B, C)))
+        assert [g is not None for g in got] == [True, False, True]
+    finally:
+        await s.close()
+
+
+def test_memory_per_imei_under_target(redis_url, dirbs, sync_dir):
+    """The layout's whole point: a 200k blacklist costs <= 16 bytes of Redis memory per IMEI."""
+    import random
+
+    rnd = random.Random(7)
+    rows = {
+        f"{rnd.choice([35, 86, 1]):02d}{rnd.randrange(10**6):06d}{rnd.randrange(10**6):06d}"
+        for _ in range(200_000)
+    }
+    body = "imei,block_date,reasons\n" + "".join(
+        f"{i},2024010{rnd.randrange(1, 9)},stolen\n" for i in rows
+    )
+    dirbs.publish("blacklist", "20240101_000000", raw_full=body.encode())
+    c = redis.Redis.from_url(redis_url)
+    before = c.info("memory")["used_memory"]
+    r = sync_dir(redis_url, dirbs.root)
+    per = (c.info("memory")["used_memory"] - before) / r.imeis
+    assert r.imeis == len(rows) and per <= 16, per
+    assert c.object("encoding", c.randomkey()) in (b"listpack", b"embstr", b"int", b"raw")
+
+
+def test_url_forms():
+    t = parse_store_url("redis+sentinel://:pw@h1:26379,h2/mymaster/2?namespace=x&timeout=0.1")
+    assert (t.mode, t.nodes, t.service, t.db, t.password) == (
+        "sentinel",
+        (("h1", 26379), ("h2", 26379)),
+        "mymaster",
+        2,
+        "pw",
+    )
+    assert t.options == {"namespace": "x", "timeout": 0.1}
+    t = parse_store_url("redis+cluster://a:7000,[::1]:7001")
+    assert (t.mode, t.nodes) == ("cluster", (("a", 7000), ("::1", 7001)))
+    t = parse_store_url("rediss://u:p@h:6380/1?cache_size=5&socket_keepalive=true")
+    assert t.mode == "single" and t.options == {"cache_size": 5} and "socket_keepalive" in t.url
