@@ -348,3 +348,21 @@ async def test_sigterm_sends_dpr_drains_and_exits_zero(
     assert rc == 0, proc.log.read_text()
     log = proc.log.read_text()
     assert "shutting_down" in log and "stopped" in log
+
+
+def test_peer_that_never_answers_our_dpr_is_closed_after_the_dpa_timeout() -> None:
+    async def scenario(loop: OffsetLoop) -> None:
+        srv = await watchdog_server(loop)  # dpa_timeout 5 s
+        p = await srv.peer()
+        shutdown = asyncio.ensure_future(srv.node.shutdown(deadline=30.0))
+        req = await p.recv()
+        assert req.code == DPR and req.flags == R
+        await asyncio.sleep(0.05)
+        assert not shutdown.done() and not p.reader.at_eof()
+        loop.offset += 5.01
+        assert await p.expect_closed() == b""
+        await asyncio.wait_for(shutdown, 3)
+        assert not srv.node.protocols
+        await stop(srv, p)
+
+    run_with_clock(scenario)
