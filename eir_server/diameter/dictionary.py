@@ -121,7 +121,16 @@ def _by_name(d: Dictionary) -> Mapping[str, AvpDef]:
     return table
 
 
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "dictionaries"
+def _default_dir() -> Path:
+    """The repository's dictionaries/ in a checkout; the packaged copy once installed."""
+    here = Path(__file__).resolve().parents[2] / "dictionaries"
+    if here.is_dir():
+        return here
+    import eir_server.dictionaries as packaged  # type: ignore[import-not-found]
+    return Path(packaged.__path__[0])
+
+
+DEFAULT_DIR = _default_dir()
 
 
 def _int(text: str | None, what: str) -> int:
