@@ -68,6 +68,14 @@ class ServeConfig:
                       "embedded buffer)", choices=("off", "on"))
     audit_sample: float = _opt(1.0, "share of checks recorded when --audit on (0..1)",
                                metavar="FLOAT")
+    audit_dir: str = _opt("", "with the embedded store: write observations as daily JSON-lines "
+                          "files here (default: a bounded in-memory buffer)", metavar="DIR")
+    device_signals: str = _opt("on", "count and log clone / device-change signals",
+                               choices=("off", "on"))
+    device_signal_max_imsis: int = _opt(2, "signal an IMEI seen with more than this many IMSIs "
+                                        "within the window", metavar="N")
+    device_signal_window: float = _opt(86400.0, "window of the device signals, seconds",
+                                       metavar="SECONDS")
     policy: Mapping[str, Any] = field(default_factory=dict,
                                       metadata={"help": None, "choices": None, "metavar": None})
 
@@ -84,6 +92,8 @@ class ServeConfig:
             raise ValueError("workers: must be at least 1")
         if self.watchdog_interval < 6:
             raise ValueError("watchdog_interval: RFC 3539 requires at least 6 seconds")
+        if self.device_signal_max_imsis < 1 or self.device_signal_window <= 0:
+            raise ValueError("device_signal_max_imsis and device_signal_window must be positive")
         if not 0.0 <= self.audit_sample <= 1.0:
             raise ValueError("audit_sample: must be between 0 and 1")
         if self.max_message_length < 20:

@@ -1,8 +1,8 @@
 """Sans-I/O Diameter codec (RFC 6733 section 3 and 4): framing, decoding, validation, encoding.
 
 Decoding never raises for a peer's mistake. Problems are data (`Problem`), kept in the order they
-were found; the first one becomes the answer's Result-Code and Failed-AVP. Only a stream that
-cannot be split into messages at all raises `FramingError`, in one place: `Framer.feed`.
+were found; the first one becomes the answer's Result-Code and Failed-AVP. A stream that cannot
+be split into messages at all is reported in one place: `Framer.error`.
 
 Decoded AVPs are plain tuples indexed by the constants below rather than objects: an ECR has a
 dozen AVPs and building a dozen instances per request is the biggest cost of a Python decoder.
@@ -109,17 +109,22 @@ class Message:
 class Framer:
     """Splits a TCP byte stream into messages by the header's Message-Length."""
 
-    __slots__ = ("_buf", "max_length")
+    __slots__ = ("_buf", "max_length", "error")
 
     def __init__(self, max_length: int = DEFAULT_MAX_MESSAGE) -> None:
         self._buf = b""
         self.max_length = max_length
+        self.error: str | None = None  # set once the stream is unframeable; feed() then stops
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[bytes]:
+        """Complete messages in arrival order. At an unframeable header, returns the messages
+        before it and sets `error` (they still deserve answers); nothing is framed after."""
+        if self.error is not None:
+            return []
         buf = self._buf + data if self._buf else data
         n = len(buf)
         pos = 0
@@ -130,11 +135,12 @@ class Framer:
             word = unpack(buf, pos)[0]
             length = word & 0xFFFFFF
             if word >> 24 != VERSION:
+                self.error = f"unsupported Diameter version {word >> 24}"
+            elif length < HEADER_LENGTH or length > max_length:
+                self.error = f"unframeable message length {length}"
+            if self.error is not None:
                 self._buf = b""
-                raise errors.FramingError(f"unsupported Diameter version {word >> 24}")
-            if length < HEADER_LENGTH or length > max_length:
-                self._buf = b""
-                raise errors.FramingError(f"unframeable message length {length}")
+                return out
             if n - pos < length:
                 break
             out.append(buf[pos:pos + length])

@@ -273,6 +273,7 @@ class Connection:
         self._deadline: float | None = now + config.cer_timeout
         self._dwr_pending = False
         self._lost = False  # the transport is gone: nothing more can be sent
+        self._final = b""  # the DPA, sent after every earlier answer
         self._next_id = self._rng.getrandbits(32)
         me = config.identity
         self._realm = me.origin_realm.lower()
@@ -307,22 +308,25 @@ class Connection:
     def receive_data(self, data: bytes, now: float) -> None:
         if self.state is PeerState.DONE:
             return
-        try:
-            frames = self._framer.feed(data)
-        except errors.FramingError as e:
-            self._close(f"framing error: {e}")
-            return
-        for raw in frames:
+        framer = self._framer
+        for raw in framer.feed(data):
             self._handle(raw, now)
             if self.state is PeerState.DONE:
-                break
+                return
+        if framer.error is not None:
+            self._close(f"framing error: {framer.error}")
 
     def events(self) -> list[Event]:
         ev = self._events
         self._events = []
         return ev
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self, final: bool = True) -> bytes:
+        """Bytes for the socket. A DPA we owe is held back (`final=False`) while the shell still
+        has answers to requests that came before the DPR: the peer closes on DPA."""
+        if final and self._final:
+            self._out.append(self._final)
+            self._final = b""
         if not self._out:
             return b""
         out = b"".join(self._out)
@@ -561,8 +565,8 @@ class Connection:
         cause = msg.find(DISCONNECT_CAUSE)
         name = DISCONNECT_CAUSES.get(msg.u32(cause), "?") if cause is not None else "?"
         self._transition("rcv-DPR")
-        self._out.append(frame(msg, u32_avp(RESULT_CODE, errors.SUCCESS)
-                               + self.config.identity.host_origin))
+        self._final = frame(msg, u32_avp(RESULT_CODE, errors.SUCCESS)
+                            + self.config.identity.host_origin)
         self._events.append(DisconnectRequested(name))
         self._close(f"peer sent DPR ({name})")
 

@@ -1,4 +1,4 @@
-"""Result-Code values (RFC 6733 7.1, TS 29.272 7.4) and the exceptions that carry them."""
+"""Result-Code values (RFC 6733 7.1, TS 29.272 7.4)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,3 @@ NAMES = {
 def is_protocol_error(code: int) -> bool:
     """3xxx answers carry the E bit (RFC 6733 7.1.3)."""
     return 3000 <= code < 4000
-
-
-class FramingError(Exception):
-    """The byte stream cannot be split into messages; the connection must close."""

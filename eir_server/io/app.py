@@ -17,6 +17,7 @@ from ..diameter.answers import Identity
 from ..diameter.connection import PeerConfig
 from ..diameter.dedup import DuplicateCache
 from ..diameter.dictionary import load_dictionary
+from ..obs.audit import AuditRecorder, DeviceChangeDetector, make_sink
 from ..obs.health import make_readiness
 from ..obs.logging import get_logger
 from ..obs.metrics import Metrics
@@ -69,8 +70,12 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
         watchdog_interval=cfg.watchdog_interval,
         max_message_length=cfg.max_message_length,
     )
+    recorder = _audit_recorder(cfg, metrics)
     node = DiameterNode(peer_cfg, load_dictionary(), checker, metrics,
-                        DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries))
+                        DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries),
+                        audit=recorder.record if recorder is not None else None)
+    if recorder is not None:
+        recorder.start()
     host, port = parse_hostport(cfg.diameter_listen, "diameter_listen")
     server = await node.start(host, port, reuse_port=cfg.workers > 1)
     readiness = make_readiness(
@@ -97,6 +102,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     log.info("shutting_down", worker=index, peers=node.peers_open(),
              in_flight=node.in_flight)
     await node.shutdown(cfg.shutdown_timeout)
+    if recorder is not None:
+        await recorder.close()
     if metrics_server is not None:
         metrics_server.close()
         with contextlib.suppress(Exception):
@@ -104,6 +111,19 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     await store.close()
     log.info("stopped", worker=index)
     return node
+
+
+def _audit_recorder(cfg: ServeConfig, metrics: Metrics) -> AuditRecorder | None:
+    """Observations are written off the hot path in batches; the device-change detector sees
+    every check even when auditing is off or sampled."""
+    detector = (DeviceChangeDetector(metrics, max_imsis=cfg.device_signal_max_imsis,
+                                     window=cfg.device_signal_window)
+                if cfg.device_signals == "on" else None)
+    sink = (make_sink(cfg.store, audit_dir=cfg.audit_dir or None)
+            if cfg.audit == "on" else None)
+    if sink is None and detector is None:
+        return None
+    return AuditRecorder(metrics, sink, sample=cfg.audit_sample, detector=detector)
 
 
 def _use_uvloop() -> None:

@@ -159,7 +159,7 @@ class DiameterProtocol(asyncio.Protocol):
                 self._request(ev.message, now)
             else:
                 self._event(ev)
-        out = conn.data_to_send()
+        out = conn.data_to_send(self._in_flight == 0)
         if out and self.transport is not None:
             self.transport.write(out)
         if self._closing:
@@ -237,7 +237,7 @@ class DiameterProtocol(asyncio.Protocol):
         if fut.cancelled() or self.conn.state is PeerState.DONE and not self._closing:
             return
         self._answered(msg, req, prefix, suffix, origin, fut.result(), t0)
-        out = self.conn.data_to_send()
+        out = self.conn.data_to_send(self._in_flight == 0)
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
         if self._closing:
@@ -295,7 +295,7 @@ class DiameterProtocol(asyncio.Protocol):
         self.conn.disconnect(now, cause)
         for ev in self.conn.events():
             self._event(ev)
-        out = self.conn.data_to_send()
+        out = self.conn.data_to_send(self._in_flight == 0)
         if out and self.transport is not None:
             self.transport.write(out)
         if self._closing:
@@ -332,7 +332,7 @@ class DiameterProtocol(asyncio.Protocol):
         self.conn.handle_timer(now)
         for ev in self.conn.events():
             self._event(ev)
-        out = self.conn.data_to_send()
+        out = self.conn.data_to_send(self._in_flight == 0)
         if out and self.transport is not None:
             self.transport.write(out)
         if self._closing:

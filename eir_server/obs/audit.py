@@ -174,6 +174,12 @@ class DeviceChangeDetector:
         self.window = window
         self.max_tracked = max_tracked
         self.log_events = log_events
+        # Signals are all counted, but a burst (a cloned IMEI farm, a test harness cycling
+        # IMEIs on one SIM) must not become one log line per request.
+        self.log_per_second = 5
+        self._log_second = -1
+        self._logged_this_second = 0
+        self._suppressed = 0
         self._by_imei: dict[str, _ImeiEntry] = {}
         self._by_imsi: dict[str, tuple[str, float]] = {}
         self._log = get_logger("eir_server.audit")
@@ -193,24 +199,37 @@ class DeviceChangeDetector:
             if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
                 entry.flagged_at = when
                 signals.append("imei_multi_imsi")
-                self._signal("imei_multi_imsi", imei=key, imsi=imsi, imsi_count=len(entry.imsis))
+                self._signal(when, "imei_multi_imsi", imei=key, imsi=imsi,
+                             imsi_count=len(entry.imsis))
         self._by_imei[key] = entry
 
         prev = self._by_imsi.pop(imsi, None)
         self._by_imsi[imsi] = (key, when)
         if prev is not None and prev[0] != key and when - prev[1] <= self.window:
             signals.append("imsi_imei_change")
-            self._signal("imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev[0])
+            self._signal(when, "imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev[0])
 
         for table in (self._by_imei, self._by_imsi):
             while len(table) > self.max_tracked:
                 del table[next(iter(table))]
         return signals
 
-    def _signal(self, kind: str, **context: Any) -> None:
+    def _signal(self, when: float, kind: str, **context: Any) -> None:
         self.metrics.device_signals[kind] += 1
-        if self.log_events:
-            self._log.info("device_signal", kind=kind, window_s=self.window, **context)
+        if not self.log_events:
+            return
+        second = int(when)
+        if second != self._log_second:
+            self._log_second = second
+            self._logged_this_second = 0
+        if self._logged_this_second >= self.log_per_second:
+            self._suppressed += 1
+            return
+        self._logged_this_second += 1
+        if self._suppressed:
+            context["suppressed_before"] = self._suppressed
+            self._suppressed = 0
+        self._log.info("device_signal", kind=kind, window_s=self.window, **context)
 
 
 # (when, request, verdict, peer, interface, sampled)

@@ -29,7 +29,6 @@ from eir_server.diameter.codec import (
     validate,
 )
 from eir_server.diameter.dictionary import load_dictionary
-from eir_server.diameter.errors import FramingError
 from tests.diameter.builders import ecr, ecr_avps, terminal_information
 
 D = load_dictionary()
@@ -96,9 +95,12 @@ def test_framing_is_independent_of_chunking(bodies: list[bytes], cuts: list[int]
     struct.pack("!I", (1 << 24) | 12),  # shorter than a header
     struct.pack("!I", (1 << 24) | 70_000),  # above the maximum
 ])
-def test_unframeable_streams_raise_framing_error(head: bytes) -> None:
-    with pytest.raises(FramingError):
-        Framer(65_535).feed(head + b"\0" * 16)
+def test_unframeable_streams_stop_framing_but_keep_earlier_messages(head: bytes) -> None:
+    good = message(FLAG_R, 280, 0, 1, 1, [avp(1, b"x")])
+    framer = Framer(65_535)
+    assert framer.feed(good + head + b"\0" * 16) == [good]
+    assert framer.error is not None
+    assert framer.feed(good) == []  # nothing is framed after the break
 
 
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])

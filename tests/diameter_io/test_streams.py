@@ -293,10 +293,6 @@ async def test_serve_process_memory_stays_bounded_under_a_non_reading_peer(
         warm.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Framer.feed raises FramingError for the whole read and drops the complete frames it had "
-    "already split off, so a valid request followed by garbage in the same TCP read is never "
-    "answered (the connection is closed either way)."))
 async def test_valid_request_before_garbage_in_same_read_is_answered(server: Server) -> None:
     p = await server.peer()
     await p.send(ecr(IMEI_BLACK, n=5) + header(0x80, ECR, 16777252, 1, 1, 12))

@@ -234,10 +234,6 @@ async def test_pipelined_ecrs_before_dpr_are_all_answered(server: Server) -> Non
     assert [m.result_code for m in got if m.code == DPR] == [2001]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the core queues the DPA as soon as it parses the DPR, before the shell has queued the "
-    "answers to the requests that came earlier in the same read; a peer that closes on DPA "
-    "(RFC 6733 5.4) can lose them. Needs the DPA held back until earlier answers are queued."))
 async def test_dpa_comes_after_answers_to_earlier_requests(server: Server) -> None:
     p = await server.peer()
     await p.send(b"".join(ecr(IMEI_BLACK, n=i) for i in range(1, 51)) + dpr(hbh=999))
