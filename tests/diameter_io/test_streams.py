@@ -12,8 +12,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from .conftest import (
     CER,
     DWR,

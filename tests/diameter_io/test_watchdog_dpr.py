@@ -14,8 +14,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
-
 from eir_server.diameter.codec import u32_avp
 from eir_server.policy.types import ImeiRecord
 from eir_server.store import MISSING, MemoryStore
