@@ -110,6 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from .io.app import build_policy
+    from .obs.logging import configure_logging
+    configure_logging("console", "warning", stream=sys.stderr)  # stdout is the explanation
     from .policy import exit_code_for, explain
     from .policy.types import CheckRequest
     from .store import MISSING, open_store
@@ -140,7 +142,7 @@ def _check(args: argparse.Namespace) -> int:
 
     record = asyncio.run(lookup())
     verdict = policy.decide(req, record, today)
-    print(explain(verdict, req))
+    print(explain(verdict, req, tacs=policy.tacs))
     return exit_code_for(verdict)
 
 

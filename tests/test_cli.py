@@ -1,0 +1,135 @@
+"""The command line as an operator uses it: real processes, real sockets, real files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from eir_server.config import load_config
+from tests.diameter.builders import cer, ecr
+
+EIR = [sys.executable, "-m", "eir_server.cli"]
+
+
+@pytest.fixture
+def register(tmp_path: Path) -> Path:
+    (tmp_path / "20260101_000000_blacklist.csv").write_text(
+        "imei,block_date,reasons\n35209900176148,20200101,stolen|police report\n")
+    return tmp_path
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EIR, "check", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_explains_and_exit_code_is_the_status(register: Path) -> None:
+    r = check("352099001761481", "--register", str(register), "--date", "20260101")
+    assert r.returncode == 1, r.stderr
+    assert "BLACKLISTED" in r.stdout and "national_blacklist" in r.stdout
+    assert "stolen" in r.stdout and "police report" in r.stdout
+    r = check("49015420323751", "--register", str(register))
+    assert r.returncode == 0 and "WHITELISTED" in r.stdout
+    r = check("49015420323751", "--unknown-equipment", "unknown")
+    assert r.returncode == 3
+    r = check("4901542032375X")
+    assert r.returncode == 2 and "malformed" in r.stdout
+
+
+def test_config_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    f = tmp_path / "eir.toml"
+    f.write_text('origin_host = "file.host"\norigin_realm = "file.realm"\nworkers = 3\n'
+                 '[policy]\nmalformed = "blacklisted"\n')
+    cfg = load_config(str(f), env={"EIR_ORIGIN_HOST": "env.host", "EIR_WORKERS": "2"},
+                      overrides={"origin_host": "flag.host", "workers": None})
+    assert (cfg.origin_host, cfg.origin_realm, cfg.workers) == ("flag.host", "file.realm", 2)
+    assert cfg.policy == {"malformed": "blacklisted"}
+
+
+@pytest.mark.parametrize("text, env, message", [
+    ('bogus = 1\n', {}, "unknown option"),
+    ('workers = 0\n', {}, "workers"),
+    ('', {"EIR_WATCHDOG_INTERVAL": "5"}, "RFC 3539"),
+    ('', {"EIR_UNKNOWN_EQUIPMENT": "maybe"}, "unknown_equipment"),
+    ('diameter_listen = "nowhere"\n', {}, "HOST:PORT"),
+])
+def test_bad_configuration_is_refused(tmp_path: Path, text: str, env: dict[str, str],
+                                      message: str) -> None:
+    f = tmp_path / "eir.toml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(str(f), env=env)
+
+
+def test_serve_reports_configuration_errors(tmp_path: Path) -> None:
+    f = tmp_path / "eir.toml"
+    f.write_text('[policy]\nunknown_equipment = "unknown"\n')
+    r = subprocess.run([*EIR, "serve", "--config", str(f)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "unknown_equipment" in r.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recv_message(sock: socket.socket) -> bytes:
+    head = b""
+    while len(head) < 4:
+        head += sock.recv(4 - len(head))
+    length = struct.unpack("!I", head)[0] & 0xFFFFFF
+    body = b""
+    while len(head) + len(body) < length:
+        body += sock.recv(length - len(head) - len(body))
+    return head + body
+
+
+def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None:
+    port, mport = free_port(), free_port()
+    env = {**os.environ, "EIR_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([*EIR, "serve", "--workers", "2", "--diameter-listen",
+                             f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+        time.sleep(1.0)  # let both workers bind before spreading connections
+        conns = []
+        for i in range(8):
+            s = socket.create_connection(("127.0.0.1", port), 5)
+            s.sendall(cer(hbh=1, host=f"mme{i}.epc.test"))
+            cea = recv_message(s)
+            assert struct.unpack("!II", cea[20:24] + cea[28:32]) == (268, 2001)
+            s.sendall(ecr(hbh=2))
+            assert struct.unpack("!I", recv_message(s)[4:8])[0] & 0xFFFFFF == 324
+            conns.append(s)
+        body = ""
+        for _ in range(50):
+            body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
+            body = body.decode()
+            if 'eir_requests_total{command="ECR",interface="s13",result="2001"} 8.0' in body:
+                break
+            time.sleep(0.1)
+        assert 'eir_requests_total{command="ECR",interface="s13",result="2001"} 8.0' in body
+        assert 'eir_metrics_workers{state="reporting"} 2.0' in body
+        for s in conns:
+            s.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
