@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs for real: redis-server (store tests start their own
-# instances on free ports) and tshark (Wireshark's Diameter dissector checks our answers).
+# instances on free ports), tshark (Wireshark's Diameter dissector checks our answers) and
+# promtool from prometheus (checks deploy/prometheus rules and runs their unit tests).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v tshark >/dev/null 2>&1 || missing+=(tshark)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   SUDO=sudo
