@@ -59,13 +59,21 @@ def make_zip(workdir: Path, n: int, seed: int) -> Path:
     src = workdir / f"src-{n}-{seed}"
     z = src / "20240101_000000_blacklist.zip"
     if z.exists():
+        for stale in src.glob("2024010[2-9]_*"):  # earlier --delta runs
+            stale.unlink()
         return src
     src.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     rows = gen_rows(n, seed)
     with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        zf.writestr("20240101_000000_blacklist.csv", "imei,block_date,reasons\n" + "\n".join(rows) + "\n")
-    print(f"generated {n:,} rows in {time.perf_counter() - t:.1f}s -> {z} ({z.stat().st_size / 1e6:.0f} MB)")
+        zf.writestr(
+            "20240101_000000_blacklist.csv", "imei,block_date,reasons\n" + "\n".join(rows) + "\n"
+        )
+        # An (empty) delta member gives the run its DIRBS run id (1), so run 2 can chain on it.
+        zf.writestr("20240101_000000_blacklist_delta_0_1_blocked.csv", "imei,block_date,reasons\n")
+    print(
+        f"generated {n:,} rows in {time.perf_counter() - t:.1f}s -> {z} ({z.stat().st_size / 1e6:.0f} MB)"
+    )
     return src
 
 
@@ -78,11 +86,13 @@ def add_delta(src: Path, n: int, seed: int) -> None:
     removed_imeis = {r.split(",")[0] for r in removed}
     full = [r for r in base_rows if r.split(",")[0] not in removed_imeis] + added
     ts = "20240102_000000"
-    with zipfile.ZipFile(src / f"{ts}_blacklist.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+    with zipfile.ZipFile(
+        src / f"{ts}_blacklist.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=1
+    ) as zf:
         hdr = "imei,block_date,reasons\n"
         zf.writestr(f"{ts}_blacklist.csv", hdr + "\n".join(full) + "\n")
-        zf.writestr(f"{ts}_blacklist_delta_20240101_000000_2_blocked.csv", hdr + "\n".join(added) + "\n")
-        zf.writestr(f"{ts}_blacklist_delta_20240101_000000_2_unblocked.csv", hdr + "\n".join(removed) + "\n")
+        zf.writestr(f"{ts}_blacklist_delta_1_2_blocked.csv", hdr + "\n".join(added) + "\n")
+        zf.writestr(f"{ts}_blacklist_delta_1_2_unblocked.csv", hdr + "\n".join(removed) + "\n")
 
 
 def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
@@ -90,8 +100,19 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     p = subprocess.Popen(
-        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL)
+        [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     c = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -123,7 +144,9 @@ def naive_bytes(c: redis.Redis, src: Path, limit: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--imeis", type=int, default=1_000_000)
     ap.add_argument("--delta", type=int, default=0, help="rows in a follow-up delta run")
     ap.add_argument("--seed", type=int, default=1)
@@ -146,21 +169,32 @@ def main() -> None:
         r = run_once(DirSource(src), db, opts)
         dt = time.perf_counter() - t
         mem = used(c) - base
-        rows = [("full load rows", f"{r.rows:,}"), ("listed IMEIs", f"{r.imeis:,}"),
-                ("full load time s", f"{dt:.2f}"), ("full load rows/s", f"{r.rows / dt:,.0f}"),
-                ("redis bytes / IMEI", f"{mem / r.imeis:.2f}"),
-                ("buckets (keys)", c.dbsize()),
-                ("sync peak RSS MB", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")]
-        enc = c.object("encoding", f"eir:{r.version}:b:0")
+        rows = [
+            ("full load rows", f"{r.rows:,}"),
+            ("listed IMEIs", f"{r.imeis:,}"),
+            ("full load time s", f"{dt:.2f}"),
+            ("full load rows/s", f"{r.rows / dt:,.0f}"),
+            ("redis bytes / IMEI", f"{mem / r.imeis:.2f}"),
+            ("buckets (keys)", c.dbsize()),
+            (
+                "sync peak RSS MB",
+                f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}",
+            ),
+        ]
+        enc = c.object("encoding", next(c.scan_iter(f"eir:{r.version}:b:*", count=100)))
         rows.append(("bucket encoding", enc.decode() if enc else "-"))
         if a.delta:
             add_delta(src, a.delta, a.seed)
             t = time.perf_counter()
             r2 = run_once(DirSource(src), db, opts)
             dt2 = time.perf_counter() - t
-            rows += [("delta mode", r2.mode), ("delta rows", f"{r2.rows:,}"), ("delta time s", f"{dt2:.2f}"),
-                     ("IMEIs after delta", f"{r2.imeis:,}"),
-                     ("redis bytes / IMEI after", f"{(used(c) - base) / r2.imeis:.2f}")]
+            rows += [
+                ("delta mode", r2.mode),
+                ("delta rows", f"{r2.rows:,}"),
+                ("delta time s", f"{dt2:.2f}"),
+                ("IMEIs after delta", f"{r2.imeis:,}"),
+                ("redis bytes / IMEI after", f"{(used(c) - base) / r2.imeis:.2f}"),
+            ]
         if a.naive:
             rows.append(("naive SET per IMEI bytes", f"{naive_bytes(c, src, a.naive):.2f}"))
         w = max(len(k) for k, _ in rows)

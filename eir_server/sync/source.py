@@ -12,6 +12,7 @@ GET (If-None-Match / If-Modified-Since), so an unchanged file costs one 304.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -192,8 +193,8 @@ class HttpSource:
                 self.not_modified += 1
                 return dest
             raise SourceError(f"GET {req.full_url}: HTTP {e.code}") from e
-        except (urllib.error.URLError, OSError) as e:
-            raise SourceError(f"GET {req.full_url}: {e}") from e
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise SourceError(f"GET {req.full_url}: {e!r}") from e
         return dest
 
     def fetch(self, name: str) -> Path:
