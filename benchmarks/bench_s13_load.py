@@ -54,7 +54,7 @@ def ecr(conn: int, i: int, realm: str) -> bytes:
         str_avp(263, f"mme{conn}.bench;{i};1"), u32_avp(277, 1), str_avp(264, f"mme{conn}.bench"),
         str_avp(296, "bench"), str_avp(283, realm),
         grouped_avp(1401, [str_avp(1402, imei, 10415), str_avp(1403, "01", 10415)], 10415),
-        str_avp(1, "001010123456789"),
+        str_avp(1, "00101" + imei[4:]),  # one subscriber per device, as in real traffic
     ])
 
 

@@ -20,7 +20,7 @@ DEFAULT_MAX_ENTRIES = 2_000_000
 
 
 class DuplicateCache(Generic[T]):
-    __slots__ = ("window", "max_entries", "_entries", "hits")
+    __slots__ = ("window", "max_entries", "_entries", "hits", "_puts")
 
     def __init__(self, window: float = DEFAULT_WINDOW,
                  max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
@@ -28,6 +28,7 @@ class DuplicateCache(Generic[T]):
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[bytes, int], tuple[float, T]] = OrderedDict()
         self.hits = 0
+        self._puts = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -41,13 +42,17 @@ class DuplicateCache(Generic[T]):
 
     def put(self, key: tuple[bytes, int], outcome: T, now: float) -> None:
         entries = self._entries
+        if key in entries:
+            entries.move_to_end(key)
         entries[key] = (now, outcome)
-        entries.move_to_end(key)
         if len(entries) > self.max_entries:
             entries.popitem(last=False)
-        # Expire a couple per insert: amortised O(1) and the cache never needs a sweep task.
-        for _ in range(2):
-            oldest = next(iter(entries.values()))
-            if now - oldest[0] <= self.window:
-                break
-            entries.popitem(last=False)
+        self._puts += 1
+        if self._puts & 63 == 0:
+            # Expire in small batches (amortised O(1), no sweep task): up to 128 entries per 64
+            # puts, so expiry always outpaces insertion.
+            for _ in range(128):
+                oldest = next(iter(entries.values()))
+                if now - oldest[0] <= self.window:
+                    break
+                entries.popitem(last=False)

@@ -180,7 +180,7 @@ class DeviceChangeDetector:
         self._log_second = -1
         self._logged_this_second = 0
         self._suppressed = 0
-        self._by_imei: dict[str, _ImeiEntry] = {}
+        self._by_imei: dict[str, _ImeiEntry | tuple[str, float]] = {}
         self._by_imsi: dict[str, tuple[str, float]] = {}
         self._log = get_logger("eir_server.audit")
 
@@ -189,29 +189,39 @@ class DeviceChangeDetector:
             return []
         signals: list[str] = []
         key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
-        entry = self._by_imei.pop(key, None)  # pop + reinsert keeps recency order
-        if entry is None:
-            entry = _ImeiEntry()
-        entry.imsis[imsi] = when
-        if len(entry.imsis) > self.max_imsis:
-            horizon = when - self.window
-            entry.imsis = {s: t for s, t in entry.imsis.items() if t >= horizon}
-            if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
-                entry.flagged_at = when
-                signals.append("imei_multi_imsi")
-                self._signal(when, "imei_multi_imsi", imei=key, imsi=imsi,
-                             imsi_count=len(entry.imsis))
-        self._by_imei[key] = entry
+        by_imei = self._by_imei
+        # Nearly every IMEI is only ever seen with one IMSI: keep that as a plain (imsi, time)
+        # tuple and build an _ImeiEntry only for the second one. pop + reinsert keeps recency.
+        entry = by_imei.pop(key, None)
+        if entry is None or (type(entry) is tuple and entry[0] == imsi):
+            by_imei[key] = (imsi, when)
+            if entry is None and len(by_imei) > self.max_tracked:
+                del by_imei[next(iter(by_imei))]
+        else:
+            if type(entry) is tuple:
+                old = entry
+                entry = _ImeiEntry()
+                entry.imsis[old[0]] = old[1]
+            entry.imsis[imsi] = when
+            if len(entry.imsis) > self.max_imsis:
+                horizon = when - self.window
+                entry.imsis = {s: t for s, t in entry.imsis.items() if t >= horizon}
+                if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
+                    entry.flagged_at = when
+                    signals.append("imei_multi_imsi")
+                    self._signal(when, "imei_multi_imsi", imei=key, imsi=imsi,
+                                 imsi_count=len(entry.imsis))
+            by_imei[key] = entry
 
-        prev = self._by_imsi.pop(imsi, None)
-        self._by_imsi[imsi] = (key, when)
-        if prev is not None and prev[0] != key and when - prev[1] <= self.window:
+        by_imsi = self._by_imsi
+        prev = by_imsi.pop(imsi, None)
+        by_imsi[imsi] = (key, when)
+        if prev is None:
+            if len(by_imsi) > self.max_tracked:
+                del by_imsi[next(iter(by_imsi))]
+        elif prev[0] != key and when - prev[1] <= self.window:
             signals.append("imsi_imei_change")
             self._signal(when, "imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev[0])
-
-        for table in (self._by_imei, self._by_imsi):
-            while len(table) > self.max_tracked:
-                del table[next(iter(table))]
         return signals
 
     def _signal(self, when: float, kind: str, **context: Any) -> None:
