@@ -8,6 +8,7 @@ import time
 
 import pytest
 import redis
+import structlog
 
 from eir_server.policy.types import BlacklistEntry, ImeiRecord
 from eir_server.store import MISSING, StoreUnavailable, open_store
@@ -90,7 +91,7 @@ async def test_full_load_switch_flushes_cache(redis_url, dirbs, sync_dir):
 
 
 async def test_redis_down_serves_cache_fails_misses_fast_then_recovers(
-    redis_factory, dirbs, sync_dir, caplog
+    redis_factory, dirbs, sync_dir
 ):
     srv = redis_factory.start()
     publish_bl(dirbs, "20240101_000000", [A])
@@ -98,16 +99,18 @@ async def test_redis_down_serves_cache_fails_misses_fast_then_recovers(
     s = await started(srv.url, timeout=0.3, backoff_max=0.2, poll_interval=0.05)
     try:
         assert await s.fetch(A) is not None
-        srv.stop()
-        assert s.get_nowait(A) == ImeiRecord(blacklist=BlacklistEntry("20240101", ("stolen",)))
-        t = time.monotonic()
-        with pytest.raises(StoreUnavailable):
-            await asyncio.wait_for(s.fetch(B), 2)
-        assert time.monotonic() - t < 1.0
-        # Once down, misses fail without touching the network, and only one state change is logged.
-        for _ in range(100):
+        with structlog.testing.capture_logs() as logs:
+            srv.stop()
+            assert s.get_nowait(A) == ImeiRecord(blacklist=BlacklistEntry("20240101", ("stolen",)))
+            t = time.monotonic()
             with pytest.raises(StoreUnavailable):
-                await s.fetch(C)
+                await asyncio.wait_for(s.fetch(B), 2)
+            assert time.monotonic() - t < 1.0
+            # Once down, misses fail without touching the network, and only one state change is logged.
+            for _ in range(100):
+                with pytest.raises(StoreUnavailable):
+                    await s.fetch(C)
+        assert [e["event"] for e in logs].count("redis unavailable") == 1  # per state change
         assert s.stats.redis_up == 0 and not s.ready
         srv.start()
         sync_dir(srv.url, dirbs.root)  # restarted empty: re-feed it
