@@ -56,10 +56,11 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     policy = build_policy(cfg)
     store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
     await store.start()
-    loaded_at = time.time()
+    started_at = time.time()
     checker = EquipmentChecker(policy, store, parse_status(cfg.store_fallback, "store_fallback"))
     metrics = Metrics()
     metrics.set_gauge_callback("store", lambda: store.stats)
+    metrics.set_gauge_callback("register", lambda: register_info(store, started_at))
     identity = Identity(cfg.origin_host, cfg.origin_realm,
                         origin_state_id if origin_state_id is not None else int(time.time()))
     peer_cfg = PeerConfig(
@@ -82,7 +83,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
         listening=server.is_serving,
         store_reachable=lambda: bool(store.ready),
         fallback_allowed=True,
-        register_timestamp=lambda: loaded_at if store.ready else None,
+        register_timestamp=lambda: register_info(store, started_at)["last_sync"],
         max_register_age=cfg.max_register_age or None,
     )
     metrics_server = None
@@ -111,6 +112,30 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     await store.close()
     log.info("stopped", worker=index)
     return node
+
+
+def register_info(store: Any, started_at: float) -> dict[str, Any]:
+    """What the node serves, for /readyz and the register gauges. Redis: the version's meta
+    written by `eir-server sync` (created = when that sync switched it in). Embedded: the
+    register loaded at start (a node with no register serves defaults from its start)."""
+    meta = getattr(store, "meta", None) or {}
+    last_sync: float | None = started_at if store.ready else None
+    if meta.get("created"):
+        last_sync = float(meta["created"])
+    elif getattr(store, "name", "") != "memory" and store.version is None:
+        last_sync = None  # Redis without any register version yet: not ready
+    rows: dict[tuple[str, str], int] = {}
+    lists = meta.get("lists")
+    if lists:
+        import json
+        for name, info in json.loads(lists).items():
+            if isinstance(info, dict) and "rows" in info:
+                rows[(name, "applied")] = int(info["rows"])
+    for report in getattr(store, "reports", None) or ():
+        key = (report.source, "applied")
+        rows[key] = rows.get(key, 0) + report.rows
+        rows[(report.source, "rejected")] = rows.get((report.source, "rejected"), 0) + report.bad
+    return {"version": store.version, "last_sync": last_sync, "rows": rows}
 
 
 def _audit_recorder(cfg: ServeConfig, metrics: Metrics) -> AuditRecorder | None:
