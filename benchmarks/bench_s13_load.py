@@ -3,11 +3,11 @@
 Reports answers/s, latency percentiles (from writing a request to reading its answer) and the
 server's CPU time per answer (utime+stime from /proc). Not a test: numbers go in the README.
 
-    .venv/bin/python benchmarks/bench_s13_load.py --connections 4 --inflight 64 --seconds 10
+    .venv/bin/python benchmarks/bench_s13_load.py --connections 4 --batch 32 --depth 2 --pin
     .venv/bin/python benchmarks/bench_s13_load.py --target 127.0.0.1:3868   # an external server
 
-The client is plain asyncio + uvloop with pre-encoded ECRs (only hop-by-hop ids are patched), so
-one client core can drive more load than one server core answers.
+The client is plain asyncio + uvloop writing pre-encoded batches of ECRs, so one client core
+drives more load than one server core answers.
 """
 
 from __future__ import annotations
@@ -59,20 +59,24 @@ def ecr(conn: int, i: int, realm: str) -> bytes:
 
 
 class Client(asyncio.Protocol):
-    def __init__(self, idx: int, inflight: int, pool: list[bytes], stop_at: float,
+    """Closed loop per connection: `depth` batches of `batch` pre-encoded ECRs in flight; a batch
+    is resent (one write) as soon as all its answers are back. Per answer the client only reads
+    a length and a hop-by-hop id, so one client core can outrun one server core."""
+
+    def __init__(self, idx: int, batches: list[bytes], batch: int, depth: int, stop_at: float,
                  done: asyncio.Future[None], lat: list[float]) -> None:
         self.idx = idx
-        self.inflight = inflight
-        self.pool = pool
+        self.batches = batches
+        self.batch = batch
+        self.depth = depth
         self.stop_at = stop_at
         self.done = done
         self.lat = lat
         self.buf = b""
-        self.sent_at: dict[int, float] = {}
-        self.next = 0
-        self.answers = 0
-        self.opened = False
-        self.loop = asyncio.get_running_loop()
+        self.sent_at = [0.0] * depth
+        self.missing = [0] * depth
+        self.turn = 0
+        self.outstanding = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
@@ -80,47 +84,40 @@ class Client(asyncio.Protocol):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.write(cer(self.idx))  # type: ignore[attr-defined]
 
-    def send(self, n: int) -> None:
-        now = time.perf_counter()
-        out = []
-        pool = self.pool
-        for _ in range(n):
-            i = self.next
-            self.next += 1
-            hbh = (self.idx << 24) | (i & 0xFFFFFF)
-            m = pool[i % len(pool)]
-            out.append(m[:12] + U32.pack(hbh) + m[16:])
-            self.sent_at[hbh] = now
-        self.t.write(b"".join(out))  # type: ignore[attr-defined]
+    def send(self, slot: int) -> None:
+        # hop-by-hop ids of a batch are (slot << 16 | i): the answer tells which batch it ends.
+        self.turn += 1
+        self.sent_at[slot] = time.perf_counter()
+        self.missing[slot] = self.batch
+        self.outstanding += 1
+        self.t.write(self.batches[(self.turn * self.depth + slot) % len(self.batches)][slot])  # type: ignore[index,attr-defined]
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
         now = time.perf_counter()
         pos = 0
         n = len(buf)
-        got = 0
+        unpack = U32.unpack_from
         while n - pos >= 20:
-            length = U32.unpack_from(buf, pos)[0] & 0xFFFFFF
+            length = unpack(buf, pos)[0] & 0xFFFFFF
             if n - pos < length:
                 break
-            code = U32.unpack_from(buf, pos + 4)[0] & 0xFFFFFF
-            hbh = U32.unpack_from(buf, pos + 12)[0]
-            if code == 257:
-                self.opened = True
-                self.send(self.inflight)
-            elif code == 324:
-                t0 = self.sent_at.pop(hbh, None)
-                if t0 is not None:
-                    self.lat.append(now - t0)
-                got += 1
+            code = unpack(buf, pos + 4)[0] & 0xFFFFFF
+            if code == 324:
+                slot = unpack(buf, pos + 12)[0] >> 16
+                self.lat.append(now - self.sent_at[slot])
+                self.missing[slot] -= 1
+                if self.missing[slot] == 0:
+                    self.outstanding -= 1
+                    if now < self.stop_at:
+                        self.send(slot)
+            elif code == 257:
+                for slot in range(self.depth):
+                    self.send(slot)
             pos += length
         self.buf = buf[pos:]
-        self.answers += got
-        if got:
-            if now < self.stop_at:
-                self.send(got)
-            elif not self.sent_at and not self.done.done():
-                self.done.set_result(None)
+        if now >= self.stop_at and self.outstanding == 0 and not self.done.done():
+            self.done.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
@@ -138,18 +135,21 @@ def percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
 
 
-async def drive(host: str, port: int, conns: int, inflight: int, seconds: float,
+async def drive(host: str, port: int, conns: int, batch: int, depth: int, seconds: float,
                 realm: str) -> tuple[int, float, list[float]]:
     loop = asyncio.get_running_loop()
     lat: list[float] = []
     start = loop.time()
-    stop_at = start + seconds
+    stop_at = time.perf_counter() + seconds
     clients = []
     for c in range(conns):
-        pool = [ecr(c, i, realm) for i in range(1024)]
+        # 8 variants of each batch slot, so IMEIs and sessions keep changing.
+        batches = [[b"".join(_with_hbh(ecr(c, (v * depth + slot) * batch + i, realm),
+                                       (slot << 16) | i) for i in range(batch))
+                    for slot in range(depth)] for v in range(8)]
         done: asyncio.Future[None] = loop.create_future()
         await loop.create_connection(
-            lambda c=c, pool=pool, done=done: Client(c, inflight, pool, stop_at, done, lat),
+            lambda c=c, b=batches, done=done: Client(c, b, batch, depth, stop_at, done, lat),
             host, port)
         clients.append(done)
     await asyncio.wait_for(asyncio.gather(*clients), seconds + 30)
@@ -157,11 +157,18 @@ async def drive(host: str, port: int, conns: int, inflight: int, seconds: float,
     return len(lat), elapsed, lat
 
 
+def _with_hbh(msg: bytes, hbh: int) -> bytes:
+    return msg[:12] + U32.pack(hbh) + msg[16:]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=4)
-    ap.add_argument("--inflight", type=int, default=64, help="requests in flight per connection")
+    ap.add_argument("--batch", type=int, default=32, help="ECRs per write")
+    ap.add_argument("--depth", type=int, default=2, help="batches in flight per connection")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin the server to CPU 0 and this client to CPU 1")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--target", help="HOST:PORT of a running server (default: start one)")
     ap.add_argument("--server-args", default="", help="extra `eir-server serve` arguments")
@@ -192,7 +199,10 @@ def main() -> int:
     except ImportError:
         pass
     cpu0 = cpu_seconds(proc.pid) if proc else 0.0
-    n, elapsed, lat = asyncio.run(drive(host, port, args.connections, args.inflight,
+    if args.pin and proc:
+        os.sched_setaffinity(proc.pid, {0})
+        os.sched_setaffinity(0, {1})
+    n, elapsed, lat = asyncio.run(drive(host, port, args.connections, args.batch, args.depth,
                                         args.seconds, args.realm))
     cpu1 = cpu_seconds(proc.pid) if proc else 0.0
     if proc:
@@ -200,7 +210,7 @@ def main() -> int:
         proc.wait(15)
     lat.sort()
     rate = n / elapsed
-    print(f"{'connections x inflight':<28}{args.connections} x {args.inflight}")
+    print(f"{'connections x in flight':<28}{args.connections} x {args.batch * args.depth}")
     print(f"{'answers':<28}{n}")
     print(f"{'answers/s':<28}{rate:,.0f}")
     for p in (50, 99, 99.9):

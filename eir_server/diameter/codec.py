@@ -663,18 +663,22 @@ def _flatten(avps: list[Avp]) -> list[Avp]:
 
 
 class LayoutCache:
-    """Layouts by message length, bounded: a peer sending endlessly new shapes just stops
-    being cached (it still gets `decode_fast`)."""
+    """Layouts keyed by message length and the first AVP's header word (for a request that is
+    Session-Id's flags and length, which is what varies most between shapes of equal size);
+    bounded: a peer sending endlessly new shapes just stops being cached (it still gets
+    `decode_fast`)."""
 
-    __slots__ = ("_by_length", "_count", "max_layouts")
+    __slots__ = ("_by_key", "_count", "max_layouts")
 
     def __init__(self, max_layouts: int = 1024) -> None:
-        self._by_length: dict[int, list[Layout]] = {}
+        self._by_key: dict[int, list[Layout]] = {}
         self._count = 0
         self.max_layouts = max_layouts
 
     def find(self, data: bytes, length: int) -> Layout | None:
-        candidates = self._by_length.get(length)
+        if length < 28:
+            return None
+        candidates = self._by_key.get((length << 32) | U32.unpack_from(data, 24)[0])
         if candidates:
             for lay in candidates:
                 if lay.match(data):
@@ -682,13 +686,14 @@ class LayoutCache:
         return None
 
     def learn(self, data: bytes, length: int, avps: list[Avp], slots: list | None) -> None:
-        if self._count >= self.max_layouts:
+        if self._count >= self.max_layouts or length < 28:
             return
         try:
             lay = Layout(data, avps, slots)
         except (ValueError, struct.error):
             return
-        self._by_length.setdefault(length, []).append(lay)
+        key = (length << 32) | U32.unpack_from(data, 24)[0]
+        self._by_key.setdefault(key, []).append(lay)
         self._count += 1
 
 

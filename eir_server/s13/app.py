@@ -67,14 +67,18 @@ _MISSING_IMEI = avp(TERMINAL_INFORMATION,
 class EcaBuilder:
     """Turns (ECR, verdict) into ECA bytes from templates fixed at start."""
 
-    __slots__ = ("identity", "_verdict_parts", "_unknown_part", "_auth_and_host", "_slot")
+    __slots__ = ("identity", "_verdict_parts", "_unknown_part", "_auth_and_host", "_slots")
 
     def __init__(self, identity: Identity, dictionary: Dictionary) -> None:
         self.identity = identity
         cmd = dictionary.command(APPLICATION_ID, COMMAND_CODE)
         if cmd is None or cmd.request is None:
             raise ValueError("the dictionary has no S13 ME-Identity-Check-Request")
-        self._slot = {r.name: i for i, r in enumerate(cmd.request.rules)}
+        index = {r.name: i for i, r in enumerate(cmd.request.rules)}
+        # Grammar rule indexes of the AVPs parse() reads, resolved once.
+        self._slots = tuple(index[n] for n in (
+            "Terminal-Information", "User-Name", "Session-Id", "DRMP", "OC-Supported-Features",
+            "Proxy-Info", "Origin-Host"))
         host = identity.host_origin
         self._auth_and_host = _AUTH_SESSION_STATE + host
         # TS 29.272 7.2.20 order: Result-Code, Auth-Session-State, Origin-*, Equipment-Status.
@@ -96,10 +100,9 @@ class EcaBuilder:
         data = msg.data
         slots = msg.slots
         assert slots is not None, "ECR must be validated before parse"
-        s = self._slot
-        a = slots[s["Terminal-Information"]]
+        ti, un, sid, drmp, ocs, pi, oh = self._slots
         imei = sv = None
-        for c in a[CHILDREN]:
+        for c in slots[ti][CHILDREN]:
             if c[VENDOR] == VENDOR_3GPP:
                 if c[CODE] == IMEI:
                     imei = data[c[VSTART]:c[VEND]].decode()
@@ -109,18 +112,18 @@ class EcaBuilder:
             return error_answer(msg, Problem(errors.MISSING_AVP, _MISSING_IMEI,
                                              "Terminal-Information without IMEI"),
                                 self.identity, _AUTH_SESSION_STATE)
-        a = slots[s["User-Name"]]
+        a = slots[un]
         imsi = data[a[VSTART]:a[VEND]].decode() if a is not None else None
-        a = slots[s["Session-Id"]]
+        a = slots[sid]
         prefix = data[a[START]:a[END]]
-        a = slots[s["DRMP"]]
+        a = slots[drmp]
         if a is not None:
             prefix += data[a[START]:a[END]]
-        suffix = _OC_SUPPORTED if slots[s["OC-Supported-Features"]] is not None else b""
-        if slots[s["Proxy-Info"]] is not None:  # every one of them, in order (RFC 6733 6.7.3)
+        suffix = _OC_SUPPORTED if slots[ocs] is not None else b""
+        if slots[pi] is not None:  # every one of them, in order (RFC 6733 6.7.3)
             suffix += b"".join(data[p[START]:p[END]] for p in msg.avps
                                if p[CODE] == PROXY_INFO and not p[VENDOR])
-        a = slots[s["Origin-Host"]]
+        a = slots[oh]
         return (CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
                 data[a[VSTART]:a[VEND]])
 
