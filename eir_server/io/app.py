@@ -61,6 +61,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     metrics = Metrics()
     metrics.set_gauge_callback("store", lambda: store.stats)
     metrics.set_gauge_callback("register", lambda: register_info(store, started_at))
+    metrics.set_gauge_callback("queue_depth", lambda: store.queue_depth)
     identity = Identity(cfg.origin_host, cfg.origin_realm,
                         origin_state_id if origin_state_id is not None else int(time.time()))
     peer_cfg = PeerConfig(

@@ -271,7 +271,7 @@ class DiameterProtocol(asyncio.Protocol):
         elif t is Closed:
             if ev.reason.startswith("framing error"):  # type: ignore[attr-defined]
                 self.node.stats.framing_errors += 1
-                m.protocol_errors[errors.INVALID_MESSAGE_LENGTH] += 0  # keep the series visible
+                m.framing_errors += 1
                 self.log.warning("connection_closed", reason=ev.reason)  # type: ignore[attr-defined]
             else:
                 self.log.info("connection_closed", reason=ev.reason)  # type: ignore[attr-defined]

@@ -112,6 +112,12 @@ SPECS: tuple[MetricSpec, ...] = (
         ("outcome",),
     ),
     MetricSpec(
+        "eir_diameter_framing_errors_total",
+        "counter",
+        "Connections closed because their byte stream could not be framed (bad version, "
+        "Message-Length below 20 or above the maximum).",
+    ),
+    MetricSpec(
         "eir_diameter_watchdog_failures_total",
         "counter",
         "RFC 3539 watchdog expiries (peer went SUSPECT or DOWN).",
@@ -408,6 +414,7 @@ class Metrics:
       audit[outcome]                              maintained by AuditRecorder
       device_signals[kind]                        maintained by AuditRecorder
       watchdog_failures                           int attribute
+      framing_errors                              int attribute
     Histograms: latency_s13, latency_n5g (`observe(seconds)`).
     Gauges: `set_gauge_callback(name, fn)`, fn called on scrape only, in the worker's thread:
       "peers"       -> Mapping[state, count]
@@ -430,6 +437,7 @@ class Metrics:
         self.audit: defaultdict[str, int] = defaultdict(int)
         self.device_signals: defaultdict[str, int] = defaultdict(int)
         self.watchdog_failures = 0
+        self.framing_errors = 0
         self.latency_s13 = LatencyHistogram()
         self.latency_n5g = LatencyHistogram()
         self._callbacks: dict[str, Callable[[], Any]] = {}
@@ -459,6 +467,7 @@ class Metrics:
         s["eir_diameter_cer_total"] = {(o,): float(v) for o, v in self.cer.items()}
         s["eir_diameter_dpr_total"] = {(d, str(c)): float(v) for (d, c), v in self.dpr.items()}
         s["eir_diameter_watchdog_failures_total"] = {(): float(self.watchdog_failures)}
+        s["eir_diameter_framing_errors_total"] = {(): float(self.framing_errors)}
         s["eir_audit_records_total"] = {(o,): float(v) for o, v in self.audit.items()}
         s["eir_device_signals_total"] = {(k,): float(v) for k, v in self.device_signals.items()}
         self._read_callbacks(s)

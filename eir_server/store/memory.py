@@ -26,6 +26,7 @@ class MemoryStore:
     """
 
     name = "memory"
+    queue_depth = 0  # answers synchronously: nothing ever waits
 
     def __init__(
         self, register_dir: str | Path | None = None, *, max_bad_share: float = 0.01

@@ -103,6 +103,11 @@ class RedisStore:
         return self._state.version
 
     @property
+    def queue_depth(self) -> int:
+        """Lookups waiting for the next batched round trip to Redis (a gauge, read on scrape)."""
+        return sum(len(v) for v in self._pending.values())
+
+    @property
     def meta(self) -> dict[str, str]:
         """Meta of the version being served (lists and run ids, counts, kind)."""
         return self._state.meta
