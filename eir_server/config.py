@@ -27,6 +27,13 @@ def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 class ServeConfig:
     diameter_listen: str = _opt("0.0.0.0:3868", "S13 Diameter listen address (TCP)",
                                 metavar="HOST:PORT")
+    diameter_tls_listen: str = _opt("", "S13 Diameter over TLS listen address (RFC 6733 "
+                                    "13.1; commonly port 5868); empty disables. Needs "
+                                    "--tls-cert and --tls-key", metavar="HOST:PORT")
+    tls_cert: str = _opt("", "PEM certificate chain of this node for TLS", metavar="FILE")
+    tls_key: str = _opt("", "PEM private key of this node for TLS", metavar="FILE")
+    tls_ca: str = _opt("", "PEM CA bundle: when set, TLS peers must present a certificate it "
+                       "signed (mutual TLS)", metavar="FILE")
     origin_host: str = _opt("eir.localdomain", "our Diameter Origin-Host (DiameterIdentity)")
     origin_realm: str = _opt("localdomain", "our Diameter Origin-Realm")
     host_ip_addresses: str = _opt(
@@ -62,6 +69,8 @@ class ServeConfig:
                                    "the duplicate cache", metavar="SECONDS")
     duplicate_max_entries: int = _opt(2_000_000, "duplicate-detection cache size (entries)",
                                       metavar="N")
+    max_in_flight: int = _opt(10_000, "requests waiting for the store (per worker) above "
+                              "which new ECRs are answered 3004 DIAMETER_TOO_BUSY", metavar="N")
     shutdown_timeout: float = _opt(10.0, "SIGTERM: seconds to wait for DPA and in-flight "
                                    "answers before closing", metavar="SECONDS")
     audit: str = _opt("off", "record every check as an observation (Redis Stream or "
@@ -88,6 +97,12 @@ class ServeConfig:
         parse_hostport(self.diameter_listen, "diameter_listen")
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
+        if self.diameter_tls_listen:
+            parse_hostport(self.diameter_tls_listen, "diameter_tls_listen")
+            if not (self.tls_cert and self.tls_key):
+                raise ValueError("diameter_tls_listen needs tls_cert and tls_key")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight: must be at least 1")
         if self.workers < 1:
             raise ValueError("workers: must be at least 1")
         if self.watchdog_interval < 6:

@@ -14,7 +14,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_every_serve_option_is_documented() -> None:
     missing = [f.name for f in OPTIONS
-               if f"`--{f.name.replace('_', '-')}`" not in README
+               if f"--{f.name.replace('_', '-')}`" not in README
                or f"`EIR_{f.name.upper()}`" not in README]
     assert missing == []
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 import tempfile
 import time
 from typing import Any
@@ -75,11 +76,15 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     recorder = _audit_recorder(cfg, metrics)
     node = DiameterNode(peer_cfg, load_dictionary(), checker, metrics,
                         DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries),
-                        audit=recorder.record if recorder is not None else None)
+                        audit=recorder.record if recorder is not None else None,
+                        max_in_flight=cfg.max_in_flight)
     if recorder is not None:
         recorder.start()
     host, port = parse_hostport(cfg.diameter_listen, "diameter_listen")
     server = await node.start(host, port, reuse_port=cfg.workers > 1)
+    if cfg.diameter_tls_listen:
+        thost, tport = parse_hostport(cfg.diameter_tls_listen, "diameter_tls_listen")
+        await node.start(thost, tport, reuse_port=cfg.workers > 1, ssl=tls_context(cfg))
     readiness = make_readiness(
         listening=server.is_serving,
         store_reachable=lambda: bool(store.ready),
@@ -94,7 +99,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     elif cfg.metrics_listen:
         mhost, mport = parse_hostport(cfg.metrics_listen, "metrics_listen")
         metrics_server = await start_metrics_server(metrics, mhost, mport, readiness=readiness)
-    sockets = [s.getsockname() for s in server.sockets]
+    sockets = [s.getsockname() for srv in node.servers for s in srv.sockets]
     log.info("diameter_listening", worker=index, addresses=[f"{a[0]}:{a[1]}" for a in sockets],
              origin_host=cfg.origin_host, origin_realm=cfg.origin_realm, store=store.name,
              metrics=cfg.metrics_listen if runtime_dir is None else "parent")
@@ -113,6 +118,18 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     await store.close()
     log.info("stopped", worker=index)
     return node
+
+
+def tls_context(cfg: ServeConfig) -> ssl.SSLContext:
+    """Server-side TLS for Diameter (RFC 6733 13.1): TLS 1.2+, our certificate, and peer
+    certificates verified against `tls_ca` when one is given."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_ca:
+        ctx.load_verify_locations(cfg.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 def register_info(store: Any, started_at: float) -> dict[str, Any]:

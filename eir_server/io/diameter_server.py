@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl as ssl_module
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +58,8 @@ class DiameterNode:
     def __init__(self, peer_config: PeerConfig, dictionary: Dictionary, checker: EquipmentChecker,
                  metrics: Metrics | None = None, dedup: DuplicateCache[Verdict] | None = None,
                  audit: Callable[[float, CheckRequest, Verdict, str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 max_in_flight: int = 10_000) -> None:
         self.peer_config = peer_config
         self.dictionary = dictionary
         self.checker = checker
@@ -69,7 +71,9 @@ class DiameterNode:
         self.in_flight = 0
         self.stats = NodeStats()
         self.clock = clock
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.Server | None = None  # the first listener
+        self.servers: list[asyncio.Server] = []
+        self.max_in_flight = max_in_flight
         m = self.metrics
         m.set_gauge_callback("peers", self.peers_by_state)
         m.set_gauge_callback("in_flight", lambda: self.in_flight)
@@ -84,21 +88,26 @@ class DiameterNode:
         return sum(1 for p in self.protocols if p.conn.state is PeerState.R_OPEN)
 
     async def start(self, host: str, port: int, reuse_port: bool = False,
-                    sock: socket.socket | None = None) -> asyncio.Server:
+                    sock: socket.socket | None = None,
+                    ssl: ssl_module.SSLContext | None = None) -> asyncio.Server:
+        """Listen (TCP, or TLS with `ssl`); may be called once per listener."""
         loop = asyncio.get_running_loop()
         if sock is not None:
-            self.server = await loop.create_server(lambda: DiameterProtocol(self), sock=sock)
+            server = await loop.create_server(lambda: DiameterProtocol(self), sock=sock, ssl=ssl)
         else:
-            self.server = await loop.create_server(
+            server = await loop.create_server(
                 lambda: DiameterProtocol(self), host or None, port, reuse_port=reuse_port,
-                backlog=1024)
-        return self.server
+                backlog=1024, ssl=ssl)
+        self.servers.append(server)
+        if self.server is None:
+            self.server = server
+        return server
 
     async def shutdown(self, deadline: float = 10.0) -> None:
         """SIGTERM: stop accepting, send DPR(REBOOTING) to every peer, let in-flight answers
         drain, close. Whatever is still open at the deadline is closed hard."""
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         now = self.clock()
         for p in list(self.protocols):
             p.disconnect(now, REBOOTING)
@@ -108,8 +117,8 @@ class DiameterNode:
             await asyncio.sleep(0.02)
         for p in list(self.protocols):
             p.abort("shutdown deadline reached")
-        if self.server is not None:
-            await self.server.wait_closed()
+        for server in self.servers:
+            await server.wait_closed()
 
 
 class DiameterProtocol(asyncio.Protocol):
@@ -208,6 +217,14 @@ class DiameterProtocol(asyncio.Protocol):
                 self.conn.send(self._eca.answer(msg, prefix, suffix, cached))
                 self._requests[("s13", "ECR", "duplicate")] += 1
                 return
+        if node.in_flight >= node.max_in_flight:
+            # Overload is answered, not left to time out at the MME (DESIGN habit 11): 3004
+            # tells it to try another EIR now.
+            self.conn.send(self._eca.failure(msg, errors.TOO_BUSY, "too many requests waiting "
+                                                                   "for the store"))
+            self._requests[("s13", "ECR", str(errors.TOO_BUSY))] += 1
+            self._metrics.protocol_errors[errors.TOO_BUSY] += 1
+            return
         verdict = self._checker.check(req)
         if type(verdict) is Verdict:
             self._answered(msg, req, prefix, suffix, origin, verdict, now)
