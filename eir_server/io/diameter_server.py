@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 from ..checker import EquipmentChecker
 from ..diameter import errors
@@ -310,6 +309,11 @@ class DiameterProtocol(asyncio.Protocol):
         if self.conn.state is PeerState.R_OPEN:
             self._metrics.dpr[("sent", DISCONNECT_CAUSES[cause])] += 1
         self.conn.disconnect(now, cause)
+        self._after_core_call()
+
+    def _after_core_call(self) -> None:
+        """After a call into the core outside data_received: handle its events, write what
+        it queued, then close or re-arm the timer."""
         for ev in self.conn.events():
             self._event(ev)
         out = self.conn.data_to_send(self._in_flight == 0)
@@ -347,16 +351,4 @@ class DiameterProtocol(asyncio.Protocol):
         self._timer = None
         now = self.node.clock()
         self.conn.handle_timer(now)
-        for ev in self.conn.events():
-            self._event(ev)
-        out = self.conn.data_to_send(self._in_flight == 0)
-        if out and self.transport is not None:
-            self.transport.write(out)
-        if self._closing:
-            self._maybe_close()
-        else:
-            self._arm()
-
-
-def describe(node: DiameterNode) -> dict[str, Any]:
-    return {"peers": node.peers_by_state(), "in_flight": node.in_flight}
+        self._after_core_call()
