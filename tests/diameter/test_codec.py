@@ -240,3 +240,38 @@ def test_terminal_information_children_are_decoded() -> None:
     assert [(c[CODE], msg.text(c)) for c in ti[CHILDREN]] == [(1402, "490154203237518"),
                                                               (1403, "01")]
     assert ti[2] & AVP_M
+
+
+GROUP_LEAVES = [a for a in SIMPLE_AVPS if a.type in ("Unsigned32", "UTF8String", "OctetString")]
+
+
+@st.composite
+def grouped_trees(draw: st.DrawFn, depth: int = 0) -> tuple[bytes, list]:
+    """A random tree of AVPs: leaves of known types and unknown grouped containers (code 1401
+    is Terminal-Information, whose grammar allows any AVP)."""
+    children = []
+    expect: list = []
+    for _ in range(draw(st.integers(0, 4))):
+        if depth < 3 and draw(st.booleans()):
+            wire, sub = draw(grouped_trees(depth + 1))
+            children.append(grouped_avp(1401, [wire], 10415))
+            expect.append(("Terminal-Information", sub))
+        else:
+            d = draw(st.sampled_from(GROUP_LEAVES))
+            v = draw(VALUES[d.type])
+            children.append(encode_avp(d, v))
+            expect.append((d.name, v))
+    return b"".join(children), expect
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(grouped_trees())
+def test_grouped_avps_round_trip(tree: tuple[bytes, list]) -> None:
+    from eir_server.diameter.codec import to_dict
+    wire, expect = tree
+    msg = decode(message(FLAG_R, 280, 0, 1, 1, [grouped_avp(1401, [wire], 10415)]), D)
+    assert msg.problems == []
+
+    def norm(items: list) -> list:
+        return [(n, norm(v) if isinstance(v, list) else v) for n, v in items]
+    assert norm(to_dict(msg, D)) == [("Terminal-Information", norm(expect))]

@@ -322,3 +322,26 @@ def test_any_sequence_of_events_keeps_the_machine_consistent(actions: list) -> N
         for e in c.events():
             if isinstance(e, Closed):
                 assert c.state is PeerState.DONE
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400), st.integers(0, 2))
+def test_random_bytes_after_cer_give_answers_or_a_clean_close(junk: bytes, where: int) -> None:
+    """Whatever follows the CER, the connection raises nothing, and what it sends is a
+    sequence of well-formed answers (each decodes with no problems) or it closes."""
+    c = opened()
+    frame = ecr() if where else b""
+    stream = frame + junk if where == 1 else junk + frame
+    c.receive_data(stream, 1.0)
+    out = c.data_to_send()
+    pos = 0
+    while pos < len(out):
+        n = struct.unpack_from("!I", out, pos)[0] & 0xFFFFFF
+        m = decode(out[pos:pos + n], D)
+        assert m.problems == [] and not m.flags & FLAG_R
+        assert m.find(268) is not None  # every answer carries a Result-Code
+        pos += n
+    assert pos == len(out)
+    for e in c.events():
+        assert isinstance(e, (AppRequest, ErrorAnswered, Closed, DisconnectRequested,
+                              WatchdogChanged, PeerOpened, CerRejected))
