@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs for real: redis-server (store tests start their own
 # instances on free ports), tshark (Wireshark's Diameter dissector checks our answers) and
-# promtool from prometheus (checks deploy/prometheus rules and runs their unit tests).
+# promtool from prometheus (checks deploy/prometheus rules and runs their unit tests), and
+# Erlang/OTP's diameter application (an independent MME for the live interop tests; erlang-dev
+# carries the headers its generated dictionary codec is compiled against).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v tshark >/dev/null 2>&1 || missing+=(tshark)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # TLS tests make their own PKI
+command -v erlc >/dev/null 2>&1 || missing+=(erlang-base)
+ls /usr/lib/erlang/lib/diameter-*/bin/diameterc >/dev/null 2>&1 || missing+=(erlang-diameter)
+ls /usr/lib/erlang/lib/diameter-*/include/diameter.hrl >/dev/null 2>&1 || missing+=(erlang-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   SUDO=sudo
@@ -16,4 +21,5 @@ else
 fi
 echo "installing ${missing[*]} (apt)" >&2
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+  "${missing[@]}" >/dev/null
