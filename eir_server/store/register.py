@@ -263,8 +263,10 @@ def iter_list_rows(
     header_seen = False
     good_dates: set[str] = set()
     good_text: set[str] = set()
+    last = 0  # physical lines read so far: a row is numbered by its first line
     try:
         for row in reader:
+            line, last = last + 1, reader.line_num
             n = len(row)
             if n == 0 or (n == 1 and not row[0].strip()):
                 continue  # blank line
@@ -278,7 +280,6 @@ def iter_list_rows(
                     idx = {c: names.index(c) for c in (*required, *optional) if c in names}
                     counts = {len(names)}
                     continue
-            line = reader.line_num
             if n not in counts:
                 report.add_bad(line, f"{n} columns")
                 continue
@@ -456,63 +457,8 @@ def read_full_lists(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fast line access for the 10M-row blacklist load (see sync.engine): plain lines in chunks, the
-# generic csv path only for lines that need it.
-
-
-def line_chunks(stream: IO[bytes], source: str) -> Iterator[tuple[int, list[str], bool]]:
-    """Yield (number of the first line, lines, all ASCII?) with the BOM and "\n" removed.
-
-    "\r" is kept: stripping it per line costs more than letting the few consumers that care
-    strip it. A line with an odd number of double quotes is joined with the following line(s),
-    so a quoted field holding a newline stays in one logical line (numbered by its first line).
-    """
-    import codecs
-
-    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-    carry = ""
-    lineno = 1
-    try:
-        while True:
-            data = stream.read(1 << 20)
-            text = carry + decoder.decode(data, final=not data)
-            if not text:
-                return
-            lines = text.split("\n")
-            carry = lines.pop() if data else ""
-            if not data and lines and lines[-1] == "":
-                lines.pop()
-            quoted = '"' in text
-            if quoted:
-                lines = _join_quoted(lines)
-            nlines = (
-                text.count("\n") + (0 if data or text.endswith("\n") else 1) - len(carry and "x")
-            )
-            yield lineno, lines, text.isascii()
-            lineno += nlines if quoted else len(lines)
-            if not data:
-                return
-    except (zipfile.BadZipFile, EOFError, zlib_error) as e:
-        raise RegisterError(f"{source}: corrupt data ({e})") from e
-
-
-def _join_quoted(lines: list[str]) -> list[str]:
-    out: list[str] = []
-    buf: str | None = None
-    for ln in lines:
-        if buf is not None:
-            buf += "\n" + ln
-            if buf.count('"') % 2 == 0:
-                out.append(buf)
-                buf = None
-            continue
-        if ln.count('"') % 2:
-            buf = ln
-        else:
-            out.append(ln)
-    if buf is not None:
-        out.append(buf)
-    return out
+# One line at a time, for the lines the sync's bytes-level blacklist path cannot take
+# (eir_server/sync/blacklist.py).
 
 
 def parse_line(kind: ListKind, line: str, lineno: int, report: CsvReport) -> list[str] | None:

@@ -18,17 +18,15 @@ import time
 import uuid
 import zipfile
 import zlib
-from binascii import unhexlify
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from eir_server.store import layout
-from eir_server.store.codec import FORBIDDEN, Listing, decode_listing, encode_blacklist
+from eir_server.store.codec import Listing, decode_listing, encode_blacklist
 from eir_server.store.register import (
     CsvReport,
     ListKind,
@@ -36,15 +34,12 @@ from eir_server.store.register import (
     ListZip,
     RegisterError,
     apply_row,
-    check_blacklist_row,
     iter_list_rows,
-    line_chunks,
     open_list_zip,
-    parse_line,
     split_reasons,
-    valid_date,
 )
 
+from .blacklist import BlacklistParser, NeedGeneric, iter_blocks
 from .progress import BAD_ROWS, IMEIS, Progress
 from .redis_db import BulkWriter, Current, RegisterDB, bulk
 from .source import Source, file_sha256
@@ -59,6 +54,7 @@ class SyncOptions:
     compact_threshold: int = 200_000  # overlay entries beyond which a delta becomes a full load
     flush_rows: int | None = None  # rows buffered per write round (None: from bucket count)
     max_records: int = 65_536  # distinct shared blacklist records per version
+    read_block: int = 1 << 20  # bytes per read of the full blacklist (tests use tiny blocks)
     grace: float = 2.0  # seconds between the switch and deleting the old version
     force_full: bool = False
     allow_missing_lists: bool = False
@@ -97,8 +93,6 @@ class RunResult:
             "finished": time.time(),
         }
 
-
-_IMEI_LENGTHS = frozenset((14, 15, 16))
 
 
 def _ts(name: str) -> str:
@@ -315,34 +309,14 @@ class SyncRun:
         extras: dict[str, Listing],
         table: dict[int, bytes],
     ) -> int:
-        """The 10M-row path, kept to a handful of C calls per row.
-
-        Each line is split once at its first comma; the rest ("date,reasons") is looked up in a
-        cache of already validated tails holding the ready RESP value, and the bucket and field
-        are slices of the IMEI. Only lines whose tail is new, whose IMEI part is not 14-16
-        digits, that hold quotes or whose IMEI is also on another list take the careful path.
-        Commands are built as latin-1 str (one char per byte) and encoded once per bucket.
-        """
+        """The 10M-row path (see sync/blacklist.py): bytes-level runs of plain lines, the csv
+        module only for the lines that need it; buckets flushed as one HSET each per round."""
         report = CsvReport(f"{z.path.name}:{z.full_member}")
         k = buckets.k
-        cut = 14 - k
-        bcd = cut > 9
-        fast = self._blacklist_lines_bcd if bcd else self._blacklist_lines
-        fpre = f"${(cut + 1) // 2}\r\n" if bcd else f"${cut + 1}\r\n1"
-        ns_pre = f"{buckets.ns}:{buckets.base}:b:"
-        tails: dict[str, str] = {}  # validated "date,reasons" -> "\r\n" + RESP value
-        values: dict[tuple[str, str], str] = {}
+        values: dict[tuple[str, str], bytes] = {}
         max_records = self.opts.max_records
-        groups: dict[str, list[str]] = {f"{i:0{k}d}": [] for i in range(10**k)}
-        # Rows buffered before writing: more rows per bucket per HSET means less Redis work.
-        chunk = self.opts.flush_rows or max(200_000, min(2_000_000, 10**k * 16))
-        pending = rows = 0
-        self.progress.start(z.path.name, self._estimate_rows(z))
-        blk = ListName(ListKind.BLACKLIST)
-        first_line = True
-        first_flush = True
 
-        def value_of(date: str, raw: str) -> str:
+        def value_of(date: str, raw: str) -> bytes:
             vf = values.get((date, raw))
             if vf is None:
                 enc = encode_blacklist(date, split_reasons(raw))
@@ -350,173 +324,60 @@ class SyncRun:
                     rid = len(table) + 1
                     table[rid] = enc
                     enc = b"%d" % rid
-                vf = "\r\n" + bulk(enc).decode("latin-1")
-                values[(date, raw)] = vf
+                vf = values[(date, raw)] = b"\r\n" + bulk(enc)
             return vf
 
-        def new_tail(tail: str) -> str | None:
-            """First sight of a "date,reasons" tail: validate it without the csv module."""
-            date, sep, raw = tail.rstrip("\r").partition(",")
-            if (
-                not sep
-                or '"' in tail
-                or "," in raw
-                or not valid_date(date)
-                or FORBIDDEN.intersection(raw)
-            ):
-                return None
-            vf = tails[tail] = value_of(date, raw)
-            return vf
-
-        zf = zipfile.ZipFile(z.path)
+        parser = BlacklistParser(k, report, value_of, extras)
+        keys = [f"{buckets.ns}:{buckets.base}:b:{i:0{k}d}" for i in range(10**k)]
+        heads = [b"$%d\r\n%s\r\n" % (len(key), key.encode()) for key in keys]
+        # Rows buffered before writing: more rows per bucket per HSET means less Redis work.
+        chunk = self.opts.flush_rows or max(200_000, min(2_000_000, 10**k * 16))
+        flushed = 0
+        first_flush = True
+        self.progress.start(z.path.name, self._estimate_rows(z))
         gc_was = gc.isenabled()
         gc.disable()  # millions of short-lived objects, nothing cyclic: skip the collector
         try:
-            stream = zf.open(z.full_member)
-            for start, lines, ascii_only in line_chunks(stream, report.source):
-                n = i = 0
-                end = len(lines)
-                while i < end:
-                    j = (
-                        fast(lines, i, tails, groups, cut, fpre, extras, new_tail)
-                        if ascii_only
-                        else i
-                    )
-                    n += j - i
-                    if j >= end:
-                        break
-                    i = j + 1
-                    # The careful path for one line: header, new tail, bad row, quotes, extras.
-                    line = lines[j]
-                    row = parse_line(ListKind.BLACKLIST, line, start + j, report)
-                    if row is None:
-                        continue
-                    if first_line:
-                        first_line = False
-                        if row[0].strip().lower() == "imei":
-                            if [c.strip().lower() for c in row] != [
-                                "imei",
-                                "block_date",
-                                "reasons",
-                            ]:
-                                stream.close()
-                                return self._write_blacklist_generic(
-                                    z, buckets, writer, extras, table
-                                )
-                            continue
-                    checked = check_blacklist_row(row, start + j, report)
-                    if checked is None:
-                        continue
-                    imei, date, raw = checked
-                    vf = value_of(date, raw)
-                    head, _, tail = line.partition(",")
-                    if (
-                        '"' not in line
-                        and line.count(",") == 2
-                        and head.isdigit()
-                        and head.isascii()
-                    ):
-                        tails[tail] = vf
-                    n += 1
-                    listing = extras.get(imei) if extras else None
-                    if listing is not None:
-                        apply_row(listing, blk, "upsert", (date, raw))
-                        continue
-                    fld = layout.field_of(imei[:cut])
-                    fld_s = fld.decode("latin-1") if isinstance(fld, bytes) else fld[1:]
-                    groups[imei[cut:]].append(fpre + fld_s + vf)
-                first_line = False
-                rows += n
-                pending += n
-                if pending >= chunk:
-                    self._flush_groups(groups, ns_pre, writer)
-                    pending = 0
-                    self.progress.update(rows)
-                    self.db.refresh_lock()
-                    if first_flush:
-                        first_flush = False
-                        self.opts.checkpoint("buckets-partial")
-            stream.close()
+            with zipfile.ZipFile(z.path) as zf, zf.open(z.full_member) as stream:
+                for lineno, data in iter_blocks(stream, report.source, self.opts.read_block):
+                    parser.feed(lineno, data)
+                    self.progress.update(parser.rows)
+                    if parser.rows - flushed >= chunk:
+                        self._flush_groups(parser, keys, heads, writer)
+                        flushed = parser.rows
+                        self.db.refresh_lock()
+                        if first_flush:
+                            first_flush = False
+                            self.opts.checkpoint("buckets-partial")
+        except NeedGeneric:
+            return self._write_blacklist_generic(z, buckets, writer, extras, table)
+        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+            raise RegisterError(f"{report.source}: corrupt data ({e})") from e
         finally:
-            zf.close()
             if gc_was:
                 gc.enable()
-        self._flush_groups(groups, ns_pre, writer)
-        report.rows = rows
+        self._flush_groups(parser, keys, heads, writer)
+        report.rows = parser.rows
         report.check(self.opts.max_bad_share)
         self.reports.append(report)
-        self.progress.update(rows)
+        self.progress.update(parser.rows)
         self.progress.finish()
-        return rows
+        return parser.rows
 
     @staticmethod
-    def _blacklist_lines(
-        lines: list[str],
-        start: int,
-        tails: dict[str, str],
-        groups: dict[str, list[str]],
-        cut: int,
-        fpre: str,
-        extras: dict[str, Listing],
-        new_tail: Callable[[str], str | None],
-    ) -> int:
-        """Fast path from lines[start]: returns the index of the first line that is not a plain
-        "<14-16 digits>,<valid tail>" line (or len(lines)). The caller checked the chunk is
-        ASCII, so isdigit() means ASCII digits here."""
-        get = tails.get
-        ok_len = _IMEI_LENGTHS
-        for line in lines if start == 0 else islice(lines, start, None):
-            imei, _, tail = line.partition(",")
-            vf = get(tail)
-            if vf is None:
-                vf = new_tail(tail)
-            if (
-                vf is None
-                or len(imei) not in ok_len
-                or not imei.isdigit()
-                or (extras and imei[:14] in extras)
-            ):
-                return lines.index(line, start)
-            groups[imei[cut:14]].append(fpre + imei[:cut] + vf)
-        return len(lines)
-
-    @staticmethod
-    def _blacklist_lines_bcd(
-        lines: list[str],
-        start: int,
-        tails: dict[str, str],
-        groups: dict[str, list[str]],
-        cut: int,
-        fpre: str,
-        extras: dict[str, Listing],
-        new_tail: Callable[[str], str | None],
-    ) -> int:
-        """`_blacklist_lines` for k <= 4: the field is the BCD-packed prefix (see layout)."""
-        get = tails.get
-        ok_len = _IMEI_LENGTHS
-        pad = "1" if cut % 2 else ""
-        for line in lines if start == 0 else islice(lines, start, None):
-            imei, _, tail = line.partition(",")
-            vf = get(tail)
-            if vf is None:
-                vf = new_tail(tail)
-            if (
-                vf is None
-                or len(imei) not in ok_len
-                or not imei.isdigit()
-                or (extras and imei[:14] in extras)
-            ):
-                return lines.index(line, start)
-            groups[imei[cut:14]].append(fpre + unhexlify(pad + imei[:cut]).decode("latin-1") + vf)
-        return len(lines)
-
-    @staticmethod
-    def _flush_groups(groups: dict[str, list[str]], ns_pre: str, writer: BulkWriter) -> None:
-        for suffix, frags in groups.items():
+    def _flush_groups(
+        parser: BlacklistParser, keys: list[str], heads: list[bytes], writer: BulkWriter
+    ) -> None:
+        fpre = parser.fpre
+        for i, frags in enumerate(parser.groups):
             if frags:
-                key = ns_pre + suffix
-                head = f"*{2 + 2 * len(frags)}\r\n$4\r\nHSET\r\n${len(key)}\r\n{key}\r\n"
-                writer.raw(key, (head + "".join(frags)).encode("latin-1"))
+                writer.raw(
+                    keys[i],
+                    b"".join(
+                        (b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(frags)), heads[i], fpre)
+                    )
+                    + fpre.join(frags),
+                )
                 frags.clear()
 
     def _write_blacklist_generic(

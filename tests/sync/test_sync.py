@@ -248,7 +248,7 @@ async def test_bad_rows_are_counted_by_line_and_skipped(redis_url, dirbs, sync_d
         '"35000000000004",20240101,"lost|stolen"\r\n'
         '35000000000005,20240101,"multi\r\nline"\r\n'
         "\r\n"
-        "1234,20240101,x\r\n"  # line 9: too short
+        "1234,20240101,x\r\n"  # line 10 (the quoted field above spans 7-8): too short
         "35000000000006,20240101,\r\n"
     )
     rows_ok = [f"3510000000{i:04d},20240101,stolen" for i in range(200)]
@@ -257,7 +257,7 @@ async def test_bad_rows_are_counted_by_line_and_skipped(redis_url, dirbs, sync_d
     r = sync_dir(redis_url, dirbs.root, max_bad_share=0.05)
     assert r.mode == "full" and r.imeis == 4 + 200 and r.bad_rows == 4
     bad = r.lists["blacklist"]["files"][0]["bad_lines"]
-    assert [b[0] for b in bad] == [3, 4, 5, 9]
+    assert [b[0] for b in bad] == [3, 4, 5, 10]
     got = await read_all(
         redis_url, ["35000000000001", "35000000000004", "35000000000005", "35000000000006"]
     )
