@@ -123,6 +123,16 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
     return p, port
 
 
+def cpu_self() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_redis(c: redis.Redis) -> float:
+    info = c.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def used(c: redis.Redis) -> int:
     return int(c.info("memory")["used_memory"])
 
@@ -165,15 +175,21 @@ def main() -> None:
         url = f"redis://127.0.0.1:{port}/0"
         db = RegisterDB(parse_store_url(url))
         opts = SyncOptions(grace=0, bucket_size=a.bucket_size, progress=Progress(a.progress))
+        cpu0, rcpu0 = cpu_self(), cpu_redis(c)
         t = time.perf_counter()
         r = run_once(DirSource(src), db, opts)
         dt = time.perf_counter() - t
+        cpu, rcpu = cpu_self() - cpu0, cpu_redis(c) - rcpu0
         mem = used(c) - base
         rows = [
             ("full load rows", f"{r.rows:,}"),
             ("listed IMEIs", f"{r.imeis:,}"),
             ("full load time s", f"{dt:.2f}"),
             ("full load rows/s", f"{r.rows / dt:,.0f}"),
+            # CPU of this process (all threads) and of redis-server: wall well above the larger
+            # of the two means the load was starved by other work on the machine.
+            ("sync CPU s (µs/row)", f"{cpu:.2f} ({cpu / max(r.rows, 1) * 1e6:.2f})"),
+            ("redis CPU s (µs/row)", f"{rcpu:.2f} ({rcpu / max(r.rows, 1) * 1e6:.2f})"),
             ("redis bytes / IMEI", f"{mem / r.imeis:.2f}"),
             ("buckets (keys)", c.dbsize()),
             (

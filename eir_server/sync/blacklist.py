@@ -167,7 +167,6 @@ class BlockReader:
         self.close()
 
 
-
 class BlacklistParser:
     """Feeds blocks from `BlockReader`; fills `groups[bucket]` with RESP `field\\r\\n$n\\r\\nvalue\\r\\n`
     fragments, meant to be joined with `fpre` (the field's bulk prefix) as separator.

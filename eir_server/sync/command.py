@@ -22,7 +22,7 @@ from .source import SourceError, open_source
 log = structlog.get_logger("eir.sync")
 
 EXIT_OK = 0
-EXIT_REFUSED = 1  # bad input: a file was refused, nothing changed
+EXIT_REFUSED = 1  # bad input: a file was refused; its list (or the whole run) kept its version
 EXIT_USAGE = 2
 EXIT_STORE = 3  # Redis unreachable or another sync running / raced: retry later
 EXIT_SOURCE = 4  # source unreadable (network, permissions): retry later
@@ -151,8 +151,17 @@ def _one(args: argparse.Namespace, db: RegisterDB, opts: SyncOptions) -> int:
         log.error("sync failed talking to the store; previous version keeps serving", error=repr(e))
         return EXIT_STORE
     RUNS.labels(result.mode).inc()
-    LAST_SUCCESS.set(time.time())
     LAST_DURATION.set(result.duration_s)
+    if result.refused:
+        RUNS.labels("refused").inc()
+        log.error(
+            "sync refused some list files; those lists keep their previous version",
+            mode=result.mode,
+            version=result.version,
+            refused=result.refused,
+        )
+        return EXIT_REFUSED
+    LAST_SUCCESS.set(time.time())
     log.info(
         "sync run done",
         **{k: v for k, v in result.as_dict().items() if k != "lists"},

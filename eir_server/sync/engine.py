@@ -36,6 +36,7 @@ from eir_server.store.register import (
     apply_row,
     iter_list_rows,
     open_list_zip,
+    parse_zip_name,
     split_reasons,
 )
 
@@ -75,6 +76,8 @@ class RunResult:
     bad_rows: int = 0
     duration_s: float = 0.0
     error: str | None = None
+    # list name -> why its new file was refused; the list kept its previous version
+    refused: dict[str, str] = field(default_factory=dict)
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def as_dict(self) -> dict[str, Any]:
@@ -90,9 +93,9 @@ class RunResult:
             "duration_s": round(self.duration_s, 3),
             "rows_per_s": round(self.rows / self.duration_s) if self.duration_s > 0 else 0,
             "error": self.error,
+            "refused": self.refused,
             "finished": time.time(),
         }
-
 
 
 def _ts(name: str) -> str:
@@ -103,6 +106,29 @@ class NeedFull(Exception):
     pass
 
 
+class ListRefused(RegisterError):
+    """One list's file is refused (bad rows, corrupt zip, checksum): the run can go on with that
+    list kept at its previous version."""
+
+    def __init__(self, lname: ListName, message: str) -> None:
+        super().__init__(message)
+        self.list = lname
+
+
+class _Pinned:
+    """Turns a RegisterError raised while handling one list's file into ListRefused."""
+
+    def __init__(self, lname: ListName) -> None:
+        self.lname = lname
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
+        if isinstance(e, RegisterError) and not isinstance(e, ListRefused):
+            raise ListRefused(self.lname, str(e)) from e
+
+
 class SyncRun:
     def __init__(self, source: Source, db: RegisterDB, opts: SyncOptions) -> None:
         self.source = source
@@ -111,12 +137,18 @@ class SyncRun:
         self.progress = opts.progress or Progress("never")
         self.reports: list[CsvReport] = []
         self._zips: dict[str, ListZip] = {}
+        # Lists whose new file was refused in this run -> the zip name they keep being served
+        # from (None: the list was never served, leave it out).
+        self.pinned: dict[ListName, str | None] = {}
 
     # -- planning ------------------------------------------------------------------------------
     def _zip(self, name: str) -> ListZip:
         z = self._zips.get(name)
         if z is None:
-            z = self._zips[name] = open_list_zip(self.source.fetch(name))
+            parsed = parse_zip_name(name)
+            assert parsed is not None
+            with _Pinned(parsed[1]):
+                z = self._zips[name] = open_list_zip(self.source.fetch(name))
         return z
 
     def plan(
@@ -124,6 +156,11 @@ class SyncRun:
     ) -> tuple[dict[ListName, list[str]], dict[ListName, list[ListZip]], bool]:
         """-> (available names per list, delta chains per changed list, full load needed)."""
         available = self.source.list_zips()
+        for lname, keep in self.pinned.items():
+            if keep is None:
+                available.pop(lname, None)
+            else:  # as if nothing newer than the served file were published
+                available[lname] = [n for n in available.get(lname, []) if n < keep] + [keep]
         applied = cur.lists
         missing = [n for n in applied if ListName.parse(n) not in available]
         if missing and not self.opts.allow_missing_lists:
@@ -161,24 +198,12 @@ class SyncRun:
         cur = self.db.current()
         result = RunResult("noop", cur.version, cur.version)
         try:
-            available, chains, full = self.plan(cur)
-            self.opts.checkpoint("planned")
-            self._stage_tac(result)
-            if not chains and not full:
-                result.lists = cur.lists
-                result.imeis = int(cur.meta.get("count", 0))
-            else:
-                if not full:
-                    try:
-                        self._delta(cur, chains, result)
-                    except NeedFull:
-                        log.info(
-                            "overlay over compact threshold, full load",
-                            threshold=self.opts.compact_threshold,
-                        )
-                        full = True
-                if full:
-                    self._full(cur, available, result)
+            while True:
+                try:
+                    self._attempt(cur, result)
+                    break
+                except ListRefused as e:
+                    self._pin(cur, e, result)
         except BaseException as e:
             result.mode = "failed"
             result.version = cur.version
@@ -191,11 +216,54 @@ class SyncRun:
             for r in self.reports:
                 name = r.source.split(":")[0][16:-4]
                 result.lists.setdefault(name, {}).setdefault("files", []).append(r.as_dict())
+            if result.refused and result.error is None:
+                result.error = "; ".join(f"{k}: {v}" for k, v in sorted(result.refused.items()))
             try:
                 self.db.record_run(result.as_dict())
             except Exception as e:  # noqa: BLE001 - the run's own outcome matters more
                 log.warning("could not record sync run", error=repr(e))
         return result
+
+    def _attempt(self, cur: Current, result: RunResult) -> None:
+        self.reports = []
+        available, chains, full = self.plan(cur)
+        self.opts.checkpoint("planned")
+        self._stage_tac(result)
+        if not available and cur.version is None:
+            full = False  # every list refused on an empty store: no empty version to serve
+        if not chains and not full:
+            result.mode = "noop"
+            result.lists = cur.lists
+            result.imeis = int(cur.meta.get("count", 0))
+            return
+        if not full:
+            try:
+                self._delta(cur, chains, result)
+                return
+            except NeedFull:
+                log.info(
+                    "overlay over compact threshold, full load",
+                    threshold=self.opts.compact_threshold,
+                )
+        self._full(cur, available, result)
+
+    def _pin(self, cur: Current, e: ListRefused, result: RunResult) -> None:
+        """Keep a refused list at its served file and plan again without its new files."""
+        name = str(e.list)
+        if e.list in self.pinned:
+            keep = self.pinned[e.list]
+            raise RegisterError(
+                f"{e} (while keeping {name} at its served file {keep}: nothing applied)"
+            ) from e
+        self.pinned[e.list] = keep = cur.lists.get(name, {}).get("file")
+        result.refused[name] = str(e)
+        log.error(
+            "list file refused; the list keeps its previous version, the others go on",
+            list=name,
+            kept=keep,
+            error=str(e),
+        )
+        self.db.gc()  # keys of a version this attempt may have started writing
 
     def _stage_tac(self, result: RunResult) -> None:
         tac = self.source.tac_file()
@@ -221,13 +289,14 @@ class SyncRun:
         )
 
     def _read_rows(self, z: ListZip, member: str, report: CsvReport) -> Iterable[tuple[str, Any]]:
-        zf = zipfile.ZipFile(z.path)
-        try:
-            with zf.open(member) as stream:
-                yield from iter_list_rows(z.list.kind, stream, report)
-        finally:
-            zf.close()
-        report.check(self.opts.max_bad_share)
+        with _Pinned(z.list):
+            zf = zipfile.ZipFile(z.path)
+            try:
+                with zf.open(member) as stream:
+                    yield from iter_list_rows(z.list.kind, stream, report)
+            finally:
+                zf.close()
+            report.check(self.opts.max_bad_share)
         self.reports.append(report)
 
     # -- full load -----------------------------------------------------------------------------
@@ -250,7 +319,8 @@ class SyncRun:
             rows += report.rows
             lists_meta[str(lname)]["rows"] = report.rows
         bl = latest.get(ListName(ListKind.BLACKLIST))
-        est = len(extras) + (self._estimate_rows(bl) if bl else 0)
+        with _Pinned(ListName(ListKind.BLACKLIST)):
+            est = len(extras) + (self._estimate_rows(bl) if bl else 0)
         # Average bucket well under the listpack limit, so Poisson spread never tips one over.
         per_bucket = self.opts.bucket_size or max(8, self.db.hash_limits() * 3 // 4)
         k = layout.digits_for(est, per_bucket)
@@ -261,7 +331,8 @@ class SyncRun:
         table: dict[int, bytes] = {}
         try:
             if bl is not None:
-                n = self._write_blacklist(bl, buckets, writer, extras, table)
+                with _Pinned(bl.list):
+                    n = self._write_blacklist(bl, buckets, writer, extras, table)
                 rows += n
                 lists_meta["blacklist"]["rows"] = n
             for imei, listing in extras.items():
@@ -331,7 +402,8 @@ class SyncRun:
         keys = [f"{buckets.ns}:{buckets.base}:b:{i:0{k}d}" for i in range(10**k)]
         heads = [b"$%d\r\n%s\r\n" % (len(key), key.encode()) for key in keys]
         # Rows buffered before writing: more rows per bucket per HSET means less Redis work.
-        chunk = self.opts.flush_rows or max(200_000, min(2_000_000, 10**k * 16))
+        # 24 per bucket: ~2.4M rows (~170 MB of fragments) per round at k=5.
+        chunk = self.opts.flush_rows or max(200_000, min(3_000_000, 10**k * 24))
         flushed = 0
         first_flush = True
         self.progress.start(z.path.name, self._estimate_rows(z))
@@ -369,14 +441,14 @@ class SyncRun:
         parser: BlacklistParser, keys: list[str], heads: list[bytes], writer: BulkWriter
     ) -> None:
         fpre = parser.fpre
+        hset = b"*%d\r\n$4\r\nHSET\r\n"
+        raw = writer.raw_parts
         for i, frags in enumerate(parser.groups):
             if frags:
-                writer.raw(
+                raw(
                     keys[i],
-                    b"".join(
-                        (b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(frags)), heads[i], fpre)
-                    )
-                    + fpre.join(frags),
+                    b"".join((hset % (2 + 2 * len(frags)), heads[i], fpre)),
+                    fpre.join(frags),
                 )
                 frags.clear()
 

@@ -184,6 +184,16 @@ class BulkWriter:
         if t.size >= self.CHUNK_BYTES:
             self._send(t)
 
+    def raw_parts(self, key: str, head: bytes, body: bytes) -> None:
+        """One command given as two pieces (saves copying a large body into a new object)."""
+        t = self._target(key)
+        t.buf.append(head)
+        t.buf.append(body)
+        t.cmds += 1
+        t.size += len(head) + len(body)
+        if t.size >= self.CHUNK_BYTES:
+            self._send(t)
+
     def hset_frags(self, key: str, frags: list[bytes]) -> None:
         """HSET key with pre-encoded RESP field/value pairs (2 bulk strings per element)."""
         self.raw(
