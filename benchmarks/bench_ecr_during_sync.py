@@ -155,6 +155,7 @@ async def run(args: argparse.Namespace, url: str, src_full: Path, imeis: list[st
                 await asyncio.sleep(0.05)
         sent: dict[int, float] = {}
         phases: list[Phase] = []
+        timeline: list[tuple[float, float]] = []
 
         def on_answer(t0: float, now: float, msg: bytes) -> None:
             ph = phases[-1]
@@ -163,6 +164,7 @@ async def run(args: argparse.Namespace, url: str, src_full: Path, imeis: list[st
                     ph = p
                     break
             ph.lat.append(now - t0)
+            timeline.append((t0, now - t0))
             code, status = answer_status(msg)
             if code != 2001:
                 ph.errors += 1
@@ -207,6 +209,7 @@ async def run(args: argparse.Namespace, url: str, src_full: Path, imeis: list[st
         t_sync = time.perf_counter()
         phases.append(Phase("during sync", t_sync))
         sync = await asyncio.create_subprocess_exec(
+            *(["nice", "-n", str(args.sync_nice)] if args.sync_nice else []),
             str(EXE), "sync", "--source", str(src_full), "--store", url, "--once",
             "--force-full", "--grace", "0", "--progress", "never",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
@@ -237,6 +240,21 @@ async def run(args: argparse.Namespace, url: str, src_full: Path, imeis: list[st
                 f"{pct(lat, 99):>7.2f} {pct(lat, 99.9):>8.2f} {max(lat, default=0) * 1e3:>7.1f} "
                 f"{black:>6.1%} {p.errors:>6}"
             )
+        if args.timeline:
+            print(f"\n{'t s':>6} {'phase':<12} {'n':>6} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}")
+            t_first = phases[1].start
+            buckets: dict[int, list[float]] = {}
+            for t0, lat_s in timeline:
+                if t0 >= t_first:
+                    buckets.setdefault(int((t0 - t_first) / args.timeline), []).append(lat_s)
+            for b, v in sorted(buckets.items()):
+                v.sort()
+                t = t_first + b * args.timeline
+                name = next(p.name for p in reversed(phases) if t >= p.start)
+                print(
+                    f"{b * args.timeline:>6.1f} {name:<12} {len(v):>6} {pct(v, 50):>7.2f} "
+                    f"{pct(v, 99):>7.2f} {v[-1] * 1e3:>7.1f}"
+                )
         for c in conns:
             c.t.close()
     finally:
@@ -271,6 +289,10 @@ def main() -> None:
     ap.add_argument("--after", type=float, default=5.0, help="seconds measured after it")
     ap.add_argument("--distinct", type=int, default=60_000, help="distinct IMEIs queried")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--sync-nice", type=int, default=0, help="run the sync under nice -n N")
+    ap.add_argument(
+        "--timeline", type=float, default=0, metavar="S", help="also print latency per S seconds"
+    )
     ap.add_argument("--realm", default="localdomain")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "eir-bench"))
     a = ap.parse_args()

@@ -3,6 +3,9 @@
 Keys, with N the namespace (default "eir") and V a version id (decimal, from INCR N:seq):
   N:cur          string: the version being served; switching it is the one atomic step
   N:seq          counter for version ids
+  N:tac          hash: the GSMA TAC file served (sha256, file, rows, bad, loaded); switched
+                 on its own, after the lists of the same run
+  N:tac:<sha256> string: that TAC file's text; N:tacs registers every stored one for GC
   N:versions     hash V -> JSON {k, full}: every version ever started (so a crashed run's
                  leftovers can be found and deleted without SCAN)
   N:V:m          hash: meta (base, k, lists JSON, counts, created)
@@ -55,6 +58,21 @@ def runs_key(ns: str) -> str:
 
 def lock_key(ns: str) -> str:
     return f"{ns}:lock"
+
+
+def tac_key(ns: str) -> str:
+    """Hash: the GSMA TAC file being served: sha256, file, rows, bad, loaded."""
+    return f"{ns}:tac"
+
+
+def tac_data_key(ns: str, sha256: str) -> str:
+    """String: the TAC file's text (decompressed when published as a zip), by content hash."""
+    return f"{ns}:tac:{sha256}"
+
+
+def tacs_key(ns: str) -> str:
+    """Hash sha256 -> JSON info of every TAC text stored (GC finds leftovers without SCAN)."""
+    return f"{ns}:tacs"
 
 
 def meta_key(ns: str, ver: str) -> str:

@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import gc
+import io
 import json
 import time
 import uuid
@@ -25,6 +26,7 @@ from typing import Any
 
 import structlog
 
+from eir_server.policy import LoadError, TacDatabase
 from eir_server.store import layout
 from eir_server.store.codec import Listing, decode_listing, encode_blacklist
 from eir_server.store.register import (
@@ -43,7 +45,7 @@ from eir_server.store.register import (
 from .blacklist import BlacklistParser, NeedGeneric, iter_blocks
 from .progress import BAD_ROWS, IMEIS, Progress
 from .redis_db import BulkWriter, Current, RegisterDB, bulk
-from .source import Source, file_sha256
+from .source import Source, file_sha256, read_tac_text
 
 log = structlog.get_logger("eir.sync")
 
@@ -78,6 +80,7 @@ class RunResult:
     error: str | None = None
     # list name -> why its new file was refused; the list kept its previous version
     refused: dict[str, str] = field(default_factory=dict)
+    tac: dict[str, Any] | None = None  # the GSMA TAC file seen: file, sha256, rows, bad, ...
     run: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def as_dict(self) -> dict[str, Any]:
@@ -94,6 +97,7 @@ class RunResult:
             "rows_per_s": round(self.rows / self.duration_s) if self.duration_s > 0 else 0,
             "error": self.error,
             "refused": self.refused,
+            "gsma_tac": self.tac,
             "finished": time.time(),
         }
 
@@ -198,12 +202,18 @@ class SyncRun:
         cur = self.db.current()
         result = RunResult("noop", cur.version, cur.version)
         try:
+            tac = self._stage_tac(result)
             while True:
                 try:
                     self._attempt(cur, result)
                     break
                 except ListRefused as e:
                     self._pin(cur, e, result)
+            if tac is not None:
+                self.db.switch_tac(*tac)
+                assert result.tac is not None
+                result.tac["switched"] = True
+                log.info("GSMA TAC file switched", sha256=tac[0], **tac[1])
         except BaseException as e:
             result.mode = "failed"
             result.version = cur.version
@@ -228,7 +238,6 @@ class SyncRun:
         self.reports = []
         available, chains, full = self.plan(cur)
         self.opts.checkpoint("planned")
-        self._stage_tac(result)
         if not available and cur.version is None:
             full = False  # every list refused on an empty store: no empty version to serve
         if not chains and not full:
@@ -265,13 +274,53 @@ class SyncRun:
         )
         self.db.gc()  # keys of a version this attempt may have started writing
 
-    def _stage_tac(self, result: RunResult) -> None:
+    def _stage_tac(self, result: RunResult) -> tuple[str, dict[str, Any]] | None:
+        """Validate a new GSMA TAC file and store its text (not served yet).
+
+        Returns (sha256, info) to switch to once the lists are done, or None when there is no
+        TAC file, it is the one served, or it was refused (recorded in `result.refused`, the
+        served TAC file stays).
+        """
         tac = self.source.tac_file()
         if tac is None:
-            return
-        result.lists["gsma_tac"] = {"file": tac.name, "sha256": file_sha256(tac)}
+            return None
+        sha = file_sha256(tac)
+        info: dict[str, Any] = {"file": tac.name, "sha256": sha}
+        result.tac = info
+        if self.db.tac_current().get("sha256") == sha:
+            info["unchanged"] = True
+            return None
+        try:
+            text = read_tac_text(tac)
+            db = TacDatabase.parse_gsma(
+                io.StringIO(text.decode("utf-8-sig", errors="replace"), newline=""),
+                source=tac.name,
+            )
+        except (LoadError, RegisterError) as e:
+            return self._refuse_tac(result, info, str(e))
+        rows, bad = len(db), len(db.bad_lines)
+        info.update(rows=rows, bad=bad, bad_lines=[[b.line, b.reason] for b in db.bad_lines[:20]])
+        if rows + bad == 0:
+            return self._refuse_tac(result, info, f"{tac.name}: no TAC rows")
+        if bad / (rows + bad) > self.opts.max_bad_share:
+            first = "; ".join(f"line {b.line}: {b.reason}" for b in db.bad_lines[:5])
+            return self._refuse_tac(
+                result,
+                info,
+                f"{tac.name}: {bad} of {rows + bad} rows are bad "
+                f"(> {self.opts.max_bad_share:.2%} allowed), file refused; {first}",
+            )
         if self.opts.tac_hook is not None:
             self.opts.tac_hook(tac)
+        stored = {"file": tac.name, "rows": rows, "bad": bad, "loaded": round(time.time(), 3)}
+        self.db.put_tac(sha, text, stored)
+        return sha, stored
+
+    def _refuse_tac(self, result: RunResult, info: dict[str, Any], error: str) -> None:
+        info["refused"] = True
+        result.refused["gsma_tac"] = error
+        log.error("GSMA TAC file refused; the served TAC file stays", error=error)
+        return None
 
     def _switch(self, cur: Current, ver: str, result: RunResult, count: int) -> None:
         self.db.switch(cur.version, ver)
@@ -589,10 +638,13 @@ def run_once(source: Source, db: RegisterDB, opts: SyncOptions) -> RunResult:
     db.acquire_lock()
     try:
         db.gc()  # leftovers of crashed runs (never the current version or its base)
+        db.gc_tac()
         result = SyncRun(source, db, opts).run()
-        if result.mode in ("full", "delta") and opts.grace > 0:
+        switched = result.mode in ("full", "delta") or (result.tac or {}).get("switched")
+        if switched and opts.grace > 0:
             time.sleep(opts.grace)  # let every node's poller move off the old version
         db.gc()
+        db.gc_tac()
         return result
     finally:
         db.release_lock()

@@ -405,6 +405,37 @@ class RegisterDB:
     def runs(self, n: int = 10) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.client.lrange(layout.runs_key(self.ns), 0, n - 1)]
 
+    # -- GSMA TAC file -------------------------------------------------------------------------
+    def tac_current(self) -> dict[str, str]:
+        return {
+            k.decode(): v.decode() for k, v in self.client.hgetall(layout.tac_key(self.ns)).items()
+        }
+
+    def put_tac(self, sha256: str, text: bytes, info: dict[str, Any]) -> None:
+        """Store a TAC file's text under its hash (registered first, for GC); not served yet."""
+        self.client.hset(layout.tacs_key(self.ns), sha256, json.dumps(info, sort_keys=True))
+        self.client.set(layout.tac_data_key(self.ns, sha256), text)
+
+    def switch_tac(self, sha256: str, info: dict[str, Any]) -> None:
+        """Serve the stored TAC text `sha256`: one HSET, so readers see all fields or none."""
+        self.client.hset(
+            layout.tac_key(self.ns),
+            mapping={"sha256": sha256, **{k: str(v) for k, v in info.items()}},
+        )
+
+    def gc_tac(self) -> list[str]:
+        """Delete stored TAC texts other than the served one."""
+        cur = self.client.hget(layout.tac_key(self.ns), "sha256")
+        keep = cur.decode() if cur else None
+        deleted = []
+        for sha_b in self.client.hkeys(layout.tacs_key(self.ns)):
+            sha = sha_b.decode()
+            if sha != keep:
+                self.client.delete(layout.tac_data_key(self.ns, sha))
+                self.client.hdel(layout.tacs_key(self.ns), sha)
+                deleted.append(sha)
+        return deleted
+
     def gc(self) -> list[str]:
         """Delete every version that is neither current nor the full load current builds on."""
         cur = self.current()

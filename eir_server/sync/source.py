@@ -20,6 +20,8 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urljoin, urlsplit
@@ -71,6 +73,21 @@ def verify_checksum(path: Path, sidecar: Path) -> None:
         raise RegisterError(
             f"{path.name}: {algo} mismatch (expected {expected}, got {h.hexdigest()})"
         )
+
+
+def read_tac_text(path: Path) -> bytes:
+    """The TAC file's bytes; for a zip, its first .txt/.csv member (CRC-checked)."""
+    if path.suffix.lower() != ".zip":
+        return path.read_bytes()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+            member = next((n for n in names if n.lower().endswith((".txt", ".csv"))), None)
+            if member is None:
+                raise RegisterError(f"{path.name}: no .txt/.csv member")
+            return zf.read(member)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise RegisterError(f"{path.name}: unreadable or truncated zip ({e})") from e
 
 
 def file_sha256(path: Path) -> str:
