@@ -55,8 +55,10 @@ def main() -> int:
                     msg = ev.message
                     req, prefix, suffix, origin = eca.parse(msg)  # type: ignore[misc]
                     v = checker.check(req)
-                    conn.send(eca.answer(msg, prefix, suffix, v))  # type: ignore[arg-type]
-                    dedup.put((origin, msg.end_to_end), v, float(i))
+                    status = v.status  # type: ignore[union-attr]
+                    conn.send(eca.answer(msg, prefix, suffix, status))
+                    dedup.put((origin, msg.end_to_end), -1 if status is None else int(status),
+                              float(i))
             out += len(conn.data_to_send())
         return out
 

@@ -2,9 +2,10 @@
 whose (Origin-Host, End-to-End-Id) we answered recently gets the same answer again.
 
 Storing every answer for the full window costs memory proportional to the request rate, so the
-cache keeps the *outcome* (a shared, usually cached Verdict object) rather than answer bytes; the
+cache keeps the *outcome* (for S13 the Equipment-Status as an int) rather than answer bytes; the
 answer is rebuilt from the retransmitted request, which gives the same bytes (the request carries
-the same AVPs) except the hop-by-hop id. Entries expire after `window` seconds, and the oldest are
+the same AVPs) except the hop-by-hop id. Keep outcomes atomic (ints): tuples of atomics are
+untracked by the cyclic GC, so millions of entries do not lengthen its collections. Entries expire after `window` seconds, and the oldest are
 dropped first beyond `max_entries` (coverage = min(window, max_entries / request rate)).
 """
 

@@ -55,7 +55,7 @@ class DiameterNode:
     """Everything the connections of one worker share."""
 
     def __init__(self, peer_config: PeerConfig, dictionary: Dictionary, checker: EquipmentChecker,
-                 metrics: Metrics | None = None, dedup: DuplicateCache[Verdict] | None = None,
+                 metrics: Metrics | None = None, dedup: DuplicateCache[int] | None = None,
                  audit: Callable[[float, CheckRequest, Verdict, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  max_in_flight: int = 10_000) -> None:
@@ -213,7 +213,8 @@ class DiameterProtocol(asyncio.Protocol):
         if msg.flags & FLAG_T:
             cached = node.dedup.get((origin, msg.end_to_end), now)
             if cached is not None:
-                self.conn.send(self._eca.answer(msg, prefix, suffix, cached))
+                self.conn.send(self._eca.answer(msg, prefix, suffix,
+                                                None if cached < 0 else cached))
                 self._requests[("s13", "ECR", "duplicate")] += 1
                 return
         if node.in_flight >= node.max_in_flight:
@@ -235,11 +236,13 @@ class DiameterProtocol(asyncio.Protocol):
 
     def _answered(self, msg: Message, req: CheckRequest, prefix: bytes, suffix: bytes,
                   origin: bytes, verdict: Verdict, t0: float) -> None:
-        self.conn.send(self._eca.answer(msg, prefix, suffix, verdict))
-        node = self.node
-        node.dedup.put((origin, msg.end_to_end), verdict, t0)
-        m = self._metrics
         status = verdict.status
+        self.conn.send(self._eca.answer(msg, prefix, suffix, status))
+        node = self.node
+        # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
+        # cyclic GC, so a cache of millions of entries does not lengthen collections.
+        node.dedup.put((origin, msg.end_to_end), -1 if status is None else int(status), t0)
+        m = self._metrics
         self._requests[("s13", "ECR", "2001" if status is not None else "5422")] += 1
         m.verdicts[(status, verdict.rule)] += 1
         self._latency.observe(node.clock() - t0)

@@ -127,8 +127,9 @@ class EcaBuilder:
         return (CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
                 data[a[VSTART]:a[VEND]])
 
-    def answer(self, msg: Message, prefix: bytes, suffix: bytes, verdict: Verdict) -> bytes:
-        status = verdict.status
+    def answer(self, msg: Message, prefix: bytes, suffix: bytes, status: int | None) -> bytes:
+        """The ECA for an Equipment-Status (an EquipmentStatus or its int value; None for
+        unknown equipment, answered with Experimental-Result 5422)."""
         part = self._unknown_part if status is None else self._verdict_parts[status]
         return frame(msg, prefix + part + suffix)
 

@@ -67,7 +67,7 @@ def run(frame: bytes, unknown: EquipmentStatus | None = EquipmentStatus.WHITELIS
     req, prefix, suffix, _origin = parsed
     verdict = checker(unknown).check(req)
     assert isinstance(verdict, Verdict)
-    return eca.answer(msg, prefix, suffix, verdict)
+    return eca.answer(msg, prefix, suffix, verdict.status)
 
 
 def u32(m, code: int, vendor: int = 0) -> int | None:  # noqa: ANN001
@@ -141,17 +141,18 @@ def test_terminal_information_without_imei_is_5005() -> None:
 
 def test_t_flag_replay_is_byte_identical_except_hop_by_hop() -> None:
     """The answer is rebuilt from the cached outcome even if the register changed since."""
-    cache: DuplicateCache[Verdict] = DuplicateCache(window=240.0)
+    cache: DuplicateCache[int] = DuplicateCache(window=240.0)
     eca = EcaBuilder(ME, D)
     first = ecr_message(ecr(hbh=10, e2e=99, imei=BLACK))
     req, prefix, suffix, origin = eca.parse(first)  # type: ignore[misc]
     verdict = checker().check(req)
-    original = eca.answer(first, prefix, suffix, verdict)  # type: ignore[arg-type]
-    cache.put((origin, first.end_to_end), verdict, 0.0)  # type: ignore[arg-type]
+    assert isinstance(verdict, Verdict) and verdict.status is not None
+    original = eca.answer(first, prefix, suffix, verdict.status)
+    cache.put((origin, first.end_to_end), int(verdict.status), 0.0)
     retx = ecr_message(ecr(hbh=11, e2e=99, imei=BLACK, flags=0x80 | FLAG_P | FLAG_T))
     _, prefix2, suffix2, origin2 = eca.parse(retx)  # type: ignore[misc]
     cached = cache.get((origin2, retx.end_to_end), 200.0)
-    assert cached is verdict
+    assert cached == EquipmentStatus.BLACKLISTED
     again = eca.answer(retx, prefix2, suffix2, cached)
     assert again[:12] == original[:12] and again[16:] == original[16:]
     assert again[12:16] != original[12:16]

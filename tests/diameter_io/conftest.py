@@ -34,7 +34,6 @@ from eir_server.policy.types import (
     ExceptionEntry,
     ImeiRecord,
     NotificationEntry,
-    Verdict,
 )
 from eir_server.store import MemoryStore
 
@@ -371,7 +370,7 @@ async def start_server(config: PeerConfig | None = None,
                        policy: PolicyConfig | None = None,
                        records: dict[str, ImeiRecord] | None = None,
                        clock: Callable[[], float] | None = None,
-                       dedup: DuplicateCache[Verdict] | None = None,
+                       dedup: DuplicateCache[int] | None = None,
                        store: MemoryStore | None = None) -> Server:
     store = store if store is not None else MemoryStore()
     for k, v in (default_records() if records is None else records).items():
