@@ -19,6 +19,7 @@ from tests.diameter.builders import cer, ecr
 EIR = [sys.executable, "-m", "eir_server.cli"]
 STOLEN = "35209900176148"
 CLEAN = "49015420323751"
+UNALLOCATED = "86123400000017"
 
 
 def free_port() -> int:
@@ -71,11 +72,18 @@ def test_sync_then_serve_from_redis(redis_factory, dirbs) -> None:  # noqa: ANN0
     redis = redis_factory.start()
     url = redis.url
     dirbs.publish("blacklist", "20260101_000000", [[STOLEN, "20200101", "stolen"]])
+    # The GSMA TAC database travels through Redis too; serve loads it.
+    (dirbs.root / "gsma_tac_db.txt").write_text(
+        "TAC|Manufacturer|Model_Name|Bands|Allocation_Date\n"
+        "35209900|Acme|Phone 1|LTE|01-Jan-2020\n49015420|Acme|Phone 2|LTE|01-Jan-2020\n")
     sync(dirbs.root, url)
+    config = dirbs.root.parent / "eir.toml"
+    config.write_text('[policy]\nunallocated_tac = "blacklisted"\n')
 
     port, mport = free_port(), free_port()
     env = {**os.environ, "EIR_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([*EIR, "serve", "--store", url + "?timeout=0.2",
+    proc = subprocess.Popen([*EIR, "serve", "--config", str(config),
+                             "--store", url + "?timeout=0.2",
                              "--diameter-listen", f"127.0.0.1:{port}",
                              "--metrics-listen", f"127.0.0.1:{mport}",
                              "--store-fallback", "greylisted"],
@@ -94,6 +102,10 @@ def test_sync_then_serve_from_redis(redis_factory, dirbs) -> None:  # noqa: ANN0
         recv_message(sock)
         assert ask(sock, STOLEN, 2) == 1  # BLACKLISTED, from Redis
         assert ask(sock, CLEAN, 3) == 0
+        deadline = time.monotonic() + 10
+        while ask(sock, UNALLOCATED, 4) != 1:  # TAC 86123400 is not in the GSMA file
+            assert time.monotonic() < deadline, "TAC database from Redis not applied"
+            time.sleep(0.05)
         assert readyz(mport) == 200
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
         assert b"eir_register_info{version=" in metrics
@@ -112,7 +124,7 @@ def test_sync_then_serve_from_redis(redis_factory, dirbs) -> None:  # noqa: ANN0
         # the peer keeps getting answers.
         redis.stop()
         assert ask(sock, CLEAN, 100) == 1
-        assert ask(sock, "86123400000017", 101) == 2  # store_fallback = greylisted
+        assert ask(sock, "35209900000017", 101) == 2  # store_fallback = greylisted
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
         assert b'eir_requests_total{command="ECR",interface="s13",result="2001"}' in metrics
         sock.close()

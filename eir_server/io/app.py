@@ -29,7 +29,7 @@ from ..obs.server import (
     start_worker_snapshot_server,
     worker_socket_path,
 )
-from ..policy import PolicyConfig, load_policy, parse_status
+from ..policy import LoadError, Policy, PolicyConfig, TacDatabase, load_policy, parse_status
 from ..store import open_store
 from .diameter_server import DiameterNode
 
@@ -74,6 +74,9 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
         watchdog_interval=cfg.watchdog_interval,
         max_message_length=cfg.max_message_length,
     )
+    tac_task = None
+    if hasattr(store, "tac_file") and not policy.config.tac_database_file:
+        tac_task = asyncio.ensure_future(_follow_tac_file(store, cfg, checker))
     recorder = _audit_recorder(cfg, metrics)
     node = DiameterNode(peer_cfg, load_dictionary(), checker, metrics,
                         DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries),
@@ -111,6 +114,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     log.info("shutting_down", worker=index, peers=node.peers_open(),
              in_flight=node.in_flight)
     await node.shutdown(cfg.shutdown_timeout)
+    if tac_task is not None:
+        tac_task.cancel()
     if recorder is not None:
         await recorder.close()
     if metrics_server is not None:
@@ -120,6 +125,32 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     await store.close()
     log.info("stopped", worker=index)
     return node
+
+
+TAC_POLL_INTERVAL = 30.0
+
+
+async def _follow_tac_file(store: Any, cfg: ServeConfig, checker: EquipmentChecker) -> None:
+    """Serve with the GSMA TAC database that `eir-server sync` put in Redis (unless the
+    configuration names a local file): load it at start, then whenever its checksum changes,
+    swap in a new Policy (policies are immutable; the swap is one assignment)."""
+    served = None
+    while True:
+        found = await store.tac_file()
+        if found is not None and found[0] != served:
+            sha, text = found
+            try:
+                # Parsed off the loop: a national TAC file has ~10^5 lines.
+                tacs = await asyncio.to_thread(TacDatabase.parse_gsma, text.splitlines(),
+                                               source=f"redis:{sha[:12]}")
+                checker.policy = Policy(checker.policy.config, checker.policy.local, tacs)
+                served = sha
+                gc.freeze()  # the new tables live until the next TAC file: keep GC walks short
+                log.info("tac_database_loaded", sha256=sha, bad_lines=len(tacs.bad_lines))
+            except (ValueError, LoadError) as e:
+                log.error("tac_database_refused", sha256=sha, error=str(e))
+                served = sha  # do not retry the same bad file every poll
+        await asyncio.sleep(TAC_POLL_INTERVAL)
 
 
 GC_PAUSE_LOG = 0.05  # seconds: a collection this long is visible in answer latency

@@ -373,6 +373,23 @@ class RedisStore:
                 await self._client.aclose()
             self._client = None
 
+    async def tac_file(self) -> tuple[str, str] | None:
+        """The GSMA TAC file `eir-server sync` switched in: (sha256, text), or None when there
+        is none or Redis cannot say now (the caller keeps what it has)."""
+        if self._client is None:
+            return None
+        try:
+            pointer = await self._client.hgetall(layout.tac_key(self.ns))
+            sha = pointer.get(b"sha256") if pointer else None
+            if not sha:
+                return None
+            text = await self._client.get(layout.tac_data_key(self.ns, sha.decode()))
+        except Exception:  # RedisError, timeouts: the next poll tries again
+            return None
+        if text is None:
+            return None  # switched again between the two reads: the next poll sees the new one
+        return sha.decode(), text.decode("utf-8", "replace")
+
     def describe(self) -> dict[str, Any]:
         """For health endpoints: version, lists and run ids served, cache size."""
         lists = self._state.meta.get("lists")
