@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from eir_server.store.urls import parse_store_url
 from .engine import SyncOptions, run_once
 from .progress import LAST_DURATION, LAST_SUCCESS, RUNS, Progress
 from .redis_db import RegisterDB, StoreBusy, SwitchConflict
-from .source import SourceError, open_source
+from .source import SourceError, open_source, tls_context
 
 log = structlog.get_logger("eir.sync")
 
@@ -104,6 +105,13 @@ def add_sync_parser(subparsers: Any) -> None:
     )
     p.add_argument("--http-timeout", type=float, default=60.0, metavar="S", help="default 60")
     p.add_argument(
+        "--ca-file",
+        default=None,
+        metavar="PEM",
+        help="verify https:// sources against only the CA certificates in this PEM file "
+        "(a private CA); default: the system trust store",
+    )
+    p.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
         default="auto",
@@ -126,9 +134,14 @@ def _cache_dir(arg: str | None) -> Path:
     return Path(base) / "eir-server" / "sync"
 
 
-def _one(args: argparse.Namespace, db: RegisterDB, opts: SyncOptions) -> int:
+def _one(
+    args: argparse.Namespace,
+    db: RegisterDB,
+    opts: SyncOptions,
+    tls: ssl.SSLContext | None = None,
+) -> int:
     try:
-        source = open_source(args.source, _cache_dir(args.cache_dir), args.http_timeout)
+        source = open_source(args.source, _cache_dir(args.cache_dir), args.http_timeout, tls)
         result = run_once(source, db, opts)
     except RegisterError as e:
         RUNS.labels("refused").inc()
@@ -179,6 +192,13 @@ def run_sync(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("bad --store URL", error=str(e))
         return EXIT_USAGE
+    tls = None
+    if args.ca_file:
+        try:
+            tls = tls_context(args.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            log.error("bad --ca-file: not a readable PEM file of CA certificates", error=str(e))
+            return EXIT_USAGE
     if args.metrics_port:
         from prometheus_client import start_http_server
 
@@ -195,7 +215,7 @@ def run_sync(args: argparse.Namespace) -> int:
     db = RegisterDB(target, target.options.get("namespace", "eir"))
     try:
         if not args.interval:
-            return _one(args, db, opts)
+            return _one(args, db, opts, tls)
         stop = False
 
         def _stop(*_: object) -> None:
@@ -206,7 +226,7 @@ def run_sync(args: argparse.Namespace) -> int:
         rc = EXIT_OK
         while not stop:
             started = time.monotonic()
-            rc = _one(args, db, opts)
+            rc = _one(args, db, opts, tls)
             opts.force_full = False  # only the first run is forced
             while not stop and time.monotonic() - started < args.interval:
                 time.sleep(min(0.5, args.interval))

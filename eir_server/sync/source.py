@@ -6,7 +6,9 @@ and point at a GSMA TAC file if one is published beside the lists.
 
 HTTP: the URL is either a directory index (any page whose links name the files, e.g. a server's
 autoindex) or one zip. Downloads go to a cache directory and are revalidated with a conditional
-GET (If-None-Match / If-Modified-Since), so an unchanged file costs one 304.
+GET (If-None-Match / If-Modified-Since), so an unchanged file costs one 304. HTTPS servers are
+verified against the system trust store, or only against the CAs of `ca_file` (`--ca-file`) for a
+register published under a private CA; a certificate that does not verify is a SourceError.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import json
 import os
 import re
 import shutil
+import ssl
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 import structlog
@@ -48,6 +51,34 @@ class Source(Protocol):
     def tac_file(self) -> Path | None: ...
 
     def describe(self) -> str: ...
+
+
+def tls_context(ca_file: str | Path | None = None) -> ssl.SSLContext:
+    """Verifying client context (hostname + chain): the system trust store, or when `ca_file`
+    is given only the CA certificates in that PEM file. Raises OSError / ssl.SSLError when the
+    file cannot be read or holds no certificate."""
+    return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+
+
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def _describe(url: str, e: BaseException) -> str:
+    """A source error an operator can act on; TLS verification failures say what to do."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    host = urlsplit(url).hostname
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        why = reason.verify_message or str(reason)
+        if reason.verify_code in _NAME_MISMATCH:
+            hint = "the URL must name a host the certificate was issued for"
+        else:
+            hint = "if the register is published under a private CA, pass it with --ca-file PEM"
+        return f"{url}: TLS certificate of {host} does not verify ({why}); {hint}"
+    if isinstance(reason, ssl.SSLError):
+        return f"{url}: TLS handshake with {host} failed ({reason})"
+    if isinstance(reason, urllib.error.URLError | OSError):
+        return f"{url}: {reason}"
+    return f"{url}: {e!r}"
 
 
 def _group(names: list[str]) -> dict[ListName, list[str]]:
@@ -129,7 +160,13 @@ class DirSource:
 
 
 class HttpSource:
-    def __init__(self, url: str, cache_dir: str | Path, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        cache_dir: str | Path,
+        timeout: float = 60.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.url = url
         self.cache = Path(cache_dir)
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -140,6 +177,11 @@ class HttpSource:
         self.base = urljoin(url, ".") if self._single else (url if url.endswith("/") else url + "/")
         self.downloads = 0
         self.not_modified = 0
+        # None: http.client's default context (system trust store). Redirects keep the context.
+        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ssl_context))
+
+    def _open(self, req: urllib.request.Request | str) -> Any:
+        return self._opener.open(req, timeout=self.timeout)
 
     def describe(self) -> str:
         return self.url
@@ -151,10 +193,12 @@ class HttpSource:
                 self._listing = [name]
             else:
                 try:
-                    with urllib.request.urlopen(self.url, timeout=self.timeout) as r:  # noqa: S310
+                    with self._open(self.url) as r:
                         page = r.read().decode("utf-8", "replace")
-                except (urllib.error.URLError, OSError) as e:
-                    raise SourceError(f"cannot list {self.url}: {e}") from e
+                except urllib.error.HTTPError as e:
+                    raise SourceError(f"cannot list {self.url}: HTTP {e.code}") from e
+                except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                    raise SourceError(f"cannot list {_describe(self.url, e)}") from e
                 names = {
                     unquote(h.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
                     for h in _HREF_RE.findall(page)
@@ -181,7 +225,7 @@ class HttpSource:
                 headers["If-Modified-Since"] = meta["last_modified"]
         req = urllib.request.Request(urljoin(self.base, name), headers=headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:  # noqa: S310
+            with self._open(req) as r:
                 length = r.headers.get("Content-Length")
                 fd, tmp = tempfile.mkstemp(dir=self.cache, prefix=".part-")
                 try:
@@ -211,7 +255,7 @@ class HttpSource:
                 return dest
             raise SourceError(f"GET {req.full_url}: HTTP {e.code}") from e
         except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise SourceError(f"GET {req.full_url}: {e!r}") from e
+            raise SourceError(f"GET {_describe(req.full_url, e)}") from e
         return dest
 
     def fetch(self, name: str) -> Path:
@@ -228,9 +272,15 @@ class HttpSource:
         return self._download(names[-1]) if names else None
 
 
-def open_source(spec: str, cache_dir: str | Path, timeout: float = 60.0) -> Source:
+def open_source(
+    spec: str,
+    cache_dir: str | Path,
+    timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Source:
+    """`ssl_context` (see tls_context) verifies https:// sources; None: the system trust store."""
     if spec.startswith(("http://", "https://")):
-        return HttpSource(spec, cache_dir, timeout)
+        return HttpSource(spec, cache_dir, timeout, ssl_context)
     if spec.startswith("file://"):
         spec = unquote(urlsplit(spec).path)
     p = Path(spec)

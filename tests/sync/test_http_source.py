@@ -15,9 +15,11 @@ from eir_server.sync.source import HttpSource, SourceError
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
-    """Autoindex plus strong ETags and If-None-Match, counting requests per path."""
+    """Autoindex plus strong ETags and If-None-Match, counting requests per path and
+    recording (path, status) of every file answer (also used by test_https_source)."""
 
     hits: dict[str, int] = {}
+    answers: list[tuple[str, int]] = []
     truncate: set[str] = set()
 
     def log_message(self, *args) -> None:
@@ -30,10 +32,12 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             data = path.read_bytes()
             etag = '"' + hashlib.md5(data).hexdigest() + '"'
             if self.headers.get("If-None-Match") == etag:
+                Handler.answers.append((self.path, 304))
                 self.send_response(304)
                 self.send_header("ETag", etag)
                 self.end_headers()
                 return None
+            Handler.answers.append((self.path, 200))
             self.send_response(200)
             self.send_header("ETag", etag)
             self.send_header("Content-Length", str(len(data)))
@@ -50,6 +54,7 @@ def http_dir(tmp_path):
     root = tmp_path / "www"
     root.mkdir()
     Handler.hits = {}
+    Handler.answers = []
     Handler.truncate = set()
     srv = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), functools.partial(Handler, directory=str(root))
