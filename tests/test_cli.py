@@ -16,6 +16,7 @@ import pytest
 
 from eir_server.config import load_config
 from tests.diameter.builders import cer, ecr
+from tests.netutil import free_port, recv_message, wait_for_port
 
 EIR = [sys.executable, "-m", "eir_server.cli"]
 
@@ -77,21 +78,8 @@ def test_serve_reports_configuration_errors(tmp_path: Path) -> None:
     assert r.returncode != 0 and "unknown_equipment" in r.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def recv_message(sock: socket.socket) -> bytes:
-    head = b""
-    while len(head) < 4:
-        head += sock.recv(4 - len(head))
-    length = struct.unpack("!I", head)[0] & 0xFFFFFF
-    body = b""
-    while len(head) + len(body) < length:
-        body += sock.recv(length - len(head) - len(body))
-    return head + body
 
 
 def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None:
@@ -101,14 +89,7 @@ def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None:
                              f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.1)
+        wait_for_port(port, proc)
         time.sleep(1.0)  # let both workers bind before spreading connections
         conns = []
         for i in range(8):

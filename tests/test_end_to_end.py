@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.diameter.builders import cer, ecr
+from tests.netutil import free_port, recv_message, wait_for_port
 
 EIR = [sys.executable, "-m", "eir_server.cli"]
 STOLEN = "35209900176148"
@@ -22,21 +23,8 @@ CLEAN = "49015420323751"
 UNALLOCATED = "86123400000017"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def recv_message(sock: socket.socket) -> bytes:
-    data = b""
-    while len(data) < 4:
-        data += sock.recv(4096)
-    length = struct.unpack("!I", data[:4])[0] & 0xFFFFFF
-    while len(data) < length:
-        data += sock.recv(4096)
-    assert len(data) == length
-    return data
 
 
 def equipment_status(answer: bytes) -> int | None:
@@ -89,15 +77,8 @@ def test_sync_then_serve_from_redis(redis_factory, dirbs) -> None:  # noqa: ANN0
                              "--store-fallback", "greylisted"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), 1)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
-        sock.settimeout(10)
+        wait_for_port(port, proc)
+        sock = socket.create_connection(("127.0.0.1", port), 10)
         sock.sendall(cer())
         recv_message(sock)
         assert ask(sock, STOLEN, 2) == 1  # BLACKLISTED, from Redis

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from tests.diameter_io.conftest import (
     ecr,
     start_server,
 )
+from tests.netutil import free_port, wait_for_port
 
 EIR = [sys.executable, "-m", "eir_server.cli"]
 
@@ -47,10 +46,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def tls_peer(port: int, pki: Path, with_cert: bool) -> Peer:
@@ -71,14 +66,7 @@ async def test_mutual_tls_listener(pki: Path) -> None:
         env={**os.environ, "EIR_LOG_LEVEL": "warning"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", tls), 0.5).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_for_port, tls, proc)
         p = await tls_peer(tls, pki, with_cert=True)
         await p.open()
         ans = await p.request(ecr(IMEI_BLACK))
