@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -183,6 +183,118 @@ def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         sentinel.stop()
         master.stop()
+
+
+class SentinelGroup:
+    """A master, one replica and `n` Sentinels (quorum: majority) monitoring them as `service`,
+    with short down-after / failover timeouts: for tests that kill the master."""
+
+    def __init__(self, base: Path, n: int = 3, service: str = "eirfo") -> None:
+        self.base = base
+        self.n = n
+        self.service = service
+        # No 5 s wait for more replicas before the initial diskless sync.
+        self.master = RedisProc(base / "master", extra=("--repl-diskless-sync-delay", "0"))
+        self.replica = RedisProc(
+            base / "replica", extra=("--replicaof", "127.0.0.1", str(self.master.port))
+        )
+        self.sentinels: list[RedisProc] = []
+
+    def start(self) -> SentinelGroup:
+        base, n, service = self.base, self.n, self.service
+        self.master.start()
+        self.replica.start()
+        self._wait(lambda: self._info(self.replica)["master_link_status"] == "up", "replication")
+        for i in range(n):
+            sport = free_port()
+            conf = base / f"sentinel{i}.conf"  # Sentinel rewrites its config: one file each
+            conf.write_text(
+                f"port {sport}\nbind 127.0.0.1\n"
+                f"sentinel monitor {service} 127.0.0.1 {self.master.port} {n // 2 + 1}\n"
+                # Much lower and a busy host makes Sentinels flag the new master s_down.
+                f"sentinel down-after-milliseconds {service} 1000\n"
+                f"sentinel failover-timeout {service} 3000\n"
+            )
+            proc = RedisProc(base / f"s{i}", port=sport, extra=("--sentinel",))
+            self.sentinels.append(proc.start(conf))
+        # Every Sentinel knows the replica and its peers (hello messages, every 2 s).
+        for sproc in self.sentinels:
+            with contextlib.closing(sproc.client()) as c:
+
+                def ready(c: redis.Redis = c) -> bool:
+                    m = c.sentinel_master(service)
+                    return m["num-slaves"] == 1 and m["num-other-sentinels"] == n - 1
+
+                self._wait(ready, f"sentinel on {sproc.port} to see the replica and its peers")
+        return self
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p.port}" for p in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}"
+
+    @staticmethod
+    def _info(proc: RedisProc) -> dict[str, object]:
+        with contextlib.closing(redis.Redis(port=proc.port, socket_timeout=1)) as c:
+            return c.info("replication")
+
+    @staticmethod
+    def _wait(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if cond():
+                    return
+            except redis.exceptions.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def master_port(self) -> int | None:
+        """The master's port when every Sentinel names it and sees it healthy (flags exactly
+        `master`: not s_down, o_down, disconnected or in a failover); None otherwise."""
+        ports = set()
+        for sproc in self.sentinels:
+            with contextlib.closing(redis.Redis(port=sproc.port, socket_timeout=1)) as c:
+                m = c.sentinel_master(self.service)
+                ports.add(m["port"] if m["flags"] == "master" else None)
+        return ports.pop() if len(ports) == 1 else None
+
+    def wait_replicated(self) -> None:
+        """Block until the replica has every write the master acknowledged so far."""
+        with contextlib.closing(self.master.client()) as c:
+            assert c.execute_command("WAIT", 1, 5000) == 1, "replica did not acknowledge"
+
+    def kill_master_and_wait_failover(self, timeout: float = 15.0) -> RedisProc:
+        """SIGKILL the master; return the promoted replica once it is master and every
+        Sentinel names it as a healthy master."""
+        self.master.stop()
+        self._wait(
+            lambda: (
+                self.master_port() == self.replica.port
+                and self._info(self.replica)["role"] == "master"
+            ),
+            "Sentinel to promote the replica",
+            timeout,
+        )
+        return self.replica
+
+    def stop(self) -> None:
+        for p in (*self.sentinels, self.replica, self.master):
+            p.stop()
+
+
+@pytest.fixture
+def redis_sentinel_failover(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A dedicated master + replica + 3 Sentinels (service `eirfo`) that a test may fail over:
+    `.url` (redis+sentinel:// naming every Sentinel), `.wait_replicated()`,
+    `.kill_master_and_wait_failover()`."""
+    group = SentinelGroup(tmp_path / "failover")
+    try:
+        yield group.start()
+    finally:
+        group.stop()
 
 
 # ---------------------------------------------------------------------------------------------
