@@ -110,6 +110,27 @@ def _common(timeout: float) -> dict[str, Any]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
+def _sentinel_master(sentinel_cls: type, target: RedisTarget, timeout: float, **kw: Any) -> Any:
+    """Client for the master of `target.service` (redis.sentinel or redis.asyncio.sentinel).
+
+    Every new connection asks the Sentinels for the master's address, taking the first one that
+    reports it neither s_down nor o_down: after a failover, commands on connections to the old
+    master fail and the connections replacing them reach the promoted replica
+    (tests/store/test_sentinel_failover.py)."""
+    skw = _common(timeout)
+    if target.options.get("sentinel_password"):
+        skw["password"] = target.options["sentinel_password"]
+    sentinel = sentinel_cls(list(target.nodes), sentinel_kwargs=skw, **_common(timeout))
+    return sentinel.master_for(
+        target.service,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        ssl=target.ssl,
+        **kw,
+    )
+
+
 def async_client(target: RedisTarget, timeout: float) -> Any:
     """redis.asyncio client without redis-py's own retries: the store has its own backoff."""
     from redis.asyncio import Redis
@@ -122,18 +143,7 @@ def async_client(target: RedisTarget, timeout: float) -> Any:
     if target.mode == "sentinel":
         from redis.asyncio.sentinel import Sentinel
 
-        skw = {**_common(timeout)}
-        if target.options.get("sentinel_password"):
-            skw["password"] = target.options["sentinel_password"]
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=skw, **_common(timeout))
-        return sentinel.master_for(
-            target.service,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            ssl=target.ssl,
-            retry=no_retry,
-        )
+        return _sentinel_master(Sentinel, target, timeout, retry=no_retry)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     return RedisCluster(
@@ -156,17 +166,7 @@ def sync_client(target: RedisTarget, timeout: float = 30.0) -> Any:
     if target.mode == "sentinel":
         from redis.sentinel import Sentinel
 
-        skw = {**_common(timeout)}
-        if target.options.get("sentinel_password"):
-            skw["password"] = target.options["sentinel_password"]
-        sentinel = Sentinel(list(target.nodes), sentinel_kwargs=skw, **_common(timeout))
-        return sentinel.master_for(
-            target.service,
-            db=target.db,
-            username=target.username,
-            password=target.password,
-            ssl=target.ssl,
-        )
+        return _sentinel_master(Sentinel, target, timeout)
     return RedisCluster(
         startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
         username=target.username,
