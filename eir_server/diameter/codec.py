@@ -382,7 +382,7 @@ def _value_problem(data: bytes, a: Avp, d: AvpDef) -> str | None:
 def check(data: bytes, avps: list[Avp], grammar: Grammar, problems: list[Problem]) -> None:
     """Check AVPs against an ABNF grammar (RFC 6733 3.2), appending problems in order found."""
     rules = grammar.rules
-    index = _index(grammar)
+    _, index, examples = _grammar_info(grammar)
     counts = [0] * len(rules)
     any_avp = grammar.any_avp
     for i, a in enumerate(avps):
@@ -434,8 +434,7 @@ def check(data: bytes, avps: list[Avp], grammar: Grammar, problems: list[Problem
                 problems.append(Problem(errors.INVALID_AVP_VALUE, data[a[START]:a[END]], msg))
     for j, rule in enumerate(rules):
         if counts[j] < rule.min:
-            problems.append(Problem(errors.MISSING_AVP, _examples[rule.key],
-                                    f"missing {rule.name}"))
+            problems.append(Problem(errors.MISSING_AVP, examples[j], f"missing {rule.name}"))
     if grammar.any_min and len(avps) < grammar.any_min:
         problems.append(Problem(errors.MISSING_AVP, None,
                                 f"at least {grammar.any_min} AVP(s) required"))
@@ -443,29 +442,34 @@ def check(data: bytes, avps: list[Avp], grammar: Grammar, problems: list[Problem
 
 _CONTENT_CHECKED = frozenset({"UTF8String", "DiameterURI", "DiameterIdentity", "Enumerated",
                               "Address"})
-_INDEXES: dict[int, dict] = {}
-_examples: dict = {}
-_prepared: set[int] = set()
+# Per-grammar tables, keyed by id() for speed. Each entry holds the object it was computed for,
+# so that object stays alive and an id can never be reused by another grammar or dictionary.
+_GRAMMARS: dict[int, tuple[Grammar, dict, tuple[bytes | None, ...]]] = {}
+_PREPARED: dict[int, Dictionary] = {}
 
 
-def _index(grammar: Grammar) -> dict:
-    ix = _INDEXES.get(id(grammar))
-    if ix is None:
-        ix = _INDEXES[id(grammar)] = dict(grammar.index())
-    return ix
+def _grammar_info(grammar: Grammar) -> tuple[Grammar, dict, tuple[bytes | None, ...]]:
+    """(grammar, rule index by AVP key, 5005 example AVP per rule)."""
+    info = _GRAMMARS.get(id(grammar))
+    if info is None or info[0] is not grammar:
+        # Not from a prepared dictionary: index it; without AVP definitions a missing AVP is
+        # reported without an example.
+        info = _GRAMMARS[id(grammar)] = (grammar, dict(grammar.index()),
+                                         (None,) * len(grammar.rules))
+    return info
 
 
 def prepare(dictionary: Dictionary) -> None:
     """Precompute per-dictionary tables (grammar indexes, 5005 examples). Idempotent."""
-    for d in dictionary.avps.values():
-        _examples[(d.code, d.vendor)] = example_avp(d)
-        if d.grammar is not None:
-            _index(d.grammar)
-    for c in dictionary.commands.values():
-        for g in (c.request, c.answer):
-            if g is not None:
-                _index(g)
-    _prepared.add(id(dictionary))
+    if _PREPARED.get(id(dictionary)) is dictionary:
+        return
+    grammars = [d.grammar for d in dictionary.avps.values() if d.grammar is not None]
+    grammars += [g for c in dictionary.commands.values() for g in (c.request, c.answer)
+                 if g is not None]
+    for g in grammars:
+        examples = tuple(example_avp(dictionary.avps[r.key]) for r in g.rules)
+        _GRAMMARS[id(g)] = (g, dict(g.index()), examples)
+    _PREPARED[id(dictionary)] = dictionary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,7 +707,7 @@ def decode(data: bytes, dictionary: Dictionary) -> Message:
     Header problems come first: invalid header bits (3008) and a length that is not a multiple of
     four or that the AVPs do not fill exactly (5015).
     """
-    if id(dictionary) not in _prepared:
+    if _PREPARED.get(id(dictionary)) is not dictionary:
         prepare(dictionary)
     vl, fc, app, hbh, e2e = HEADER.unpack_from(data, 0)
     flags = fc >> 24
@@ -723,7 +727,7 @@ def validate(msg: Message, grammar: Grammar) -> None:
     when it is valid, index its AVPs by grammar rule in `msg.slots`."""
     check(msg.data, msg.avps, grammar, msg.problems)
     if not msg.problems:
-        index = _index(grammar)
+        index = _grammar_info(grammar)[1]
         slots: list = [None] * len(grammar.rules)
         for a in msg.avps:
             i = index.get((a[CODE], a[VENDOR]))

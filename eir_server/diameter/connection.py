@@ -672,24 +672,26 @@ def _answer_extra(answer: Grammar | None) -> bytes:
     return b""
 
 
-_FAST_CACHE: dict[tuple[int, frozenset[int]], dict[int, tuple]] = {}
+# Keyed by id(dictionary); each entry keeps its dictionary alive so the id cannot be reused.
+_FAST_CACHE: dict[tuple[int, frozenset[int]], tuple[Dictionary, dict[int, tuple]]] = {}
 
 
 def _fast_table(dictionary: Dictionary, app_ids: frozenset[int]) -> dict[int, tuple]:
     """(application << 24 | command) -> (FastGrammar, PXY allowed, Destination-Realm slot,
     Destination-Host slot) for every application request we serve; shared by connections."""
     key = (id(dictionary), app_ids)
-    table = _FAST_CACHE.get(key)
-    if table is None:
-        table = {}
-        for (app, code), cmd in dictionary.commands.items():
-            if app not in app_ids or cmd.request is None:
-                continue
-            names = [r.name for r in cmd.request.rules]
-            table[(app << 24) | code] = (
-                FastGrammar(dictionary, cmd.request), "PXY" in cmd.request.flags,
-                names.index("Destination-Realm") if "Destination-Realm" in names else -1,
-                names.index("Destination-Host") if "Destination-Host" in names else -1,
-                LayoutCache())
-        _FAST_CACHE[key] = table
+    entry = _FAST_CACHE.get(key)
+    if entry is not None and entry[0] is dictionary:
+        return entry[1]
+    table = {}
+    for (app, code), cmd in dictionary.commands.items():
+        if app not in app_ids or cmd.request is None:
+            continue
+        names = [r.name for r in cmd.request.rules]
+        table[(app << 24) | code] = (
+            FastGrammar(dictionary, cmd.request), "PXY" in cmd.request.flags,
+            names.index("Destination-Realm") if "Destination-Realm" in names else -1,
+            names.index("Destination-Host") if "Destination-Host" in names else -1,
+            LayoutCache())
+    _FAST_CACHE[key] = (dictionary, table)
     return table

@@ -110,15 +110,15 @@ class Dictionary:
         return self.commands.get((application_id, code))
 
 
-_NAME_CACHE: dict[int, Mapping[str, AvpDef]] = {}
+# Keyed by id(); each entry keeps its dictionary alive so the id cannot be reused.
+_NAME_CACHE: dict[int, tuple[Dictionary, Mapping[str, AvpDef]]] = {}
 
 
 def _by_name(d: Dictionary) -> Mapping[str, AvpDef]:
-    table = _NAME_CACHE.get(id(d))
-    if table is None:
-        table = MappingProxyType({a.name: a for a in d.avps.values()})
-        _NAME_CACHE[id(d)] = table
-    return table
+    entry = _NAME_CACHE.get(id(d))
+    if entry is None or entry[0] is not d:
+        entry = _NAME_CACHE[id(d)] = (d, MappingProxyType({a.name: a for a in d.avps.values()}))
+    return entry[1]
 
 
 def _default_dir() -> Path:

@@ -275,3 +275,26 @@ def test_grouped_avps_round_trip(tree: tuple[bytes, list]) -> None:
     def norm(items: list) -> list:
         return [(n, norm(v) if isinstance(v, list) else v) for n, v in items]
     assert norm(to_dict(msg, D)) == [("Terminal-Information", norm(expect))]
+
+
+def test_tables_survive_dictionaries_being_freed_and_ids_reused() -> None:
+    """Per-grammar tables are keyed by id(); when dictionaries are loaded and freed (tests,
+    reloads), a new grammar may get a freed one's id and must not inherit its tables. This
+    failed (an ECA reported "missing Session-Id") before the tables kept their objects alive."""
+    import gc
+
+    from eir_server.diameter.dictionary import load_dictionary as load
+    eca = message(FLAG_P, 324, 16777252, 1, 1, [
+        str_avp(263, "s"), u32_avp(268, 2001), u32_avp(277, 1), str_avp(264, "h"),
+        str_avp(296, "r"), u32_avp(1445, 0, 10415)])
+    request = ecr()
+    for i in range(120):
+        d = load()
+        cmd = d.command(16777252, 324)
+        assert cmd is not None and cmd.request is not None and cmd.answer is not None
+        frame, grammar = (eca, cmd.answer) if i % 2 else (request, cmd.request)
+        msg = decode(frame, d)
+        validate(msg, grammar)
+        assert msg.problems == [], (i, msg.problems)
+        del d, cmd, grammar, msg
+        gc.collect()  # frees the dictionary now, so the next load may reuse its ids
