@@ -25,8 +25,11 @@ test: install system-deps
 system-deps:
 	@scripts/system-deps.sh
 
+## The S13 hot-path benchmarks of the README table (others: see README "Performance").
 bench: install
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_policy.py
+	$(PY) benchmarks/bench_ecr_path.py
+	$(PY) benchmarks/bench_s13_load.py --connections 4 --seconds 8 --pin
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
