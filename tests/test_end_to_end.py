@@ -108,6 +108,7 @@ def test_sync_then_serve_from_redis(redis_factory, dirbs) -> None:  # noqa: ANN0
         assert ask(sock, "35209900000017", 101) == 2  # store_fallback = greylisted
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
         assert b'eir_requests_total{command="ECR",interface="s13",result="2001"}' in metrics
+        assert b"eir_store_fallback_verdicts_total 1.0" in metrics
         sock.close()
     finally:
         proc.terminate()

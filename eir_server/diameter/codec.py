@@ -85,9 +85,6 @@ class Message:
                 return a
         return None
 
-    def find_all(self, code: int, vendor: int = 0) -> list[Avp]:
-        return [a for a in self.avps if a[CODE] == code and a[VENDOR] == vendor]
-
     def raw(self, avp: Avp) -> bytes:
         """The AVP's bytes as received, padding included (for echoing Proxy-Info, Failed-AVP)."""
         return self.data[avp[START]:avp[END]]

@@ -48,20 +48,26 @@ def build_policy(cfg: ServeConfig) -> Any:
 async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None = None,
                      origin_state_id: int | None = None,
                      started: asyncio.Event | None = None,
-                     stop: asyncio.Event | None = None) -> DiameterNode:
-    """Run one full node until SIGTERM/SIGINT (or `stop` is set); returns the stopped node."""
+                     stop: asyncio.Event | None = None,
+                     policy: Any = None) -> DiameterNode:
+    """Run one full node until SIGTERM/SIGINT (or `stop` is set); returns the stopped node.
+    `policy`: one already built from `cfg` (else it is built here)."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
-    policy = build_policy(cfg)
+    if policy is None:
+        policy = build_policy(cfg)
     store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
     await store.start()
     started_at = time.time()
     checker = EquipmentChecker(policy, store, parse_status(cfg.store_fallback, "store_fallback"))
     metrics = Metrics()
-    metrics.set_gauge_callback("store", lambda: store.stats)
+    # The checker counts every fallback verdict (store unreachable, or a lookup that failed
+    # otherwise); the store's own stats say the rest.
+    metrics.set_gauge_callback(
+        "store", lambda: {**store.stats.as_dict(), "fallback_verdicts": checker.fallbacks})
     metrics.set_gauge_callback("register", lambda: register_info(store, started_at))
     metrics.set_gauge_callback("queue_depth", lambda: store.queue_depth)
     identity = Identity(cfg.origin_host, cfg.origin_realm,
@@ -236,9 +242,9 @@ def _use_uvloop() -> None:
 
 def serve(cfg: ServeConfig) -> int:
     _use_uvloop()
-    build_policy(cfg)  # fail fast on a bad [policy] before forking
+    policy = build_policy(cfg)  # fail fast on a bad [policy] before forking
     if cfg.workers == 1:
-        asyncio.run(run_worker(cfg))
+        asyncio.run(run_worker(cfg, policy=policy))
         return 0
     return _serve_forked(cfg)
 
