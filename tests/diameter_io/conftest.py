@@ -175,6 +175,17 @@ class Msg:
 # Request builders
 
 
+def split(data: bytes) -> list[Msg]:
+    """Several messages read in one go, one Msg each."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos + 1:pos + 4], "big")
+        out.append(Msg.parse(data[pos:pos + length]))
+        pos += length
+    return out
+
+
 def header(flags: int, code: int, app: int, hbh: int, e2e: int, length: int,
            version: int = 1) -> bytes:
     return struct.pack("!IIIII", (version << 24) | length, (flags << 24) | code, app, hbh, e2e)

@@ -21,7 +21,6 @@ from .conftest import (
     IMEI_UNKNOWN,
     STATUS,
     V3GPP,
-    Msg,
     Peer,
     ServeProcess,
     Server,
@@ -30,6 +29,7 @@ from .conftest import (
     ecr,
     header,
     proxy_info,
+    split,
 )
 
 
@@ -40,16 +40,6 @@ async def assert_served(srv: Server, peer: Peer | None = None, n: int = 4242) ->
     assert eca.hbh == n and eca.equipment_status == STATUS.BLACKLISTED
     if peer is None:
         p.close()
-
-
-def split(data: bytes) -> list[Msg]:
-    out = []
-    pos = 0
-    while pos < len(data):
-        length = int.from_bytes(data[pos + 1:pos + 4], "big")
-        out.append(Msg.parse(data[pos:pos + length]))
-        pos += length
-    return out
 
 
 async def test_fifty_peers_each_pipelining_a_hundred_ecrs(

@@ -45,6 +45,7 @@ from .conftest import (
     dwr,
     ecr,
     peer_config,
+    split,
     start_server,
 )
 
@@ -83,16 +84,6 @@ async def stop(srv: Server, *peers: Peer) -> None:
     for proto in list(srv.node.protocols):
         proto.abort("test over")
     await srv.node.shutdown(0.2)
-
-
-def split(data: bytes) -> list[Msg]:
-    out = []
-    pos = 0
-    while pos < len(data):
-        length = int.from_bytes(data[pos + 1:pos + 4], "big")
-        out.append(Msg.parse(data[pos:pos + length]))
-        pos += length
-    return out
 
 
 def check_dwr(m: Msg) -> None:
