@@ -3,6 +3,13 @@
 `check()` answers synchronously when it can (embedded store, or an IMEI in the worker's local
 cache) and returns an asyncio Future only on a cache miss that needs Redis; the Diameter shell
 then attaches a callback instead of creating a task per request.
+
+When the store cannot answer, the configured fallback applies: a status (fail open with
+whitelisted, fail closed with greylisted/blacklisted), or an error answer (`too_busy`: the MME
+tries another EIR; `unable_to_comply`) carried as a Verdict with rule STORE_ERROR whose reason
+names the error. A lookup that failed because our own loop was overloaded is always answered
+`too_busy`. Each fallback episode is logged when it starts, once a minute while it lasts, and
+when a verdict comes from the store again.
 """
 
 from __future__ import annotations
@@ -12,8 +19,15 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from .obs.logging import get_logger
 from .policy.types import CheckRequest, EquipmentStatus, ImeiRecord, Verdict
-from .store import MISSING, RecordStore, StoreUnavailable
+from .store import MISSING, RecordStore, StoreOverloaded, StoreUnavailable
+
+log = get_logger("eir.checker")
+
+STORE_ERROR = "store_error"  # Verdict.rule of an error answer; reasons[0] names the error
+FALLBACK_ERRORS = ("too_busy", "unable_to_comply")
+EPISODE_LOG_INTERVAL = 60.0  # seconds between "still falling back" lines
 
 
 class PolicyLike(Protocol):
@@ -41,17 +55,59 @@ class Today:
 
 
 class EquipmentChecker:
-    __slots__ = ("policy", "store", "fallback", "today", "fallbacks")
+    __slots__ = ("policy", "store", "fallback", "busy", "today", "fallbacks", "episodes",
+                 "clock", "_episode_start", "_episode_count", "_next_log")
 
     def __init__(self, policy: PolicyLike, store: RecordStore,
-                 fallback: EquipmentStatus | None = EquipmentStatus.WHITELISTED,
-                 today: Callable[[], str] | None = None) -> None:
+                 fallback: EquipmentStatus | str | None = EquipmentStatus.WHITELISTED,
+                 today: Callable[[], str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.store = store
         # Returned when the store cannot answer (Redis down and the IMEI not cached).
-        self.fallback = Verdict(fallback, "store_fallback", ("register store unreachable",))
+        if isinstance(fallback, str):
+            if fallback not in FALLBACK_ERRORS:
+                raise ValueError(f"store fallback error must be one of {FALLBACK_ERRORS}")
+            self.fallback = Verdict(None, STORE_ERROR, (fallback,))
+        else:
+            self.fallback = Verdict(fallback, "store_fallback", ("register store unreachable",))
+        self.busy = Verdict(None, STORE_ERROR, ("too_busy",))
         self.today = today or Today()
-        self.fallbacks = 0
+        self.clock = clock
+        self.fallbacks = 0  # verdicts from the fallback (incl. too_busy for our own overload)
+        self.episodes = 0
+        self._episode_start: float | None = None
+        self._episode_count = 0
+        self._next_log = 0.0
+
+    @property
+    def fallback_active(self) -> bool:
+        return self._episode_start is not None
+
+    def _fell_back(self, error: BaseException) -> Verdict:
+        self.fallbacks += 1
+        now = self.clock()
+        verdict = self.busy if isinstance(error, StoreOverloaded) else self.fallback
+        if self._episode_start is None:
+            self._episode_start, self._episode_count = now, 0
+            self._next_log = now + EPISODE_LOG_INTERVAL
+            self.episodes += 1
+            log.warning("store_fallback_started", answer=_answer_name(verdict),
+                        error=str(error) or type(error).__name__)
+        self._episode_count += 1
+        if now >= self._next_log:
+            self._next_log = now + EPISODE_LOG_INTERVAL
+            log.warning("store_fallback_continues", answer=_answer_name(verdict),
+                        verdicts=self._episode_count,
+                        seconds=round(now - self._episode_start, 1))
+        return verdict
+
+    def _episode_over(self) -> None:
+        start = self._episode_start
+        if start is not None:
+            self._episode_start = None
+            log.info("store_fallback_ended", verdicts=self._episode_count,
+                     seconds=round(self.clock() - start, 1))
 
     def check(self, req: CheckRequest) -> Verdict | asyncio.Future[Verdict]:
         policy = self.policy
@@ -69,13 +125,19 @@ class EquipmentChecker:
                 return
             try:
                 verdict = policy.decide(req, f.result(), self.today())
-            except (StoreUnavailable, asyncio.CancelledError):
-                self.fallbacks += 1
-                verdict = self.fallback
-            except Exception:  # a bug must not leave the peer without an answer
-                self.fallbacks += 1
-                verdict = self.fallback
+                if self._episode_start is not None:
+                    self._episode_over()
+            except (StoreUnavailable, asyncio.CancelledError) as e:
+                verdict = self._fell_back(e)
+            except Exception as e:  # a bug must not leave the peer without an answer
+                verdict = self._fell_back(e)
             result.set_result(verdict)
 
         pending.add_done_callback(done)
         return result
+
+
+def _answer_name(verdict: Verdict) -> str:
+    if verdict.rule == STORE_ERROR:
+        return verdict.reasons[0]
+    return "unknown" if verdict.status is None else verdict.status.name.lower()

@@ -48,8 +48,14 @@ class ServeConfig:
     register: str = _opt("", "directory of national-register files (DIRBS zips/CSVs) loaded "
                          "into the embedded store at start", metavar="DIR")
     store_fallback: str = _opt(
-        "whitelisted", "verdict when the store cannot answer (Redis down, IMEI not cached)",
-        choices=STATUSES)
+        "whitelisted", "answer when the store cannot (Redis down, IMEI not cached): a status "
+        "(whitelisted fails open; greylisted/blacklisted fail closed), or an error answer: "
+        "too_busy (S13 3004: the MME tries another EIR) or unable_to_comply (5012)",
+        choices=(*STATUSES, "too_busy", "unable_to_comply"))
+    ready_during_fallback: str = _opt(
+        "off", "keep /readyz 200 while the store is unreachable and answers come from "
+        "--store-fallback (off: /readyz fails, so an orchestrator or monitor sees it)",
+        choices=("off", "on"))
     metrics_listen: str = _opt("0.0.0.0:9868", "Prometheus /metrics, /healthz, /readyz "
                                "listen address; empty disables", metavar="HOST:PORT")
     max_register_age: float = _opt(0.0, "/readyz fails when the register is older than this "

@@ -13,7 +13,7 @@ import tempfile
 import time
 from typing import Any
 
-from ..checker import EquipmentChecker
+from ..checker import FALLBACK_ERRORS, EquipmentChecker
 from ..config import ServeConfig, parse_hostport
 from ..diameter.answers import Identity
 from ..diameter.connection import PeerConfig
@@ -62,12 +62,15 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
     await store.start()
     started_at = time.time()
-    checker = EquipmentChecker(policy, store, parse_status(cfg.store_fallback, "store_fallback"))
+    checker = EquipmentChecker(policy, store, cfg.store_fallback
+                               if cfg.store_fallback in FALLBACK_ERRORS
+                               else parse_status(cfg.store_fallback, "store_fallback"))
     metrics = Metrics()
     # The checker counts every fallback verdict (store unreachable, or a lookup that failed
     # otherwise); the store's own stats say the rest.
     metrics.set_gauge_callback(
-        "store", lambda: {**store.stats.as_dict(), "fallback_verdicts": checker.fallbacks})
+        "store", lambda: {**store.stats.as_dict(), "fallback_verdicts": checker.fallbacks,
+                          "fallback_episodes": checker.episodes})
     metrics.set_gauge_callback("register", lambda: register_info(store, started_at))
     metrics.set_gauge_callback("queue_depth", lambda: store.queue_depth)
     identity = Identity(cfg.origin_host, cfg.origin_realm,
@@ -98,7 +101,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     readiness = make_readiness(
         listening=server.is_serving,
         store_reachable=lambda: bool(store.ready),
-        fallback_allowed=True,
+        # While misses get the fallback answer, not ready unless configured otherwise.
+        fallback_allowed=cfg.ready_during_fallback == "on",
         register_timestamp=lambda: register_info(store, started_at)["last_sync"],
         max_register_age=cfg.max_register_age or None,
     )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from ..checker import EquipmentChecker
+from ..checker import STORE_ERROR, EquipmentChecker
 from ..diameter import errors
 from ..diameter.codec import FLAG_T, Message
 from ..diameter.connection import (
@@ -43,6 +43,8 @@ log = get_logger("eir_server.diameter")
 
 COMMAND_NAMES = {257: "CER", 280: "DWR", 282: "DPR", 324: "ECR"}
 WRITE_HIGH_WATER = 512 * 1024  # then stop reading from that peer until it drains
+# --store-fallback error answers (and our own overload) -> Result-Code
+STORE_ERROR_CODES = {"too_busy": errors.TOO_BUSY, "unable_to_comply": errors.UNABLE_TO_COMPLY}
 
 
 @dataclass
@@ -237,6 +239,9 @@ class DiameterProtocol(asyncio.Protocol):
     def _answered(self, msg: Message, req: CheckRequest, prefix: bytes, suffix: bytes,
                   origin: bytes, verdict: Verdict, t0: float) -> None:
         status = verdict.status
+        if status is None and verdict.rule == STORE_ERROR:
+            self._store_error(msg, verdict)
+            return
         self.conn.send(self._eca.answer(msg, prefix, suffix, status))
         node = self.node
         # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
@@ -248,6 +253,15 @@ class DiameterProtocol(asyncio.Protocol):
         self._latency.observe(node.clock() - t0)
         if node.audit is not None:
             node.audit(time.time(), req, verdict, self.conn.origin_host or self.peer)
+
+    def _store_error(self, msg: Message, verdict: Verdict) -> None:
+        """The store could not answer and the configured fallback is an error answer (or our
+        loop was overloaded): 3004 makes the MME try another EIR; never cached as a duplicate."""
+        code = STORE_ERROR_CODES[verdict.reasons[0]]
+        self.conn.send(self._eca.failure(msg, code, "register store unavailable"))
+        self._requests[("s13", "ECR", str(code))] += 1
+        self._metrics.protocol_errors[code] += 1
+        self._metrics.verdicts[(verdict.reasons[0], verdict.rule)] += 1
 
     def _deferred(self, msg: Message, req: CheckRequest, prefix: bytes, suffix: bytes,
                   origin: bytes, t0: float, fut: asyncio.Future[Verdict]) -> None:

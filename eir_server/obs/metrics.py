@@ -192,6 +192,15 @@ SPECS: tuple[MetricSpec, ...] = (
         "store",
     ),
     MetricSpec(
+        "eir_store_fallback_episodes_total",
+        "counter",
+        "Episodes of fallback answers (each starts with the first fallback after verdicts "
+        "from the store and ends with the next verdict from the store).",
+        (),
+        "sum",
+        "store",
+    ),
+    MetricSpec(
         "eir_store_fallback_active",
         "gauge",
         "1 while the store is unreachable and answers come from the fallback.",
@@ -392,6 +401,7 @@ _STORE_FIELDS: tuple[tuple[tuple[str, ...], str, Labels], ...] = (
     (("redis_errors",), "eir_store_redis_errors_total", ()),
     # a fetch the store could not answer gets the fallback verdict from the caller
     (("fallback_verdicts", "unavailable_fetches"), "eir_store_fallback_verdicts_total", ()),
+    (("fallback_episodes",), "eir_store_fallback_episodes_total", ()),
     (("redis_up",), "eir_store_redis_up", ()),
 )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import MISSING, RecordStore, StoreStats, StoreUnavailable
+from .base import MISSING, RecordStore, StoreOverloaded, StoreStats, StoreUnavailable
 from .memory import MemoryStore
 from .redis_store import RedisStore
 from .urls import STORE_OPTIONS, parse_store_url
@@ -43,6 +43,7 @@ __all__ = [
     "MemoryStore",
     "RecordStore",
     "RedisStore",
+    "StoreOverloaded",
     "StoreStats",
     "StoreUnavailable",
     "open_store",

@@ -28,6 +28,11 @@ class StoreUnavailable(Exception):
     """The backend cannot answer now; the caller applies its fallback verdict."""
 
 
+class StoreOverloaded(StoreUnavailable):
+    """Our own process was too busy to read the answer in time; the store is not to blame (the
+    caller answers "too busy" rather than a fallback verdict)."""
+
+
 class StoreStats:
     """Plain int counters, read by the metrics exporter on scrape (no locking needed)."""
 

@@ -10,6 +10,19 @@ switching; a background poller notices version changes on idle nodes (`poll_inte
 Redis down: futures fail fast with StoreUnavailable (the caller applies its fallback verdict),
 the cache keeps answering, and the poller reconnects with exponential backoff. One log line per
 state change, never per request.
+
+What counts as "down" (a wrong call answers the fallback verdict from a healthy Redis):
+- a connection error that repeats on a fresh connection: the first error after a restart is a
+  stale pooled connection, so idle connections are dropped and the round trip retried once;
+- a round trip overdue by `timeout` of *responsive* loop time: time during which our own loop
+  was busy (CPU overload, a long callback, the process not scheduled) is measured by a heartbeat
+  and not counted, so a slow worker never declares a healthy Redis dead. A round trip still
+  unanswered after `HARD_TIMEOUT_FACTOR` x `timeout` of wall time fails with StoreOverloaded
+  (the caller answers "too busy") without marking Redis down;
+- the register vanishing (N:cur gone, or the version's meta replaced: a Redis restarted empty
+  or re-fed): answering "not listed" from an empty store would whitelist every device.
+Version switches load outside any lookup's deadline: a lookup that meets a new version waits for
+the shared refresh, whose own round trips are bounded one by one.
 """
 
 from __future__ import annotations
@@ -18,30 +31,64 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from eir_server.policy.types import ImeiRecord
 
 from . import layout
-from .base import MISSING, StoreStats, StoreUnavailable, _Missing
+from .base import MISSING, StoreOverloaded, StoreStats, StoreUnavailable, _Missing
 from .codec import decode_record
 from .urls import RedisTarget, async_client
 
 log = structlog.get_logger("eir.store")
 
-# KEYS[1] = N:cur, KEYS[2..] = bucket keys; ARGV = fields. Missing values come back as nil.
+# KEYS[1] = N:cur, KEYS[2] = meta of the version served (its `created` tells a re-fed Redis's
+# version "1" from ours), KEYS[3..] = bucket keys; ARGV = fields. Missing values come back false.
 _LOOKUP_LUA = """
-local out = {redis.call('GET', KEYS[1])}
-for i = 2, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[i - 1]) end
+local out = {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'created')}
+for i = 3, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[i - 2]) end
 return out
 """
 
 _ERRORS = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
+# Errors after which the same round trip on a fresh connection may well succeed.
+_CONNECTION_ERRORS = (RedisConnectionError, OSError)
+
+HEARTBEAT = 0.02  # seconds between loop-lag samples
+HARD_TIMEOUT_FACTOR = 10  # wall-time bound on a round trip, in units of `timeout`
+
+
+class LoopLag:
+    """Cumulative time the event loop ran late: a heartbeat every HEARTBEAT seconds adds how
+    late it ran. `busy()` includes the lateness of the heartbeat still due, so a check made at
+    the end of a long stall already sees it."""
+
+    __slots__ = ("_loop", "_busy", "_due", "_handle")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._busy = 0.0
+        self._due = loop.time() + HEARTBEAT
+        self._handle = loop.call_at(self._due, self._beat)
+
+    def _beat(self) -> None:
+        now = self._loop.time()
+        self._busy += max(0.0, now - self._due)
+        self._due = now + HEARTBEAT
+        self._handle = self._loop.call_at(self._due, self._beat)
+
+    def busy(self) -> float:
+        return self._busy + max(0.0, self._loop.time() - self._due)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 @dataclass(slots=True)
@@ -49,6 +96,7 @@ class _State:
     """Everything needed to answer for one register version; replaced as a whole."""
 
     version: str | None
+    created: str | None = None  # meta `created`: tells two versions with the same id apart
     buckets: layout.Buckets | None = None
     table: dict[int, ImeiRecord] = field(default_factory=dict)
     overlay_raw: dict[str, bytes] = field(default_factory=dict)
@@ -70,7 +118,7 @@ class RedisStore:
         batch_max: int = 256,
         max_inflight: int = 16,
         backoff_min: float = 0.05,
-        backoff_max: float = 2.0,
+        backoff_max: float = 0.5,
         **_ignored: Any,
     ) -> None:
         self.target = target
@@ -94,9 +142,11 @@ class RedisStore:
         self._script: Any = None
         self._poller: asyncio.Task[None] | None = None
         self._up: bool | None = None  # None until the first contact either way
+        self._down_reason = ""
         self._closed = False
         self._cur_key = layout.cur_key(namespace)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lag: LoopLag | None = None
 
     @property
     def version(self) -> str | None:
@@ -162,12 +212,14 @@ class RedisStore:
         self.stats.fetch_batches += 1
         self.stats.fetch_keys += len(chunk)
         try:
-            async with asyncio.timeout(self.timeout), self._inflight:
+            async with self._inflight:
+                if not self._up:  # went down while this batch waited for a slot
+                    raise StoreUnavailable("redis unavailable")
                 results = await self._lookup(list(chunk))
         except BaseException as e:  # noqa: BLE001 - every waiter must be released, always
             if isinstance(e, _ERRORS):
                 self.stats.redis_errors += 1
-                self._set_up(False, e)
+                await self._mark_down(e)
             elif not isinstance(e, asyncio.CancelledError | StoreUnavailable):
                 self.stats.redis_errors += 1
                 log.error("store lookup failed", error=repr(e))
@@ -185,6 +237,66 @@ class RedisStore:
                 if not f.done():
                     f.set_result(rec)
 
+    # -- bounded round trips -------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[None]:
+        """Bound a round trip by `timeout` of responsive loop time (see the module docstring):
+        TimeoutError when Redis did not answer although we were ready to read the answer,
+        StoreOverloaded when our loop was too busy for HARD_TIMEOUT_FACTOR x `timeout`."""
+        loop = self._loop or asyncio.get_running_loop()
+        lag = self._lag
+        t0 = loop.time()
+        b0 = lag.busy() if lag is not None else 0.0
+        hard = t0 + self.timeout * HARD_TIMEOUT_FACTOR
+        overloaded = False
+        handle: asyncio.TimerHandle | None = None
+        async with asyncio.timeout(None) as cm:
+
+            def check() -> None:
+                nonlocal handle, overloaded
+                now = loop.time()
+                waited = now - t0 - ((lag.busy() - b0) if lag is not None else 0.0)
+                if waited >= self.timeout or now >= hard:
+                    overloaded = waited < self.timeout
+                    cm.reschedule(now)  # expire now: the await below raises TimeoutError
+                else:
+                    handle = loop.call_at(min(now + self.timeout - waited, hard), check)
+
+            handle = loop.call_at(t0 + self.timeout, check)
+            try:
+                try:
+                    yield
+                except TimeoutError:
+                    if overloaded:
+                        raise StoreOverloaded("event loop too busy to read redis") from None
+                    raise
+            finally:
+                handle.cancel()
+
+    async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """One bounded round trip; a connection error is retried once on a fresh connection
+        (after a Redis restart every pooled connection is stale, and that is not an outage)."""
+        try:
+            async with self._bounded():
+                return await fn(*args, **kw)
+        except _CONNECTION_ERRORS as e:
+            if isinstance(e, TimeoutError):  # redis-py's TimeoutError is not a connection error
+                raise
+            await self._drop_connections()
+        async with self._bounded():
+            return await fn(*args, **kw)
+
+    async def _drop_connections(self) -> None:
+        """Close every idle pooled connection: they were opened before whatever just failed."""
+        with contextlib.suppress(Exception):
+            pool = getattr(self._client, "connection_pool", None)
+            if pool is not None:
+                await pool.disconnect(inuse_connections=False)
+            else:  # Cluster: one pool per node
+                for node in self._client.get_nodes():
+                    await node.disconnect()
+
+    # -- lookups -------------------------------------------------------------------------------
     async def _lookup(self, imeis: list[str]) -> dict[str, ImeiRecord | None]:
         out: dict[str, ImeiRecord | None] = {}
         for _attempt in range(3):
@@ -197,20 +309,20 @@ class RedisStore:
             todo = [i for i in todo if i not in out]
             if not todo:
                 return out
-            if st.buckets is None:  # no full load: nothing listed beyond the overlay
-                cur = await self._client.get(self._cur_key)
-                values: list[bytes | None] = [None] * len(todo)
-            else:
-                keys, fields = [], []
+            keys: list[str] = []
+            fields: list[str] = []
+            if st.buckets is not None:  # else no full load: nothing listed beyond the overlay
                 for i in todo:
                     k, f = st.buckets.locate(i)
                     keys.append(k)
                     fields.append(f)
-                cur, values = await self._round_trip(keys, fields)
-            cur_s = cur.decode() if cur is not None else None
-            if cur_s != st.version:
-                await self._refresh(cur_s)
+            cur, created, values = await self._call(self._round_trip, st, keys, fields)
+            if cur != st.version or created != st.created:
+                # Off the lookup's deadline: the refresh bounds its own round trips.
+                await self._refresh(st, cur, created)
                 continue
+            if st.buckets is None:
+                values = [None] * len(todo)
             cache = self._cache if self._state is st and st.version is not None else None
             for i, v in zip(todo, values, strict=True):
                 rec = self._decode(st, v)
@@ -222,16 +334,22 @@ class RedisStore:
             return out
         raise StoreUnavailable("register version kept changing during lookup")
 
-    async def _round_trip(self, keys: list[str], fields: list[str]) -> tuple[Any, list[Any]]:
+    async def _round_trip(
+        self, st: _State, keys: list[str], fields: list[str]
+    ) -> tuple[str | None, str | None, list[Any]]:
+        """N:cur, the served version's `created`, and the bucket values, in one round trip."""
+        meta_key = layout.meta_key(self.ns, st.version or "none")
         if self._script is not None:
-            res = await self._script(keys=[self._cur_key, *keys], args=fields)
-            return res[0], res[1:]
-        pipe = self._client.pipeline()
-        pipe.get(self._cur_key)
-        for k, f in zip(keys, fields, strict=True):
-            pipe.hget(k, f)
-        res = await pipe.execute()
-        return res[0], res[1:]
+            res = await self._script(keys=[self._cur_key, meta_key, *keys], args=fields)
+        else:
+            pipe = self._client.pipeline()
+            pipe.get(self._cur_key)
+            pipe.hget(meta_key, "created")
+            for k, f in zip(keys, fields, strict=True):
+                pipe.hget(k, f)
+            res = await pipe.execute()
+        cur, created = res[0], res[1]
+        return (cur.decode() if cur else None, created.decode() if created else None, res[2:])
 
     @staticmethod
     def _decode(st: _State, v: bytes | None) -> ImeiRecord | None:
@@ -252,14 +370,24 @@ class RedisStore:
         self.stats.cache_evictions += n
 
     # -- versions ------------------------------------------------------------------------------
-    async def _refresh(self, cur: str | None) -> None:
-        """Load everything for version `cur` and switch to it in one assignment."""
+    async def _refresh(self, seen: _State, cur: str | None, created: str | None) -> None:
+        """Load everything for version `cur` and switch to it in one assignment. `created` is
+        what the caller read of `seen`'s meta (the version it was served): when it differs,
+        Redis lost or replaced that version (restarted empty, re-fed): everything is reloaded."""
         async with self._refresh_lock:
-            if cur == self._state.version:
-                return
-            new = await self._load_state(cur) if cur is not None else _State(None)
             old = self._state
-            if new.buckets != old.buckets or old.version is None:
+            if old is not seen or self._state_matches(old, cur, created):
+                return  # another lookup switched already; the caller asks again
+            if cur is None:
+                if old.version is None:
+                    return  # never had a register: "not listed" is the truth
+                # Had one, now Redis has none: do not turn every device white.
+                raise StoreUnavailable(f"register version {old.version} vanished from redis")
+            new = await self._load_state(cur)
+            # Our version's meta gone or replaced: the base load may be another one under the
+            # same id, so only a full clear is safe.
+            replaced = created != old.created
+            if replaced or new.buckets != old.buckets or old.version is None:
                 self._cache.clear()
             else:  # same full load plus a different overlay: drop only what changed
                 for k in old.overlay_raw.keys() | new.overlay_raw.keys():
@@ -276,32 +404,42 @@ class RedisStore:
                 overlay=len(new.overlay_raw),
             )
 
+    @staticmethod
+    def _state_matches(st: _State, cur: str | None, created: str | None) -> bool:
+        """`created` as read for st's meta key, `cur` as read from N:cur."""
+        return st.version == cur and st.created == created
+
     async def _load_state(self, ver: str) -> _State:
         c = self._client
-        meta = {
-            k.decode(): v.decode()
-            for k, v in (await c.hgetall(layout.meta_key(self.ns, ver))).items()
-        }
+        raw_meta = await self._call(c.hgetall, layout.meta_key(self.ns, ver))
+        meta = {k.decode(): v.decode() for k, v in raw_meta.items()}
         if not meta:
             raise StoreUnavailable(f"register version {ver} has no meta (being deleted?)")
         base = meta.get("base") or None
         buckets = layout.Buckets(self.ns, base, int(meta["k"])) if base else None
-        raw_table = await c.hgetall(layout.table_key(self.ns, ver))
+        raw_table = await self._call(c.hgetall, layout.table_key(self.ns, ver))
         table = {int(k): decode_record(v) for k, v in raw_table.items()}
-        overlay_raw: dict[str, bytes] = {}
+        st = _State(ver, meta.get("created"), buckets, table, {}, {}, meta)  # type: ignore[arg-type]
         cursor = 0
         okey = layout.overlay_key(self.ns, ver)
-        while True:  # HSCAN: a large overlay must not block Redis in one reply
-            cursor, part = await c.hscan(okey, cursor, count=10000)
+        while True:  # HSCAN in slices, decoded as they come: neither Redis nor our loop blocks
+            cursor, part = await self._call(c.hscan, okey, cursor, count=5000)
             for k, v in part.items():
-                overlay_raw[k.decode()] = v
+                key = k.decode()
+                st.overlay_raw[key] = v
+                st.overlay[key] = self._decode(st, v)
             if cursor == 0:
                 break
-        st = _State(ver, buckets, table, overlay_raw, {}, meta)  # type: ignore[arg-type]
-        st.overlay = {k: self._decode(st, v) for k, v in overlay_raw.items()}
         return st
 
     # -- availability --------------------------------------------------------------------------
+    async def _mark_down(self, error: BaseException) -> None:
+        if isinstance(error, StoreOverloaded):
+            return  # our loop, not Redis
+        if self._up:
+            await self._drop_connections()
+        self._set_up(False, error)
+
     def _set_up(self, up: bool, error: BaseException | None = None) -> None:
         if up == self._up:
             return
@@ -314,11 +452,10 @@ class RedisStore:
         self.ready = up
 
     async def _poll_once(self) -> None:
-        async with asyncio.timeout(max(self.timeout, 1.0)):
-            cur = await self._client.get(self._cur_key)
-            cur_s = cur.decode() if cur is not None else None
-            if cur_s != self._state.version:
-                await self._refresh(cur_s)
+        st = self._state
+        cur, created, _ = await self._call(self._round_trip, st, [], [])
+        if not self._state_matches(st, cur, created):
+            await self._refresh(st, cur, created)
         self._set_up(True)
 
     async def _poll_forever(self) -> None:
@@ -330,18 +467,20 @@ class RedisStore:
                 await asyncio.sleep(self.poll_interval)
             except asyncio.CancelledError:
                 raise
-            except StoreUnavailable as e:  # e.g. meta of a new version not readable yet
-                log.warning("register version not loadable", error=str(e))
+            except StoreOverloaded:
                 await asyncio.sleep(self.poll_interval)
             except Exception as e:  # noqa: BLE001 - the poller must outlive any failure
+                # StoreUnavailable included: a register that vanished or cannot be loaded
+                # cannot answer either; logged once per state change like an outage.
                 self.stats.redis_errors += 1
-                self._set_up(False, e)
+                await self._mark_down(e)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._lag = LoopLag(self._loop)
         self._client = async_client(self.target, self.timeout)
         if self.target.mode != "cluster":
             self._script = self._client.register_script(_LOOKUP_LUA)
@@ -368,6 +507,8 @@ class RedisStore:
                 if not f.done():
                     f.set_exception(StoreUnavailable("store closed"))
         self._pending.clear()
+        if self._lag is not None:
+            self._lag.stop()
         if self._client is not None:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
@@ -379,11 +520,11 @@ class RedisStore:
         if self._client is None:
             return None
         try:
-            pointer = await self._client.hgetall(layout.tac_key(self.ns))
+            pointer = await self._call(self._client.hgetall, layout.tac_key(self.ns))
             sha = pointer.get(b"sha256") if pointer else None
             if not sha:
                 return None
-            text = await self._client.get(layout.tac_data_key(self.ns, sha.decode()))
+            text = await self._call(self._client.get, layout.tac_data_key(self.ns, sha.decode()))
         except Exception:  # RedisError, timeouts: the next poll tries again
             return None
         if text is None:

@@ -106,11 +106,12 @@ def parse_store_url(url: str) -> RedisTarget:
     raise ValueError(f"unsupported store URL scheme {parts.scheme!r}")
 
 
-def _common(timeout: float) -> dict[str, Any]:
+def _common(timeout: float | None) -> dict[str, Any]:
     return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
-def _sentinel_master(sentinel_cls: type, target: RedisTarget, timeout: float, **kw: Any) -> Any:
+def _sentinel_master(sentinel_cls: type, target: RedisTarget, timeout: float | None,
+                     **kw: Any) -> Any:
     """Client for the master of `target.service` (redis.sentinel or redis.asyncio.sentinel).
 
     Every new connection asks the Sentinels for the master's address, taking the first one that
@@ -132,18 +133,20 @@ def _sentinel_master(sentinel_cls: type, target: RedisTarget, timeout: float, **
 
 
 def async_client(target: RedisTarget, timeout: float) -> Any:
-    """redis.asyncio client without redis-py's own retries: the store has its own backoff."""
+    """redis.asyncio client without redis-py's own retries and socket timeouts: the store
+    bounds every round trip itself by responsive loop time (a wall-clock socket timeout would
+    blame Redis for our own busy loop) and has its own backoff. `timeout` is kept for callers."""
     from redis.asyncio import Redis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
     no_retry = Retry(NoBackoff(), 0)
     if target.mode == "single":
-        return Redis.from_url(target.url, retry=no_retry, **_common(timeout))
+        return Redis.from_url(target.url, retry=no_retry, **_common(None))
     if target.mode == "sentinel":
         from redis.asyncio.sentinel import Sentinel
 
-        return _sentinel_master(Sentinel, target, timeout, retry=no_retry)
+        return _sentinel_master(Sentinel, target, None, retry=no_retry)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
     return RedisCluster(
@@ -152,7 +155,7 @@ def async_client(target: RedisTarget, timeout: float) -> Any:
         password=target.password,
         ssl=target.ssl,
         retry=no_retry,
-        **_common(timeout),
+        **_common(None),
     )
 
 
