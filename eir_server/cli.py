@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -35,9 +36,15 @@ def _add_serve(sub: Any) -> None:
         p.add_argument(flag, **kwargs)
 
 
+# `eir-server check` exit codes: 0-3 are verdicts, so failures use codes no verdict has.
+CHECK_EXIT_USAGE = 4  # bad arguments or configuration
+CHECK_EXIT_STORE = 5  # the store (Redis, or the embedded register files) cannot answer
+
+
 def _add_check(sub: Any) -> None:
     p = sub.add_parser("check", help="print the verdict for an IMEI and why; exit code = status "
-                       "(0 whitelisted, 1 blacklisted, 2 greylisted, 3 unknown)")
+                       "(0 whitelisted, 1 blacklisted, 2 greylisted, 3 unknown; "
+                       "4 usage or configuration error, 5 store unavailable)")
     p.add_argument("imei", help="IMEI (14 or 15 digits) or IMEISV (16 digits)")
     p.add_argument("--imsi", help="IMSI used with the device (exception pairing)")
     p.add_argument("--msisdn")
@@ -48,6 +55,17 @@ def _add_check(sub: Any) -> None:
     p.add_argument("--register", metavar="DIR", help="register directory for the embedded store")
     p.add_argument("--unknown-equipment", choices=("whitelisted", "greylisted", "blacklisted",
                                                    "unknown"))
+
+
+def _add_log_options(p: argparse.ArgumentParser) -> None:
+    """--log-format / --log-level with the same EIR_* environment defaults as `serve`."""
+    p.add_argument("--log-format", choices=("auto", "json", "console"),
+                   default=os.environ.get("EIR_LOG_FORMAT", "auto"),
+                   help="log format: json, console, or auto (console on a TTY; default "
+                   "$EIR_LOG_FORMAT or auto)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   default=os.environ.get("EIR_LOG_LEVEL", "info"),
+                   help="log level (default $EIR_LOG_LEVEL or info)")
 
 
 def _add_dictionary(sub: Any) -> None:
@@ -68,10 +86,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_sync = None
     else:
         add_sync_parser(sub)
+        _add_log_options(sub.choices["sync"])
     from .obs.export import add_export_parser, run_export
     add_export_parser(sub)
     _add_dictionary(sub)
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits 2 on a usage error, which for `check` would read as GREYLISTED.
+        if e.code == 2 and _command_of(argv) == "check":
+            return CHECK_EXIT_USAGE
+        raise
     if args.command is None:
         parser.print_help()
         return 2
@@ -80,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args)
     if args.command == "sync" and run_sync is not None:
+        from .obs.logging import configure_logging
+        configure_logging(args.log_format, args.log_level)
         return run_sync(args)
     if args.command == "export":
         return run_export(args)
@@ -89,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -102,7 +134,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(cfg.log_format, cfg.log_level)
     try:
-        return serve(cfg)
+        # SIGHUP reads the file and the environment again; the flags stay as given.
+        return serve(cfg, reload=lambda: load_config(args.config, overrides=overrides))
     except (OSError, ValueError) as e:
         print(f"eir-server: {e}", file=sys.stderr)
         return 1
@@ -111,18 +144,19 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from .io.app import build_policy
     from .obs.logging import configure_logging
-    configure_logging("console", "warning", stream=sys.stderr)  # stdout is the explanation
+    configure_logging("console", "error", stream=sys.stderr)  # stdout is the explanation
     from .policy import exit_code_for, explain
     from .policy.types import CheckRequest
-    from .store import MISSING, open_store
+    from .store import MISSING, StoreUnavailable, open_store
+    from .store.register import RegisterError
     overrides: dict[str, Any] = {"store": args.store, "register": args.register,
                                  "unknown_equipment": args.unknown_equipment}
     try:
         cfg = load_config(args.config, overrides=overrides)
         policy = build_policy(cfg)
     except (OSError, ValueError) as e:
-        print(f"eir-server: configuration error: {e}", file=sys.stderr)
-        return 64
+        print(f"eir-server check: configuration error: {e}", file=sys.stderr)
+        return CHECK_EXIT_USAGE
     today = args.date or time.strftime("%Y%m%d", time.gmtime())
     req = CheckRequest(args.imei, args.software_version, args.imsi, args.msisdn)
 
@@ -133,6 +167,10 @@ def _check(args: argparse.Namespace) -> int:
             key = policy.imei_key(req.imei)
             if key is None:
                 return None
+            if not store.ready:
+                raise StoreUnavailable(f"{store.name} store not reachable")
+            if store.name != "memory" and store.version is None:
+                raise StoreUnavailable("no register version in the store (run eir-server sync)")
             record = store.get_nowait(key)
             if record is MISSING:
                 record = await store.fetch(key)
@@ -140,7 +178,14 @@ def _check(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    record = asyncio.run(lookup())
+    try:
+        record = asyncio.run(lookup())
+    except ValueError as e:  # e.g. --register with a Redis URL
+        print(f"eir-server check: configuration error: {e}", file=sys.stderr)
+        return CHECK_EXIT_USAGE
+    except (StoreUnavailable, RegisterError, OSError) as e:
+        print(f"eir-server check: store unavailable: {e}", file=sys.stderr)
+        return CHECK_EXIT_STORE
     verdict = policy.decide(req, record, today)
     print(explain(verdict, req, tacs=policy.tacs))
     return exit_code_for(verdict)

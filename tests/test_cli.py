@@ -114,3 +114,24 @@ def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
+
+
+def test_check_failures_have_their_own_exit_codes(register: Path, tmp_path: Path,
+                                                   redis_url: str) -> None:
+    """0-3 are verdicts; 4 usage/configuration, 5 store unavailable: one line, no traceback."""
+    cases = [
+        ((), 4, "required"),  # no IMEI: argparse's usage error would otherwise exit 2 (GREYLISTED)
+        (("352099001761481", "--bogus"), 4, "unrecognized"),
+        (("352099001761481", "--config", str(tmp_path / "missing.toml")), 4, "configuration"),
+        (("352099001761481", "--store", "redis://127.0.0.1:1/0", "--register", str(register)),
+         4, "--register"),
+        (("352099001761481", "--store", f"redis://127.0.0.1:{free_port()}/0"), 5, "unavailable"),
+        (("352099001761481", "--store", redis_url), 5, "eir-server sync"),  # no register yet
+        (("352099001761481", "--register", str(tmp_path / "nope")), 5, "unavailable"),
+    ]
+    for args, code, text in cases:
+        r = check(*args)
+        assert r.returncode == code, (args, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr and text in r.stderr, (args, r.stderr)
+        if code == 5 or "configuration" in text:
+            assert r.stderr.strip().count("\n") == 0, (args, r.stderr)

@@ -4,14 +4,22 @@ order on SIGTERM; with `--workers N`, a parent that forks N workers and serves n
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import gc
+import json
 import os
+import re
+import shutil
 import signal
 import ssl
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
+
+import structlog
 
 from ..checker import FALLBACK_ERRORS, EquipmentChecker
 from ..config import ServeConfig, parse_hostport
@@ -29,7 +37,14 @@ from ..obs.server import (
     start_worker_snapshot_server,
     worker_socket_path,
 )
-from ..policy import LoadError, Policy, PolicyConfig, TacDatabase, load_policy, parse_status
+from ..policy import (
+    LoadError,
+    Policy,
+    PolicyConfig,
+    TacDatabase,
+    load_policy,
+    parse_status,
+)
 from ..store import open_store
 from .diameter_server import DiameterNode
 
@@ -49,22 +64,23 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
                      origin_state_id: int | None = None,
                      started: asyncio.Event | None = None,
                      stop: asyncio.Event | None = None,
-                     policy: Any = None) -> DiameterNode:
+                     policy: Any = None,
+                     reload: Callable[[], ServeConfig] | None = None) -> DiameterNode:
     """Run one full node until SIGTERM/SIGINT (or `stop` is set); returns the stopped node.
-    `policy`: one already built from `cfg` (else it is built here)."""
+    `policy`: one already built from `cfg` (else it is built here). SIGHUP reloads the policy
+    (from `reload()`, the configuration read again) and the embedded register."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
+    structlog.contextvars.bind_contextvars(worker=index)
     if policy is None:
         policy = build_policy(cfg)
     store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
     await store.start()
     started_at = time.time()
-    checker = EquipmentChecker(policy, store, cfg.store_fallback
-                               if cfg.store_fallback in FALLBACK_ERRORS
-                               else parse_status(cfg.store_fallback, "store_fallback"))
+    checker = EquipmentChecker(policy, store, store_fallback(cfg))
     metrics = Metrics()
     # The checker counts every fallback verdict (store unreachable, or a lookup that failed
     # otherwise); the store's own stats say the rest.
@@ -103,7 +119,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
         store_reachable=lambda: bool(store.ready),
         # While misses get the fallback answer, not ready unless configured otherwise.
         fallback_allowed=cfg.ready_during_fallback == "on",
-        register_timestamp=lambda: register_info(store, started_at)["last_sync"],
+        register_timestamp=lambda: register_info(store, started_at)["date"],
+        register_required=cfg.max_register_age > 0,
         max_register_age=cfg.max_register_age or None,
     )
     metrics_server = None
@@ -118,9 +135,14 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     log.info("diameter_listening", worker=index, addresses=[f"{a[0]}:{a[1]}" for a in sockets],
              origin_host=cfg.origin_host, origin_realm=cfg.origin_realm, store=store.name,
              metrics=cfg.metrics_listen if runtime_dir is None else "parent")
+    reloader = Reloader(cfg, reload, store, checker, tac_from_store=tac_task is not None,
+                        worker=index)
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, reloader.request)
     if started is not None:
         started.set()
     await stop.wait()
+    await reloader.wait()
     log.info("shutting_down", worker=index, peers=node.peers_open(),
              in_flight=node.in_flight)
     await node.shutdown(cfg.shutdown_timeout)
@@ -135,6 +157,80 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     await store.close()
     log.info("stopped", worker=index)
     return node
+
+
+def store_fallback(cfg: ServeConfig) -> Any:
+    """--store-fallback as the checker takes it: an error answer name, or a status."""
+    if cfg.store_fallback in FALLBACK_ERRORS:
+        return cfg.store_fallback
+    return parse_status(cfg.store_fallback, "store_fallback")
+
+
+# Options a SIGHUP applies without a restart; any other change is logged as needing one.
+RELOADABLE = frozenset({"unknown_equipment", "store_fallback", "register", "policy"})
+
+
+def restart_only_changes(old: ServeConfig, new: ServeConfig) -> list[str]:
+    return [f.name for f in fields(ServeConfig)
+            if f.name not in RELOADABLE and getattr(old, f.name) != getattr(new, f.name)]
+
+
+class Reloader:
+    """SIGHUP in a worker: read the configuration again, build the policy, reload the embedded
+    register, then swap them in (one assignment each). A failure is logged and changes
+    nothing: the worker keeps serving what it had."""
+
+    def __init__(self, cfg: ServeConfig, reload: Callable[[], ServeConfig] | None, store: Any,
+                 checker: EquipmentChecker, *, tac_from_store: bool, worker: int) -> None:
+        self.cfg = cfg
+        self.reload = reload
+        self.store = store
+        self.checker = checker
+        self.tac_from_store = tac_from_store
+        self.worker = worker
+        self.task: asyncio.Task[None] | None = None
+        self.again = False
+
+    def request(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.again = True  # one more pass after the running one
+            return
+        self.task = asyncio.ensure_future(self._run())
+
+    async def wait(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+    async def _run(self) -> None:
+        while True:
+            self.again = False
+            await self._reload_once()
+            if not self.again:
+                return
+
+    async def _reload_once(self) -> None:
+        try:
+            new = self.reload() if self.reload is not None else self.cfg
+            policy = build_policy(new)
+            if self.tac_from_store and not policy.config.tac_database_file:
+                # keep the GSMA TAC database the store delivered
+                policy = Policy(policy.config, policy.local, self.checker.policy.tacs)
+            store = self.store
+            if getattr(store, "name", "") == "memory" and new.register:
+                await asyncio.to_thread(store.load_register_dir, new.register)
+                store.loaded_at = time.time()
+        except Exception as e:  # noqa: BLE001 - a bad reload never takes the worker down
+            log.error("reload_failed", worker=self.worker, error=f"{type(e).__name__}: {e}")
+            return
+        self.checker.policy = policy
+        # the checker builds the fallback verdict; take it from a throwaway one
+        self.checker.fallback = EquipmentChecker(policy, store, store_fallback(new)).fallback
+        needs_restart = restart_only_changes(self.cfg, new)
+        log.info("reloaded", worker=self.worker, register_version=self.store.version,
+                 unknown_equipment=new.unknown_equipment, store_fallback=new.store_fallback,
+                 not_applied_until_restart=needs_restart)
 
 
 TAC_POLL_INTERVAL = 30.0
@@ -199,28 +295,60 @@ def tls_context(cfg: ServeConfig) -> ssl.SSLContext:
     return ctx
 
 
+_REGISTER_TS = re.compile(r"(\d{8}_\d{6})")
+
+
+def register_timestamp(ts: str | None) -> float | None:
+    """A register run timestamp (YYYYMMDD_HHMMSS, UTC, as in its file names) -> unix seconds."""
+    m = _REGISTER_TS.fullmatch(ts or "")
+    if m is None:
+        return None
+    return calendar.timegm(time.strptime(m.group(1), "%Y%m%d_%H%M%S"))
+
+
+def _list_of(source: str) -> str:
+    """The register list a file belongs to (blacklist, notifications_<op>...), not its name."""
+    name = source.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    m = re.match(r"\d{8}_\d{6}_(.+?)(?:_delta_.*)?\.(?:csv|zip)$", name)
+    return m.group(1) if m else name
+
+
 def register_info(store: Any, started_at: float) -> dict[str, Any]:
-    """What the node serves, for /readyz and the register gauges. Redis: the version's meta
-    written by `eir-server sync` (created = when that sync switched it in). Embedded: the
-    register loaded at start (a node with no register serves defaults from its start)."""
+    """What the node serves, for /readyz, /status and the register gauges; the same meaning on
+    both stores:
+      date: the register's own date (the newest run timestamp of the list files served), unix
+            seconds; None when no register is served. /readyz ages this, not process start.
+      version: that date as a number YYYYMMDDHHMMSS (eir_register_version).
+      store_version: the store's own id (Redis: the version counter; embedded: the run stamp).
+      last_sync: when this node's data last changed (Redis: the switch by `eir-server sync`;
+            embedded: the load at start or SIGHUP)."""
     meta = getattr(store, "meta", None) or {}
-    last_sync: float | None = started_at if store.ready else None
-    if meta.get("created"):
-        last_sync = float(meta["created"])
-    elif getattr(store, "name", "") != "memory" and store.version is None:
-        last_sync = None  # Redis without any register version yet: not ready
+    lists: dict[str, Any] = {}
+    if meta.get("lists"):
+        with contextlib.suppress(ValueError):
+            lists = json.loads(meta["lists"])
     rows: dict[tuple[str, str], int] = {}
-    lists = meta.get("lists")
-    if lists:
-        import json
-        for name, info in json.loads(lists).items():
-            if isinstance(info, dict) and "rows" in info:
+    stamps: list[str] = []
+    for name, info in lists.items():
+        if isinstance(info, dict):
+            if "rows" in info:
                 rows[(name, "applied")] = int(info["rows"])
+            if info.get("ts"):
+                stamps.append(str(info["ts"]))
     for report in getattr(store, "reports", None) or ():
-        key = (report.source, "applied")
-        rows[key] = rows.get(key, 0) + report.rows
-        rows[(report.source, "rejected")] = rows.get((report.source, "rejected"), 0) + report.bad
-    return {"version": store.version, "last_sync": last_sync, "rows": rows}
+        lst = _list_of(report.source)
+        rows[(lst, "applied")] = rows.get((lst, "applied"), 0) + report.rows
+        rows[(lst, "rejected")] = rows.get((lst, "rejected"), 0) + report.bad
+    if getattr(store, "name", "") == "memory":
+        stamps.append(str(store.version or ""))
+        last_sync = getattr(store, "loaded_at", None) or (started_at if store.version else None)
+    else:
+        last_sync = float(meta["created"]) if meta.get("created") else None
+    newest = max((s for s in stamps if register_timestamp(s) is not None), default=None)
+    date = register_timestamp(newest)
+    return {"version": int(newest.replace("_", "")) if newest else None,
+            "store_version": store.version, "date": date, "last_sync": last_sync,
+            "rows": rows}
 
 
 def _audit_recorder(cfg: ServeConfig, metrics: Metrics) -> AuditRecorder | None:
@@ -244,79 +372,234 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def serve(cfg: ServeConfig) -> int:
+def serve(cfg: ServeConfig, reload: Callable[[], ServeConfig] | None = None) -> int:
+    """Run `eir-server serve`. `reload` re-reads the configuration (file and environment) on
+    SIGHUP; without it SIGHUP re-applies `cfg` (the embedded register is read again)."""
     _use_uvloop()
     policy = build_policy(cfg)  # fail fast on a bad [policy] before forking
+    # Fail fast on a store the workers could never open (e.g. --register with a Redis URL):
+    # the parent exits with one line instead of respawning workers that die the same way.
+    open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
+    # SIGHUP's default action kills the process; ignore it until a loop handles it, so a
+    # reload request arriving during start-up (or at a worker being forked) is never fatal.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if cfg.workers == 1:
-        asyncio.run(run_worker(cfg, policy=policy))
+        asyncio.run(run_worker(cfg, policy=policy, reload=reload))
         return 0
-    return _serve_forked(cfg)
+    return Supervisor(cfg, reload).run()
 
 
-def _serve_forked(cfg: ServeConfig) -> int:
-    runtime_dir = tempfile.mkdtemp(prefix="eir-")
-    osi = int(time.time())  # one Origin-State-Id: the workers are one node
-    children: dict[int, int] = {}
+# Restart policy for crashed workers: a worker that lived less than WORKER_STABLE_AFTER seconds
+# counts as a failed start; each failed start doubles the wait before the next one, from
+# RESTART_BACKOFF_MIN up to RESTART_BACKOFF_MAX. CRASH_LOOP_AFTER failed starts in a row make
+# /healthz fail, so an orchestrator replaces the node instead of it limping on forever.
+RESTART_BACKOFF_MIN = 1.0
+RESTART_BACKOFF_MAX = 60.0
+WORKER_STABLE_AFTER = 30.0
+CRASH_LOOP_AFTER = 3
 
-    def spawn(index: int) -> None:
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a forked worker: get SIGTERM (a clean shutdown with DPRs) when the parent dies, so a
+    killed parent never leaves workers holding the Diameter port."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: the pipe check remains
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+@dataclass
+class WorkerSlot:
+    """The parent's view of worker `index` (times are monotonic seconds)."""
+
+    index: int
+    pid: int | None = None
+    started_at: float = 0.0
+    failures: int = 0  # failed starts in a row
+    restart_at: float = 0.0
+    restarts: int = 0
+    last_exit: str = ""
+
+    def exited(self, now: float, status: int) -> float:
+        """Record an exit; returns the delay before the next start."""
+        lived = now - self.started_at
+        self.pid = None
+        self.last_exit = describe_exit(status)
+        self.failures = self.failures + 1 if lived < WORKER_STABLE_AFTER else 1
+        delay = min(RESTART_BACKOFF_MIN * 2 ** (self.failures - 1), RESTART_BACKOFF_MAX)
+        self.restart_at = now + delay
+        return delay
+
+    @property
+    def crash_looping(self) -> bool:
+        return self.failures >= CRASH_LOOP_AFTER
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        try:
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:
+            return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+class Supervisor:
+    """Parent of `--workers N` forked workers: restarts crashed ones with exponential backoff,
+    serves the node's /metrics, /healthz, /readyz, /status, forwards SIGHUP (reload) and
+    SIGTERM (drain), and makes its workers exit when it dies."""
+
+    def __init__(self, cfg: ServeConfig, reload: Callable[[], ServeConfig] | None = None) -> None:
+        self.cfg = cfg
+        self.reload = reload
+        self.runtime_dir = tempfile.mkdtemp(prefix="eir-")
+        self.osi = int(time.time())  # one Origin-State-Id: the workers are one node
+        self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+
+    def spawn(self, slot: WorkerSlot) -> None:
+        sock = worker_socket_path(self.runtime_dir, slot.index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)  # its reappearance says the new worker is serving
+        first_failure = slot.failures == 0
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                asyncio.run(run_worker(cfg, index, runtime_dir, osi))
-            except BaseException:
-                log.exception("worker_crashed", worker=index)
+                _die_with_parent(self.pid)
+                asyncio.run(run_worker(self.cfg, slot.index, self.runtime_dir, self.osi,
+                                       reload=self.reload))
+            except BaseException as e:  # noqa: BLE001 - one line, then the parent decides
+                if first_failure:
+                    log.exception("worker_crashed", worker=slot.index, error=repr(e))
+                else:  # the traceback was logged at the first failure of this series
+                    log.error("worker_crashed", worker=slot.index, error=repr(e))
                 code = 1
             os._exit(code)
-        children[pid] = index
-        log.info("worker_started", worker=index, pid=pid)
+        slot.pid = pid
+        slot.started_at = time.monotonic()
+        slot.restarts += 1 if slot.last_exit else 0
+        log.info("worker_started", worker=slot.index, pid=pid)
 
-    for i in range(cfg.workers):
-        spawn(i)
+    def worker_up(self, slot: WorkerSlot) -> bool:
+        return slot.pid is not None and os.path.exists(
+            worker_socket_path(self.runtime_dir, slot.index))
 
-    async def parent() -> None:
+    def health(self) -> tuple[bool, str]:
+        """/healthz: fails when the node cannot serve: a worker crash-looping, or none up."""
+        looping = [s for s in self.slots if s.crash_looping and not self.worker_up(s)]
+        if looping:
+            return False, "; ".join(
+                f"worker {s.index} crash-looping ({s.failures} failed starts, last {s.last_exit})"
+                for s in looping)
+        up = sum(1 for s in self.slots if self.worker_up(s))
+        if up == 0:
+            return False, "no worker serving"
+        return True, f"ok: {up}/{len(self.slots)} workers serving"
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        return [{"worker": s.index, "pid": s.pid, "up": self.worker_up(s),
+                 "restarts": s.restarts, "failed_starts": s.failures,
+                 "last_exit": s.last_exit or None} for s in self.slots]
+
+    def reap(self, stopping: bool) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = next((s for s in self.slots if s.pid == pid), None)
+            if slot is None:
+                continue
+            if stopping:
+                slot.pid = None
+                continue
+            delay = slot.exited(time.monotonic(), status)
+            # One line per restart, saying when the next start is.
+            log.error("worker_exited", worker=slot.index, pid=pid, reason=slot.last_exit,
+                      failed_starts=slot.failures, restart_in_s=delay,
+                      crash_looping=slot.crash_looping)
+
+    def run(self) -> int:
+        # The parent's own lines say worker -1; each worker binds its index after the fork.
+        structlog.contextvars.bind_contextvars(worker=-1)
+        for slot in self.slots:
+            self.spawn(slot)
+        asyncio.run(self._parent())
+        return 0
+
+    async def _parent(self) -> None:
+        cfg = self.cfg
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
         server = None
+        agg = MetricsAggregator([worker_socket_path(self.runtime_dir, i)
+                                 for i in range(cfg.workers)])
         if cfg.metrics_listen:
             host, port = parse_hostport(cfg.metrics_listen, "metrics_listen")
-            agg = MetricsAggregator([worker_socket_path(runtime_dir, i)
-                                     for i in range(cfg.workers)])
-            server = await start_metrics_server(agg, host, port)
+            server = await start_metrics_server(agg, host, port, health=self.health)
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-            while True:  # reap and restart crashed workers
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    pid = 0
-                if pid == 0:
-                    break
-                index = children.pop(pid, None)
-                if index is not None and not stop.is_set():
-                    log.error("worker_exited", worker=index, pid=pid, status=status)
-                    spawn(index)
+                await asyncio.wait_for(stop.wait(), 0.25)
+            self.reap(stop.is_set())
+            now = time.monotonic()
+            for slot in self.slots:
+                if slot.pid is None and not stop.is_set() and now >= slot.restart_at:
+                    self.spawn(slot)
+        await self._stop_children()
+        if server is not None:
+            server.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.runtime_dir)
+
+    def _sighup(self) -> None:
+        """Check the new configuration here first, so a broken file is reported once, by the
+        parent, and the workers keep serving with what they have."""
+        if self.reload is not None:
+            try:
+                new = self.reload()
+                build_policy(new)
+            except (OSError, ValueError, LoadError) as e:
+                log.error("reload_refused", worker=-1, error=str(e))
+                return
+            changed = restart_only_changes(self.cfg, new)
+            if changed:
+                log.warning("reload_needs_restart", worker=-1, options=changed)
+        log.info("reload_requested", worker=-1,
+                 workers=[s.pid for s in self.slots if s.pid is not None])
+        for slot in self.slots:
+            if slot.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGHUP)
+
+    async def _stop_children(self) -> None:
+        children = {s.pid for s in self.slots if s.pid is not None}
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + cfg.shutdown_timeout + 5
+        deadline = time.monotonic() + self.cfg.shutdown_timeout + 5
         while children and time.monotonic() < deadline:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid:
-                children.pop(pid, None)
+                children.discard(pid)
             else:
                 await asyncio.sleep(0.05)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if server is not None:
-            server.close()
-
-    asyncio.run(parent())
-    return 0

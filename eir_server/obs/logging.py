@@ -26,11 +26,24 @@ _LEVELS = {
 }
 
 
-def _rename_logger_name(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _rename_logger_name(logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     name = event.pop("logger_name_", None)
     if name is not None:
         event["logger"] = name
+    elif "logger" not in event:
+        # structlog.get_logger("eir.store") style: the name the module passed positionally
+        event["logger"] = getattr(logger, "name", None) or "eir_server"
     return event
+
+
+class _NamedWriteLoggerFactory(structlog.WriteLoggerFactory):
+    """WriteLoggers that remember the name given to `structlog.get_logger(name)`, so every
+    line carries a `logger` field whichever way the module asked for its logger."""
+
+    def __call__(self, *args: Any) -> structlog.WriteLogger:
+        logger = super().__call__()
+        logger.name = str(args[0]) if args else ""  # type: ignore[attr-defined]
+        return logger
 
 
 def _renderer(fmt: str, stream: TextIO) -> tuple[list[Processor], Processor]:
@@ -71,7 +84,7 @@ def configure_logging(
     structlog.configure(
         processors=[*shared, *extra, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        logger_factory=_NamedWriteLoggerFactory(file=stream),
         cache_logger_on_first_use=cache_loggers,
     )
     handler = logging.StreamHandler(stream)

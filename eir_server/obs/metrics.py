@@ -212,7 +212,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "eir_register_version",
         "gauge",
-        "Version of the national register data served (lowest across workers).",
+        "Register served, as its date YYYYMMDDHHMMSS (same on both stores; lowest across "
+        "workers). Absent while no register is served.",
         (),
         "min",
         "register",
@@ -220,15 +221,26 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "eir_register_info",
         "gauge",
-        "1 for each register version served by a worker (the version may be any string).",
+        "1 for each store version served by a worker (Redis: the version counter; embedded: "
+        "the run timestamp).",
         ("version",),
         "max",
         "register",
     ),
     MetricSpec(
+        "eir_register_timestamp_seconds",
+        "gauge",
+        "The register's own date: run timestamp of the newest list file served, unix seconds "
+        "(oldest across workers). Its age is what --max-register-age limits.",
+        (),
+        "min",
+        "register",
+    ),
+    MetricSpec(
         "eir_register_last_sync_timestamp_seconds",
         "gauge",
-        "Unix time of the last successful register sync (oldest across workers).",
+        "Unix time this node's register data last changed: the version switch by "
+        "`eir-server sync` (Redis) or the load at start/SIGHUP (embedded); oldest across workers.",
         (),
         "min",
         "register",
@@ -518,11 +530,17 @@ class Metrics:
         if "register" in cb:
             reg = cb["register"]() or {}
             version = _field(reg, "version")
-            if version is not None:
+            info = _field(reg, "store_version")
+            info = version if info is None else info
+            if info is not None:
                 # info-style series carries any version string; the numeric gauge only a number
-                s["eir_register_info"] = {(str(version),): 1.0}
+                s["eir_register_info"] = {(str(info),): 1.0}
+            if version is not None:
                 with contextlib.suppress(TypeError, ValueError):
                     s["eir_register_version"] = {(): float(version)}
+            date = _field(reg, "date")
+            if date is not None:
+                s["eir_register_timestamp_seconds"] = {(): float(date)}
             last_sync = _field(reg, "last_sync")
             if last_sync is not None:
                 s["eir_register_last_sync_timestamp_seconds"] = {(): float(last_sync)}

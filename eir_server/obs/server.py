@@ -169,6 +169,7 @@ async def start_metrics_server(
     port: int,
     readiness: ReadinessFn | None = None,
     *,
+    health: ReadinessFn | None = None,
     request_timeout: float = 5.0,
 ) -> asyncio.Server:
     """Tiny HTTP/1.1 server: GET/HEAD /metrics, /healthz, /readyz; 404 otherwise.
@@ -176,7 +177,8 @@ async def start_metrics_server(
     `metrics` is this process's `Metrics` (single process) or a `MetricsAggregator` (parent of
     forked workers). `readiness` returns (ready, reason), sync or async; when None, an
     aggregator's own readiness (every worker answering and ready) is used, and a plain
-    `Metrics` is always ready. /healthz answers 200 as long as this event loop runs.
+    `Metrics` is always ready. /healthz answers 200 as long as this event loop runs, unless
+    `health` (the supervisor's view of its workers) says the node cannot serve: then 503.
     Rendering runs in a thread so a large exposition never stalls the loop.
     """
     if readiness is None and isinstance(metrics, MetricsAggregator):
@@ -194,7 +196,9 @@ async def start_metrics_server(
         if path == "/metrics":
             return 200, CONTENT_TYPE_PLAIN_0_0_4, await metrics_body()
         if path == "/healthz":
-            return 200, "text/plain; charset=utf-8", b"ok\n"
+            result = await _call_readiness(health)
+            ok, reason = result if result is not None else (True, "ok")
+            return (200 if ok else 503), "text/plain; charset=utf-8", reason.encode() + b"\n"
         if path == "/readyz":
             result = await _call_readiness(readiness)
             ok, reason = result if result is not None else (True, "ready")

@@ -48,9 +48,13 @@ def add_sync_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--store",
-        required=True,
+        # From the environment by default: the URL carries the Redis password, which should
+        # not show in process listings.
+        default=os.environ.get("EIR_STORE") or None,
+        required=not os.environ.get("EIR_STORE"),
         metavar="URL",
-        help="redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// URL",
+        help="redis://, rediss://, unix://, redis+sentinel://, redis+cluster:// URL "
+        "(default: $EIR_STORE)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="run once and exit (default)")
