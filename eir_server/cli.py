@@ -106,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return _check(args)
     if args.command == "sync" and run_sync is not None:
+        import structlog
+
         from .obs.logging import configure_logging
-        configure_logging(args.log_format, args.log_level)
+        if not structlog.is_configured():  # an embedding program (or a test) may have done it
+            configure_logging(args.log_format, args.log_level)
         return run_sync(args)
     if args.command == "export":
         return run_export(args)
