@@ -1,5 +1,6 @@
-"""CPU cost of the ECR hot path without sockets: bytes in -> Connection -> S13 -> checker ->
-ECA bytes out, in batches as a pipelined peer delivers them. Optionally profiles it.
+"""CPU cost of the ECR hot path without sockets: bytes in -> Connection -> S13Handler (checker,
+duplicate cache, counters) -> ECA bytes out, in batches as a pipelined peer delivers them: the
+production code of the shell's data_received minus the socket. Optionally profiles it.
 
     .venv/bin/python benchmarks/bench_ecr_path.py [--batch 64] [--n 200000] [--profile]
 """
@@ -23,8 +24,10 @@ from eir_server.diameter.codec import decode, validate  # noqa: E402
 from eir_server.diameter.connection import AppRequest, Connection, PeerConfig  # noqa: E402
 from eir_server.diameter.dedup import DuplicateCache  # noqa: E402
 from eir_server.diameter.dictionary import load_dictionary  # noqa: E402
+from eir_server.obs.metrics import Metrics  # noqa: E402
 from eir_server.policy import Policy, PolicyConfig  # noqa: E402
-from eir_server.s13.app import EcaBuilder  # noqa: E402
+from eir_server.s13.handler import S13Handler  # noqa: E402
+from eir_server.service import CheckService  # noqa: E402
 from eir_server.store import MemoryStore  # noqa: E402
 
 
@@ -41,8 +44,8 @@ def main() -> int:
     conn.data_to_send()
     conn.events()
     checker = EquipmentChecker(Policy(PolicyConfig()), MemoryStore(), today=lambda: "20260101")
-    eca = EcaBuilder(me, d)
-    dedup: DuplicateCache = DuplicateCache()
+    metrics = Metrics()
+    handler = S13Handler(me, d, CheckService(checker, metrics), DuplicateCache(), metrics)
     batches = [b"".join(ecr(0, i * args.batch + j, "localdomain") for j in range(args.batch))
                for i in range(64)]
 
@@ -50,15 +53,13 @@ def main() -> int:
         out = 0
         for i in range(n_batches):
             conn.receive_data(batches[i % len(batches)], float(i))
+            now = float(i)
             for ev in conn.events():
                 if type(ev) is AppRequest:
-                    msg = ev.message
-                    req, prefix, suffix, origin = eca.parse(msg)  # type: ignore[misc]
-                    v = checker.check(req)
-                    status = v.status  # type: ignore[union-attr]
-                    conn.send(eca.answer(msg, prefix, suffix, status))
-                    dedup.put((origin, msg.end_to_end), -1 if status is None else int(status),
-                              float(i))
+                    answer = handler.handle(ev.message, now, "mme0.bench")
+                    assert type(answer) is bytes
+                    conn.send(answer)
+            handler.observe_latency(0.0001)
             out += len(conn.data_to_send())
         return out
 

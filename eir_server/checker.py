@@ -21,11 +21,11 @@ from typing import Protocol
 
 from .obs.logging import get_logger
 from .policy.types import CheckRequest, EquipmentStatus, ImeiRecord, Verdict
+from .service import STORE_ERROR  # Verdict.rule of an error answer; reasons[0] names the error
 from .store import MISSING, RecordStore, StoreOverloaded, StoreUnavailable
 
 log = get_logger("eir.checker")
 
-STORE_ERROR = "store_error"  # Verdict.rule of an error answer; reasons[0] names the error
 FALLBACK_ERRORS = ("too_busy", "unable_to_comply")
 EPISODE_LOG_INTERVAL = 60.0  # seconds between "still falling back" lines
 

@@ -1,8 +1,9 @@
-"""asyncio shell around the sans-I/O Diameter connection: sockets, timers, logs and counters.
+"""asyncio shell around the sans-I/O Diameter core: sockets, timers, futures, logs.
 
-One `DiameterProtocol` per TCP connection, no task per message: bytes in -> `Connection` ->
-events -> S13 handler -> answers batched into one `transport.write` per read. A verdict that
-needs Redis comes back as a Future; a done-callback writes its answer.
+One `DiameterProtocol` per TCP or TLS connection, no task per message: bytes in -> `Connection`
+-> events -> `S13Handler` -> answers batched into one `transport.write` per read. A verdict that
+needs Redis comes back as a pending lookup; a done-callback hands its result to the handler and
+flushes. Every path that may have produced bytes or moved a deadline ends in `_flush()`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import cast
 
-from ..checker import STORE_ERROR, EquipmentChecker
+from ..checker import EquipmentChecker
 from ..diameter import errors
-from ..diameter.codec import FLAG_T, Message
 from ..diameter.connection import (
     DISCONNECT_CAUSES,
     REBOOTING,
@@ -27,6 +28,7 @@ from ..diameter.connection import (
     Connection,
     DisconnectRequested,
     ErrorAnswered,
+    Event,
     PeerConfig,
     PeerOpened,
     PeerState,
@@ -37,14 +39,13 @@ from ..diameter.dictionary import Dictionary
 from ..obs.logging import get_logger
 from ..obs.metrics import Metrics
 from ..policy.types import CheckRequest, Verdict
-from ..s13.app import COMMAND_CODE, EcaBuilder
+from ..s13.handler import PendingLookup, Rejected, S13Handler
+from ..service import CheckService
 
 log = get_logger("eir_server.diameter")
 
 COMMAND_NAMES = {257: "CER", 280: "DWR", 282: "DPR", 324: "ECR"}
 WRITE_HIGH_WATER = 512 * 1024  # then stop reading from that peer until it drains
-# --store-fallback error answers (and our own overload) -> Result-Code
-STORE_ERROR_CODES = {"too_busy": errors.TOO_BUSY, "unable_to_comply": errors.UNABLE_TO_COMPLY}
 
 
 @dataclass
@@ -58,7 +59,7 @@ class DiameterNode:
 
     def __init__(self, peer_config: PeerConfig, dictionary: Dictionary, checker: EquipmentChecker,
                  metrics: Metrics | None = None, dedup: DuplicateCache[int] | None = None,
-                 audit: Callable[[float, CheckRequest, Verdict, str], None] | None = None,
+                 audit: Callable[[float, CheckRequest, Verdict, str, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  max_in_flight: int = 10_000) -> None:
         self.peer_config = peer_config
@@ -66,18 +67,33 @@ class DiameterNode:
         self.checker = checker
         self.metrics = metrics or Metrics()
         self.dedup = dedup if dedup is not None else DuplicateCache()
-        self.eca = EcaBuilder(peer_config.identity, dictionary)
-        self.audit = audit
+        # The core is clock-free; the audit stamps its records with the wall-clock time here.
+        stamped = None if audit is None else (
+            lambda req, verdict, peer, interface: audit(time.time(), req, verdict, peer,
+                                                        interface))
+        self.service = CheckService(checker, self.metrics, stamped, max_in_flight)
+        self.s13 = S13Handler(peer_config.identity, dictionary, self.service, self.dedup,
+                              self.metrics)
         self.protocols: set[DiameterProtocol] = set()
-        self.in_flight = 0
         self.stats = NodeStats()
         self.clock = clock
         self.server: asyncio.Server | None = None  # the first listener
         self.servers: list[asyncio.Server] = []
-        self.max_in_flight = max_in_flight
         m = self.metrics
         m.set_gauge_callback("peers", self.peers_by_state)
-        m.set_gauge_callback("in_flight", lambda: self.in_flight)
+        m.set_gauge_callback("in_flight", lambda: self.service.in_flight)
+
+    @property
+    def in_flight(self) -> int:
+        return self.service.in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.service.max_in_flight
+
+    @max_in_flight.setter
+    def max_in_flight(self, value: int) -> None:
+        self.service.max_in_flight = value
 
     def peers_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {s.name.lower(): 0 for s in PeerState}
@@ -124,60 +140,57 @@ class DiameterNode:
 
 class DiameterProtocol(asyncio.Protocol):
     __slots__ = ("node", "conn", "transport", "peer", "log", "_timer", "_timer_at", "_paused",
-                 "_in_flight", "_closing", "_eca", "_checker", "_metrics", "_requests",
-                 "_latency")
+                 "_in_flight", "_closing", "_handler", "_clock", "_metrics")
 
     def __init__(self, node: DiameterNode) -> None:
         self.node = node
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
+        self._timer_at: float | None = None  # the core deadline the timer is armed for
         self._paused = False
-        self._in_flight = 0
+        self._in_flight = 0  # this connection's pending lookups
         self._closing = False
-        self._eca = node.eca
-        self._checker = node.checker
+        self._handler = node.s13
+        self._clock = node.clock
         self._metrics = node.metrics
-        self._requests = node.metrics.requests
-        self._latency = node.metrics.latency_s13
         self.peer = "?"
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
         address = peername[0] if peername else None
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         node = self.node
         node.protocols.add(self)
         node.stats.connections_accepted += 1
         self.log = log.bind(peer=self.peer)
-        self.conn = Connection(node.peer_config, node.dictionary, node.clock(), address)
-        self._arm()
+        self.conn = Connection(node.peer_config, node.dictionary, self._clock(), address)
+        self._flush()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
-        now = self.node.clock()
+        now = self._clock()
         conn.receive_data(data, now)
+        handler = self._handler
+        peer = conn.origin_host or self.peer
         for ev in conn.events():
             if type(ev) is AppRequest:
-                self._request(ev.message, now)
+                out = handler.handle(ev.message, now, peer)
+                if type(out) is bytes:
+                    conn.send(out)
+                else:
+                    self._outcome(out)
             else:
                 self._event(ev)
-        out = conn.data_to_send(self._in_flight == 0)
-        if out and self.transport is not None:
-            self.transport.write(out)
-        if self._closing:
-            self._maybe_close()
-        else:
-            deadline = conn.next_deadline()
-            if deadline is not None and (self._timer is None or deadline < self._timer_at):
-                self._arm()
+        if handler.answered_now:
+            handler.observe_latency(self._clock() - now)
+        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.connection_lost()
@@ -201,171 +214,109 @@ class DiameterProtocol(asyncio.Protocol):
 
     # -- requests -----------------------------------------------------------------------------
 
-    def _request(self, msg: Message, now: float) -> None:
-        if msg.code != COMMAND_CODE:  # the dictionary knows no other S13 request
-            self.conn.send(self._eca.failure(msg, errors.COMMAND_UNSUPPORTED, "not supported"))
-            return
-        parsed = self._eca.parse(msg)
-        if type(parsed) is bytes:
-            self.conn.send(parsed)
-            self._count_error(msg, errors.MISSING_AVP, "Terminal-Information without IMEI")
-            return
-        req, prefix, suffix, origin = parsed  # type: ignore[misc]
-        node = self.node
-        if msg.flags & FLAG_T:
-            cached = node.dedup.get((origin, msg.end_to_end), now)
-            if cached is not None:
-                self.conn.send(self._eca.answer(msg, prefix, suffix,
-                                                None if cached < 0 else cached))
-                self._requests[("s13", "ECR", "duplicate")] += 1
-                return
-        if node.in_flight >= node.max_in_flight:
-            # Overload is answered, not left to time out at the MME (DESIGN habit 11): 3004
-            # tells it to try another EIR now.
-            self.conn.send(self._eca.failure(msg, errors.TOO_BUSY, "too many requests waiting "
-                                                                   "for the store"))
-            self._requests[("s13", "ECR", str(errors.TOO_BUSY))] += 1
-            self._metrics.protocol_errors[errors.TOO_BUSY] += 1
-            return
-        verdict = self._checker.check(req)
-        if type(verdict) is Verdict:
-            self._answered(msg, req, prefix, suffix, origin, verdict, now)
-            return
-        self._in_flight += 1
-        node.in_flight += 1
-        verdict.add_done_callback(  # type: ignore[union-attr]
-            partial(self._deferred, msg, req, prefix, suffix, origin, now))
+    def _outcome(self, out: PendingLookup | Rejected | bytes) -> None:
+        match out:
+            case PendingLookup():
+                self._in_flight += 1
+                lookup = cast("asyncio.Future[Verdict]", out.lookup)
+                lookup.add_done_callback(partial(self._looked_up, out))
+            case Rejected():
+                self.conn.send(out.answer)
+                self._error_answered(out.event)
+            case bytes():
+                self.conn.send(out)
 
-    def _answered(self, msg: Message, req: CheckRequest, prefix: bytes, suffix: bytes,
-                  origin: bytes, verdict: Verdict, t0: float) -> None:
-        status = verdict.status
-        if status is None and verdict.rule == STORE_ERROR:
-            self._store_error(msg, verdict)
-            return
-        self.conn.send(self._eca.answer(msg, prefix, suffix, status))
-        node = self.node
-        # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
-        # cyclic GC, so a cache of millions of entries does not lengthen collections.
-        node.dedup.put((origin, msg.end_to_end), -1 if status is None else int(status), t0)
-        m = self._metrics
-        self._requests[("s13", "ECR", "2001" if status is not None else "5422")] += 1
-        m.verdicts[(status, verdict.rule)] += 1
-        self._latency.observe(node.clock() - t0)
-        if node.audit is not None:
-            node.audit(time.time(), req, verdict, self.conn.origin_host or self.peer)
-
-    def _store_error(self, msg: Message, verdict: Verdict) -> None:
-        """The store could not answer and the configured fallback is an error answer (or our
-        loop was overloaded): 3004 makes the MME try another EIR; never cached as a duplicate."""
-        code = STORE_ERROR_CODES[verdict.reasons[0]]
-        self.conn.send(self._eca.failure(msg, code, "register store unavailable"))
-        self._requests[("s13", "ECR", str(code))] += 1
-        self._metrics.protocol_errors[code] += 1
-        self._metrics.verdicts[(verdict.reasons[0], verdict.rule)] += 1
-
-    def _deferred(self, msg: Message, req: CheckRequest, prefix: bytes, suffix: bytes,
-                  origin: bytes, t0: float, fut: asyncio.Future[Verdict]) -> None:
+    def _looked_up(self, pending: PendingLookup, fut: asyncio.Future[Verdict]) -> None:
         self._in_flight -= 1
-        self.node.in_flight -= 1
         if fut.cancelled() or self.conn.state is PeerState.DONE and not self._closing:
+            self._handler.abandon(pending)
             return
-        self._answered(msg, req, prefix, suffix, origin, fut.result(), t0)
-        out = self.conn.data_to_send(self._in_flight == 0)
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
-        if self._closing:
-            self._maybe_close()
+        self.conn.send(self._handler.complete(pending, fut.result(), self._clock()))
+        self._flush()
 
     # -- connection events --------------------------------------------------------------------
 
-    def _event(self, ev: object) -> None:
+    def _event(self, ev: Event) -> None:
         m = self._metrics
-        t = type(ev)
-        if t is ErrorAnswered:
-            self._count_error_event(ev)  # type: ignore[arg-type]
-        elif t is PeerOpened:
-            m.cer["success"] += 1
-            self.log = self.log.bind(origin_host=ev.origin_host)  # type: ignore[attr-defined]
-            self.log.info("peer_opened", origin_realm=ev.origin_realm,  # type: ignore[attr-defined]
-                          applications=list(ev.applications))  # type: ignore[attr-defined]
-        elif t is CerRejected:
-            name = errors.NAMES.get(ev.result_code, str(ev.result_code))  # type: ignore[attr-defined]
-            m.cer[name.removeprefix("DIAMETER_").lower()] += 1
-            m.protocol_errors[ev.result_code] += 1  # type: ignore[attr-defined]
-            self.log.warning("cer_rejected", result_code=ev.result_code,  # type: ignore[attr-defined]
-                             reason=ev.reason, origin_host=ev.origin_host)  # type: ignore[attr-defined]
-        elif t is WatchdogChanged:
-            if ev.new in ("SUSPECT", "DOWN"):  # type: ignore[attr-defined]
-                m.watchdog_failures += 1
-            self.log.warning("watchdog_state", old=ev.old, new=ev.new)  # type: ignore[attr-defined]
-        elif t is DisconnectRequested:
-            m.dpr[("received", ev.cause)] += 1  # type: ignore[attr-defined]
-            self.log.info("peer_sent_dpr", cause=ev.cause)  # type: ignore[attr-defined]
-        elif t is Closed:
-            if ev.reason.startswith("framing error"):  # type: ignore[attr-defined]
-                self.node.stats.framing_errors += 1
-                m.framing_errors += 1
-                self.log.warning("connection_closed", reason=ev.reason)  # type: ignore[attr-defined]
-            else:
-                self.log.info("connection_closed", reason=ev.reason)  # type: ignore[attr-defined]
-            self._closing = True
+        match ev:
+            case ErrorAnswered():
+                self._error_answered(ev)
+            case PeerOpened(origin_host=host, origin_realm=realm, applications=apps):
+                m.cer["success"] += 1
+                self.log = self.log.bind(origin_host=host)
+                self.log.info("peer_opened", origin_realm=realm, applications=list(apps))
+            case CerRejected(result_code=code, reason=reason, origin_host=host):
+                name = errors.NAMES.get(code, str(code))
+                m.cer[name.removeprefix("DIAMETER_").lower()] += 1
+                m.protocol_errors[code] += 1
+                self.log.warning("cer_rejected", result_code=code, reason=reason,
+                                 origin_host=host)
+            case WatchdogChanged(old=old, new=new):
+                if new in ("SUSPECT", "DOWN"):
+                    m.watchdog_failures += 1
+                self.log.warning("watchdog_state", old=old, new=new)
+            case DisconnectRequested(cause=cause):
+                m.dpr[("received", cause)] += 1
+                self.log.info("peer_sent_dpr", cause=cause)
+            case Closed(reason=reason):
+                if reason.startswith("framing error"):
+                    self.node.stats.framing_errors += 1
+                    m.framing_errors += 1
+                    self.log.warning("connection_closed", reason=reason)
+                else:
+                    self.log.info("connection_closed", reason=reason)
+                self._closing = True
+            case AppRequest():  # only outside data_received, where no request arrives
+                raise AssertionError("application request outside data_received")
 
-    def _count_error_event(self, ev: ErrorAnswered) -> None:
+    def _error_answered(self, ev: ErrorAnswered) -> None:
         command = COMMAND_NAMES.get(ev.command, str(ev.command))
-        self._requests[("s13", command, str(ev.result_code))] += 1
+        self._metrics.requests[("s13", command, str(ev.result_code))] += 1
         self._metrics.protocol_errors[ev.result_code] += 1
         self.log.warning("error_answer", command=command, hop_by_hop=f"0x{ev.hop_by_hop:08x}",
                          result_code=ev.result_code, reason=ev.reason)
 
-    def _count_error(self, msg: Message, code: int, reason: str) -> None:
-        self._count_error_event(ErrorAnswered(code, msg.code, msg.hop_by_hop, reason))
+    # -- the one way out: bytes, close, timer --------------------------------------------------
 
-    # -- closing and timers -------------------------------------------------------------------
+    def _flush(self) -> None:
+        """After any call into the core: write what it queued (a DPA we owe only once no
+        earlier answer waits for the store), then close or re-arm the timer for its deadline."""
+        conn = self.conn
+        out = conn.data_to_send(self._in_flight == 0)
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out)
+        if self._closing and self._in_flight == 0 and transport is not None:
+            transport.close()  # after the answers above: close() flushes the write buffer
+        deadline = conn.next_deadline()
+        if deadline != self._timer_at or (self._timer is None and deadline is not None):
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = deadline
+            if deadline is not None:
+                # The core's deadlines are on node.clock; the loop timer takes a delay.
+                delay = max(0.0, deadline - self._clock())
+                self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.conn.handle_timer(self._clock())
+        for ev in self.conn.events():
+            self._event(ev)
+        self._flush()
+
+    # -- commands from the node -----------------------------------------------------------------
 
     def disconnect(self, now: float, cause: int) -> None:
         if self.conn.state is PeerState.R_OPEN:
             self._metrics.dpr[("sent", DISCONNECT_CAUSES[cause])] += 1
         self.conn.disconnect(now, cause)
-        self._after_core_call()
-
-    def _after_core_call(self) -> None:
-        """After a call into the core outside data_received: handle its events, write what
-        it queued, then close or re-arm the timer."""
         for ev in self.conn.events():
             self._event(ev)
-        out = self.conn.data_to_send(self._in_flight == 0)
-        if out and self.transport is not None:
-            self.transport.write(out)
-        if self._closing:
-            self._maybe_close()
-        else:
-            self._arm()
+        self._flush()
 
     def abort(self, reason: str) -> None:
         self.log.warning("connection_aborted", reason=reason)
         if self.transport is not None:
             self.transport.abort()
-
-    def _maybe_close(self) -> None:
-        # Answers still waiting for the store are written before the transport closes.
-        if self._in_flight == 0 and self.transport is not None:
-            self.transport.close()
-
-    def _arm(self) -> None:
-        deadline = self.conn.next_deadline()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is None:
-            return
-        loop = asyncio.get_running_loop()
-        # Connection deadlines are on node.clock (monotonic); translate to loop time.
-        delay = max(0.0, deadline - self.node.clock())
-        self._timer_at = deadline
-        self._timer = loop.call_at(loop.time() + delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        now = self.node.clock()
-        self.conn.handle_timer(now)
-        self._after_core_call()

@@ -1,12 +1,14 @@
 """S13 ME-Identity-Check (TS 29.272 5.3, 7.2.19/7.2.20): ECR in, ECA out. Pure code.
 
 The connection has already checked the ECR against its grammar and the routing AVPs, so this
-module reads the identities, hands them to the policy (through the shell) and builds the ECA from
-pre-encoded pieces: the request's Session-Id, DRMP and Proxy-Info bytes are copied as received,
+module reads the identities (for `handler.S13Handler`, which runs the flow) and builds the ECA
+from pre-encoded pieces: the request's Session-Id, DRMP and Proxy-Info bytes are copied as received,
 everything of ours is encoded once at start.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from ..diameter import errors
 from ..diameter.answers import (
@@ -33,7 +35,7 @@ from ..diameter.codec import (
     u32_avp,
 )
 from ..diameter.dictionary import Dictionary
-from ..policy.types import CheckRequest, EquipmentStatus, Verdict
+from ..policy.types import CheckRequest, EquipmentStatus
 
 APPLICATION_ID = 16777252
 COMMAND_CODE = 324
@@ -62,6 +64,15 @@ _OC_SUPPORTED = grouped_avp(OC_SUPPORTED_FEATURES,
                                  mandatory=False)], mandatory=False)
 _MISSING_IMEI = avp(TERMINAL_INFORMATION,
                     avp(IMEI, b"", VENDOR_3GPP), VENDOR_3GPP)
+
+
+class Parsed(NamedTuple):
+    """What `EcaBuilder.parse` reads from a valid ECR."""
+
+    request: CheckRequest
+    prefix: bytes  # answer AVPs before ours: Session-Id, DRMP, Vendor-Specific-Application-Id
+    suffix: bytes  # answer AVPs after ours: OC-Supported-Features, every Proxy-Info
+    origin: bytes  # the Origin-Host value, which keys duplicate detection
 
 
 class EcaBuilder:
@@ -94,9 +105,8 @@ class EcaBuilder:
              u32_avp(EXPERIMENTAL_RESULT_CODE, errors.EQUIPMENT_UNKNOWN)],
         ) + self._auth_and_host
 
-    def parse(self, msg: Message) -> tuple[CheckRequest, bytes, bytes, bytes] | bytes:
-        """Read a validated ECR: (request, answer prefix, answer suffix, Origin-Host bytes), or a
-        finished error ECA. The Origin-Host bytes key duplicate detection."""
+    def parse(self, msg: Message) -> Parsed | bytes:
+        """Read a validated ECR, or return a finished error ECA (5005: no IMEI)."""
         data = msg.data
         slots = msg.slots
         assert slots is not None, "ECR must be validated before parse"
@@ -124,8 +134,8 @@ class EcaBuilder:
             suffix += b"".join(data[p[START]:p[END]] for p in msg.avps
                                if p[CODE] == PROXY_INFO and not p[VENDOR])
         a = slots[oh]
-        return (CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
-                data[a[VSTART]:a[VEND]])
+        return Parsed(CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
+                      data[a[VSTART]:a[VEND]])
 
     def answer(self, msg: Message, prefix: bytes, suffix: bytes, status: int | None) -> bytes:
         """The ECA for an Equipment-Status (an EquipmentStatus or its int value; None for
@@ -137,8 +147,4 @@ class EcaBuilder:
         """An ECA for a failure of ours (e.g. 3004 when overloaded, 5012 unable to comply)."""
         return error_answer(msg, Problem(result_code, None, reason), self.identity,
                             _AUTH_SESSION_STATE)
-
-
-def status_name(verdict: Verdict) -> str:
-    return "unknown" if verdict.status is None else verdict.status.name.lower()
 

@@ -1,19 +1,22 @@
-"""S13 ECR -> ECA without sockets: every outcome, checked against our own ECA grammar and
-decoded by python-diameter (an independent codec)."""
+"""The S13 handler without sockets (production code, fed by a real in-memory Connection):
+every outcome, checked against our own ECA grammar and decoded by python-diameter (an
+independent codec); the duplicate cache, the overload gate, pending lookups, counters, audit."""
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 from diameter.message import Message as RefMessage
 
 from eir_server.checker import EquipmentChecker
 from eir_server.diameter.answers import Identity
-from eir_server.diameter.codec import CHILDREN, CODE, FLAG_P, FLAG_T, decode, validate
+from eir_server.diameter.codec import CHILDREN, CODE, FLAG_P, FLAG_T, Message, decode, validate
 from eir_server.diameter.connection import AppRequest, Connection, PeerConfig
 from eir_server.diameter.dedup import DuplicateCache
 from eir_server.diameter.dictionary import load_dictionary
+from eir_server.obs.metrics import Metrics
 from eir_server.policy import Policy, PolicyConfig
 from eir_server.policy.types import (
     BlacklistEntry,
@@ -24,7 +27,8 @@ from eir_server.policy.types import (
     NotificationEntry,
     Verdict,
 )
-from eir_server.s13.app import EcaBuilder
+from eir_server.s13.handler import PendingLookup, Rejected, S13Handler
+from eir_server.service import CheckService
 from eir_server.store import MemoryStore
 from tests.diameter.builders import cer, ecr, proxy_info
 
@@ -47,7 +51,7 @@ def checker(unknown: EquipmentStatus | None = EquipmentStatus.WHITELISTED) -> Eq
     return EquipmentChecker(policy, store, today=lambda: "20260101")
 
 
-def ecr_message(frame: bytes):  # noqa: ANN201
+def ecr_message(frame: bytes) -> Message:
     conn = Connection(PeerConfig(ME), D, 0.0, "192.0.2.1", rng=random.Random(0))
     conn.receive_data(cer(), 0.0)
     conn.data_to_send()
@@ -58,16 +62,30 @@ def ecr_message(frame: bytes):  # noqa: ANN201
     return ev.message
 
 
+class Audit:
+    def __init__(self) -> None:
+        self.records: list[tuple[CheckRequest, Verdict, str, str]] = []
+
+    def __call__(self, req: CheckRequest, verdict: Verdict, peer: str, interface: str) -> None:
+        self.records.append((req, verdict, peer, interface))
+
+
+def handler(chk: Any = None, dedup: DuplicateCache[int] | None = None,
+            max_in_flight: int = 10_000) -> tuple[S13Handler, Metrics, Audit]:
+    metrics = Metrics()
+    audit = Audit()
+    service = CheckService(chk if chk is not None else checker(), metrics, audit, max_in_flight)
+    h = S13Handler(ME, D, service, dedup if dedup is not None else DuplicateCache(), metrics)
+    return h, metrics, audit
+
+
 def run(frame: bytes, unknown: EquipmentStatus | None = EquipmentStatus.WHITELISTED) -> bytes:
-    msg = ecr_message(frame)
-    eca = EcaBuilder(ME, D)
-    parsed = eca.parse(msg)
-    if isinstance(parsed, bytes):
-        return parsed
-    req, prefix, suffix, _origin = parsed
-    verdict = checker(unknown).check(req)
-    assert isinstance(verdict, Verdict)
-    return eca.answer(msg, prefix, suffix, verdict.status)
+    h, _, _ = handler(checker(unknown))
+    out = h.handle(ecr_message(frame), 0.0, "mme1.epc.test")
+    if isinstance(out, Rejected):
+        return out.answer
+    assert isinstance(out, bytes)
+    return out
 
 
 def u32(m, code: int, vendor: int = 0) -> int | None:  # noqa: ANN001
@@ -139,24 +157,111 @@ def test_terminal_information_without_imei_is_5005() -> None:
     assert m.problems == []
 
 
+def test_terminal_information_without_imei_is_rejected_with_an_event_to_log() -> None:
+    from eir_server.diameter.codec import grouped_avp, str_avp
+    h, metrics, audit = handler()
+    frame = ecr(hbh=77, terminal=grouped_avp(1401, [str_avp(1403, "01", 10415)], 10415))
+    out = h.handle(ecr_message(frame), 0.0, "mme1")
+    assert isinstance(out, Rejected)
+    assert (out.event.result_code, out.event.command, out.event.hop_by_hop) == (5005, 324, 77)
+    assert u32(decode(out.answer, D), 268) == 5005
+    assert audit.records == [] and not metrics.verdicts
+
+
+def test_a_command_other_than_ecr_is_3001() -> None:
+    h, _, _ = handler()
+    msg = ecr_message(ecr())
+    msg.code = 325
+    out = h.handle(msg, 0.0, "mme1")
+    assert isinstance(out, Rejected) and out.event.result_code == 3001
+    m = decode(out.answer, D)
+    assert u32(m, 268) == 3001 and m.flags & 0x20  # E bit: a protocol error
+
+
+def test_verdicts_are_counted_audited_and_timed() -> None:
+    h, metrics, audit = handler()
+    out = h.handle(ecr_message(ecr(imei=BLACK, imsi="001010000000001")), 5.0, "mme1.epc.test")
+    assert isinstance(out, bytes)
+    assert metrics.requests[("s13", "ECR", "2001")] == 1
+    assert metrics.verdicts[(EquipmentStatus.BLACKLISTED, "national_blacklist")] == 1
+    ((req, verdict, peer, interface),) = audit.records
+    assert (req.imei, req.imsi, peer, interface) == (BLACK, "001010000000001", "mme1.epc.test",
+                                                     "s13")
+    assert verdict.status is EquipmentStatus.BLACKLISTED
+    # Answers of one batch are timed once, when the shell has written them.
+    assert h.answered_now == 1
+    h.observe_latency(0.0002)
+    assert h.answered_now == 0 and sum(metrics.latency_s13.counts) == 1
+    assert metrics.latency_s13.sum == 0.0002
+
+
 def test_t_flag_replay_is_byte_identical_except_hop_by_hop() -> None:
     """The answer is rebuilt from the cached outcome even if the register changed since."""
-    cache: DuplicateCache[int] = DuplicateCache(window=240.0)
-    eca = EcaBuilder(ME, D)
-    first = ecr_message(ecr(hbh=10, e2e=99, imei=BLACK))
-    req, prefix, suffix, origin = eca.parse(first)  # type: ignore[misc]
-    verdict = checker().check(req)
-    assert isinstance(verdict, Verdict) and verdict.status is not None
-    original = eca.answer(first, prefix, suffix, verdict.status)
-    cache.put((origin, first.end_to_end), int(verdict.status), 0.0)
-    retx = ecr_message(ecr(hbh=11, e2e=99, imei=BLACK, flags=0x80 | FLAG_P | FLAG_T))
-    _, prefix2, suffix2, origin2 = eca.parse(retx)  # type: ignore[misc]
-    cached = cache.get((origin2, retx.end_to_end), 200.0)
-    assert cached == EquipmentStatus.BLACKLISTED
-    again = eca.answer(retx, prefix2, suffix2, cached)
+    store = MemoryStore()
+    chk = EquipmentChecker(Policy(PolicyConfig()), store, today=lambda: "20260101")
+    h, metrics, audit = handler(chk, DuplicateCache(window=240.0))
+    original = h.handle(ecr_message(ecr(hbh=10, e2e=99, imei=GREY)), 0.0, "mme1")
+    assert isinstance(original, bytes) and u32(decode(original, D), 1445, 10415) == 0
+    store.put(GREY, ImeiRecord(blacklist=BlacklistEntry("20200101")))  # the register changes
+    retx = ecr(hbh=11, e2e=99, imei=GREY, flags=0x80 | FLAG_P | FLAG_T)
+    again = h.handle(ecr_message(retx), 200.0, "mme1")
+    assert isinstance(again, bytes)
     assert again[:12] == original[:12] and again[16:] == original[16:]
     assert again[12:16] != original[12:16]
-    assert cache.get((origin2, 99), 241.0) is None  # outside the window
+    assert metrics.requests[("s13", "ECR", "duplicate")] == 1 and len(audit.records) == 1
+    # Without the T flag the same end-to-end id is a new request.
+    fresh = h.handle(ecr_message(ecr(hbh=12, e2e=99, imei=GREY)), 201.0, "mme1")
+    assert isinstance(fresh, bytes) and u32(decode(fresh, D), 1445, 10415) == 1
+    # Outside the window a T-flagged retransmission is evaluated again.
+    store.put(GREY, None)
+    late = h.handle(ecr_message(retx), 201.0 + 241.0, "mme1")
+    assert isinstance(late, bytes) and u32(decode(late, D), 1445, 10415) == 0
+
+
+class WaitingChecker:
+    """A store that must be asked for every IMEI: the checker hands back a pending lookup."""
+
+    def __init__(self) -> None:
+        self.asked: list[CheckRequest] = []
+
+    def check(self, req: CheckRequest) -> object:
+        self.asked.append(req)
+        return ("lookup", req.imei)
+
+
+def test_pending_lookup_then_overload_gate_answers_3004() -> None:
+    chk = WaitingChecker()
+    h, metrics, audit = handler(chk, max_in_flight=1)
+    first = h.handle(ecr_message(ecr(hbh=1, imei=BLACK)), 1.0, "mme1")
+    assert isinstance(first, PendingLookup) and first.lookup == ("lookup", BLACK)
+    assert h.service.in_flight == 1
+    busy = h.handle(ecr_message(ecr(hbh=2, imei=GREY)), 1.5, "mme1")
+    assert isinstance(busy, bytes)
+    m = decode(busy, D)
+    assert (m.hop_by_hop, u32(m, 268)) == (2, 3004) and m.flags & 0x20
+    assert metrics.requests[("s13", "ECR", "3004")] == 1 and metrics.protocol_errors[3004] == 1
+    assert len(chk.asked) == 1, "a refused request never reaches the store"
+    # The lookup completes 30 ms later: answered, counted, audited, timed from its receipt.
+    eca = h.complete(first, Verdict(EquipmentStatus.BLACKLISTED, "national_blacklist"), 1.03)
+    m = decode(eca, D)
+    assert (m.hop_by_hop, u32(m, 268), u32(m, 1445, 10415)) == (1, 2001, 1)
+    assert h.service.in_flight == 0 and len(audit.records) == 1
+    assert metrics.latency_s13.counts[metrics.latency_s13.bounds.index(0.05)] == 1
+    # An abandoned lookup (its connection went away) frees its place without an answer.
+    again = h.handle(ecr_message(ecr(hbh=3, imei=GREY)), 2.0, "mme1")
+    assert isinstance(again, PendingLookup) and h.service.in_flight == 1
+    h.abandon(again)
+    assert h.service.in_flight == 0 and len(audit.records) == 1
+
+
+def test_duplicate_of_a_pending_lookup_is_evaluated_again() -> None:
+    """Only answered requests are remembered: a retransmission that arrives while the first
+    copy still waits for the store is looked up too (both get the same kind of answer)."""
+    h, _, _ = handler(WaitingChecker())
+    first = h.handle(ecr_message(ecr(hbh=1, e2e=5, imei=BLACK)), 1.0, "mme1")
+    retx = h.handle(ecr_message(ecr(hbh=2, e2e=5, imei=BLACK, flags=0x80 | FLAG_P | FLAG_T)),
+                    1.1, "mme1")
+    assert isinstance(first, PendingLookup) and isinstance(retx, PendingLookup)
 
 
 def test_duplicate_cache_is_bounded() -> None:

@@ -1,0 +1,179 @@
+"""The S13 ME-Identity-Check flow, sans I/O: a validated ECR in, ECA bytes (or a pending lookup)
+out. Time is an argument; no sockets, clocks or asyncio.
+
+Per request, in order (TS 29.272 5.3, RFC 6733 6.2.1):
+
+1. a command other than ECR: 3001 (the dictionary lets no other S13 request through);
+2. read the identities; Terminal-Information without IMEI: 5005;
+3. T flag set and (Origin-Host, End-to-End-Id) answered within the duplicate window: the same
+   answer again, rebuilt from the cached outcome (RFC 6733 5.5.4);
+4. the overload gate (`CheckService.admit`): 3004 at once rather than a timeout at the MME;
+5. the checker: a Verdict now, or a pending lookup the shell waits for before `complete()`;
+6. the ECA from pre-encoded templates; the outcome is remembered for T-flagged retransmissions,
+   and the verdict counted and audited (`CheckService.record`). A store that could not answer
+   with an error fallback configured (or our own overload) gets 3004/5012 instead, never
+   remembered as a duplicate's answer.
+
+The shell feeds `handle()` the AppRequest events of every connection (TCP or TLS alike) and
+sends what it returns; see docs/design.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Protocol
+
+from ..diameter import errors
+from ..diameter.answers import Identity
+from ..diameter.codec import FLAG_T, Message
+from ..diameter.connection import ErrorAnswered
+from ..diameter.dedup import DuplicateCache
+from ..diameter.dictionary import Dictionary
+from ..policy.types import Verdict
+from ..service import STORE_ERROR, CheckService
+from .app import COMMAND_CODE, EcaBuilder, Parsed
+
+INTERFACE = "s13"
+_DUPLICATE = (INTERFACE, "ECR", "duplicate")
+_SUCCESS = (INTERFACE, "ECR", "2001")
+_UNKNOWN = (INTERFACE, "ECR", "5422")
+_BUSY = (INTERFACE, "ECR", str(errors.TOO_BUSY))
+# --store-fallback error answers (and our own overload) -> Result-Code
+STORE_ERROR_CODES = {"too_busy": errors.TOO_BUSY, "unable_to_comply": errors.UNABLE_TO_COMPLY}
+
+
+class Histogram(Protocol):
+    def observe_many(self, seconds: float, n: int) -> None: ...
+
+
+class S13Counters(Protocol):
+    """The counters the S13 flow bumps (`obs.metrics.Metrics` has them)."""
+
+    @property
+    def requests(self) -> MutableMapping[tuple[str, str, str], int]: ...
+
+    @property
+    def protocol_errors(self) -> MutableMapping[int, int]: ...
+
+    @property
+    def latency_s13(self) -> Histogram: ...
+
+
+class PendingLookup:
+    """An ECR whose verdict waits for the store. `lookup` is what the checker returned (an
+    asyncio Future for Redis); the shell waits for it, then calls `S13Handler.complete` (or
+    `abandon` when the connection is gone)."""
+
+    __slots__ = ("msg", "parsed", "peer", "received", "lookup")
+
+    def __init__(self, msg: Message, parsed: Parsed, peer: str, received: float,
+                 lookup: object) -> None:
+        self.msg = msg
+        self.parsed = parsed
+        self.peer = peer
+        self.received = received
+        self.lookup = lookup
+
+
+class Rejected:
+    """An error ECA caused by what the peer sent: send `answer`, count and log `event` once."""
+
+    __slots__ = ("answer", "event")
+
+    def __init__(self, answer: bytes, event: ErrorAnswered) -> None:
+        self.answer = answer
+        self.event = event
+
+
+Outcome = bytes | PendingLookup | Rejected
+
+
+class S13Handler:
+    """One per worker, shared by all its connections."""
+
+    __slots__ = ("eca", "service", "dedup", "answered_now", "_requests", "_protocol_errors",
+                 "_latency")
+
+    def __init__(self, identity: Identity, dictionary: Dictionary, service: CheckService,
+                 dedup: DuplicateCache[int], counters: S13Counters) -> None:
+        self.eca = EcaBuilder(identity, dictionary)
+        self.service = service
+        self.dedup = dedup
+        # Verdict answers produced since the shell last called `observe_latency`: all of them
+        # are written by the same flush, so their latency is measured once, per batch.
+        self.answered_now = 0
+        self._requests = counters.requests
+        self._protocol_errors = counters.protocol_errors
+        self._latency = counters.latency_s13
+
+    def handle(self, msg: Message, now: float, peer: str) -> Outcome:
+        """Answer one validated S13 request received at `now` from `peer` (the name audited)."""
+        eca = self.eca
+        if msg.code != COMMAND_CODE:
+            return Rejected(eca.failure(msg, errors.COMMAND_UNSUPPORTED, "not supported"),
+                            ErrorAnswered(errors.COMMAND_UNSUPPORTED, msg.code, msg.hop_by_hop,
+                                          "not supported"))
+        parsed = eca.parse(msg)
+        if isinstance(parsed, bytes):
+            return Rejected(parsed, ErrorAnswered(errors.MISSING_AVP, msg.code, msg.hop_by_hop,
+                                                  "Terminal-Information without IMEI"))
+        if msg.flags & FLAG_T:
+            cached = self.dedup.get((parsed.origin, msg.end_to_end), now)
+            if cached is not None:
+                self._requests[_DUPLICATE] += 1
+                return eca.answer(msg, parsed.prefix, parsed.suffix,
+                                  None if cached < 0 else cached)
+        service = self.service
+        if not service.admit(peer):
+            return self.busy(msg)
+        verdict = service.check(parsed.request)
+        if type(verdict) is Verdict:
+            self.answered_now += 1
+            return self._answer(msg, parsed, verdict, peer, now)
+        service.started()
+        return PendingLookup(msg, parsed, peer, now, verdict)
+
+    def busy(self, msg: Message) -> bytes:
+        """3004 DIAMETER_TOO_BUSY for `msg`, counted (not logged: it comes in floods)."""
+        self._requests[_BUSY] += 1
+        self._protocol_errors[errors.TOO_BUSY] += 1
+        return self.eca.failure(msg, errors.TOO_BUSY, "too many requests waiting for the store")
+
+    def complete(self, pending: PendingLookup, verdict: Verdict, now: float) -> bytes:
+        """The ECA for a lookup that finished at `now`."""
+        self.service.finished()
+        if verdict.status is not None or verdict.rule != STORE_ERROR:
+            self._latency.observe_many(now - pending.received, 1)
+        return self._answer(pending.msg, pending.parsed, verdict, pending.peer, pending.received)
+
+    def _store_error(self, msg: Message, verdict: Verdict) -> bytes:
+        """3004 makes the MME try another EIR; 5012 if so configured. Counted, not logged here
+        (the checker logs each fallback episode)."""
+        code = STORE_ERROR_CODES[verdict.reasons[0]]
+        self._requests[(INTERFACE, "ECR", str(code))] += 1
+        self._protocol_errors[code] += 1
+        self.service.counters.verdicts[(verdict.reasons[0], verdict.rule)] += 1
+        return self.eca.failure(msg, code, "register store unavailable")
+
+    def abandon(self, pending: PendingLookup) -> None:
+        """The lookup was cancelled or its connection is gone: nothing to answer."""
+        self.service.finished()
+
+    def observe_latency(self, seconds: float) -> None:
+        """The shell wrote the answers of `handle()` calls `seconds` after reading them."""
+        if self.answered_now:
+            self._latency.observe_many(seconds, self.answered_now)
+            self.answered_now = 0
+
+    def _answer(self, msg: Message, parsed: Parsed, verdict: Verdict, peer: str,
+                received: float) -> bytes:
+        status = verdict.status
+        if status is None and verdict.rule == STORE_ERROR:
+            return self._store_error(msg, verdict)
+        # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
+        # cyclic GC, so a cache of millions of entries does not lengthen collections.
+        self.dedup.put((parsed.origin, msg.end_to_end), -1 if status is None else int(status),
+                       received)
+        self._requests[_SUCCESS if status is not None else _UNKNOWN] += 1
+        self.service.record(parsed.request, verdict, peer, INTERFACE)
+        return self.eca.answer(msg, parsed.prefix, parsed.suffix, status)
