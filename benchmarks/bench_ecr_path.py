@@ -83,7 +83,7 @@ def main() -> int:
     for _ in range(reps):
         m = decode(one, d)
     t_decode = (time.process_time() - t0) / reps * 1e6
-    grammar = d.command(16777252, 324).request  # type: ignore[union-attr]
+    grammar = d.compiled.request(16777252, 324)
     t0 = time.process_time()
     for _ in range(reps):
         m = decode(one, d)

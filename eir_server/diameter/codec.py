@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from . import errors
-from .dictionary import FIXED_LENGTH, AvpDef, Dictionary, Grammar
+from .dictionary import FIXED_LENGTH, AvpDef, AvpKey, Dictionary, Grammar
 
 HEADER = struct.Struct("!IIIII")  # version|length, flags|code, application, hop-by-hop, end-to-end
 AVP_HEADER = struct.Struct("!II")
@@ -44,9 +44,26 @@ HEADER_LENGTH = 20
 DEFAULT_MAX_MESSAGE = 65_535  # far above any ECR/CER; configurable per server
 MAX_DEPTH = 8  # grouped nesting; deeper is refused rather than recursed into
 
-# Indexes into a decoded AVP tuple.
+
+
+class Avp(NamedTuple):
+    """One decoded AVP: offsets into the message's bytes, not copies."""
+
+    code: int
+    vendor: int
+    flags: int
+    vstart: int  # value start
+    vend: int  # value end
+    start: int  # header start
+    end: int  # padded end
+    children: tuple[Avp, ...] | None  # a grouped AVP's AVPs (known grouped AVPs only)
+    d: AvpDef | None  # None: not in the dictionary
+
+
+# Field positions, for the loops that index AVPs on the hot path.
 CODE, VENDOR, FLAGS, VSTART, VEND, START, END, CHILDREN, DEF = range(9)
-Avp = tuple  # (code, vendor, flags, value start, value end, start, padded end, children, AvpDef)
+_new_avp = tuple.__new__  # Avp(...) runs a Python-level __new__; this is the C one
+Slots = Sequence[Avp | None]  # the last AVP matching each grammar rule, by rule index
 
 
 class Problem(NamedTuple):
@@ -62,8 +79,8 @@ class Message:
                  "problems", "slots")
 
     def __init__(self, flags: int, code: int, application_id: int, hop_by_hop: int,
-                 end_to_end: int, data: bytes, avps: list[Avp], problems: list[Problem],
-                 slots: list | None = None) -> None:
+                 end_to_end: int, data: bytes, avps: Sequence[Avp], problems: list[Problem],
+                 slots: Slots | None = None) -> None:
         self.flags = flags
         self.code = code
         self.application_id = application_id
@@ -93,7 +110,8 @@ class Message:
         return self.data[avp[VSTART]:avp[VEND]]
 
     def u32(self, avp: Avp) -> int:
-        return U32.unpack_from(self.data, avp[VSTART])[0]
+        value: int = U32.unpack_from(self.data, avp[VSTART])[0]
+        return value
 
     def text(self, avp: Avp) -> str:
         return self.data[avp[VSTART]:avp[VEND]].decode("utf-8", "replace")
@@ -125,7 +143,7 @@ class Framer:
         buf = self._buf + data if self._buf else data
         n = len(buf)
         pos = 0
-        out = []
+        out: list[bytes] = []
         unpack = U32.unpack_from
         max_length = self.max_length
         while n - pos >= 4:
@@ -285,11 +303,10 @@ def example_avp(d: AvpDef) -> bytes:
     return avp(d.code, b"\0" * FIXED_LENGTH.get(d.type, 0), d.vendor, d.mandatory == "must")
 
 
-def walk(data: bytes, start: int, end: int, dictionary: Dictionary, problems: list[Problem],
-         depth: int = 0) -> list[Avp]:
-    """Split data[start:end] into AVP tuples, recursing into known grouped AVPs."""
+def walk(data: bytes, start: int, end: int, defs: Mapping[AvpKey, AvpDef],
+         problems: list[Problem], depth: int = 0) -> tuple[Avp, ...]:
+    """Split data[start:end] into AVPs, recursing into known grouped AVPs."""
     out: list[Avp] = []
-    defs = dictionary.avps
     unpack = AVP_HEADER.unpack_from
     pos = start
     while pos < end:
@@ -327,7 +344,7 @@ def walk(data: bytes, start: int, end: int, dictionary: Dictionary, problems: li
         padded = (aend + 3) & ~3
         if padded > end:
             padded = end  # missing final padding: the message length check reports it
-        children = None
+        children: tuple[Avp, ...] | None = None
         if d is not None:
             if d.grammar is not None:
                 if depth >= MAX_DEPTH:
@@ -335,7 +352,7 @@ def walk(data: bytes, start: int, end: int, dictionary: Dictionary, problems: li
                                             f"{d.name}: grouped AVPs nested too deep"))
                 else:
                     sub: list[Problem] = []
-                    children = walk(data, pos + hlen, aend, dictionary, sub, depth + 1)
+                    children = walk(data, pos + hlen, aend, defs, sub, depth + 1)
                     if sub:
                         parent = bytes(data[pos:pos + hlen])
                         problems.extend(Problem(p.result_code, _wrap(parent, p.failed_avp),
@@ -346,65 +363,145 @@ def walk(data: bytes, start: int, end: int, dictionary: Dictionary, problems: li
                     problems.append(Problem(errors.INVALID_AVP_LENGTH, bytes(data[pos:padded]),
                                             f"{d.name}: value of {length - hlen} bytes, "
                                             f"{d.type} needs {fixed}"))
-        out.append((code, vendor, flags, pos + hlen, aend, pos, padded, children, d))
+        out.append(_new_avp(Avp, (code, vendor, flags, pos + hlen, aend, pos, padded, children,
+                                  d)))
         pos = padded
-    return out
+    return tuple(out)
 
 
-def _value_problem(data: bytes, a: Avp, d: AvpDef) -> str | None:
-    """Cheap content checks for the types whose bytes can be invalid."""
-    t = d.type
-    if t == "UTF8String" or t == "DiameterURI":
-        try:
-            data[a[VSTART]:a[VEND]].decode("utf-8")
-        except UnicodeDecodeError:
-            return f"{d.name}: not valid UTF-8"
-    elif t == "DiameterIdentity":
-        v = data[a[VSTART]:a[VEND]]
-        if not v or not v.isascii():
-            return f"{d.name}: not a valid DiameterIdentity"
-    elif t == "Enumerated":
-        if d.enums and I32.unpack_from(data, a[VSTART])[0] not in d.enums:
-            return f"{d.name}: unknown value {I32.unpack_from(data, a[VSTART])[0]}"
-    elif t == "Address":
-        n = a[VEND] - a[VSTART]
-        if n < 2:
-            return f"{d.name}: address too short"
-        family = U32.unpack_from(b"\0\0" + data[a[VSTART]:a[VSTART] + 2])[0]
-        if (family == 1 and n != 6) or (family == 2 and n != 18):
-            return f"{d.name}: address length {n - 2} does not match family {family}"
+# ---------------------------------------------------------------------------------------------
+# Value checks: one table for both decoders
+#
+# The bytes of some data formats can be invalid beyond their length (RFC 6733 4.3). For each such
+# format, one entry says how the general decoder's `check()` diagnoses a value (5004 and why) and
+# what the fast path may accept without a diagnosis: a subset of what `diagnose` accepts, so the
+# fast path never lets through what the general path refuses (tests/diameter/test_fast_path.py).
+
+
+def _utf8_problem(data: bytes, vs: int, ve: int, d: AvpDef) -> str | None:
+    try:
+        data[vs:ve].decode("utf-8")
+    except UnicodeDecodeError:
+        return f"{d.name}: not valid UTF-8"
     return None
 
 
-def check(data: bytes, avps: list[Avp], grammar: Grammar, problems: list[Problem]) -> None:
+def _identity_problem(data: bytes, vs: int, ve: int, d: AvpDef) -> str | None:
+    v = data[vs:ve]
+    if not v or not v.isascii():
+        return f"{d.name}: not a valid DiameterIdentity"
+    return None
+
+
+def _enum_problem(data: bytes, vs: int, ve: int, d: AvpDef) -> str | None:
+    value = I32.unpack_from(data, vs)[0]
+    if d.enums and value not in d.enums:
+        return f"{d.name}: unknown value {value}"
+    return None
+
+
+def _address_problem(data: bytes, vs: int, ve: int, d: AvpDef) -> str | None:
+    n = ve - vs
+    if n < 2:
+        return f"{d.name}: address too short"
+    family = data[vs] << 8 | data[vs + 1]
+    if (family == 1 and n != 6) or (family == 2 and n != 18):
+        return f"{d.name}: address length {n - 2} does not match family {family}"
+    return None
+
+
+def _utf8_plain(data: bytes, vs: int, ve: int, enums: frozenset[int] | None) -> bool:
+    # ASCII is plainly valid UTF-8; anything else gets the general path's closer look.
+    return data[vs:ve].isascii()
+
+
+def _identity_plain(data: bytes, vs: int, ve: int, enums: frozenset[int] | None) -> bool:
+    return ve > vs and data[vs:ve].isascii()
+
+
+def _enum_plain(data: bytes, vs: int, ve: int, enums: frozenset[int] | None) -> bool:
+    return enums is None or I32.unpack_from(data, vs)[0] in enums
+
+
+def _address_plain(data: bytes, vs: int, ve: int, enums: frozenset[int] | None) -> bool:
+    n = ve - vs
+    if n < 2:
+        return False
+    family = data[vs] << 8 | data[vs + 1]
+    return not ((family == 1 and n != 6) or (family == 2 and n != 18))
+
+
+# How a cached layout re-checks a value: as text (ASCII), as an enumeration, or not at all (a
+# layout with such an AVP is not cached).
+LAYOUT_TEXT, LAYOUT_ENUM, LAYOUT_NONE = range(3)
+
+
+class ValueCheck(NamedTuple):
+    diagnose: Callable[[bytes, int, int, AvpDef], str | None]  # check(): 5004 and why
+    plainly_valid: Callable[[bytes, int, int, frozenset[int] | None], bool]  # decode_fast
+    layout: int  # how a cached layout re-checks it: LAYOUT_*
+
+
+VALUE_CHECKS: Mapping[str, ValueCheck] = {
+    "UTF8String": ValueCheck(_utf8_problem, _utf8_plain, LAYOUT_TEXT),
+    "DiameterURI": ValueCheck(_utf8_problem, _utf8_plain, LAYOUT_TEXT),
+    "DiameterIdentity": ValueCheck(_identity_problem, _identity_plain, LAYOUT_TEXT),
+    "Enumerated": ValueCheck(_enum_problem, _enum_plain, LAYOUT_ENUM),
+    "Address": ValueCheck(_address_problem, _address_plain, LAYOUT_NONE),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Grammar checks
+
+
+class GrammarTables:
+    """One grammar, compiled (by `compiled.CompiledDictionary`, which builds every one once):
+    rule index by AVP key, the 5005 example AVP per rule, the fast path's table, and the tables
+    of the grouped AVPs it may contain (shared by the whole dictionary)."""
+
+    __slots__ = ("grammar", "index", "examples", "groups", "fast")
+
+    def __init__(self, grammar: Grammar, examples: tuple[bytes | None, ...],
+                 groups: Mapping[AvpKey, GrammarTables], fast: FastGrammar) -> None:
+        self.grammar = grammar
+        self.index: Mapping[AvpKey, int] = grammar.index()
+        self.examples = examples
+        self.groups = groups
+        self.fast = fast
+
+
+def check(data: bytes, avps: Sequence[Avp], tables: GrammarTables,
+          problems: list[Problem]) -> None:
     """Check AVPs against an ABNF grammar (RFC 6733 3.2), appending problems in order found."""
+    grammar = tables.grammar
     rules = grammar.rules
-    _, index, examples = _grammar_info(grammar)
+    index = tables.index
     counts = [0] * len(rules)
     any_avp = grammar.any_avp
     for i, a in enumerate(avps):
-        flags = a[FLAGS]
-        d = a[DEF]
+        flags = a.flags
+        d = a.d
         if flags & AVP_RESERVED:
-            problems.append(Problem(errors.INVALID_AVP_BITS, data[a[START]:a[END]],
-                                    f"AVP {a[CODE]}: reserved flag bits set"))
+            problems.append(Problem(errors.INVALID_AVP_BITS, data[a.start:a.end],
+                                    f"AVP {a.code}: reserved flag bits set"))
             continue
         if d is None:
             if flags & AVP_M:
-                problems.append(Problem(errors.AVP_UNSUPPORTED, data[a[START]:a[END]],
-                                        f"AVP {a[CODE]} (vendor {a[VENDOR]}) unknown, M bit set"))
+                problems.append(Problem(errors.AVP_UNSUPPORTED, data[a.start:a.end],
+                                        f"AVP {a.code} (vendor {a.vendor}) unknown, M bit set"))
             elif not any_avp:
-                problems.append(Problem(errors.AVP_NOT_ALLOWED, data[a[START]:a[END]],
-                                        f"AVP {a[CODE]} not allowed here"))
+                problems.append(Problem(errors.AVP_NOT_ALLOWED, data[a.start:a.end],
+                                        f"AVP {a.code} not allowed here"))
             continue
         if flags & AVP_M and d.mandatory == "mustnot":
-            problems.append(Problem(errors.INVALID_AVP_BITS, data[a[START]:a[END]],
+            problems.append(Problem(errors.INVALID_AVP_BITS, data[a.start:a.end],
                                     f"{d.name}: M bit set, its definition forbids it"))
             continue
-        j = index.get((a[CODE], a[VENDOR]))
+        j = index.get((a.code, a.vendor))
         if j is None:
             if not any_avp:
-                problems.append(Problem(errors.AVP_NOT_ALLOWED, data[a[START]:a[END]],
+                problems.append(Problem(errors.AVP_NOT_ALLOWED, data[a.start:a.end],
                                         f"{d.name} not allowed here"))
                 continue
         else:
@@ -412,70 +509,50 @@ def check(data: bytes, avps: list[Avp], grammar: Grammar, problems: list[Problem
             c = counts[j] = counts[j] + 1
             if rule.max is not None and c == rule.max + 1:
                 problems.append(Problem(errors.AVP_OCCURS_TOO_MANY_TIMES,
-                                        data[a[START]:a[END]],
+                                        data[a.start:a.end],
                                         f"{d.name} occurs more than {rule.max} time(s)"))
             if rule.first and i != 0:
-                problems.append(Problem(errors.AVP_NOT_ALLOWED, data[a[START]:a[END]],
+                problems.append(Problem(errors.AVP_NOT_ALLOWED, data[a.start:a.end],
                                         f"{d.name} must be the first AVP"))
-        children = a[CHILDREN]
+        children = a.children
         if children is not None:
             sub: list[Problem] = []
-            check(data, children, d.grammar, sub)  # type: ignore[arg-type]
+            check(data, children, tables.groups[(a.code, a.vendor)], sub)
             if sub:
-                parent = data[a[START]:a[VSTART]]
+                parent = data[a.start:a.vstart]
                 problems.extend(Problem(p.result_code, _wrap(parent, p.failed_avp), p.message)
                                 for p in sub)
-        elif d.grammar is None and d.type in _CONTENT_CHECKED:
-            msg = _value_problem(data, a, d)
-            if msg is not None:
-                problems.append(Problem(errors.INVALID_AVP_VALUE, data[a[START]:a[END]], msg))
+        elif d.grammar is None:
+            vc = VALUE_CHECKS.get(d.type)
+            if vc is not None:
+                msg = vc.diagnose(data, a.vstart, a.vend, d)
+                if msg is not None:
+                    problems.append(Problem(errors.INVALID_AVP_VALUE, data[a.start:a.end], msg))
     for j, rule in enumerate(rules):
         if counts[j] < rule.min:
-            problems.append(Problem(errors.MISSING_AVP, examples[j], f"missing {rule.name}"))
+            problems.append(Problem(errors.MISSING_AVP, tables.examples[j],
+                                    f"missing {rule.name}"))
     if grammar.any_min and len(avps) < grammar.any_min:
         problems.append(Problem(errors.MISSING_AVP, None,
                                 f"at least {grammar.any_min} AVP(s) required"))
-
-
-_CONTENT_CHECKED = frozenset({"UTF8String", "DiameterURI", "DiameterIdentity", "Enumerated",
-                              "Address"})
-# Per-grammar tables, keyed by id() for speed. Each entry holds the object it was computed for,
-# so that object stays alive and an id can never be reused by another grammar or dictionary.
-_GRAMMARS: dict[int, tuple[Grammar, dict, tuple[bytes | None, ...]]] = {}
-_PREPARED: dict[int, Dictionary] = {}
-
-
-def _grammar_info(grammar: Grammar) -> tuple[Grammar, dict, tuple[bytes | None, ...]]:
-    """(grammar, rule index by AVP key, 5005 example AVP per rule)."""
-    info = _GRAMMARS.get(id(grammar))
-    if info is None or info[0] is not grammar:
-        # Not from a prepared dictionary: index it; without AVP definitions a missing AVP is
-        # reported without an example.
-        info = _GRAMMARS[id(grammar)] = (grammar, dict(grammar.index()),
-                                         (None,) * len(grammar.rules))
-    return info
-
-
-def prepare(dictionary: Dictionary) -> None:
-    """Precompute per-dictionary tables (grammar indexes, 5005 examples). Idempotent."""
-    if _PREPARED.get(id(dictionary)) is dictionary:
-        return
-    grammars = [d.grammar for d in dictionary.avps.values() if d.grammar is not None]
-    grammars += [g for c in dictionary.commands.values() for g in (c.request, c.answer)
-                 if g is not None]
-    for g in grammars:
-        examples = tuple(example_avp(dictionary.avps[r.key]) for r in g.rules)
-        _GRAMMARS[id(g)] = (g, dict(g.index()), examples)
-    _PREPARED[id(dictionary)] = dictionary
 
 
 # ---------------------------------------------------------------------------------------------
 # Fast path: validate-or-bail
 
 
-_KIND_NONE, _KIND_UTF8, _KIND_IDENT, _KIND_ENUM, _KIND_ADDRESS = range(5)
-_KINDS = {"UTF8String": _KIND_UTF8, "DiameterURI": _KIND_UTF8, "DiameterIdentity": _KIND_IDENT,
-          "Enumerated": _KIND_ENUM, "Address": _KIND_ADDRESS}
+class FastAvp(NamedTuple):
+    """What the fast path knows about one AVP definition inside one grammar."""
+
+    slot: int  # grammar rule index, -1 when only "*[ AVP ]" admits it
+    bad_flags: int  # AVP flag bits that send it to the general path (reserved, forbidden M)
+    fixed: int  # value length of fixed-length types, else 0
+    plainly_valid: Callable[[bytes, int, int, frozenset[int] | None], bool] | None
+    enums: frozenset[int] | None
+    child: FastGrammar | None  # grouped AVPs
+    d: AvpDef
+    max_count: int
+    required: bool  # its rule has min >= 1
 
 
 class FastGrammar:
@@ -484,12 +561,8 @@ class FastGrammar:
     __slots__ = ("table", "nslots", "required", "any_avp", "any_min", "first_slot", "grammar",
                  "simple_mins")
 
-    def __init__(self, dictionary: Dictionary, grammar: Grammar,
-                 memo: dict[int, FastGrammar] | None = None) -> None:
-        memo = {} if memo is None else memo
-        memo[id(grammar)] = self
+    def __init__(self, grammar: Grammar) -> None:
         self.grammar = grammar
-        index = grammar.index()
         rules = grammar.rules
         self.nslots = len(rules)
         # Rules with min >= 1, as (slot, min); when every min is 1, counting first sightings
@@ -499,30 +572,38 @@ class FastGrammar:
         self.any_avp = grammar.any_avp
         self.any_min = grammar.any_min
         self.first_slot = next((i for i, r in enumerate(rules) if r.first), -1)
-        table: dict[int, tuple] = {}
-        for key, d in dictionary.avps.items():
+        self.table: Mapping[int, FastAvp] = {}
+
+    def build(self, defs: Mapping[AvpKey, AvpDef], groups: Mapping[AvpKey, FastGrammar]) -> None:
+        """Fill the table; `groups` has the FastGrammar of every grouped AVP (built in two
+        steps, because grouped grammars may contain themselves, e.g. through `*[ AVP ]`)."""
+        grammar = self.grammar
+        rules = grammar.rules
+        index = grammar.index()
+        table: dict[int, FastAvp] = {}
+        for key, d in defs.items():
             slot = index.get(key, -1)
             if slot < 0 and not grammar.any_avp:
                 continue  # not allowed here: a lookup miss makes the fast path bail
-            bad = AVP_RESERVED | (AVP_M if d.mandatory == "mustnot" else 0)
-            child = None
-            if d.grammar is not None:
-                child = memo.get(id(d.grammar)) or FastGrammar(dictionary, d.grammar, memo)
-            enums = frozenset(d.enums) if d.enums else None
+            vc = VALUE_CHECKS.get(d.type) if d.grammar is None else None
             rule = rules[slot] if slot >= 0 else None
-            maxc = (rule.max if rule.max is not None else 1 << 30) if rule else 1 << 30
-            table[key[0] | (key[1] << 32)] = (
-                slot, bad, FIXED_LENGTH.get(d.type, 0), _KINDS.get(d.type, _KIND_NONE), enums,
-                child, d, maxc, bool(rule and rule.min))
+            table[key[0] | (key[1] << 32)] = FastAvp(
+                slot, AVP_RESERVED | (AVP_M if d.mandatory == "mustnot" else 0),
+                FIXED_LENGTH.get(d.type, 0), vc.plainly_valid if vc is not None else None,
+                frozenset(d.enums) if d.enums else None,
+                groups[key] if d.grammar is not None else None, d,
+                rule.max if rule is not None and rule.max is not None else 1 << 30,
+                bool(rule and rule.min))
         self.table = table
 
 
 def decode_fast(data: bytes, fg: FastGrammar, start: int, end: int,
-                slots: list | None = None, depth: int = 0) -> list[Avp] | None:
+                slots: list[Avp | None] | None = None,
+                depth: int = 0) -> tuple[Avp, ...] | None:
     """Walk and check AVPs in one pass. Returns None at the first thing that is not plainly
-    valid (or not ASCII, where UTF-8 needs a closer look); the caller then runs `decode` +
-    `validate`, which say exactly what is wrong. So the fast path never has to produce a
-    diagnosis, and what it accepts the general path accepts too (a property test checks it)."""
+    valid (`ValueCheck.plainly_valid`); the caller then runs `decode` + `validate`, which say
+    exactly what is wrong. So the fast path never has to produce a diagnosis, and what it
+    accepts the general path accepts too (a property test checks it)."""
     out: list[Avp] = []
     append = out.append
     table = fg.table
@@ -555,10 +636,10 @@ def decode_fast(data: bytes, fg: FastGrammar, start: int, end: int,
         if ent is None:
             if flags & 0x5F or not fg.any_avp:  # M or reserved bits on an unknown AVP
                 return None
-            append((code, vendor, flags, vs, aend, pos, padded, None, None))
+            append(_new_avp(Avp, (code, vendor, flags, vs, aend, pos, padded, None, None)))
             pos = padded
             continue
-        slot, bad, fixed, kind, enums, child, d, maxc, required = ent
+        slot, bad, fixed, plain, enums, child, d, maxc, required = ent
         if flags & bad or (fixed and aend - vs != fixed):
             return None
         if slot >= 0:
@@ -568,31 +649,17 @@ def decode_fast(data: bytes, fg: FastGrammar, start: int, end: int,
             counts[slot] = c
             if required and c == 1:
                 found += 1
-        if kind:
-            if kind <= _KIND_IDENT:
-                # UTF8String and DiameterIdentity: ASCII is plainly valid; anything else goes to
-                # the general path (UTF-8 there, or 5004 for a non-ASCII identity).
-                if not data[vs:aend].isascii() or (kind == _KIND_IDENT and aend == vs):
-                    return None
-            elif kind == _KIND_ENUM:
-                if enums is not None and I32.unpack_from(data, vs)[0] not in enums:
-                    return None
-            else:
-                n = aend - vs
-                if n < 2:
-                    return None
-                family = data[vs] << 8 | data[vs + 1]
-                if (family == 1 and n != 6) or (family == 2 and n != 18):
-                    return None
+        if plain is not None and not plain(data, vs, aend, enums):
+            return None
         if child is not None:
             if depth >= MAX_DEPTH:
                 return None
             children = decode_fast(data, child, vs, aend, None, depth + 1)
             if children is None:
                 return None
-            t = (code, vendor, flags, vs, aend, pos, padded, children, d)
+            t = _new_avp(Avp, (code, vendor, flags, vs, aend, pos, padded, children, d))
         else:
-            t = (code, vendor, flags, vs, aend, pos, padded, None, d)
+            t = _new_avp(Avp, (code, vendor, flags, vs, aend, pos, padded, None, d))
         append(t)
         if slots is not None and slot >= 0:
             slots[slot] = t
@@ -606,42 +673,47 @@ def decode_fast(data: bytes, fg: FastGrammar, start: int, end: int,
                 return None
     if fg.any_min and len(out) < fg.any_min:
         return None
-    return out
+    return tuple(out)
 
 
 class Layout:
     """The shape of a message that `decode_fast` accepted: where every AVP header sits and
     what it says. Consecutive requests from one peer mostly share a shape (only values change),
-    so a later message with the same header words at the same offsets has the same AVP tuples
-    and the same verdict on everything but values; `match` re-checks those values (ASCII text,
-    enumerations) with two C-level struct reads instead of a Python loop over AVPs."""
+    so a later message with the same header words at the same offsets has the same AVPs and
+    the same verdict on everything but values; `match` re-checks those values (ASCII text,
+    enumerations: `ValueCheck.layout`) with two C-level struct reads instead of a Python loop
+    over AVPs. Immutable: every message that matches shares its AVP and slot tuples."""
 
     __slots__ = ("headers", "header_struct", "text_struct", "enum_checks", "avps", "slots")
 
-    def __init__(self, data: bytes, avps: list[Avp], slots: list | None) -> None:
+    def __init__(self, data: bytes, avps: tuple[Avp, ...], slots: Slots) -> None:
         fmt_h = ["!"]
         fmt_t = ["!"]
-        self.enum_checks: list[tuple[int, frozenset[int]]] = []
+        enum_checks: list[tuple[int, frozenset[int]]] = []
         pos_h = pos_t = 0
         for a in _flatten(avps):
-            start, vs, aend, d = a[START], a[VSTART], a[VEND], a[DEF]
-            fmt_h.append(f"{start - pos_h}x{'III' if a[FLAGS] & AVP_V else 'II'}")
+            start, vs, aend, d = a.start, a.vstart, a.vend, a.d
+            fmt_h.append(f"{start - pos_h}x{'III' if a.flags & AVP_V else 'II'}")
             pos_h = vs
-            if d is None or a[CHILDREN] is not None:
+            if d is None or a.children is not None:
                 continue
-            kind = _KINDS.get(d.type, _KIND_NONE)
-            if kind in (_KIND_UTF8, _KIND_IDENT):
+            vc = VALUE_CHECKS.get(d.type)
+            if vc is None:
+                continue
+            if vc.layout == LAYOUT_TEXT:
                 fmt_t.append(f"{vs - pos_t}x{aend - vs}s")
                 pos_t = aend
-            elif kind == _KIND_ENUM and d.enums:
-                self.enum_checks.append((vs, frozenset(d.enums)))
-            elif kind == _KIND_ADDRESS:
-                raise ValueError("layouts with Address AVPs are not cached")
+            elif vc.layout == LAYOUT_ENUM:
+                if d.enums:
+                    enum_checks.append((vs, frozenset(d.enums)))
+            else:
+                raise ValueError(f"layouts with {d.type} AVPs are not cached")
         self.header_struct = struct.Struct("".join(fmt_h))
         self.headers = self.header_struct.unpack_from(data, 0)
         self.text_struct = struct.Struct("".join(fmt_t))
+        self.enum_checks = tuple(enum_checks)
         self.avps = avps
-        self.slots = slots
+        self.slots = tuple(slots)
 
     def match(self, data: bytes) -> bool:
         if self.header_struct.unpack_from(data, 0) != self.headers:
@@ -654,27 +726,33 @@ class Layout:
         return True
 
 
-def _flatten(avps: list[Avp]) -> list[Avp]:
+def _flatten(avps: Sequence[Avp]) -> list[Avp]:
     out = []
     for a in avps:
         out.append(a)
-        if a[CHILDREN]:
-            out.extend(_flatten(a[CHILDREN]))
+        if a.children:
+            out.extend(_flatten(a.children))
     return out
 
 
 class LayoutCache:
     """Layouts keyed by message length and the first AVP's header word (for a request that is
-    Session-Id's flags and length, which is what varies most between shapes of equal size);
-    bounded: a peer sending endlessly new shapes just stops being cached (it still gets
-    `decode_fast`)."""
+    Session-Id's flags and length, which is what varies most between shapes of equal size).
+    Bounded: beyond `max_layouts` the oldest key's layouts are evicted, so a peer sending
+    endlessly new shapes costs a fixed amount of memory (it still gets `decode_fast`).
+    `learned` and `evicted` count for the eir_diameter_layout_cache_* metrics."""
 
-    __slots__ = ("_by_key", "_count", "max_layouts")
+    __slots__ = ("_by_key", "_count", "max_layouts", "learned", "evicted")
 
     def __init__(self, max_layouts: int = 1024) -> None:
-        self._by_key: dict[int, list[Layout]] = {}
+        self._by_key: dict[int, tuple[Layout, ...]] = {}
         self._count = 0
         self.max_layouts = max_layouts
+        self.learned = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return self._count
 
     def find(self, data: bytes, length: int) -> Layout | None:
         if length < 28:
@@ -686,26 +764,31 @@ class LayoutCache:
                     return lay
         return None
 
-    def learn(self, data: bytes, length: int, avps: list[Avp], slots: list | None) -> None:
-        if self._count >= self.max_layouts or length < 28:
+    def learn(self, data: bytes, length: int, avps: tuple[Avp, ...], slots: Slots) -> None:
+        if length < 28 or self.max_layouts <= 0:
             return
         try:
             lay = Layout(data, avps, slots)
         except (ValueError, struct.error):
             return
+        by_key = self._by_key
+        while self._count >= self.max_layouts:
+            oldest = next(iter(by_key))
+            self._count -= len(by_key.pop(oldest))
+            self.evicted += 1
         key = (length << 32) | U32.unpack_from(data, 24)[0]
-        self._by_key.setdefault(key, []).append(lay)
+        by_key[key] = by_key.pop(key, ()) + (lay,)  # re-inserted: the key is now the newest
         self._count += 1
+        self.learned += 1
 
 
 def decode(data: bytes, dictionary: Dictionary) -> Message:
     """Decode one framed message; problems found while walking go to `Message.problems`.
 
-    Header problems come first: invalid header bits (3008) and a length that is not a multiple of
-    four or that the AVPs do not fill exactly (5015).
+    Header problems come first: invalid header bits (3008) and a length that is not a multiple
+    of four (5015). AVPs that do not fill the message exactly are 5014 (an AVP length overruns
+    its container or leaves a truncated header).
     """
-    if _PREPARED.get(id(dictionary)) is not dictionary:
-        prepare(dictionary)
     vl, fc, app, hbh, e2e = HEADER.unpack_from(data, 0)
     flags = fc >> 24
     problems: list[Problem] = []
@@ -715,39 +798,40 @@ def decode(data: bytes, dictionary: Dictionary) -> Message:
     if length % 4:
         problems.append(Problem(errors.INVALID_MESSAGE_LENGTH, None,
                                 f"message length {length} not a multiple of 4"))
-    avps = walk(data, HEADER_LENGTH, length, dictionary, problems)
+    avps = walk(data, HEADER_LENGTH, length, dictionary.avps, problems)
     return Message(flags, fc & 0xFFFFFF, app, hbh, e2e, data, avps, problems)
 
 
-def validate(msg: Message, grammar: Grammar) -> None:
-    """Check a decoded message against its command grammar, appending to `msg.problems`;
-    when it is valid, index its AVPs by grammar rule in `msg.slots`."""
-    check(msg.data, msg.avps, grammar, msg.problems)
+def validate(msg: Message, tables: GrammarTables) -> None:
+    """Check a decoded message against its command grammar (`CompiledDictionary.request()` /
+    `.answer()`), appending to `msg.problems`; when it is valid, index its AVPs by grammar rule
+    in `msg.slots`."""
+    check(msg.data, msg.avps, tables, msg.problems)
     if not msg.problems:
-        index = _grammar_info(grammar)[1]
-        slots: list = [None] * len(grammar.rules)
+        index = tables.index
+        slots: list[Avp | None] = [None] * len(tables.grammar.rules)
         for a in msg.avps:
-            i = index.get((a[CODE], a[VENDOR]))
+            i = index.get((a.code, a.vendor))
             if i is not None:
                 slots[i] = a
         msg.slots = slots
 
 
-def to_dict(msg: Message, dictionary: Dictionary) -> list[tuple[str, object]]:
+def to_dict(msg: Message) -> list[tuple[str, object]]:
     """A readable view of the AVPs (for logs, tests and the CLI; not for the hot path)."""
 
-    def conv(avps: list[Avp]) -> list[tuple[str, object]]:
+    def conv(avps: Sequence[Avp]) -> list[tuple[str, object]]:
         out: list[tuple[str, object]] = []
         for a in avps:
-            d = a[DEF]
-            name = d.name if d is not None else f"AVP-{a[CODE]}-{a[VENDOR]}"
-            if a[CHILDREN] is not None:
-                out.append((name, conv(a[CHILDREN])))
+            d = a.d
+            name = d.name if d is not None else f"AVP-{a.code}-{a.vendor}"
+            if a.children is not None:
+                out.append((name, conv(a.children)))
             else:
                 try:
-                    out.append((name, decode_value(d, msg.data[a[VSTART]:a[VEND]])))
+                    out.append((name, decode_value(d, msg.data[a.vstart:a.vend])))
                 except (struct.error, UnicodeDecodeError, ValueError):
-                    out.append((name, msg.data[a[VSTART]:a[VEND]]))
+                    out.append((name, msg.data[a.vstart:a.vend]))
         return out
 
     return conv(msg.avps)

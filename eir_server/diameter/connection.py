@@ -39,11 +39,11 @@ from .codec import (
     VEND,
     VENDOR,
     VSTART,
-    FastGrammar,
+    Avp,
     Framer,
-    LayoutCache,
     Message,
     Problem,
+    Slots,
     address_payload,
     avp,
     decode,
@@ -211,31 +211,43 @@ class Watchdog(Enum):
 #   R-Open    R-Peer-Disc   R-Disc                              Closed
 #   Closing   R-Rcv-DPA     R-Disc                              Closed
 #   Closing   Timeout       Error                               Closed
+#   (any)     R-Peer-Disc   R-Disc                              Closed
+# The responder's Closed splits in two here: CLOSED (transport up, no CER yet) and DONE (the
+# transport is closed or about to be); the RFC's Closed after a disconnect is our DONE.
 # Deviations, labelled: a CER that fails (3010, 5010, bad AVPs) is answered and closes (the RFC's
 # "Process-CER" leaves the rejection implicit); any other message in Closed is a peer that skipped
 # the capabilities exchange: requests get 3010 DIAMETER_UNKNOWN_PEER, then we close. In Closing
-# we still answer requests that crossed our DPR (RFC 6733 5.4 lets in-flight answers drain).
-TRANSITIONS: dict[tuple[PeerState, str], tuple[str, PeerState]] = {
-    (PeerState.CLOSED, "rcv-CER-ok"): ("snd-CEA", PeerState.R_OPEN),
-    (PeerState.CLOSED, "rcv-CER-bad"): ("snd-CEA-error", PeerState.DONE),
-    (PeerState.CLOSED, "rcv-other"): ("snd-3010", PeerState.DONE),
-    (PeerState.CLOSED, "timeout"): ("disc", PeerState.DONE),
-    (PeerState.R_OPEN, "rcv-message"): ("process", PeerState.R_OPEN),
-    (PeerState.R_OPEN, "rcv-DWR"): ("snd-DWA", PeerState.R_OPEN),
-    (PeerState.R_OPEN, "rcv-DWA"): ("process-DWA", PeerState.R_OPEN),
-    (PeerState.R_OPEN, "rcv-CER-ok"): ("snd-CEA", PeerState.R_OPEN),
-    (PeerState.R_OPEN, "rcv-CER-bad"): ("snd-CEA-error", PeerState.R_OPEN),
-    (PeerState.R_OPEN, "stop"): ("snd-DPR", PeerState.CLOSING),
-    (PeerState.R_OPEN, "rcv-DPR"): ("snd-DPA-disc", PeerState.DONE),
-    (PeerState.R_OPEN, "watchdog-down"): ("disc", PeerState.DONE),
-    (PeerState.CLOSING, "rcv-message"): ("process", PeerState.CLOSING),
-    (PeerState.CLOSING, "rcv-DWR"): ("snd-DWA", PeerState.CLOSING),
-    (PeerState.CLOSING, "rcv-DWA"): ("process-DWA", PeerState.CLOSING),
-    (PeerState.CLOSING, "rcv-CER-ok"): ("snd-CEA", PeerState.CLOSING),
-    (PeerState.CLOSING, "rcv-CER-bad"): ("snd-CEA-error", PeerState.CLOSING),
-    (PeerState.CLOSING, "rcv-DPA"): ("disc", PeerState.DONE),
-    (PeerState.CLOSING, "rcv-DPR"): ("snd-DPA-disc", PeerState.DONE),
-    (PeerState.CLOSING, "timeout"): ("disc", PeerState.DONE),
+# we still answer requests that crossed our DPR (RFC 6733 5.4 lets in-flight answers drain). A byte
+# stream that cannot be framed closes the transport in any state ("framing-error"), as does Stop
+# before the capabilities exchange. The actions are the methods that call `_transition`; every
+# state change goes through this table. The fast path (`_fast_request`) runs only in R-Open,
+# whose rcv-message row keeps R-Open, so it changes no state (tests/diameter/test_connection.py
+# checks the row).
+TRANSITIONS: dict[tuple[PeerState, str], PeerState] = {
+    (PeerState.CLOSED, "rcv-CER-ok"): PeerState.R_OPEN,
+    (PeerState.CLOSED, "rcv-CER-bad"): PeerState.DONE,
+    (PeerState.CLOSED, "rcv-other"): PeerState.DONE,
+    (PeerState.CLOSED, "timeout"): PeerState.DONE,
+    (PeerState.CLOSED, "stop"): PeerState.DONE,
+    (PeerState.R_OPEN, "rcv-message"): PeerState.R_OPEN,
+    (PeerState.R_OPEN, "rcv-DWR"): PeerState.R_OPEN,
+    (PeerState.R_OPEN, "rcv-DWA"): PeerState.R_OPEN,
+    (PeerState.R_OPEN, "rcv-CER-ok"): PeerState.R_OPEN,
+    (PeerState.R_OPEN, "rcv-CER-bad"): PeerState.R_OPEN,
+    (PeerState.R_OPEN, "stop"): PeerState.CLOSING,
+    (PeerState.R_OPEN, "rcv-DPR"): PeerState.DONE,
+    (PeerState.R_OPEN, "watchdog-down"): PeerState.DONE,
+    (PeerState.CLOSING, "rcv-message"): PeerState.CLOSING,
+    (PeerState.CLOSING, "rcv-DWR"): PeerState.CLOSING,
+    (PeerState.CLOSING, "rcv-DWA"): PeerState.CLOSING,
+    (PeerState.CLOSING, "rcv-CER-ok"): PeerState.CLOSING,
+    (PeerState.CLOSING, "rcv-CER-bad"): PeerState.CLOSING,
+    (PeerState.CLOSING, "rcv-DPA"): PeerState.DONE,
+    (PeerState.CLOSING, "rcv-DPR"): PeerState.DONE,
+    (PeerState.CLOSING, "timeout"): PeerState.DONE,
+    **{(state, event): PeerState.DONE
+       for state in (PeerState.CLOSED, PeerState.R_OPEN, PeerState.CLOSING)
+       for event in ("peer-disc", "framing-error")},
 }
 
 # RFC 3539 3.4.1, as a table (event -> action, next state); "pending" is the DWR-outstanding flag:
@@ -294,7 +306,8 @@ class Connection:
         self._armed_from = now
         self._realm_b = self._realm.encode()
         self._host_b = self._host.encode()
-        self._fast = _fast_table(dictionary, self._app_ids)
+        self._compiled = dictionary.compiled
+        self._fast = self._compiled.fast_commands(self._app_ids)
 
     @staticmethod
     def _app_avp(vendor: int, app: int) -> bytes:
@@ -314,6 +327,7 @@ class Connection:
             if self.state is PeerState.DONE:
                 return
         if framer.error is not None:
+            self._transition("framing-error")
             self._close(f"framing error: {framer.error}")
 
     def events(self) -> list[Event]:
@@ -375,12 +389,13 @@ class Connection:
                                      [me.host_origin, u32_avp(DISCONNECT_CAUSE, cause)]))
             self._deadline = now + self.config.dpa_timeout
         elif self.state is PeerState.CLOSED:
+            self._transition("stop")
             self._close("shutting down")
 
     def connection_lost(self) -> None:
         self._lost = True
         if self.state is not PeerState.DONE:
-            self.state = PeerState.DONE
+            self._transition("peer-disc")
             self._deadline = None
 
     # -- internals ----------------------------------------------------------------------------
@@ -389,13 +404,11 @@ class Connection:
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         return self._next_id
 
-    def _transition(self, event: str) -> str:
-        action, nxt = TRANSITIONS[(self.state, event)]
-        self.state = nxt
-        return action
+    def _transition(self, event: str) -> None:
+        self.state = TRANSITIONS[(self.state, event)]
 
     def _close(self, reason: str) -> None:
-        self.state = PeerState.DONE
+        """After a transition to DONE: no more timers; the shell closes once it has flushed."""
         self._deadline = None
         self._events.append(Closed(reason))
 
@@ -477,9 +490,9 @@ class Connection:
         if msg.flags & (FLAG_P | FLAG_E):
             return Problem(errors.INVALID_HDR_BITS, None,
                            "P or E bit set on a base protocol request")
-        cmd = self.dictionary.command(BASE_APPLICATION, msg.code)
-        if cmd is not None and cmd.request is not None:
-            validate(msg, cmd.request)
+        tables = self._compiled.request(BASE_APPLICATION, msg.code)
+        if tables is not None:
+            validate(msg, tables)
         return msg.problems[0] if msg.problems else None
 
     def _base_request(self, msg: Message, body: Callable[[], bytes]) -> None:
@@ -583,9 +596,10 @@ class Connection:
     # -- application requests -----------------------------------------------------------------
 
     def _fast_request(self, raw: bytes, now: float) -> bool:
-        """Route on the header (DESIGN habit 6), then validate-or-bail in one pass. True when the
-        request was plainly valid and is now an AppRequest event; False sends it down the
-        general path, which also produces every diagnosis."""
+        """Route on the header first ((application, command, R bit) pick the fast grammar
+        before any AVP is decoded), then validate-or-bail in one pass. True when the request
+        was plainly valid and is now an AppRequest event; False sends it down the general
+        path, which also produces every diagnosis."""
         vl, fc, app, hbh, e2e = HEADER.unpack_from(raw, 0)
         flags = fc >> 24
         if flags & 0xAF != 0x80 or vl & 3:  # R set; E and reserved clear; length % 4 == 0
@@ -599,14 +613,16 @@ class Connection:
             return False
         length = vl & 0xFFFFFF
         layout = layouts.find(raw, length)
+        slots: Slots
         if layout is not None:
             avps = layout.avps
             slots = layout.slots
         else:
-            slots = [None] * fg.nslots
-            avps = decode_fast(raw, fg, 20, length, slots)
-            if avps is None:
+            fresh: list[Avp | None] = [None] * fg.nslots
+            found = decode_fast(raw, fg, 20, length, fresh)
+            if found is None:
                 return False
+            avps, slots = found, fresh
             layouts.learn(raw, length, avps, slots)
         if realm_slot >= 0:
             a = slots[realm_slot]
@@ -647,7 +663,9 @@ class Connection:
             self._answer_error(msg, Problem(errors.INVALID_HDR_BITS, None,
                                             "header bits inconsistent with the command"), extra)
             return
-        validate(msg, cmd.request)
+        tables = self._compiled.request(app, msg.code)
+        assert tables is not None  # compiled from the same command
+        validate(msg, tables)
         if msg.problems:
             self._answer_error(msg, msg.problems[0], extra)
             return
@@ -670,28 +688,3 @@ def _answer_extra(answer: Grammar | None) -> bytes:
     if answer is not None and any(r.name == "Auth-Session-State" and r.min for r in answer.rules):
         return u32_avp(AUTH_SESSION_STATE, NO_STATE_MAINTAINED)
     return b""
-
-
-# Keyed by id(dictionary); each entry keeps its dictionary alive so the id cannot be reused.
-_FAST_CACHE: dict[tuple[int, frozenset[int]], tuple[Dictionary, dict[int, tuple]]] = {}
-
-
-def _fast_table(dictionary: Dictionary, app_ids: frozenset[int]) -> dict[int, tuple]:
-    """(application << 24 | command) -> (FastGrammar, PXY allowed, Destination-Realm slot,
-    Destination-Host slot) for every application request we serve; shared by connections."""
-    key = (id(dictionary), app_ids)
-    entry = _FAST_CACHE.get(key)
-    if entry is not None and entry[0] is dictionary:
-        return entry[1]
-    table = {}
-    for (app, code), cmd in dictionary.commands.items():
-        if app not in app_ids or cmd.request is None:
-            continue
-        names = [r.name for r in cmd.request.rules]
-        table[(app << 24) | code] = (
-            FastGrammar(dictionary, cmd.request), "PXY" in cmd.request.flags,
-            names.index("Destination-Realm") if "Destination-Realm" in names else -1,
-            names.index("Destination-Host") if "Destination-Host" in names else -1,
-            LayoutCache())
-    _FAST_CACHE[key] = (dictionary, table)
-    return table

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import quoteattr
 
 # RFC 6733 4.2/4.3 data formats. Derived formats are kept by name: the codec needs to know that a
@@ -32,6 +33,9 @@ FIXED_LENGTH = MappingProxyType(
     }
 )
 FLAG_RULES = ("must", "may", "mustnot", "shouldnot")
+
+if TYPE_CHECKING:
+    from .compiled import CompiledDictionary
 
 AvpKey = tuple[int, int]  # (code, vendor-id); vendor 0 means no V bit
 
@@ -102,23 +106,25 @@ class Dictionary:
     sections: tuple[Section, ...]
     avps: Mapping[AvpKey, AvpDef]
     commands: Mapping[tuple[int, int], CommandDef]  # (application id, command code)
+    # Every derived table, built once on first use (`load_dictionary` builds it at load).
+    _compiled: CompiledDictionary | None = field(default=None, init=False, repr=False,
+                                                 compare=False)
+
+    @property
+    def compiled(self) -> CompiledDictionary:
+        c = self._compiled
+        if c is None:
+            from .compiled import CompiledDictionary  # it imports the codec, which imports us
+
+            c = CompiledDictionary(self)
+            object.__setattr__(self, "_compiled", c)
+        return c
 
     def avp(self, name: str) -> AvpDef:
-        return _by_name(self)[name]
+        return self.compiled.by_name[name]
 
     def command(self, application_id: int, code: int) -> CommandDef | None:
         return self.commands.get((application_id, code))
-
-
-# Keyed by id(); each entry keeps its dictionary alive so the id cannot be reused.
-_NAME_CACHE: dict[int, tuple[Dictionary, Mapping[str, AvpDef]]] = {}
-
-
-def _by_name(d: Dictionary) -> Mapping[str, AvpDef]:
-    entry = _NAME_CACHE.get(id(d))
-    if entry is None or entry[0] is not d:
-        entry = _NAME_CACHE[id(d)] = (d, MappingProxyType({a.name: a for a in d.avps.values()}))
-    return entry[1]
 
 
 def _default_dir() -> Path:
@@ -161,11 +167,15 @@ def load_dictionary(paths: Iterable[str | Path] | None = None) -> Dictionary:
     if paths is None:
         paths = sorted(DEFAULT_DIR.glob("*.xml"))
     roots = [ET.parse(p).getroot() for p in paths]
-    return compile_elements(roots)
+    d = compile_elements(roots)
+    d.compiled  # noqa: B018 - built now, not on the first message
+    return d
 
 
 def loads_dictionary(*texts: str) -> Dictionary:
-    return compile_elements([ET.fromstring(t) for t in texts])
+    d = compile_elements([ET.fromstring(t) for t in texts])
+    d.compiled  # noqa: B018
+    return d
 
 
 def compile_elements(roots: list[ET.Element]) -> Dictionary:

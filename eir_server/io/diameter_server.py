@@ -82,6 +82,7 @@ class DiameterNode:
         m = self.metrics
         m.set_gauge_callback("peers", self.peers_by_state)
         m.set_gauge_callback("in_flight", lambda: self.service.in_flight)
+        m.set_gauge_callback("layouts", dictionary.compiled.layout_stats)
 
     @property
     def in_flight(self) -> int:

@@ -129,6 +129,24 @@ SPECS: tuple[MetricSpec, ...] = (
         ("direction", "cause"),
     ),
     MetricSpec(
+        "eir_diameter_layout_cache_entries",
+        "gauge",
+        "Message shapes cached by the Diameter fast path (bounded per request command).",
+        (),
+        "sum",
+        "layouts",
+    ),
+    MetricSpec(
+        "eir_diameter_layout_cache_evictions_total",
+        "counter",
+        "Cached message shapes evicted to make room for new ones (a steady rate means peers "
+        "send more distinct shapes than the cache holds: those requests take the slower "
+        "validate-in-one-pass path).",
+        (),
+        "sum",
+        "layouts",
+    ),
+    MetricSpec(
         "eir_diameter_protocol_errors_total",
         "counter",
         "Answers carrying a protocol/permanent error, by Result-Code sent.",
@@ -447,6 +465,7 @@ class Metrics:
       "peers"       -> Mapping[state, count]
       "in_flight"   -> number
       "queue_depth" -> number
+      "layouts"     -> mapping: entries, evictions (the Diameter fast path's layout caches)
       "store"       -> the store's `stats` (StoreStats) or a mapping with any of
                        cache_hits, cache_misses, fetches, fetch_batches, cache_evictions,
                        redis_errors, unavailable_fetches (monotonic ints), redis_up (0/1);
@@ -512,6 +531,10 @@ class Metrics:
             s["eir_requests_in_flight"] = {(): float(cb["in_flight"]())}
         if "queue_depth" in cb:
             s["eir_request_queue_depth"] = {(): float(cb["queue_depth"]())}
+        if "layouts" in cb:
+            layouts = cb["layouts"]()
+            s["eir_diameter_layout_cache_entries"] = {(): float(layouts["entries"])}
+            s["eir_diameter_layout_cache_evictions_total"] = {(): float(layouts["evictions"])}
         if "peers" in cb:
             # The open states are always present so "no peers up" is a 0, not an absent series.
             peers: dict[Labels, float] = {("r_open",): 0.0, ("i_open",): 0.0}

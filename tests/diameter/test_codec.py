@@ -32,7 +32,7 @@ from eir_server.diameter.dictionary import load_dictionary
 from tests.diameter.builders import ecr, ecr_avps, terminal_information
 
 D = load_dictionary()
-ECR_GRAMMAR = D.command(16777252, 324).request  # type: ignore[union-attr]
+ECR_GRAMMAR = D.compiled.request(16777252, 324)
 KNOWN_CODES = set(errors.NAMES)
 
 # One value strategy per RFC 6733 data format.
@@ -274,13 +274,14 @@ def test_grouped_avps_round_trip(tree: tuple[bytes, list]) -> None:
 
     def norm(items: list) -> list:
         return [(n, norm(v) if isinstance(v, list) else v) for n, v in items]
-    assert norm(to_dict(msg, D)) == [("Terminal-Information", norm(expect))]
+    assert norm(to_dict(msg)) == [("Terminal-Information", norm(expect))]
 
 
 def test_tables_survive_dictionaries_being_freed_and_ids_reused() -> None:
-    """Per-grammar tables are keyed by id(); when dictionaries are loaded and freed (tests,
-    reloads), a new grammar may get a freed one's id and must not inherit its tables. This
-    failed (an ECA reported "missing Session-Id") before the tables kept their objects alive."""
+    """Derived tables belong to their dictionary (no module-level caches keyed by id()): when
+    dictionaries are loaded and freed (tests, reloads), a new one may get a freed one's id and
+    must not inherit its tables. This failed (an ECA reported "missing Session-Id") while the
+    tables lived in id()-keyed caches."""
     import gc
 
     from eir_server.diameter.dictionary import load_dictionary as load
@@ -290,11 +291,10 @@ def test_tables_survive_dictionaries_being_freed_and_ids_reused() -> None:
     request = ecr()
     for i in range(120):
         d = load()
-        cmd = d.command(16777252, 324)
-        assert cmd is not None and cmd.request is not None and cmd.answer is not None
-        frame, grammar = (eca, cmd.answer) if i % 2 else (request, cmd.request)
-        msg = decode(frame, d)
-        validate(msg, grammar)
+        tables = (d.compiled.answer if i % 2 else d.compiled.request)(16777252, 324)
+        assert tables is not None
+        msg = decode(eca if i % 2 else request, d)
+        validate(msg, tables)
         assert msg.problems == [], (i, msg.problems)
-        del d, cmd, grammar, msg
+        del d, tables, msg
         gc.collect()  # frees the dictionary now, so the next load may reuse its ids

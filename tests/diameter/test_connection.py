@@ -24,6 +24,7 @@ from eir_server.diameter.codec import (
     validate,
 )
 from eir_server.diameter.connection import (
+    TRANSITIONS,
     AppRequest,
     CerRejected,
     Closed,
@@ -78,7 +79,7 @@ def test_cer_success_advertises_s13_and_answers_grammar() -> None:
     c.receive_data(cer(), 0.0)
     (cea,) = answers(c)
     assert cea.code == 257 and not cea.flags & (FLAG_R | FLAG_E)
-    validate(cea, D.command(0, 257).answer)  # type: ignore[arg-type,union-attr]
+    validate(cea, D.compiled.answer(0, 257))  # type: ignore[arg-type]
     assert cea.problems == []
     vsai = cea.find(260)
     assert vsai is not None
@@ -175,7 +176,7 @@ def test_ecr_error_answer_shape_5005() -> None:
     failed = ans.find(279)
     assert failed is not None and failed[CHILDREN][0][CODE] == 1401
     assert ans.find(284) is not None
-    validate(ans, D.command(16777252, 324).answer)  # type: ignore[arg-type,union-attr]
+    validate(ans, D.compiled.answer(16777252, 324))  # type: ignore[arg-type]
     assert ans.problems == []
 
 
@@ -295,7 +296,28 @@ ACTIONS = st.one_of(
     st.sampled_from(sorted(MESSAGES)).map(lambda k: ("msg", k)),
     st.floats(0.0, 40.0).map(lambda dt: ("time", dt)),
     st.just(("stop", 0.0)),
+    st.just(("lost", 0.0)),
 )
+
+
+def _reachable(state: PeerState) -> set[PeerState]:
+    seen = {state}
+    todo = [state]
+    while todo:
+        s = todo.pop()
+        for (frm, _), nxt in TRANSITIONS.items():
+            if frm is s and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_fast_path_row_keeps_r_open() -> None:
+    """The fast path skips `_transition` for application requests in R-Open: the table must
+    say that this changes nothing."""
+    assert TRANSITIONS[(PeerState.R_OPEN, "rcv-message")] is PeerState.R_OPEN
+    assert all(nxt is PeerState.DONE for (_, e), nxt in TRANSITIONS.items()
+               if e in ("peer-disc", "framing-error"))
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -306,18 +328,21 @@ def test_any_sequence_of_events_keeps_the_machine_consistent(actions: list) -> N
     c = make(watchdog_interval=6.0)
     now = 0.0
     for kind, arg in actions:
-        was_done = c.state is PeerState.DONE
+        before = c.state
+        was_done = before is PeerState.DONE
         if kind == "msg":
             c.receive_data(MESSAGES[arg](), now)  # type: ignore[operator]
         elif kind == "time":
             now += arg  # type: ignore[operator]
             c.handle_timer(now)
+        elif kind == "lost":
+            c.connection_lost()
         else:
             c.disconnect(now)
         out = c.data_to_send()
         if was_done:
             assert out == b"" and c.state is PeerState.DONE
-        assert c.state in PeerState
+        assert c.state in _reachable(before), (before, kind, arg, c.state)
         assert c.watchdog in Watchdog
         for e in c.events():
             if isinstance(e, Closed):

@@ -8,7 +8,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eir_server.diameter.codec import (
-    FastGrammar,
     LayoutCache,
     avp,
     decode,
@@ -24,7 +23,9 @@ from tests.diameter.builders import ecr, proxy_info, terminal_information
 D = load_dictionary()
 CMD = D.command(16777252, 324)
 assert CMD is not None and CMD.request is not None
-FG = FastGrammar(D, CMD.request)
+TABLES = D.compiled.request(16777252, 324)
+assert TABLES is not None
+FG = TABLES.fast
 
 BASES = [
     ecr(),
@@ -49,7 +50,7 @@ def _flatten(avps: list) -> list:
 def general(frame: bytes):  # noqa: ANN201
     msg = decode(frame, D)
     if not msg.problems:
-        validate(msg, CMD.request)  # type: ignore[arg-type]
+        validate(msg, TABLES)
     return msg
 
 
@@ -97,3 +98,37 @@ def test_mutations_agree(base: bytes, edits: list[tuple[int, int]]) -> None:
         if i < len(frame):
             frame[i] = v
     check_agreement(bytes(frame), cache)
+
+
+def test_layout_cache_is_bounded_evicting_and_immutable() -> None:
+    cache = LayoutCache(max_layouts=2)
+    shapes = BASES[:3]
+    for b in shapes:
+        fresh: list = [None] * FG.nslots
+        avps = decode_fast(b, FG, 20, len(b), fresh)
+        assert avps is not None
+        cache.learn(b, len(b), avps, fresh)
+    assert (len(cache), cache.learned, cache.evicted) == (2, 3, 1)
+    assert cache.find(shapes[0], len(shapes[0])) is None, "the oldest shape was evicted"
+    lay = cache.find(shapes[2], len(shapes[2]))
+    assert lay is not None
+    # Every message of this shape shares these: they must not be mutable.
+    assert isinstance(lay.avps, tuple) and isinstance(lay.slots, tuple)
+    assert all(isinstance(a.children, tuple) for a in lay.avps if a.children is not None)
+
+
+def test_layout_cache_metrics_come_from_the_compiled_dictionary() -> None:
+    from eir_server.diameter.dictionary import emit_xml, loads_dictionary
+    from eir_server.obs.metrics import Metrics
+
+    d = loads_dictionary(emit_xml(D))
+    table = d.compiled.fast_commands(frozenset({16777252}))
+    cmd = table[(16777252 << 24) | 324]
+    cmd.layouts.max_layouts = 1
+    for b in BASES[:2]:
+        cmd.layouts.learn(b, len(b), decode_fast(b, cmd.grammar, 20, len(b)) or (), [])
+    m = Metrics()
+    m.set_gauge_callback("layouts", d.compiled.layout_stats)
+    values = m.snapshot().samples
+    assert values["eir_diameter_layout_cache_entries"] == {(): 1.0}
+    assert values["eir_diameter_layout_cache_evictions_total"] == {(): 1.0}

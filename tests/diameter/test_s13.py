@@ -34,7 +34,7 @@ from tests.diameter.builders import cer, ecr, proxy_info
 
 D = load_dictionary()
 ME = Identity("eir.localdomain", "localdomain", 7)
-ECA_GRAMMAR = D.command(16777252, 324).answer  # type: ignore[union-attr]
+ECA_GRAMMAR = D.compiled.answer(16777252, 324)
 BLACK = "35209900176148"
 GREY = "35209900176149"
 PAIRED = "35209900176150"
