@@ -17,9 +17,11 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/eir-server serve $(ARGS)
 
-## Install what the tests need (redis-server, tshark), lint, run the whole suite.
+## Install what the tests need (redis-server, tshark), lint, type-check, run the whole suite.
 test: install system-deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --strict eir_server/diameter eir_server/s13 eir_server/policy eir_server/service.py
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 system-deps:
@@ -32,4 +34,4 @@ bench: install
 	$(PY) benchmarks/bench_s13_load.py --connections 4 --seconds 8 --pin
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

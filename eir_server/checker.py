@@ -20,6 +20,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .obs.logging import get_logger
+from .policy.config import PolicyConfig
+from .policy.engine import Identified
+from .policy.lists import LocalLists
 from .policy.types import CheckRequest, EquipmentStatus, ImeiRecord, Verdict
 from .service import STORE_ERROR  # Verdict.rule of an error answer; reasons[0] names the error
 from .store import MISSING, RecordStore, StoreOverloaded, StoreUnavailable
@@ -31,9 +34,13 @@ EPISODE_LOG_INTERVAL = 60.0  # seconds between "still falling back" lines
 
 
 class PolicyLike(Protocol):
-    def imei_key(self, raw: str) -> str | None: ...
+    config: PolicyConfig  # a TAC database reload builds a new policy from these
+    local: LocalLists | None
 
-    def decide(self, req: CheckRequest, record: ImeiRecord | None, today: str) -> Verdict: ...
+    def identify(self, raw: str) -> Identified: ...
+
+    def decide_identified(self, req: CheckRequest, identified: Identified,
+                          record: ImeiRecord | None, today: str) -> Verdict: ...
 
 
 class Today:
@@ -111,12 +118,15 @@ class EquipmentChecker:
 
     def check(self, req: CheckRequest) -> Verdict | asyncio.Future[Verdict]:
         policy = self.policy
-        key = policy.imei_key(req.imei)
-        if key is None:
-            return policy.decide(req, None, self.today())
+        # The IMEI is parsed once: its body is the store key, and decide reuses the parse.
+        identified = policy.identify(req.imei)
+        key, _, bad = identified
+        if key is None or bad is not None:
+            return policy.decide_identified(req, identified, None, self.today())
         record = self.store.get_nowait(key)
         if record is not MISSING:
-            return policy.decide(req, record, self.today())  # type: ignore[arg-type]
+            return policy.decide_identified(req, identified, record,  # type: ignore[arg-type]
+                                            self.today())
         pending = self.store.fetch(key)
         result: asyncio.Future[Verdict] = pending.get_loop().create_future()
 
@@ -124,7 +134,7 @@ class EquipmentChecker:
             if result.cancelled():
                 return
             try:
-                verdict = policy.decide(req, f.result(), self.today())
+                verdict = policy.decide_identified(req, identified, f.result(), self.today())
                 if self._episode_start is not None:
                     self._episode_over()
             except (StoreUnavailable, asyncio.CancelledError) as e:

@@ -12,14 +12,10 @@ from dataclasses import dataclass, field
 
 from . import errors
 from .codec import (
-    CODE,
-    END,
     FLAG_E,
     FLAG_P,
     HEADER,
     HEADER_LENGTH,
-    START,
-    VENDOR,
     VERSION,
     Message,
     Problem,
@@ -62,11 +58,11 @@ def session_and_proxies(req: Message) -> tuple[bytes, bytes]:
     proxies = []
     data = req.data
     for a in req.avps:
-        c = a[CODE]
-        if c == SESSION_ID and not a[VENDOR] and not session:
-            session = data[a[START]:a[END]]
-        elif c == PROXY_INFO and not a[VENDOR]:
-            proxies.append(data[a[START]:a[END]])
+        c = a.code
+        if c == SESSION_ID and not a.vendor and not session:
+            session = data[a.start:a.end]
+        elif c == PROXY_INFO and not a.vendor:
+            proxies.append(data[a.start:a.end])
     return session, b"".join(proxies)
 
 

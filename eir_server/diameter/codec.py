@@ -98,23 +98,23 @@ class Message:
 
     def find(self, code: int, vendor: int = 0) -> Avp | None:
         for a in self.avps:
-            if a[CODE] == code and a[VENDOR] == vendor:
+            if a.code == code and a.vendor == vendor:
                 return a
         return None
 
     def raw(self, avp: Avp) -> bytes:
         """The AVP's bytes as received, padding included (for echoing Proxy-Info, Failed-AVP)."""
-        return self.data[avp[START]:avp[END]]
+        return self.data[avp.start:avp.end]
 
     def value(self, avp: Avp) -> bytes:
-        return self.data[avp[VSTART]:avp[VEND]]
+        return self.data[avp.vstart:avp.vend]
 
     def u32(self, avp: Avp) -> int:
-        value: int = U32.unpack_from(self.data, avp[VSTART])[0]
+        value: int = U32.unpack_from(self.data, avp.vstart)[0]
         return value
 
     def text(self, avp: Avp) -> str:
-        return self.data[avp[VSTART]:avp[VEND]].decode("utf-8", "replace")
+        return self.data[avp.vstart:avp.vend].decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,21 +210,24 @@ def message(flags: int, code: int, application_id: int, hop_by_hop: int, end_to_
                   HEADER_LENGTH + len(body)) + body
 
 
-def encode_value(d: AvpDef, value: object) -> bytes:
+AvpValue = int | float | str | bytes | bytearray | memoryview
+
+
+def encode_value(d: AvpDef, value: AvpValue) -> bytes:
     """Encode a Python value as the payload of AVP `d` (not used on the hot path)."""
     t = d.type
     if t in ("Unsigned32", "Time"):
-        return U32.pack(int(value))  # type: ignore[call-overload]
+        return U32.pack(int(value))
     if t in ("Integer32", "Enumerated"):
-        return I32.pack(int(value))  # type: ignore[call-overload]
+        return I32.pack(int(value))
     if t == "Unsigned64":
-        return U64.pack(int(value))  # type: ignore[call-overload]
+        return U64.pack(int(value))
     if t == "Integer64":
-        return I64.pack(int(value))  # type: ignore[call-overload]
+        return I64.pack(int(value))
     if t == "Float32":
-        return F32.pack(float(value))  # type: ignore[arg-type]
+        return F32.pack(float(value))
     if t == "Float64":
-        return F64.pack(float(value))  # type: ignore[arg-type]
+        return F64.pack(float(value))
     if t == "Address":
         return address_payload(str(value))
     if isinstance(value, str):
@@ -234,12 +237,16 @@ def encode_value(d: AvpDef, value: object) -> bytes:
     raise TypeError(f"cannot encode {type(value).__name__} as {t} for {d.name}")
 
 
-def encode_avp(d: AvpDef, value: object) -> bytes:
-    """Encode AVP `d`; a Grouped value is a list of already encoded AVPs."""
+def encode_avp(d: AvpDef, value: AvpValue | Iterable[bytes]) -> bytes:
+    """Encode AVP `d`; a Grouped value is an iterable of already encoded AVPs."""
     if d.grammar is not None:
-        payload = b"".join(value)  # type: ignore[arg-type]
-    else:
+        if isinstance(value, int | float | str | bytes | bytearray | memoryview):
+            raise TypeError(f"{d.name} is Grouped: pass its encoded AVPs")
+        payload = b"".join(value)
+    elif isinstance(value, int | float | str | bytes | bytearray | memoryview):
         payload = encode_value(d, value)
+    else:
+        raise TypeError(f"{d.name} is {d.type}, not Grouped")
     return avp(d.code, payload, d.vendor, d.mandatory == "must")
 
 

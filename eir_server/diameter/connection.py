@@ -30,15 +30,10 @@ from .answers import (
     frame,
 )
 from .codec import (
-    CHILDREN,
-    CODE,
     FLAG_E,
     FLAG_P,
     FLAG_R,
     HEADER,
-    VEND,
-    VENDOR,
-    VSTART,
     Avp,
     Framer,
     Message,
@@ -96,7 +91,8 @@ class PeerConfig:
     cer_timeout: float = 10.0  # a connection that sends no CER by then is closed
     dpa_timeout: float = 5.0
     max_message_length: int = 65_535
-    _networks: tuple = field(init=False, repr=False, compare=False)
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.watchdog_interval < 6.0:
@@ -319,7 +315,8 @@ class Connection:
     # -- the three calls ----------------------------------------------------------------------
 
     def receive_data(self, data: bytes, now: float) -> None:
-        if self.state is PeerState.DONE:
+        state = self.state  # a local: `_handle` changes self.state
+        if state is PeerState.DONE:
             return
         framer = self._framer
         for raw in framer.feed(data):
@@ -448,9 +445,10 @@ class Connection:
         if self.state is PeerState.R_OPEN and self._fast_request(raw, now):
             return
         msg = decode(raw, self.dictionary)
-        if self.state is PeerState.R_OPEN or self.state is PeerState.CLOSING:
+        state = self.state  # a local: the handlers below change self.state
+        if state is PeerState.R_OPEN or state is PeerState.CLOSING:
             # In Closing the DPA deadline is the only timer; the watchdog rests.
-            if self.state is PeerState.R_OPEN and self.watchdog is not Watchdog.INITIAL:
+            if state is PeerState.R_OPEN and self.watchdog is not Watchdog.INITIAL:
                 self._watchdog_event("message", now)
             if msg.flags & FLAG_R:
                 if msg.code == DWR and msg.application_id == BASE_APPLICATION:
@@ -557,14 +555,14 @@ class Connection:
     def _common_applications(self, msg: Message) -> set[int]:
         offered: set[int] = set()
         for a in msg.avps:
-            code = a[CODE]
-            if a[VENDOR]:
+            code = a.code
+            if a.vendor:
                 continue
             if code == AUTH_APPLICATION_ID or code == ACCT_APPLICATION_ID:
                 offered.add(msg.u32(a))
-            elif code == VENDOR_SPECIFIC_APPLICATION_ID and a[CHILDREN]:
-                for c in a[CHILDREN]:
-                    if c[CODE] in (AUTH_APPLICATION_ID, ACCT_APPLICATION_ID) and not c[VENDOR]:
+            elif code == VENDOR_SPECIFIC_APPLICATION_ID and a.children:
+                for c in a.children:
+                    if c.code in (AUTH_APPLICATION_ID, ACCT_APPLICATION_ID) and not c.vendor:
                         offered.add(msg.u32(c))
         if RELAY_APPLICATION in offered:
             return set(self._app_ids)
@@ -626,11 +624,11 @@ class Connection:
             layouts.learn(raw, length, avps, slots)
         if realm_slot >= 0:
             a = slots[realm_slot]
-            if a is not None and raw[a[VSTART]:a[VEND]].lower() != self._realm_b:
+            if a is not None and raw[a.vstart:a.vend].lower() != self._realm_b:
                 return False
         if host_slot >= 0:
             a = slots[host_slot]
-            if a is not None and raw[a[VSTART]:a[VEND]].lower() != self._host_b:
+            if a is not None and raw[a.vstart:a.vend].lower() != self._host_b:
                 return False
         if self.watchdog is Watchdog.OKAY:
             self._last_rx = now

@@ -5,8 +5,10 @@ Storing every answer for the full window costs memory proportional to the reques
 cache keeps the *outcome* (for S13 the Equipment-Status as an int) rather than answer bytes; the
 answer is rebuilt from the retransmitted request, which gives the same bytes (the request carries
 the same AVPs) except the hop-by-hop id. Keep outcomes atomic (ints): tuples of atomics are
-untracked by the cyclic GC, so millions of entries do not lengthen its collections. Entries expire after `window` seconds, and the oldest are
-dropped first beyond `max_entries` (coverage = min(window, max_entries / request rate)).
+untracked by the cyclic GC, so millions of entries do not lengthen its collections. Entries expire
+after `window` seconds, and the oldest are dropped first beyond `max_entries` (coverage =
+min(window, max_entries / request rate)). Hits are counted by the caller
+(eir_requests_total{result="duplicate"}).
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ DEFAULT_MAX_ENTRIES = 2_000_000
 
 
 class DuplicateCache(Generic[T]):
-    __slots__ = ("window", "max_entries", "_entries", "hits", "_puts")
+    __slots__ = ("window", "max_entries", "_entries", "_puts")
 
     def __init__(self, window: float = DEFAULT_WINDOW,
                  max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
         self.window = window
         self.max_entries = max_entries
         self._entries: OrderedDict[tuple[bytes, int], tuple[float, T]] = OrderedDict()
-        self.hits = 0
         self._puts = 0
 
     def __len__(self) -> int:
@@ -38,7 +39,6 @@ class DuplicateCache(Generic[T]):
         item = self._entries.get(key)
         if item is None or now - item[0] > self.window:
             return None
-        self.hits += 1
         return item[1]
 
     def put(self, key: tuple[bytes, int], outcome: T, now: float) -> None:

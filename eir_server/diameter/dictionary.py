@@ -237,9 +237,12 @@ def compile_elements(roots: list[ET.Element]) -> Dictionary:
         name = el.get("name") or ""
         t = el.find("type")
         g = el.find("grouped")
-        if (t is None) == (g is None):
+        if g is not None and t is None:
+            tname = "Grouped"
+        elif t is not None and g is None:
+            tname = t.get("type-name") or ""
+        else:
             raise DictionaryError(f"AVP {name}: needs exactly one of <type> or <grouped>")
-        tname = "Grouped" if g is not None else (t.get("type-name") or "")  # type: ignore[union-attr]
         if tname not in BASIC_TYPES:
             raise DictionaryError(f"AVP {name}: unknown type {tname!r}")
         rules = {}

@@ -13,7 +13,6 @@ import socket
 import ssl as ssl_module
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import cast
 
@@ -36,7 +35,7 @@ from ..diameter.connection import (
 )
 from ..diameter.dedup import DuplicateCache
 from ..diameter.dictionary import Dictionary
-from ..obs.logging import get_logger
+from ..obs.logging import connection_logger, get_logger, log_protocol_error
 from ..obs.metrics import Metrics
 from ..policy.types import CheckRequest, Verdict
 from ..s13.handler import PendingLookup, Rejected, S13Handler
@@ -46,12 +45,6 @@ log = get_logger("eir_server.diameter")
 
 COMMAND_NAMES = {257: "CER", 280: "DWR", 282: "DPR", 324: "ECR"}
 WRITE_HIGH_WATER = 512 * 1024  # then stop reading from that peer until it drains
-
-
-@dataclass
-class NodeStats:
-    connections_accepted: int = 0
-    framing_errors: int = 0
 
 
 class DiameterNode:
@@ -75,7 +68,6 @@ class DiameterNode:
         self.s13 = S13Handler(peer_config.identity, dictionary, self.service, self.dedup,
                               self.metrics)
         self.protocols: set[DiameterProtocol] = set()
-        self.stats = NodeStats()
         self.clock = clock
         self.server: asyncio.Server | None = None  # the first listener
         self.servers: list[asyncio.Server] = []
@@ -169,8 +161,9 @@ class DiameterProtocol(asyncio.Protocol):
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         node = self.node
         node.protocols.add(self)
-        node.stats.connections_accepted += 1
-        self.log = log.bind(peer=self.peer)
+        self._metrics.connections_accepted += 1
+        tls = transport.get_extra_info("sslcontext") is not None
+        self.log = connection_logger(self.peer, transport="tls" if tls else "tcp")
         self.conn = Connection(node.peer_config, node.dictionary, self._clock(), address)
         self._flush()
 
@@ -261,7 +254,6 @@ class DiameterProtocol(asyncio.Protocol):
                 self.log.info("peer_sent_dpr", cause=cause)
             case Closed(reason=reason):
                 if reason.startswith("framing error"):
-                    self.node.stats.framing_errors += 1
                     m.framing_errors += 1
                     self.log.warning("connection_closed", reason=reason)
                 else:
@@ -274,8 +266,8 @@ class DiameterProtocol(asyncio.Protocol):
         command = COMMAND_NAMES.get(ev.command, str(ev.command))
         self._metrics.requests[("s13", command, str(ev.result_code))] += 1
         self._metrics.protocol_errors[ev.result_code] += 1
-        self.log.warning("error_answer", command=command, hop_by_hop=f"0x{ev.hop_by_hop:08x}",
-                         result_code=ev.result_code, reason=ev.reason)
+        log_protocol_error(self.log, "error_answer", command=command, hop_by_hop=ev.hop_by_hop,
+                           result_code=ev.result_code, reason=ev.reason)
 
     # -- the one way out: bytes, close, timer --------------------------------------------------
 

@@ -112,6 +112,11 @@ SPECS: tuple[MetricSpec, ...] = (
         ("outcome",),
     ),
     MetricSpec(
+        "eir_diameter_connections_accepted_total",
+        "counter",
+        "Diameter transport connections accepted (TCP and TLS).",
+    ),
+    MetricSpec(
         "eir_diameter_framing_errors_total",
         "counter",
         "Connections closed because their byte stream could not be framed (bad version, "
@@ -460,6 +465,7 @@ class Metrics:
       device_signals[kind]                        maintained by AuditRecorder
       watchdog_failures                           int attribute
       framing_errors                              int attribute
+      connections_accepted                        int attribute
     Histograms: latency_s13, latency_n5g (`observe(seconds)`).
     Gauges: `set_gauge_callback(name, fn)`, fn called on scrape only, in the worker's thread:
       "peers"       -> Mapping[state, count]
@@ -484,6 +490,7 @@ class Metrics:
         self.device_signals: defaultdict[str, int] = defaultdict(int)
         self.watchdog_failures = 0
         self.framing_errors = 0
+        self.connections_accepted = 0
         self.latency_s13 = LatencyHistogram()
         self.latency_n5g = LatencyHistogram()
         self._callbacks: dict[str, Callable[[], Any]] = {}
@@ -514,6 +521,7 @@ class Metrics:
         s["eir_diameter_dpr_total"] = {(d, str(c)): float(v) for (d, c), v in self.dpr.items()}
         s["eir_diameter_watchdog_failures_total"] = {(): float(self.watchdog_failures)}
         s["eir_diameter_framing_errors_total"] = {(): float(self.framing_errors)}
+        s["eir_diameter_connections_accepted_total"] = {(): float(self.connections_accepted)}
         s["eir_audit_records_total"] = {(o,): float(v) for o, v in self.audit.items()}
         s["eir_device_signals_total"] = {(k,): float(v) for k, v in self.device_signals.items()}
         self._read_callbacks(s)
@@ -628,19 +636,3 @@ def render(snap: Snapshot) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: snap))
     return generate_latest(registry)
-
-
-def __getattr__(name: str) -> Any:
-    # The listener lives in obs.server (it imports this module); re-export it lazily so
-    # `from eir_server.obs.metrics import start_metrics_server` works without an import cycle.
-    if name in (
-        "start_metrics_server",
-        "start_worker_snapshot_server",
-        "MetricsAggregator",
-        "worker_socket_path",
-        "parse_listen",
-    ):
-        from eir_server.obs import server
-
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,7 @@ time from answers)::
 Each worker::
 
     metrics = Metrics()
-    metrics.set_gauge_callback("peers", peer_table.count_by_state)   # etc.
+    metrics.set_gauge_callback("peers", node.peers_by_state)   # etc.
     snap_srv = await start_worker_snapshot_server(
         metrics, worker_socket_path(runtime_dir, index), readiness=make_readiness(...))
 
@@ -59,18 +59,6 @@ _REASONS = {
 def worker_socket_path(runtime_dir: str, index: int) -> str:
     """Where worker `index` serves its snapshot (keep runtime_dir short: sun_path is 108 bytes)."""
     return os.path.join(runtime_dir, f"metrics-{index}.sock")
-
-
-def parse_listen(addr: str) -> tuple[str, int] | None:
-    """'HOST:PORT', '[v6]:PORT' or ':PORT' -> (host, port); '' -> None (listener disabled)."""
-    addr = addr.strip()
-    if not addr:
-        return None
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {addr!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 async def _call_readiness(fn: ReadinessFn | None) -> ReadinessResult | None:

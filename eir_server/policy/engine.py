@@ -28,15 +28,7 @@ from bisect import bisect_right
 from . import rules as R
 from .common import status_name
 from .config import PolicyConfig
-from .imei import (
-    _CHECK_BY_SUM,
-    _LUHN_PART,
-    MALFORMED_REASONS,
-    ZERO_TAC,
-    Malformed,
-    NormalizedImei,
-    normalize_imei,
-)
+from .imei import MALFORMED_REASONS, Malformed, NormalizedImei, normalize_imei, parse_imei
 from .lists import LocalEntry, LocalLists
 from .tac import TacDatabase
 from .types import CheckRequest, EquipmentStatus, ImeiRecord, NotificationEntry, Verdict
@@ -48,6 +40,9 @@ _LOCAL = {"black": (_B, R.LOCAL_BLACK), "grey": (_G, R.LOCAL_GREY), "white": (_W
 # Local ranges may flag at most this many TACs in the index before the bisect is simply done
 # for every IMEI (bounds the index's memory for very wide ranges such as "35*").
 _MAX_RANGE_TACS = 100_000
+
+# What `Policy.identify` returns: (14-digit body, IMEISV's SVN, malformed verdict), plain tuple.
+Identified = tuple[str | None, str | None, Verdict | None]
 
 
 class _TacEntry:
@@ -77,7 +72,7 @@ class Policy:
 
     __slots__ = (
         "config", "local", "tacs",
-        "_check_luhn", "_zero_spare", "_suspect", "_test_tacs",
+        "_check_luhn", "_zero_spare", "_test_tacs",
         "_v_malformed", "_v_default", "_v_unalloc", "_v_pair",
         "_local_exact", "_seg_starts", "_seg_ends", "_seg_verdicts", "_ranges_everywhere",
         "_tac_index", "_unalloc_on",
@@ -93,8 +88,6 @@ class Policy:
         self._check_luhn = cfg.check_luhn
         self._zero_spare = cfg.accept_zero_spare_digit
         self._test_tacs = tuple(cfg.test_tacs)
-        # One str.startswith(tuple) call screens both zero and test TACs on the hot path.
-        self._suspect = (ZERO_TAC, *self._test_tacs)
         self._v_malformed = {
             code: Verdict(cfg.malformed, R.MALFORMED, (f"{code}: {text}",))
             for code, text in MALFORMED_REASONS.items()
@@ -160,14 +153,14 @@ class Policy:
         # spanning too many TACs (e.g. "35*") make the bisect unconditional instead.
         touched = 0
         wide = False
-        for s, t in zip(self._seg_starts, self._seg_ends, strict=True):
-            lo, hi = int(s[:8]), int(t[:8])
+        for first, last in zip(self._seg_starts, self._seg_ends, strict=True):
+            lo, hi = int(first[:8]), int(last[:8])
             touched += hi - lo + 1
             if touched > _MAX_RANGE_TACS:
                 wide = True
                 break
-            for tac in range(lo, hi + 1):
-                entry(f"{tac:08d}").ranges = True
+            for n in range(lo, hi + 1):
+                entry(f"{n:08d}").ranges = True
         self._ranges_everywhere = wide
         self._tac_index = index
 
@@ -180,74 +173,38 @@ class Policy:
             return Malformed("test_tac", r.imei14)
         return r
 
+    def identify(self, raw: str) -> Identified:
+        """Parse a received IMEI/IMEISV once per request: (14-digit body or None when unusable,
+        the IMEISV's SVN, the malformed verdict or None). The body is the store key when the
+        verdict is None; otherwise `decide_identified` ignores the record, so there is nothing
+        to fetch."""
+        reason, body, _, svn = parse_imei(raw, self._check_luhn, self._zero_spare)
+        if reason is None and body is not None and self._test_tacs \
+                and body.startswith(self._test_tacs):
+            reason = "test_tac"
+        return body, svn, (self._v_malformed[reason] if reason is not None else None)
+
     def imei_key(self, raw: str) -> str | None:
-        """The 14-digit store key for a received IMEI/IMEISV, or None when malformed (then
-        `decide` ignores the record, so there is nothing to fetch). Called per attach, so the
-        usual forms take an inlined path; the rest go through `normalize`."""
-        n = len(raw)
-        if n == 15 and self._check_luhn:
-            p = _LUHN_PART
-            try:
-                good = _CHECK_BY_SUM[p[raw[:4]] + p[raw[4:8]] + p[raw[8:12]] + p[raw[12:14]]]
-                cd = raw[14]
-                if (cd == good or (cd == "0" and self._zero_spare)) and not raw.startswith(
-                    self._suspect
-                ):
-                    return raw[:14]
-            except KeyError:
-                return None  # a non-digit in the body
-        elif 14 <= n <= 16 and raw.isascii() and raw.isdigit():
-            return None if raw.startswith(self._suspect) else raw[:14]
-        r = self.normalize(raw)
-        return r.imei14 if type(r) is NormalizedImei else None
+        """The 14-digit store key for a received IMEI/IMEISV, or None when malformed."""
+        body, _, bad = self.identify(raw)
+        return body if bad is None else None
 
     # -- decision -------------------------------------------------------------------------
 
     def decide(self, req: CheckRequest, record: ImeiRecord | None, today: str) -> Verdict:
         """Verdict for `req`, given the register's record for `imei_key(req.imei)` (None if
         unlisted) and today's date as YYYYMMDD. Pure: same inputs, same (often shared) Verdict."""
-        raw = req.imei
-        n = len(raw)
-        body: str | None = None
-        bad: Verdict | None = None
-        svn = req.software_version
-        # Fast paths for well-formed input: inlined normalisation, no objects created.
-        if n == 15:
-            if self._check_luhn:
-                p = _LUHN_PART
-                try:  # the table only holds ASCII digit chunks: a KeyError means non-digits
-                    good = _CHECK_BY_SUM[p[raw[:4]] + p[raw[4:8]] + p[raw[8:12]] + p[raw[12:14]]]
-                    cd = raw[14]
-                    if cd == good or (cd == "0" and self._zero_spare):
-                        body = raw[:14]
-                    elif "0" <= cd <= "9":
-                        body = raw[:14]
-                        bad = self._v_malformed["bad_check_digit"]
-                except KeyError:
-                    pass
-            elif raw.isascii() and raw.isdigit():
-                body = raw[:14]
-        elif n == 14:
-            if raw.isascii() and raw.isdigit():
-                body = raw
-        elif n == 16 and raw.isascii() and raw.isdigit():
-            body = raw[:14]
-            if svn is None:
-                svn = raw[14:]
+        return self.decide_identified(req, self.identify(req.imei), record, today)
+
+    def decide_identified(self, req: CheckRequest, identified: Identified,
+                          record: ImeiRecord | None, today: str) -> Verdict:
+        """`decide` for a request whose IMEI `identify` has already parsed (the checker parses
+        once, looks the body up, then decides)."""
+        body, parsed_svn, bad = identified
         if body is None:
-            r = normalize_imei(raw, check_luhn=self._check_luhn,
-                               accept_zero_spare=self._zero_spare)
-            if type(r) is Malformed:
-                if r.imei14 is None:
-                    return self._v_malformed[r.reason]  # 1. unusable identity
-                bad = self._v_malformed[r.reason]
-                body = r.imei14
-            else:
-                body = r.imei14
-                if svn is None:
-                    svn = r.svn
-        if bad is None and body.startswith(self._suspect):
-            bad = self._v_malformed["zero_tac" if body.startswith(ZERO_TAC) else "test_tac"]
+            assert bad is not None
+            return bad  # 1. unusable identity
+        svn = req.software_version if req.software_version is not None else parsed_svn
         te = self._tac_index.get(body[:8])
 
         # 2. operator-local lists

@@ -97,6 +97,44 @@ class Malformed:
         return MALFORMED_REASONS[self.reason]
 
 
+# (malformed reason or None, 14-digit body or None, received check digit, SVN)
+ParsedImei = tuple[str | None, str | None, str | None, str | None]
+_NON_DIGIT: ParsedImei = ("non_digit", None, None, None)
+_BAD_LENGTH: ParsedImei = ("bad_length", None, None, None)
+_ANY_LENGTH: tuple[int, ...] = (14, 15, 16)
+
+
+def parse_imei(raw: str, check_luhn: bool = True, accept_zero_spare: bool = False) -> ParsedImei:
+    """The one IMEI/IMEISV parser (every other entry point wraps it): a plain tuple, because
+    it runs once per request. See `normalize_imei` for the rules."""
+    s = raw
+    want = _ANY_LENGTH
+    if s[:1] == "i":  # TS 29.571 PEI prefixes, as N5g-eir carries them
+        if s.startswith("imeisv-"):
+            s, want = s[7:], (16,)
+        elif s.startswith("imei-"):
+            s, want = s[5:], (14, 15)
+    if not (s.isascii() and s.isdigit()):
+        # isascii first: str.isdigit() alone accepts e.g. "²" and Arabic-Indic digits.
+        return _NON_DIGIT
+    n = len(s)
+    if n not in want:
+        return _BAD_LENGTH
+    body = s[:14]
+    if n == 15:
+        cd = s[14]
+        p = _LUHN_PART
+        if (check_luhn and cd != _CHECK_BY_SUM[p[body[:4]] + p[body[4:8]] + p[body[8:12]]
+                                               + p[body[12:14]]]
+                and not (accept_zero_spare and cd == "0")):
+            return ("bad_check_digit", body, cd, None)
+        return ("zero_tac" if body.startswith(ZERO_TAC) else None, body, cd, None)
+    reason = "zero_tac" if body.startswith(ZERO_TAC) else None
+    if n == 16:
+        return (reason, body, None, s[14:])
+    return (reason, body, None, None)
+
+
 def normalize_imei(
     raw: str, *, check_luhn: bool = True, accept_zero_spare: bool = False
 ) -> NormalizedImei | Malformed:
@@ -107,26 +145,8 @@ def normalize_imei(
     pass it on). All-zero TACs are always malformed; test TACs are a policy setting
     (`Policy.normalize` applies them).
     """
-    s = raw
-    want: tuple[int, ...] = (14, 15, 16)
-    if s[:1] == "i":  # TS 29.571 PEI prefixes, as N5g-eir carries them
-        if s.startswith("imeisv-"):
-            s, want = s[7:], (16,)
-        elif s.startswith("imei-"):
-            s, want = s[5:], (14, 15)
-    if not (s.isascii() and s.isdigit()):
-        # isascii first: str.isdigit() alone accepts e.g. "²" and Arabic-Indic digits.
-        return Malformed("non_digit")
-    n = len(s)
-    if n not in want:
-        return Malformed("bad_length")
-    body = s[:14]
-    cd = s[14] if n == 15 else None
-    if (cd is not None and check_luhn and cd != luhn_check_digit(body)
-            and not (accept_zero_spare and cd == "0")):
-        return Malformed("bad_check_digit", body)
-    if body.startswith(ZERO_TAC):
-        return Malformed("zero_tac", body)
-    if n == 16:
-        return NormalizedImei(body, None, s[14:])
-    return NormalizedImei(body, cd)
+    reason, body, cd, svn = parse_imei(raw, check_luhn, accept_zero_spare)
+    if reason is not None:
+        return Malformed(reason, body)
+    assert body is not None
+    return NormalizedImei(body, cd, svn)

@@ -26,7 +26,7 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from .common import BadLine, LoadError, clip
 from .imei import Malformed, normalize_imei
@@ -88,7 +88,7 @@ def make_entry(
         if end < start:
             raise ValueError(f"range end {end} is before its start {start}")
     pattern = imei if not imei_end else f"{start}-{end}"
-    return LocalEntry(kind, start, end, reason.strip(), pattern, line)  # type: ignore[arg-type]
+    return LocalEntry(cast(ListKind, kind), start, end, reason.strip(), pattern, line)
 
 
 class LocalLists:
@@ -215,9 +215,10 @@ def _flatten(
     starts: list[str] = []
     ends: list[str] = []
     owners: list[LocalEntry] = []
-    for i, e in enumerate(owner):
-        if e is None:
+    for i, found in enumerate(owner):
+        if found is None:
             continue
+        e = found
         s, t = bounds[i], bounds[i + 1] - 1
         if owners and owners[-1] is e and int(ends[-1]) + 1 == s:
             ends[-1] = f"{t:014d}"  # merge neighbours owned by the same entry

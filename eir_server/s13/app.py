@@ -21,13 +21,6 @@ from ..diameter.answers import (
     frame,
 )
 from ..diameter.codec import (
-    CHILDREN,
-    CODE,
-    END,
-    START,
-    VEND,
-    VENDOR,
-    VSTART,
     Message,
     Problem,
     avp,
@@ -93,7 +86,7 @@ class EcaBuilder:
         host = identity.host_origin
         self._auth_and_host = _AUTH_SESSION_STATE + host
         # TS 29.272 7.2.20 order: Result-Code, Auth-Session-State, Origin-*, Equipment-Status.
-        self._verdict_parts = {
+        self._verdict_parts: dict[int, bytes] = {
             s: u32_avp(RESULT_CODE, errors.SUCCESS) + self._auth_and_host
             + u32_avp(EQUIPMENT_STATUS, int(s), VENDOR_3GPP)
             for s in EquipmentStatus
@@ -109,33 +102,35 @@ class EcaBuilder:
         """Read a validated ECR, or return a finished error ECA (5005: no IMEI)."""
         data = msg.data
         slots = msg.slots
-        assert slots is not None, "ECR must be validated before parse"
+        if slots is None:
+            raise ValueError("ECR must be validated before parse")
         ti, un, sid, drmp, ocs, pi, oh = self._slots
+        terminal, session, origin = slots[ti], slots[sid], slots[oh]
+        if terminal is None or terminal.children is None or session is None or origin is None:
+            raise ValueError("ECR must be validated before parse")  # its grammar requires them
         imei = sv = None
-        for c in slots[ti][CHILDREN]:
-            if c[VENDOR] == VENDOR_3GPP:
-                if c[CODE] == IMEI:
-                    imei = data[c[VSTART]:c[VEND]].decode()
-                elif c[CODE] == SOFTWARE_VERSION:
-                    sv = data[c[VSTART]:c[VEND]].decode()
+        for c in terminal.children:
+            if c.vendor == VENDOR_3GPP:
+                if c.code == IMEI:
+                    imei = data[c.vstart:c.vend].decode()
+                elif c.code == SOFTWARE_VERSION:
+                    sv = data[c.vstart:c.vend].decode()
         if imei is None:
             return error_answer(msg, Problem(errors.MISSING_AVP, _MISSING_IMEI,
                                              "Terminal-Information without IMEI"),
                                 self.identity, _AUTH_SESSION_STATE)
         a = slots[un]
-        imsi = data[a[VSTART]:a[VEND]].decode() if a is not None else None
-        a = slots[sid]
-        prefix = data[a[START]:a[END]]
+        imsi = data[a.vstart:a.vend].decode() if a is not None else None
+        prefix = data[session.start:session.end]
         a = slots[drmp]
         if a is not None:
-            prefix += data[a[START]:a[END]]
+            prefix += data[a.start:a.end]
         suffix = _OC_SUPPORTED if slots[ocs] is not None else b""
         if slots[pi] is not None:  # every one of them, in order (RFC 6733 6.7.3)
-            suffix += b"".join(data[p[START]:p[END]] for p in msg.avps
-                               if p[CODE] == PROXY_INFO and not p[VENDOR])
-        a = slots[oh]
+            suffix += b"".join(data[p.start:p.end] for p in msg.avps
+                               if p.code == PROXY_INFO and not p.vendor)
         return Parsed(CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
-                      data[a[VSTART]:a[VEND]])
+                      data[origin.vstart:origin.vend])
 
     def answer(self, msg: Message, prefix: bytes, suffix: bytes, status: int | None) -> bytes:
         """The ECA for an Equipment-Status (an EquipmentStatus or its int value; None for

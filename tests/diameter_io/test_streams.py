@@ -61,7 +61,7 @@ async def test_fifty_peers_each_pipelining_a_hundred_ecrs(
 
     done = await asyncio.gather(*(one(k) for k in range(50)))
     assert sorted(done) == list(range(50))
-    assert server.node.stats.connections_accepted == 50
+    assert server.node.metrics.connections_accepted == 50
     assert server.node.metrics.requests[("s13", "ECR", "2001")] >= 50 * 66
     assert not loop_errors
 
@@ -152,7 +152,7 @@ async def test_unframeable_stream_closes_only_that_connection(
             await p.send(data)
             assert await p.expect_closed() == b"", f"{name}: no answer, just close"
             await assert_served(server, good)
-    assert server.node.stats.framing_errors == 2 * len(_bad_streams())
+    assert server.node.metrics.framing_errors == 2 * len(_bad_streams())
     # The first complete frames of a good peer in the same moment are unaffected.
     await assert_served(server)
     good.close()

@@ -15,7 +15,6 @@ from eir_server.obs.health import make_readiness
 from eir_server.obs.metrics import Metrics
 from eir_server.obs.server import (
     MetricsAggregator,
-    parse_listen,
     start_metrics_server,
     worker_socket_path,
 )
@@ -224,10 +223,3 @@ def test_make_readiness_reasons() -> None:
     assert ready(fallback=True) == (False, "diameter listener not serving")
 
 
-def test_parse_listen() -> None:
-    assert parse_listen("0.0.0.0:9868") == ("0.0.0.0", 9868)
-    assert parse_listen("[::]:9868") == ("::", 9868)
-    assert parse_listen(":9868") == ("0.0.0.0", 9868)
-    assert parse_listen("") is None
-    with pytest.raises(ValueError):
-        parse_listen("9868")
