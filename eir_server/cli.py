@@ -68,6 +68,40 @@ def _add_log_options(p: argparse.ArgumentParser) -> None:
                    help="log level (default $EIR_LOG_LEVEL or info)")
 
 
+STATUS_READY, STATUS_NOT_READY, STATUS_USAGE, STATUS_UNREACHABLE = 0, 1, 2, 3
+
+
+def _add_status(sub: Any) -> None:
+    p = sub.add_parser("status", help="show a running node: readiness, register, store, sync, "
+                       "peers (Origin-Host, state, rates), workers; exit 0 ready, 1 not ready, "
+                       "3 unreachable")
+    listen = os.environ.get("EIR_METRICS_LISTEN", "127.0.0.1:9868") or "127.0.0.1:9868"
+    host, _, port = listen.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0", "[::]", "::") else host.strip("[]")
+    p.add_argument("--url", default=f"http://{host}:{port}",
+                   help="the node's metrics listener (default from $EIR_METRICS_LISTEN, "
+                   "else http://127.0.0.1:9868)")
+    p.add_argument("--json", action="store_true", help="print the /status JSON document")
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    from .obs.status import render_text
+    url = args.url.rstrip("/") + "/status"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            doc = json.loads(r.read())
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        print(f"eir-server status: {url} unreachable: {reason}", file=sys.stderr)
+        return STATUS_UNREACHABLE
+    sys.stdout.write(json.dumps(doc, indent=1) + "\n" if args.json else render_text(doc))
+    return STATUS_READY if doc["ready"]["ok"] else STATUS_NOT_READY
+
+
 def _add_dictionary(sub: Any) -> None:
     sub.add_parser("dictionary", help="print the compiled Diameter dictionary as XML")
 
@@ -80,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     _add_check(sub)
+    _add_status(sub)
     try:
         from .sync.command import add_sync_parser, run_sync
     except ImportError:  # pragma: no cover - only while the sync package is incomplete
@@ -105,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "check":
         return _check(args)
+    if args.command == "status":
+        return _status(args)
     if args.command == "sync" and run_sync is not None:
         import structlog
 

@@ -82,6 +82,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     started_at = time.time()
     checker = EquipmentChecker(policy, store, store_fallback(cfg))
     metrics = Metrics()
+    metrics.worker_label = str(index)
     # The checker counts every fallback verdict (store unreachable, or a lookup that failed
     # otherwise); the store's own stats say the rest.
     metrics.set_gauge_callback(
@@ -89,6 +90,9 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
                           "fallback_episodes": checker.episodes})
     metrics.set_gauge_callback("register", lambda: register_info(store, started_at))
     metrics.set_gauge_callback("queue_depth", lambda: store.queue_depth)
+    sync_runs = SyncRuns(store) if getattr(store, "name", "") == "redis" else None
+    if sync_runs is not None:
+        metrics.set_gauge_callback("sync", lambda: sync_runs.info)
     identity = Identity(cfg.origin_host, cfg.origin_realm,
                         origin_state_id if origin_state_id is not None else int(time.time()))
     peer_cfg = PeerConfig(
@@ -148,6 +152,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     await node.shutdown(cfg.shutdown_timeout)
     if tac_task is not None:
         tac_task.cancel()
+    if sync_runs is not None:
+        await sync_runs.close()
     if recorder is not None:
         await recorder.close()
     if metrics_server is not None:
@@ -234,6 +240,60 @@ class Reloader:
 
 
 TAC_POLL_INTERVAL = 30.0
+SYNC_POLL_INTERVAL = 15.0
+
+
+class SyncRuns:
+    """The run records `eir-server sync` leaves in Redis, read every SYNC_POLL_INTERVAL s for
+    the eir_sync_* metrics: a `sync --once` (CronJob, timer) exits before any scrape, but its
+    record stays, so its outcome is still scraped, from every EIR, without a pushgateway."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.info: dict[str, Any] = {}
+        self.client: Any = None
+        self.task = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        from ..store import layout
+        from ..store.urls import async_client
+
+        ns = getattr(self.store, "ns", "eir")
+        while True:
+            try:
+                if self.client is None:
+                    self.client = async_client(self.store.target, 2.0)
+                counts = await self.client.hgetall(layout.run_counts_key(ns))
+                recent = await self.client.lrange(layout.runs_key(ns), 0, 99)
+                self.info = summarize_runs(counts, recent)
+            except Exception as e:  # noqa: BLE001 - Redis down: the store reports it
+                log.debug("sync_runs_unreadable", error=repr(e))
+            await asyncio.sleep(SYNC_POLL_INTERVAL)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self.task
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+
+def summarize_runs(counts: dict[bytes, bytes], recent: list[bytes]) -> dict[str, Any]:
+    """Redis run counts and records (newest first) -> the "sync" metrics callback's mapping."""
+    from ..store.layout import run_result
+
+    runs = [json.loads(r) for r in recent]
+    info: dict[str, Any] = {"runs": {k.decode(): int(v) for k, v in counts.items()}}
+    if runs:
+        newest = runs[0]
+        info["last_run"] = float(newest.get("finished") or 0)
+        info["last_duration"] = float(newest.get("duration_s") or 0)
+        info["last_failed"] = 1 if run_result(newest) in ("failed", "refused") else 0
+        ok = [r for r in runs if run_result(r) in ("full", "delta", "noop")]
+        if ok:
+            info["last_success"] = float(ok[0].get("finished") or 0)
+    return info
 
 
 async def _follow_tac_file(store: Any, cfg: ServeConfig, checker: EquipmentChecker) -> None:
@@ -550,7 +610,8 @@ class Supervisor:
                                  for i in range(cfg.workers)])
         if cfg.metrics_listen:
             host, port = parse_hostport(cfg.metrics_listen, "metrics_listen")
-            server = await start_metrics_server(agg, host, port, health=self.health)
+            server = await start_metrics_server(agg, host, port, health=self.health,
+                                                workers=self.workers_status)
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.25)

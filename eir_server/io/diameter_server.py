@@ -36,7 +36,7 @@ from ..diameter.connection import (
 from ..diameter.dedup import DuplicateCache
 from ..diameter.dictionary import Dictionary
 from ..obs.logging import connection_logger, get_logger, log_protocol_error
-from ..obs.metrics import Metrics
+from ..obs.metrics import MAX_PEER_LABELS, OTHER_PEER, Metrics
 from ..policy.types import CheckRequest, Verdict
 from ..s13.handler import PendingLookup, Rejected, S13Handler
 from ..service import CheckService
@@ -74,6 +74,9 @@ class DiameterNode:
         m = self.metrics
         m.set_gauge_callback("peers", self.peers_by_state)
         m.set_gauge_callback("in_flight", lambda: self.service.in_flight)
+        m.set_gauge_callback("peer_table", self.peer_table)
+        # requests of closed connections per Origin-Host, so per-peer counters never go back
+        self.closed_peer_requests: dict[str, int] = {}
         m.set_gauge_callback("layouts", dictionary.compiled.layout_stats)
 
     @property
@@ -87,6 +90,40 @@ class DiameterNode:
     @max_in_flight.setter
     def max_in_flight(self, value: int) -> None:
         self.service.max_in_flight = value
+
+    def peer_table(self) -> dict[str, tuple[dict[str, int], int]]:
+        """Per Origin-Host: connections by state and requests received (on scrape only).
+        Bounded: Origin-Hosts beyond MAX_PEER_LABELS are folded into OTHER_PEER."""
+        table: dict[str, tuple[dict[str, int], int]] = {}
+
+        def slot(host: str) -> str:
+            if host in table or len(table) < MAX_PEER_LABELS:
+                return host
+            return OTHER_PEER
+
+        for host, n in self.closed_peer_requests.items():
+            key = slot(host)
+            states, reqs = table.get(key, ({}, 0))
+            table[key] = (states, reqs + n)
+        for p in self.protocols:
+            host = p.conn.origin_host
+            if not host:
+                continue  # no CER yet: counted in eir_diameter_peers only
+            key = slot(host)
+            states, reqs = table.get(key, ({}, 0))
+            state = p.conn.state.name.lower()
+            states[state] = states.get(state, 0) + 1
+            table[key] = (states, reqs + p.requests_seen)
+        return table
+
+    def _connection_closed(self, p: DiameterProtocol) -> None:
+        host = p.conn.origin_host
+        if host and p.requests_seen:
+            if host not in self.closed_peer_requests and \
+                    len(self.closed_peer_requests) >= MAX_PEER_LABELS:
+                host = OTHER_PEER
+            self.closed_peer_requests[host] = (self.closed_peer_requests.get(host, 0)
+                                               + p.requests_seen)
 
     def peers_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {s.name.lower(): 0 for s in PeerState}
@@ -133,7 +170,7 @@ class DiameterNode:
 
 class DiameterProtocol(asyncio.Protocol):
     __slots__ = ("node", "conn", "transport", "peer", "log", "_timer", "_timer_at", "_paused",
-                 "_in_flight", "_closing", "_handler", "_clock", "_metrics")
+                 "_in_flight", "_closing", "_handler", "_clock", "_metrics", "requests_seen")
 
     def __init__(self, node: DiameterNode) -> None:
         self.node = node
@@ -146,6 +183,7 @@ class DiameterProtocol(asyncio.Protocol):
         self._handler = node.s13
         self._clock = node.clock
         self._metrics = node.metrics
+        self.requests_seen = 0  # per-peer request counter (eir_diameter_peer_requests_total)
         self.peer = "?"
 
     # -- asyncio callbacks --------------------------------------------------------------------
@@ -175,6 +213,7 @@ class DiameterProtocol(asyncio.Protocol):
         peer = conn.origin_host or self.peer
         for ev in conn.events():
             if type(ev) is AppRequest:
+                self.requests_seen += 1
                 out = handler.handle(ev.message, now, peer)
                 if type(out) is bytes:
                     conn.send(out)
@@ -189,6 +228,7 @@ class DiameterProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.connection_lost()
         self.node.protocols.discard(self)
+        self.node._connection_closed(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -42,6 +42,11 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1.0,
 )  # fmt: skip
 
+# Per-peer series: at most this many Origin-Hosts per worker, the rest as "_other". A node has
+# tens of MMEs/DRAs; the bound keeps a misconfigured or hostile network from exploding series.
+MAX_PEER_LABELS = 64
+OTHER_PEER = "_other"
+
 Kind = Literal["counter", "gauge", "histogram"]
 Merge = Literal["sum", "min", "max"]
 
@@ -96,6 +101,14 @@ SPECS: tuple[MetricSpec, ...] = (
         "sum",
         "queue_depth",
     ),
+    MetricSpec(
+        "eir_requests_shed_total",
+        "counter",
+        "Requests refused for overload instead of being processed (S13: 3004 "
+        "DIAMETER_TOO_BUSY), by interface and reason (in_flight: too many waiting for the "
+        "store; others as the overload controls name them).",
+        ("interface", "reason"),
+    ),
     # --- Diameter peers ------------------------------------------------------------------
     MetricSpec(
         "eir_diameter_peers",
@@ -104,6 +117,23 @@ SPECS: tuple[MetricSpec, ...] = (
         ("state",),
         "sum",
         "peers",
+    ),
+    MetricSpec(
+        "eir_diameter_peer_connections",
+        "gauge",
+        "Diameter connections per peer Origin-Host (after CER) and RFC 6733 state. At most "
+        f"{MAX_PEER_LABELS} Origin-Hosts per worker; the rest are counted as origin_host=\"_other\".",
+        ("origin_host", "state"),
+        "sum",
+        "peer_table",
+    ),
+    MetricSpec(
+        "eir_diameter_peer_requests_total",
+        "counter",
+        "Requests received per peer Origin-Host (same bound as eir_diameter_peer_connections).",
+        ("origin_host",),
+        "sum",
+        "peer_table",
     ),
     MetricSpec(
         "eir_diameter_cer_total",
@@ -291,6 +321,97 @@ SPECS: tuple[MetricSpec, ...] = (
         "Device-change/clone signals: imei_multi_imsi, imsi_imei_change.",
         ("kind",),
     ),
+    # --- register sync (the run records `eir-server sync` keeps in Redis) -------------------
+    MetricSpec(
+        "eir_sync_runs_total",
+        "counter",
+        "`eir-server sync` runs recorded in Redis by result (full, delta, noop, refused, "
+        "failed), whichever process ran them (--once runs included).",
+        ("result",),
+        "max",
+        "sync",
+    ),
+    MetricSpec(
+        "eir_sync_last_run_timestamp_seconds",
+        "gauge",
+        "End of the newest recorded sync run, unix seconds.",
+        (),
+        "max",
+        "sync",
+    ),
+    MetricSpec(
+        "eir_sync_last_success_timestamp_seconds",
+        "gauge",
+        "End of the newest recorded sync run that succeeded (full, delta or noop).",
+        (),
+        "max",
+        "sync",
+    ),
+    MetricSpec(
+        "eir_sync_last_run_failed",
+        "gauge",
+        "1 when the newest recorded sync run failed or refused a list, else 0.",
+        (),
+        "max",
+        "sync",
+    ),
+    MetricSpec(
+        "eir_sync_last_run_duration_seconds",
+        "gauge",
+        "Duration of the newest recorded sync run.",
+        (),
+        "max",
+        "sync",
+    ),
+    # --- process -----------------------------------------------------------------------------
+    MetricSpec(
+        "eir_ready",
+        "gauge",
+        "1 while /readyz answers 200 (every worker ready), else 0.",
+        (),
+        "min",
+        "server",
+    ),
+    MetricSpec(
+        "eir_build_info",
+        "gauge",
+        "1, labelled with the eir-server version and the Python version.",
+        ("version", "python"),
+        "max",
+        "process",
+    ),
+    MetricSpec(
+        "eir_process_cpu_seconds_total",
+        "counter",
+        "CPU time (user + system) per process: worker index, or parent.",
+        ("worker",),
+        "sum",
+        "process",
+    ),
+    MetricSpec(
+        "eir_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory per process.",
+        ("worker",),
+        "sum",
+        "process",
+    ),
+    MetricSpec(
+        "eir_process_open_fds",
+        "gauge",
+        "Open file descriptors per process.",
+        ("worker",),
+        "sum",
+        "process",
+    ),
+    MetricSpec(
+        "eir_process_max_fds",
+        "gauge",
+        "File descriptor limit per process.",
+        ("worker",),
+        "sum",
+        "process",
+    ),
     # --- aggregation -----------------------------------------------------------------------
     MetricSpec(
         "eir_metrics_workers",
@@ -305,7 +426,7 @@ SPECS: tuple[MetricSpec, ...] = (
 SPEC_BY_NAME: dict[str, MetricSpec] = {s.name: s for s in SPECS}
 
 GAUGE_CALLBACKS: frozenset[str] = frozenset(
-    s.source for s in SPECS if s.source not in ("counter", "aggregator")
+    s.source for s in SPECS if s.source not in ("counter", "aggregator", "server", "process")
 )
 
 
@@ -476,6 +597,9 @@ class Metrics:
                        cache_hits, cache_misses, fetches, fetch_batches, cache_evictions,
                        redis_errors, unavailable_fetches (monotonic ints), redis_up (0/1);
                        fallback_active defaults to `not redis_up`
+      "peer_table"  -> Mapping[origin_host, (Mapping[state, connections], requests)] (bounded)
+      "sync"        -> mapping: runs {result: n}, last_run, last_success, last_failed,
+                       last_duration (from the run records `eir-server sync` keeps in Redis)
       "register"    -> mapping: version (number or string), last_sync (unix seconds), rows:
                        Mapping[(list, "applied"|"rejected"), int]
     """
@@ -488,6 +612,9 @@ class Metrics:
         self.dpr: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.audit: defaultdict[str, int] = defaultdict(int)
         self.device_signals: defaultdict[str, int] = defaultdict(int)
+        # overload: requests refused instead of processed, by (interface, reason)
+        self.shed: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.worker_label = "0"  # process metrics label: the worker index
         self.watchdog_failures = 0
         self.framing_errors = 0
         self.connections_accepted = 0
@@ -524,6 +651,10 @@ class Metrics:
         s["eir_diameter_connections_accepted_total"] = {(): float(self.connections_accepted)}
         s["eir_audit_records_total"] = {(o,): float(v) for o, v in self.audit.items()}
         s["eir_device_signals_total"] = {(k,): float(v) for k, v in self.device_signals.items()}
+        s["eir_requests_shed_total"] = {(i, r): float(v) for (i, r), v in self.shed.items()}
+        if ready is not None:
+            s["eir_ready"] = {(): 1.0 if ready[0] else 0.0}
+        add_process_samples(s, self.worker_label)
         self._read_callbacks(s)
         h = {
             "eir_request_duration_seconds": {
@@ -550,6 +681,28 @@ class Metrics:
                 k = (_peer_state_label(state),)
                 peers[k] = peers.get(k, 0.0) + float(n)
             s["eir_diameter_peers"] = peers
+        if "peer_table" in cb:
+            conns: dict[Labels, float] = {}
+            reqs: dict[Labels, float] = {}
+            for host, (states, requests) in cb["peer_table"]().items():
+                for state, n in states.items():
+                    k = (host, _peer_state_label(state))
+                    conns[k] = conns.get(k, 0.0) + float(n)
+                reqs[(host,)] = reqs.get((host,), 0.0) + float(requests)
+            s["eir_diameter_peer_connections"] = conns
+            s["eir_diameter_peer_requests_total"] = reqs
+        if "sync" in cb:
+            sync = cb["sync"]() or {}
+            runs = _field(sync, "runs")
+            if runs:
+                s["eir_sync_runs_total"] = {(str(r),): float(n) for r, n in runs.items()}
+            for key, name in (("last_run", "eir_sync_last_run_timestamp_seconds"),
+                              ("last_success", "eir_sync_last_success_timestamp_seconds"),
+                              ("last_failed", "eir_sync_last_run_failed"),
+                              ("last_duration", "eir_sync_last_run_duration_seconds")):
+                value = _field(sync, key)
+                if value is not None:
+                    s[name] = {(): float(value)}
         if "store" in cb:
             stats = cb["store"]()
             for names, family, labels in _STORE_FIELDS:
@@ -584,6 +737,41 @@ class Metrics:
             s["eir_register_sync_rows"] = {
                 (str(lst), str(outcome)): float(n) for (lst, outcome), n in rows.items()
             }
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def process_stats() -> dict[str, float]:
+    """This process's CPU seconds, RSS, open and maximum fds, from /proc (Linux); {} elsewhere."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b") ", 1)[1].split()
+        out["cpu"] = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        out["rss"] = float(int(fields[21]) * _PAGE)
+        out["fds"] = float(len(os.listdir("/proc/self/fd")))
+        import resource
+
+        out["max_fds"] = float(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
+
+
+def add_process_samples(s: dict[str, dict[Labels, float]], worker: str) -> None:
+    import platform
+
+    from eir_server import __version__
+
+    s["eir_build_info"] = {(__version__, platform.python_version()): 1.0}
+    st = process_stats()
+    for key, name in (("cpu", "eir_process_cpu_seconds_total"),
+                      ("rss", "eir_process_resident_memory_bytes"),
+                      ("fds", "eir_process_open_fds"), ("max_fds", "eir_process_max_fds")):
+        if key in st:
+            s.setdefault(name, {})[(worker,)] = st[key]
 
 
 class SnapshotCollector(Collector):

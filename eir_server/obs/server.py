@@ -37,10 +37,17 @@ import inspect
 import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from eir_server.obs.metrics import Metrics, Snapshot, merge_snapshots, render
+from eir_server.obs.metrics import (
+    Metrics,
+    Snapshot,
+    add_process_samples,
+    merge_snapshots,
+    render,
+)
 
 ReadinessResult = tuple[bool, str]
 ReadinessFn = Callable[[], ReadinessResult | Awaitable[ReadinessResult]]
@@ -143,6 +150,8 @@ class MetricsAggregator:
             ("reporting",): float(len(live)),
         }
         merged.ready = (False, "; ".join(problems)) if problems else (True, "ready")
+        merged.samples["eir_ready"] = {(): 1.0 if merged.ready[0] else 0.0}
+        add_process_samples(merged.samples, "parent")
         return merged
 
     async def readiness(self) -> ReadinessResult:
@@ -158,6 +167,7 @@ async def start_metrics_server(
     readiness: ReadinessFn | None = None,
     *,
     health: ReadinessFn | None = None,
+    workers: Callable[[], list[dict[str, Any]]] | None = None,
     request_timeout: float = 5.0,
 ) -> asyncio.Server:
     """Tiny HTTP/1.1 server: GET/HEAD /metrics, /healthz, /readyz; 404 otherwise.
@@ -173,11 +183,11 @@ async def start_metrics_server(
         readiness = metrics.readiness
 
     async def metrics_body() -> bytes:
-        snap = (
-            await metrics.collect()
-            if isinstance(metrics, MetricsAggregator)
-            else (metrics.snapshot())
-        )
+        if isinstance(metrics, MetricsAggregator):
+            snap = await metrics.collect()
+        else:
+            ready = await _call_readiness(readiness)
+            snap = metrics.snapshot(ready if ready is not None else (True, "ready"))
         return await asyncio.to_thread(render, snap)
 
     async def respond(path: str) -> tuple[int, str, bytes]:
@@ -187,6 +197,15 @@ async def start_metrics_server(
             result = await _call_readiness(health)
             ok, reason = result if result is not None else (True, "ok")
             return (200 if ok else 503), "text/plain; charset=utf-8", reason.encode() + b"\n"
+        if path == "/status":
+            from eir_server.obs.status import status_document
+
+            take = metrics.collect if isinstance(metrics, MetricsAggregator) else metrics.snapshot
+            ready = await _call_readiness(readiness) or (True, "ready")
+            healthy = await _call_readiness(health) or (True, "ok")
+            doc = await status_document(take, ready=ready, health=healthy,
+                                        workers=workers() if workers is not None else None)
+            return 200, "application/json", json.dumps(doc, indent=1).encode() + b"\n"
         if path == "/readyz":
             result = await _call_readiness(readiness)
             ok, reason = result if result is not None else (True, "ready")

@@ -38,6 +38,7 @@ _DUPLICATE = (INTERFACE, "ECR", "duplicate")
 _SUCCESS = (INTERFACE, "ECR", "2001")
 _UNKNOWN = (INTERFACE, "ECR", "5422")
 _BUSY = (INTERFACE, "ECR", str(errors.TOO_BUSY))
+_SHED_IN_FLIGHT = (INTERFACE, "in_flight")  # refused by the overload gate
 # --store-fallback error answers (and our own overload) -> Result-Code
 STORE_ERROR_CODES = {"too_busy": errors.TOO_BUSY, "unable_to_comply": errors.UNABLE_TO_COMPLY}
 
@@ -57,6 +58,9 @@ class S13Counters(Protocol):
 
     @property
     def latency_s13(self) -> Histogram: ...
+
+    @property
+    def shed(self) -> MutableMapping[tuple[str, str], int]: ...
 
 
 class PendingLookup:
@@ -92,7 +96,7 @@ class S13Handler:
     """One per worker, shared by all its connections."""
 
     __slots__ = ("eca", "service", "dedup", "answered_now", "_requests", "_protocol_errors",
-                 "_latency")
+                 "_latency", "_shed")
 
     def __init__(self, identity: Identity, dictionary: Dictionary, service: CheckService,
                  dedup: DuplicateCache[int], counters: S13Counters) -> None:
@@ -105,6 +109,7 @@ class S13Handler:
         self._requests = counters.requests
         self._protocol_errors = counters.protocol_errors
         self._latency = counters.latency_s13
+        self._shed = counters.shed  # eir_requests_shed_total{interface, reason}
 
     def handle(self, msg: Message, now: float, peer: str) -> Outcome:
         """Answer one validated S13 request received at `now` from `peer` (the name audited)."""
@@ -125,6 +130,7 @@ class S13Handler:
                                   None if cached < 0 else cached)
         service = self.service
         if not service.admit(peer):
+            self._shed[_SHED_IN_FLIGHT] += 1
             return self.busy(msg)
         verdict = service.check(parsed.request)
         if type(verdict) is Verdict:

@@ -39,6 +39,8 @@ class StoreStats:
     __slots__ = (
         "cache_hits",
         "cache_misses",
+        "redis_hits",  # fetched from Redis: listed
+        "redis_misses",  # fetched from Redis: not listed
         "fetches",
         "fetch_batches",
         "fetch_keys",

@@ -6,6 +6,7 @@ Keys, with N the namespace (default "eir") and V a version id (decimal, from INC
   N:tac          hash: the GSMA TAC file served (sha256, file, rows, bad, loaded); switched
                  on its own, after the lists of the same run
   N:tac:<sha256> string: that TAC file's text; N:tacs registers every stored one for GC
+  N:runs         list: JSON record of the newest 100 sync runs; N:runs:count hash result -> n
   N:versions     hash V -> JSON {k, full}: every version ever started (so a crashed run's
                  leftovers can be found and deleted without SCAN)
   N:V:m          hash: meta (base, k, lists JSON, counts, created)
@@ -54,6 +55,21 @@ def versions_key(ns: str) -> str:
 
 def runs_key(ns: str) -> str:
     return f"{ns}:runs"
+
+
+def run_counts_key(ns: str) -> str:
+    """hash result -> number of sync runs recorded (N:runs keeps only the newest 100)."""
+    return f"{ns}:runs:count"
+
+
+def run_result(run: dict[str, object]) -> str:
+    """A recorded sync run's result: full | delta | noop, or refused (a list refused, the
+    others applied) | failed."""
+    if run.get("refused"):
+        return "refused"
+    if run.get("error") or run.get("mode") == "failed":
+        return "failed"
+    return str(run.get("mode") or "failed")
 
 
 def lock_key(ns: str) -> str:

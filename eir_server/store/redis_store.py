@@ -231,6 +231,9 @@ class RedisStore:
             if isinstance(e, asyncio.CancelledError):
                 raise
             return
+        listed = sum(1 for rec in results.values() if rec is not None)
+        self.stats.redis_hits += listed  # eir_store_lookups_total{tier="redis"}
+        self.stats.redis_misses += len(results) - listed
         for imei, futs in chunk.items():
             rec = results[imei]
             for f in futs:

@@ -401,6 +401,8 @@ class RegisterDB:
         key = layout.runs_key(self.ns)
         self.client.lpush(key, json.dumps(run, sort_keys=True))
         self.client.ltrim(key, 0, keep - 1)
+        # run counts by result, never trimmed: `serve` exports them as eir_sync_runs_total
+        self.client.hincrby(layout.run_counts_key(self.ns), layout.run_result(run), 1)
 
     def runs(self, n: int = 10) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.client.lrange(layout.runs_key(self.ns), 0, n - 1)]
