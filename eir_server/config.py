@@ -87,6 +87,9 @@ class ServeConfig:
                           "files here (default: a bounded in-memory buffer)", metavar="DIR")
     device_signals: str = _opt("on", "count and log clone / device-change signals",
                                choices=("off", "on"))
+    log_identities: str = _opt("off", "write full IMEIs and IMSIs in log lines (device "
+                               "signals); off: only the TAC and the IMSI's MCC+MNC, as these "
+                               "are subscribers' security data", choices=("off", "on"))
     device_signal_max_imsis: int = _opt(2, "signal an IMEI seen with more than this many IMSIs "
                                         "within the window", metavar="N")
     device_signal_window: float = _opt(86400.0, "window of the device signals, seconds",

@@ -415,7 +415,8 @@ def _audit_recorder(cfg: ServeConfig, metrics: Metrics) -> AuditRecorder | None:
     """Observations are written off the hot path in batches; the device-change detector sees
     every check even when auditing is off or sampled."""
     detector = (DeviceChangeDetector(metrics, max_imsis=cfg.device_signal_max_imsis,
-                                     window=cfg.device_signal_window)
+                                     window=cfg.device_signal_window,
+                                     log_identities=cfg.log_identities == "on")
                 if cfg.device_signals == "on" else None)
     sink = (make_sink(cfg.store, audit_dir=cfg.audit_dir or None)
             if cfg.audit == "on" else None)

@@ -96,7 +96,7 @@ class JsonlDirSink:
     def __init__(self, directory: str, keep_days: int = 35) -> None:
         self.directory = directory
         self.keep_days = keep_days
-        os.makedirs(directory, mode=0o750, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
 
     def _write_sync(self, rows: Sequence[Row]) -> None:
         by_day: dict[str, list[str]] = {}
@@ -104,7 +104,10 @@ class JsonlDirSink:
             day = datetime.fromtimestamp(float(row["t"]), UTC).strftime("%Y%m%d")
             by_day.setdefault(day, []).append(json.dumps(row, separators=(",", ":")))
         for day, lines in by_day.items():
-            with open(os.path.join(self.directory, f"audit-{day}.jsonl"), "a") as f:
+            # 0600 whatever the umask: the files hold IMEI/IMSI/MSISDN of every subscriber
+            fd = os.open(os.path.join(self.directory, f"audit-{day}.jsonl"),
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with open(fd, "a") as f:
                 f.write("\n".join(lines) + "\n")
         cutoff = datetime.fromtimestamp(time.time() - self.keep_days * 86400, UTC)
         oldest_kept = cutoff.strftime("%Y%m%d")
@@ -127,11 +130,13 @@ def make_sink(
 ) -> AuditSink:
     """redis:// or rediss:// store -> Redis Stream (reusing `redis` if given); otherwise daily
     files in `audit_dir` if set, else an in-memory ring."""
-    if store_url.startswith(("redis://", "rediss://", "unix://")):
+    if store_url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://",
+                             "redis+cluster://")):
         if redis is None:
-            import redis.asyncio as aioredis
+            from eir_server.store.urls import async_client, parse_store_url
 
-            redis = aioredis.Redis.from_url(store_url)
+            # the same client serve's store uses: single node, TLS, Sentinel, Cluster
+            redis = async_client(parse_store_url(store_url), 5.0)
         return RedisStreamSink(redis, stream=stream, maxlen=maxlen)
     if audit_dir:
         return JsonlDirSink(audit_dir)
@@ -168,12 +173,16 @@ class DeviceChangeDetector:
         window: float = 86400.0,
         max_tracked: int = 1_000_000,
         log_events: bool = True,
+        log_identities: bool = False,
     ) -> None:
         self.metrics = metrics
         self.max_imsis = max_imsis
         self.window = window
         self.max_tracked = max_tracked
         self.log_events = log_events
+        # IMEIs and IMSIs are security data: log lines carry them only when the operator
+        # asked (--log-identities on); otherwise the TAC and the IMSI's MCC+MNC.
+        self.log_identities = log_identities
         # Signals are all counted, but a burst (a cloned IMEI farm, a test harness cycling
         # IMEIs on one SIM) must not become one log line per request.
         self.log_per_second = 5
@@ -239,7 +248,20 @@ class DeviceChangeDetector:
         if self._suppressed:
             context["suppressed_before"] = self._suppressed
             self._suppressed = 0
+        if not self.log_identities:
+            context = {k: redact(k, v) for k, v in context.items()}
         self._log.info("device_signal", kind=kind, window_s=self.window, **context)
+
+
+def redact(key: str, value: Any) -> Any:
+    """IMEI -> its TAC (device model) + '*'; IMSI -> its MCC+MNC (network) + '*'."""
+    if not isinstance(value, str):
+        return value
+    if key in ("imei", "previous_imei"):
+        return value[:8] + "*" * (len(value) - 8)
+    if key == "imsi":
+        return value[:5] + "*" * (len(value) - 5)
+    return value
 
 
 # (when, request, verdict, peer, interface, sampled)

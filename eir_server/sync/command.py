@@ -90,8 +90,8 @@ def add_sync_parser(subparsers: Any) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="target IMEIs per Redis hash bucket (default: half of the server's "
-        "hash-max-listpack-entries, i.e. 64)",
+        help="target IMEIs per Redis hash bucket (default: 3/4 of the server's "
+        "hash-max-listpack-entries, i.e. 96 with Redis' default 128)",
     )
     p.add_argument(
         "--grace",

@@ -53,7 +53,7 @@ log = structlog.get_logger("eir.sync")
 @dataclass(slots=True)
 class SyncOptions:
     max_bad_share: float = 0.01
-    bucket_size: int | None = None  # target entries per bucket; None: half the listpack limit
+    bucket_size: int | None = None  # target entries per bucket; None: 3/4 the listpack limit
     compact_threshold: int = 200_000  # overlay entries beyond which a delta becomes a full load
     flush_rows: int | None = None  # rows buffered per write round (None: from bucket count)
     max_records: int = 65_536  # distinct shared blacklist records per version

@@ -131,7 +131,7 @@ async def test_sample_zero_without_detector_costs_nothing() -> None:
 
 async def test_detector_sees_unsampled_checks() -> None:
     m = Metrics()
-    det = DeviceChangeDetector(m, max_imsis=1, window=3600)
+    det = DeviceChangeDetector(m, max_imsis=1, window=3600, log_identities=True)
     rec = AuditRecorder(m, None, detector=det)  # audit off, detection on
     rec.record(DAY, req(7, imsi="001010000000001"), WHITE, "mme1")
     rec.record(DAY + 1, req(7, imsi="001010000000002"), WHITE, "mme1")
@@ -155,7 +155,7 @@ async def test_redis_down_counts_failures_and_logs_once(log_buf: io.StringIO) ->
 
 def test_imei_with_too_many_imsis_is_signalled_once_per_window(log_buf) -> None:
     m = Metrics()
-    det = DeviceChangeDetector(m, max_imsis=2, window=100)
+    det = DeviceChangeDetector(m, max_imsis=2, window=100, log_identities=True)
     imei = "35000000000001"
     assert det.observe(0, imei + "5", "001") == []
     assert det.observe(1, imei, "002") == []
@@ -173,7 +173,7 @@ def test_imei_with_too_many_imsis_is_signalled_once_per_window(log_buf) -> None:
 
 def test_imsi_changing_imei_is_signalled_within_the_window() -> None:
     m = Metrics()
-    det = DeviceChangeDetector(m, max_imsis=5, window=100)
+    det = DeviceChangeDetector(m, max_imsis=5, window=100, log_identities=True)
     assert det.observe(0, "35000000000001", "001") == []
     assert det.observe(10, "35000000000001", "001") == []  # same device
     assert det.observe(20, "35000000000002", "001") == ["imsi_imei_change"]

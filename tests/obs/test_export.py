@@ -41,10 +41,10 @@ def checks() -> list[tuple[float, CheckRequest, str]]:
 
 EXPECTED = [
     ["date", "imei", "imsi", "msisdn", "rat"],
-    ["20240501", "35000000000001", "001010000000001", "15550001", "4G"],
-    ["20240501", "35000000000002", "001010000000002", "", "4G"],
-    ["20240501", "35000000000003", "001010000000003", "", "5G"],
-    ["20240502", "35000000000001", "001010000000001", "15550001", "4G"],
+    ["20240501", "35000000000001", "001010000000001", "15550001", "006"],
+    ["20240501", "35000000000002", "001010000000002", "", "006"],
+    ["20240501", "35000000000003", "001010000000003", "", ""],
+    ["20240502", "35000000000001", "001010000000001", "15550001", "006"],
 ]
 
 
@@ -85,10 +85,10 @@ async def test_export_from_redis_stream(obs_redis, obs_redis_url: str, tmp_path:
 
     assert read_csv(out) == [
         ["date", "imei", "imsi", "msisdn", "rat"],
-        [day(now - 60), "35000000000001", "001010000000001", "15550001", "4G"],
-        [day(now - 40), "35000000000003", "001010000000003", "", "5G"],
+        [day(now - 60), "35000000000001", "001010000000001", "15550001", "006"],
+        [day(now - 40), "35000000000003", "001010000000003", "", ""],
     ]
-    assert "2 rows, 1 checks without IMSI skipped" in capsys.readouterr().err
+    assert "2 rows to " in (err := capsys.readouterr().err) and "1 checks without IMSI" in err
 
 
 async def test_export_dedupes_per_day_and_filters_by_time(tmp_path: Path, capsys) -> None:
@@ -100,7 +100,7 @@ async def test_export_dedupes_per_day_and_filters_by_time(tmp_path: Path, capsys
     )
     assert run_export(args) == 0
     assert read_csv(out) == EXPECTED
-    assert "4 rows, 1 checks without IMSI skipped" in capsys.readouterr().err
+    assert "4 rows to " in (err := capsys.readouterr().err) and "1 checks without IMSI" in err
 
 
 async def test_export_from_audit_dir_with_rat_override(tmp_path: Path) -> None:
@@ -108,11 +108,12 @@ async def test_export_from_audit_dir_with_rat_override(tmp_path: Path) -> None:
     out = tmp_path / "dump.csv"
     args = parser().parse_args(
         ["export", "--since", "2024-05-01T00:00:00Z", "--until", "2024-05-03",
-         "--audit-dir", str(tmp_path / "audit"), "--rat", "s13=LTE", "-o", str(out)]
+         "--audit-dir", str(tmp_path / "audit"), "--rat", "s13=001|006", "--rat",
+         "n5g_eir=006", "-o", str(out)]
     )
     assert run_export(args) == 0
     got = read_csv(out)
-    assert [row[4] for row in got[1:]] == ["LTE", "LTE", "5G", "LTE"]
+    assert [row[4] for row in got[1:]] == ["001|006", "001|006", "006", "001|006"]
     assert [row[:4] for row in got] == [row[:4] for row in EXPECTED]
 
 

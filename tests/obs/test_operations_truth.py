@@ -150,3 +150,20 @@ def version() -> str:
     from eir_server import __version__
 
     return __version__
+
+
+def test_sync_metric_names_in_the_docs_exist() -> None:
+    """docs/sync.md lists what `sync --metrics-port` exposes: every name must be real."""
+    import re
+
+    from prometheus_client import REGISTRY, generate_latest
+
+    import eir_server.sync.progress  # noqa: F401 - registers the sync metrics
+
+    exposed = set(re.findall(r"^# TYPE (\S+)", generate_latest(REGISTRY).decode(), re.M))
+    exposed |= {n + "_total" for n in exposed}
+    text = (Path(__file__).resolve().parents[2] / "docs/sync.md").read_text()
+    [row] = [line for line in text.splitlines() if line.startswith("| `--metrics-port")]
+    own = row.split("A `--once` run")[0]
+    names = set(re.findall(r"`(eir_sync_[a-z_]+)", own))
+    assert names and names <= exposed, names - exposed

@@ -236,6 +236,7 @@ async def test_crash_at_any_point_keeps_serving_and_rerun_completes(
         "eir:seq",
         "eir:versions",
         "eir:runs",
+        "eir:runs:count",
     }
 
 
@@ -375,7 +376,8 @@ async def test_refused_list_keeps_its_version_while_the_others_update(redis_url,
     # Only the switched version's keys remain (the redone load's partial buckets are gone).
     ver = cur_meta(redis_url)["version"]
     assert all(
-        k.startswith(f"eir:{ver}:") or k in ("eir:cur", "eir:seq", "eir:versions", "eir:runs")
+        k.startswith(f"eir:{ver}:") or k in ("eir:cur", "eir:seq", "eir:versions", "eir:runs",
+                                                "eir:runs:count")
         for k in keys(redis_url)
     )
 
