@@ -1,4 +1,4 @@
-"""`eir-server` command line: serve, check, sync, export, dictionary."""
+"""`eir-server` command line: serve, check, sync, export, load, dictionary."""
 
 from __future__ import annotations
 
@@ -124,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _add_log_options(sub.choices["sync"])
     from .obs.export import add_export_parser, run_export
     add_export_parser(sub)
+    from .load.command import add_load_parser, run_load
+    add_load_parser(sub)
     _add_dictionary(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -151,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_sync(args)
     if args.command == "export":
         return run_export(args)
+    if args.command == "load":
+        return run_load(args)
     if args.command == "dictionary":
         from .diameter.dictionary import emit_xml, load_dictionary
         sys.stdout.write(emit_xml(load_dictionary()))
