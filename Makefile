@@ -27,11 +27,13 @@ test: install system-deps
 system-deps:
 	@scripts/system-deps.sh
 
-## The S13 hot-path benchmarks of the README table (others: see README "Performance").
-bench: install
-	$(PY) benchmarks/bench_policy.py
-	$(PY) benchmarks/bench_ecr_path.py
-	$(PY) benchmarks/bench_s13_load.py --connections 4 --seconds 8 --pin
+## The benchmark suite: benchmarks/results/latest.{json,md}, plots, and the README table.
+## PROFILE=quick (~10 min on 2 cores) or full; SUITES="ecr otp" runs some suites only.
+PROFILE ?= full
+SUITES ?=
+bench: install system-deps
+	$(PY) -m benchmarks.suite --profile $(PROFILE) $(foreach s,$(SUITES),--suite $(s)) \
+		--out benchmarks/results/latest.json --readme
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

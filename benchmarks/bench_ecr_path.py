@@ -17,13 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_s13_load import cer, ecr  # noqa: E402
 from eir_server.checker import EquipmentChecker  # noqa: E402
 from eir_server.diameter.answers import Identity  # noqa: E402
 from eir_server.diameter.codec import decode, validate  # noqa: E402
 from eir_server.diameter.connection import AppRequest, Connection, PeerConfig  # noqa: E402
 from eir_server.diameter.dedup import DuplicateCache  # noqa: E402
 from eir_server.diameter.dictionary import load_dictionary  # noqa: E402
+from eir_server.load.imeis import parse_range  # noqa: E402
+from eir_server.load.s13 import EcrTemplates, entry_block  # noqa: E402
+from eir_server.load.s13 import Identity as PeerIdentity  # noqa: E402
+from eir_server.load.s13 import cer as peer_cer  # noqa: E402
 from eir_server.obs.metrics import Metrics  # noqa: E402
 from eir_server.policy import Policy, PolicyConfig  # noqa: E402
 from eir_server.s13.handler import S13Handler  # noqa: E402
@@ -31,23 +34,45 @@ from eir_server.service import CheckService  # noqa: E402
 from eir_server.store import MemoryStore  # noqa: E402
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--profile", action="store_true")
-    args = ap.parse_args()
+MME = PeerIdentity("mme0.bench", "bench", "localdomain")
+
+
+def ecrs(n: int) -> list[bytes]:
+    """n distinct ECRs as `eir-server load` sends them (IMEIs with check digits)."""
+    tpl = EcrTemplates(MME, 0, [entry_block(e) for e in
+                                parse_range(f"range:35209900000000:{n}")])
+    return [tpl.request(i, i + 1, i + 1) for i in range(n)]
+
+
+def setup(batch: int) -> tuple:
     d = load_dictionary()
     me = Identity("eir.localdomain", "localdomain", 1)
     conn = Connection(PeerConfig(me), d, 0.0, "127.0.0.1", rng=random.Random(0))
-    conn.receive_data(cer(0), 0.0)
+    conn.receive_data(peer_cer(MME), 0.0)
     conn.data_to_send()
     conn.events()
     checker = EquipmentChecker(Policy(PolicyConfig()), MemoryStore(), today=lambda: "20260101")
     metrics = Metrics()
     handler = S13Handler(me, d, CheckService(checker, metrics), DuplicateCache(), metrics)
-    batches = [b"".join(ecr(0, i * args.batch + j, "localdomain") for j in range(args.batch))
-               for i in range(64)]
+    reqs = ecrs(64 * batch)
+    batches = [b"".join(reqs[i * batch:(i + 1) * batch]) for i in range(64)]
+    return d, conn, handler, batches
+
+
+def eca_for(ecr: bytes) -> bytes:
+    """Our server's answer to one ECR (for the cost of the load generator's answer check)."""
+    _d, conn, handler, _ = setup(1)
+    conn.receive_data(ecr, 1.0)
+    for ev in conn.events():
+        if type(ev) is AppRequest:
+            answer = handler.handle(ev.message, 1.0, MME.origin_host)
+            assert type(answer) is bytes
+            return answer
+    raise AssertionError("the ECR produced no request event")
+
+
+def runner(batch: int):  # noqa: ANN201
+    _d, conn, handler, batches = setup(batch)
 
     def run(n_batches: int) -> int:
         out = 0
@@ -63,6 +88,26 @@ def main() -> int:
             out += len(conn.data_to_send())
         return out
 
+    return run
+
+
+def measure(batch: int, n: int) -> dict[str, float]:
+    run = runner(batch)
+    n_batches = max(1, n // batch)
+    run(10)
+    t0 = time.process_time()
+    run(n_batches)
+    return {"per_ecr_us": (time.process_time() - t0) / (n_batches * batch) * 1e6}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    run = runner(args.batch)
+    d = load_dictionary()
     n_batches = args.n // args.batch
     run(10)
     if args.profile:
@@ -77,7 +122,7 @@ def main() -> int:
     dt = time.process_time() - t0
     per = dt / (n_batches * args.batch) * 1e6
     # Parts, for the table in the README.
-    one = ecr(0, 1, "localdomain")
+    one = ecrs(1)[0]
     reps = 50_000
     t0 = time.process_time()
     for _ in range(reps):

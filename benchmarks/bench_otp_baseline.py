@@ -4,9 +4,10 @@ Compiles the S13 dictionary of the interop tests (tests/interop/erlang/s13.dia) 
 fixed-answer OTP EIR (benchmarks/otp_eir/otp_eir_s13.erl) with diameterc + erlc into a temporary
 directory, starts it with one scheduler pinned to one core (`taskset -c 0 erl +S 1:1`), checks
 that its ECA is well-formed (decoded and validated with our codec: Result-Code 2001,
-Equipment-Status WHITELISTED, Session-Id and hop-by-hop echoed), then drives it with the
-pipelined client of bench_s13_load.py (pinned to the other core) and reports answers/s, latency
-and the server's CPU per answer (utime+stime of the beam process, all threads, from /proc).
+Equipment-Status WHITELISTED, Session-Id and hop-by-hop echoed), then drives it with
+`eir-server load` (closed loop, pinned to the other core) and reports answers/s, latency and
+the server's CPU per answer (utime+stime of the beam process, all threads, from /proc).
+The benchmark suite (`python -m benchmarks.suite --suite otp`) runs the same comparison.
 With --ours, `eir-server serve` is measured the same way right after each OTP run.
 
     .venv/bin/python benchmarks/bench_otp_baseline.py --connections 1 4 --seconds 8 --ours
@@ -22,7 +23,6 @@ erlang-dev (diameterc, erlc, the diameter include files). Not a test.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import os
 import shutil
@@ -37,17 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_s13_load import (  # noqa: E402
-    U32,
-    _with_hbh,
-    cer,
-    cpu_seconds,
-    drive,
-    ecr,
-    percentile,
-)
-from eir_server.diameter.codec import FLAG_P, FLAG_R, decode, validate  # noqa: E402
+import json  # noqa: E402
+
+from eir_server.diameter.codec import FLAG_P, FLAG_R, U32, decode, validate  # noqa: E402
 from eir_server.diameter.dictionary import Dictionary, load_dictionary  # noqa: E402
+from eir_server.load.imeis import ImeiEntry  # noqa: E402
+from eir_server.load.s13 import EcrTemplates, Identity, cer, entry_block  # noqa: E402
 
 DIA = ROOT / "tests" / "interop" / "erlang" / "s13.dia"
 DICT_MODULE = "eir_interop_s13"  # @name in s13.dia
@@ -58,6 +53,11 @@ S13, TGPP = 16777252, 10415
 ERLANG_PACKAGES = "erlang-base erlang-diameter erlang-dev"
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Run:
     server: str
@@ -65,12 +65,12 @@ class Run:
     in_flight: int
     answers: int
     elapsed: float
-    lat: list[float]  # sorted, seconds
+    latency_ms: dict  # the load report's latency_ms
     cpu: float  # server utime+stime over the run, seconds
     threads: int
 
     def row(self) -> str:
-        p = [percentile(self.lat, q) * 1e3 for q in (50, 99, 99.9)]
+        p = [self.latency_ms[q] for q in ("p50", "p99", "p99.9")]
         return (f"{self.server:<18}{self.connections:>2} x {self.in_flight:<5}"
                 f"{self.answers / self.elapsed:>11,.0f}{p[0]:>9.2f}{p[1]:>9.2f}{p[2]:>9.2f}"
                 f"{self.cpu / max(self.answers, 1) * 1e6:>10.2f}"
@@ -235,13 +235,15 @@ def check_answer(host: str, port: int, realm: str, origin_host: str | None) -> s
     dictionary = _dictionary()
     answer = dictionary.compiled.answer(S13, 324)
     assert answer is not None
+    me = Identity("mme99.bench", "bench", realm)
     with socket.create_connection((host, port), 5) as sock:
-        sock.sendall(cer(99))
+        sock.sendall(cer(me))
         cea = decode(recv_message(sock), dictionary)
         rc = cea.find(268)
         if cea.code != 257 or rc is None or cea.u32(rc) != 2001:
             sys.exit(f"CEA not 2001: code {cea.code}, Result-Code {rc and cea.u32(rc)}")
-        req = _with_hbh(ecr(99, 4242, realm), 0x5A5A)
+        req = EcrTemplates(me, 99, [entry_block(ImeiEntry("352099001761481"))]).request(
+            0, 0x5A5A, 4242)
         sock.sendall(req)
         data = recv_message(sock)
     msg = decode(data, dictionary)
@@ -272,13 +274,23 @@ def check_answer(host: str, port: int, realm: str, origin_host: str | None) -> s
 
 def measure(name: str, pid: int, host: str, port: int, args: argparse.Namespace,
             conns: int) -> Run:
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
     cpu0 = cpu_seconds(pid)
-    n, elapsed, lat = asyncio.run(drive(host, port, conns, args.batch, args.depth,
-                                        args.seconds, args.realm))
+    cmd = [str(Path(sys.executable).parent / "eir-server"), "load", "--target",
+           f"{host}:{port}", "--connections", str(conns), "--inflight",
+           str(args.batch * args.depth), "--duration", str(args.seconds), "--warmup", "1",
+           "--destination-realm", args.realm, "--progress", "off", "--json", str(out)]
+    if args.client_cpu >= 0:
+        cmd += ["--pin", str(args.client_cpu)]
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=args.seconds + 120)
     cpu1 = cpu_seconds(pid)
     threads = len(os.listdir(f"/proc/{pid}/task"))
-    lat.sort()
-    return Run(name, conns, args.batch * args.depth, n, elapsed, lat, cpu1 - cpu0, threads)
+    r = json.loads(out.read_text())
+    out.unlink()
+    # Server CPU includes the warm-up second; the answers counted here do too.
+    n = r["answers"] + r["warmup_answers"]
+    return Run(name, conns, args.batch * args.depth, n, r["duration_s"] + 1.0,
+               r["latency_ms"], cpu1 - cpu0, threads)
 
 
 def emit(line: str) -> None:
@@ -323,13 +335,6 @@ def main() -> int:
     busy = busy_cpus()
     emit(f"cpus {os.cpu_count()}, busy before the runs: {busy:.2f} CPUs"
          + ("  (WARNING: something else is running; numbers will be low)" if busy > 0.1 else ""))
-    try:
-        import uvloop
-        uvloop.install()
-    except ImportError:
-        pass
-    if args.client_cpu >= 0:
-        os.sched_setaffinity(0, {args.client_cpu})
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="otp_eir_") as tmp:
         ebin = Path(tmp)

@@ -42,8 +42,8 @@ from eir_server.policy import (  # noqa: E402
 TODAY = "20250615"
 
 
-def build_policy(rng: random.Random) -> tuple[Policy, list[str]]:
-    tacs = sorted({f"{rng.randrange(1_000_000, 99_999_999):08d}" for _ in range(200_000)})
+def build_policy(rng: random.Random, n_tacs: int = 200_000) -> tuple[Policy, list[str]]:
+    tacs = sorted({f"{rng.randrange(1_000_000, 99_999_999):08d}" for _ in range(n_tacs)})
     tacs = [t for t in tacs if not t.startswith("00")]
     db = TacDatabase({t: TacInfo("Maker", f"Model {t}") for t in tacs},
                      barred=[tacs[1], tacs[2]],
@@ -80,14 +80,12 @@ def _noop(req, rec, today) -> None:
     return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--hot", type=int, default=2_000)
-    ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
+def measure(n: int, hot: int, repeat: int, show: bool = False,
+            n_tacs: int = 200_000) -> dict[str, tuple[float, float]]:
+    """ns per decision (hot, cold) by scenario, loop overhead subtracted."""
+    args = argparse.Namespace(n=n, hot=hot, repeat=repeat)
     rng = random.Random(42)
-    policy, tacs = build_policy(rng)
+    policy, tacs = build_policy(rng, n_tacs)
     n = args.n
 
     def bodies(k: int) -> list[str]:
@@ -122,19 +120,35 @@ def main() -> None:
     hot = args.hot
     base_hot = bench(_noop, scenarios[0][1][:hot], none[:hot], args.repeat, n)
     base_cold = bench(_noop, scenarios[0][1], none, args.repeat, n)
-    print(f"Python {sys.version.split()[0]}; best of {args.repeat}; ns per call, "
-          f"minus an empty call ({base_hot:.0f} / {base_cold:.0f} ns)")
-    print(f"{'scenario':<44} {'hot':>7} {'cold':>7}")
+    out: dict[str, tuple[float, float]] = {}
+    if show:
+        print(f"Python {sys.version.split()[0]}; best of {args.repeat}; ns per call, "
+              f"minus an empty call ({base_hot:.0f} / {base_cold:.0f} ns)")
+        print(f"{'scenario':<44} {'hot':>7} {'cold':>7}")
     for label, reqs, recs in scenarios:
         h = bench(policy.decide, reqs[:hot], recs[:hot], args.repeat, n) - base_hot
         c = bench(policy.decide, reqs, recs, args.repeat, n) - base_cold
-        print(f"{label:<44} {h:7.0f} {c:7.0f}")
+        out[label] = (h, c)
+        if show:
+            print(f"{label:<44} {h:7.0f} {c:7.0f}")
+    if not show:
+        return out
     keyreqs = [r.imei for r in scenarios[1][1]]
     for label, keys in (("imei_key(15-digit)", keyreqs), ("imei_key(14-digit)",
                                                           [r.imei for r in scenarios[0][1]])):
         h = bench(lambda k, _r, _t: policy.imei_key(k), keys[:hot], none[:hot], args.repeat, n)
         c = bench(lambda k, _r, _t: policy.imei_key(k), keys, none, args.repeat, n)
         print(f"{label + ' (+ lambda)':<44} {h - base_hot:7.0f} {c - base_cold:7.0f}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--hot", type=int, default=2_000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    measure(args.n, args.hot, args.repeat, show=True)
 
 
 if __name__ == "__main__":

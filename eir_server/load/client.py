@@ -15,6 +15,7 @@ import math
 import os
 import random
 import resource
+import signal
 import socket
 import sys
 import time
@@ -97,6 +98,8 @@ class Stats:
     cpu: float = 0.0
     busy_cpus: float = 0.0
     open_loop_late_ms: float = 0.0  # worst lag of the send timer behind its schedule
+    t0_unix: float = 0.0  # wall clock at the start of the run (timeline t = 0)
+    stopped_early: bool = False  # SIGINT/SIGTERM ended the run before --duration
 
 
 class Generator:
@@ -171,8 +174,9 @@ class Generator:
             except (OSError, TimeoutError) as e:
                 st.conn_failures.append(f"connection {i}: {e or type(e).__name__}")
         try:
-            await asyncio.wait_for(asyncio.gather(*(c.up for c in self.conns)),
-                                   cfg.connect_timeout)
+            if not st.conn_failures:
+                await asyncio.wait_for(asyncio.gather(*(c.up for c in self.conns)),
+                                       cfg.connect_timeout)
         except TimeoutError:
             st.conn_failures.append("capabilities exchange: no CEA in time")
         except ConnectionError as e:
@@ -185,6 +189,9 @@ class Generator:
             return st
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
         busy0 = _cpu_sample()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # end early, still with a report
+            loop.add_signal_handler(sig, self.stop_now)
+        st.t0_unix = time.time()
         self.t0 = now = time.perf_counter()
         self.measure_from = now + cfg.warmup
         self.stop_at = now + cfg.warmup + cfg.duration
@@ -222,7 +229,7 @@ class Generator:
         ru0 = cpu_at_measure or ru0
         st.cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
         st.busy_cpus = _busy_since(busy0)
-        st.elapsed = min(time.perf_counter(), self.stop_at) - self.measure_from
+        st.elapsed = max(0.0, min(time.perf_counter(), self.stop_at) - self.measure_from)
         # Goodbye: DPR on each connection, DPA awaited briefly.
         for c in self.conns:
             c.disconnect()
@@ -234,6 +241,12 @@ class Generator:
         for c in self.conns:
             c.close()
         return st
+
+    def stop_now(self) -> None:
+        now = time.perf_counter()
+        if now < self.stop_at:
+            self.stop_at = now
+            self.stats.stopped_early = True
 
     def tick(self) -> None:
         """Open loop: send what is due now, spread over the connections, one write each."""

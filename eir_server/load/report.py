@@ -87,6 +87,8 @@ def build(cfg: LoadConfig, st: Stats, *, mode: str, imei_source: str, listed: st
             "max_mismatches": max_mismatches, "max_timeouts": max_timeouts,
         },
         "duration_s": round(st.elapsed, 3),
+        "t0_unix": round(st.t0_unix, 3),
+        "stopped_early": st.stopped_early,
         "requests": sent_measured,
         "answers": measured,
         "throughput_per_s": round(measured / elapsed, 1),
@@ -155,15 +157,17 @@ def summary(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(r: dict[str, Any], path: Path, title: str | None = None) -> None:
-    """Throughput and latency percentiles per second (needs matplotlib)."""
+def plot(r: dict[str, Any], path: Path, title: str | None = None,
+         spans: list[tuple[float, float, str]] | None = None) -> None:
+    """Throughput and latency percentiles per second (needs matplotlib); `spans` shade
+    intervals of the run (seconds, label), e.g. when a register load ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tl = r["timeline"]
-    t = [s["t"] + 1 for s in tl]
+    t = [s["t"] + 0.5 for s in tl]  # the middle of each second
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     a1.plot(t, [s["answers"] for s in tl], label="answers/s")
     a1.plot(t, [s["sent"] for s in tl], label="sent/s", linestyle=":")
@@ -182,6 +186,10 @@ def plot(r: dict[str, Any], path: Path, title: str | None = None) -> None:
     if warm:
         for a in (a1, a2):
             a.axvspan(0, warm, color="grey", alpha=0.15)
+    for start, end, label in spans or []:
+        for a in (a1, a2):
+            a.axvspan(start, end, color="orange", alpha=0.2, label=label if a is a1 else None)
+        a1.legend(loc="lower right", fontsize=8)
     fig.suptitle(title or f"eir-server load → {r['config']['target']} ({r['config']['mode']})")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

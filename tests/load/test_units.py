@@ -175,3 +175,16 @@ def test_checker_never_raises_on_garbage(junk, cut):
     value, _rc, _exp, problem = AnswerChecker(D).classify(msg)
     assert value in (-2, 0, 1, 2) or value >= 1000
     assert (value == -2) == bool(problem)
+
+
+@given(st.floats(1, 1e5), st.floats(1, 1e5), st.floats(0.5, 100), st.integers(0, 10**6))
+def test_open_loop_schedule_inverts(r0, r1, span, i):
+    from eir_server.load.client import Generator, LoadConfig
+    g = Generator.__new__(Generator)
+    g.cfg = LoadConfig("h", 1, ME, [], rate=(r0, r1), duration=span, warmup=0)
+    total = g.due(span)
+    assert abs(total - (r0 + r1) / 2 * span) <= 1e-6 * total + 1e-6  # the ramp's area
+    if i <= total:
+        t = g.sched_time(i)
+        assert 0 <= t <= span * (1 + 1e-9)
+        assert abs(g.due(t) - i) <= 1e-6 * max(i, 1) + 1e-6

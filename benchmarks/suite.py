@@ -1,0 +1,818 @@
+"""The benchmark suite: every figure an operator asks for, in one JSON file and one table.
+
+    make bench                                   # full profile, all suites, README updated
+    .venv/bin/python -m benchmarks.suite --profile quick               # ~10 min on 2 cores
+    .venv/bin/python -m benchmarks.suite --suite ecr --suite otp       # some suites only
+    .venv/bin/python -m benchmarks.suite --compare OLD.json [NEW.json] # change per figure
+
+Suites (each also alone with --suite NAME): codec, policy, ecr (end to end through
+`eir-server load` at 1 and 2 workers, closed and open loop, embedded store and Redis with cache
+hits and misses), otp (the Erlang/OTP diameter EIR side by side with ours, same core, same
+client), n5g (N5g-eir with h2load; skipped with the reason when not available), register (full
+load rows/s and Redis bytes per IMEI), during_load (ECR p99 while a full register load runs),
+storm (open loop far above capacity: answers, 3004s, timeouts, then recovery).
+
+Writes OUT.json (machine, profile, figures with their units, targets and which direction is
+better), OUT.md (the table) and one PNG per suite next to them. A suite that cannot run (tool
+missing) is recorded as skipped with its reason; one that fails is recorded with the error and
+the others still run. Benchmarks never run in the test suite; tests/test_bench_smoke.py runs
+the `smoke` profile on tiny inputs to prove every suite starts and writes a well-formed report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BIN = Path(sys.executable).parent
+EXE = str(BIN / "eir-server")
+HOST = "127.0.0.1"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles: what each suite does at each size.
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seconds: float  # measured seconds per load run
+    warmup: float
+    codec_reps: int
+    policy_n: int
+    open_rate: int  # open-loop ECR/s for the latency figures
+    miss_imeis: int  # distinct IMEIs for the cache-miss runs (more than one run sends)
+    ecr_matrix: tuple[tuple[str, int, str], ...]  # (store, workers, loop)
+    register_sizes: tuple[int, ...]
+    during_rows: int
+    during_rate: int
+    storm_rate: int
+    storm_seconds: float
+
+
+FULL_MATRIX = tuple((s, w, m) for s in ("memory", "redis-hit", "redis-miss") for w in (1, 2)
+                    for m in ("closed", "open"))
+PROFILES = {
+    "smoke": Profile("smoke", 0.6, 0.2, 300, 2_000, 500, 20_000,
+                     (("memory", 1, "closed"), ("redis-miss", 1, "open")), (2_000,), 5_000,
+                     300, 3_000, 0.6),
+    "quick": Profile("quick", 4.0, 1.0, 20_000, 100_000, 5_000, 300_000, FULL_MATRIX,
+                     (1_000_000,), 1_000_000, 5_000, 60_000, 4.0),
+    "full": Profile("full", 10.0, 2.0, 100_000, 200_000, 5_000, 1_000_000, FULL_MATRIX,
+                    (1_000_000, 10_000_000), 10_000_000, 5_000, 100_000, 8.0),
+}
+
+# The targets the README shows next to the figures (what "good enough" means for each).
+TARGETS: dict[str, tuple[float, str]] = {
+    "ecr.memory.w1.closed.answers_per_s": (50_000, "≥"),
+    "ecr.memory.w1.open.p99_ms": (10.0, "≤"),
+    "ecr.redis-miss.w1.open.p99_ms": (10.0, "≤"),
+    "codec.ecr_in_eca_out_us": (10.0, "≤"),
+    "policy.decide_common_us": (2.0, "≤"),
+    "register.rows_per_s_1M": (200_000, "≥"),
+    "register.redis_bytes_per_imei_10M": (32.0, "≤"),
+    "during_load.p99_during_ms": (50.0, "≤"),
+    "storm.recovery_s": (5.0, "≤"),
+}
+
+
+class Skip(Exception):
+    """A suite that cannot run here (missing tool); the reason goes in the report."""
+
+
+class Figures:
+    def __init__(self, suite: str) -> None:
+        self.suite = suite
+        self.items: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, value: float | int | None, unit: str, better: str,
+            label: str) -> None:
+        key = f"{self.suite}.{name}"
+        f: dict[str, Any] = {"value": None if value is None else round(float(value), 4),
+                             "unit": unit, "better": better, "label": label}
+        if key in TARGETS:
+            f["target"], f["target_op"] = TARGETS[key]
+        self.items[key] = f
+
+
+@dataclass
+class Ctx:
+    profile: Profile
+    out_dir: Path
+    work: Path
+    plots: list[str]
+    notes: list[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((HOST, port), 0.3).close()
+            return
+        except OSError:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listening on {port}") from None
+            time.sleep(0.1)
+
+
+def tree_cpu(pid: int) -> float:
+    """utime+stime (s) of a process and all its descendants (the serve workers)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(d.name)] = f
+            children.setdefault(int(f[1]), []).append(int(d.name))
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += (int(stats[p][11]) + int(stats[p][12])) / os.sysconf("SC_CLK_TCK")
+        todo += children.get(p, [])
+    return total
+
+
+class Server:
+    """`eir-server serve` on a free port, optionally pinned with taskset."""
+
+    def __init__(self, *args: str, cpu: int | None = None) -> None:
+        self.port = free_port()
+        cmd = [EXE, "serve", "--diameter-listen", f"{HOST}:{self.port}", "--metrics-listen", "",
+               "--log-level", "warning", *args]
+        if cpu is not None and shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(cpu), *cmd]
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd)
+        try:
+            wait_port(self.port, self.proc)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def cpu(self) -> float:
+        return tree_cpu(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Redis:
+    def __init__(self, work: Path) -> None:
+        from benchmarks.bench_sync_load import start_redis
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-", dir=work))
+        self.proc, self.port = start_redis(self.dir)
+        self.url = f"redis://{HOST}:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def sync(url: str, src: Path, *extra: str) -> float:
+    t = time.perf_counter()
+    p = subprocess.run([EXE, "sync", "--source", str(src), "--store", url, "--once",
+                        "--progress", "never", "--grace", "0", *extra], capture_output=True,
+                       text=True, timeout=3600)
+    if p.returncode != 0:
+        raise RuntimeError(f"eir-server sync exit {p.returncode}: {p.stderr[-2000:]}")
+    return time.perf_counter() - t
+
+
+def load(ctx: Ctx, port: int, *args: str, seconds: float | None = None,
+         warmup: float | None = None, cpu: int | None = None,
+         check: bool = True) -> dict[str, Any]:
+    """One `eir-server load` run (a separate process, as an operator runs it); its report."""
+    out = Path(tempfile.mkstemp(suffix=".json", dir=ctx.work)[1])
+    cmd = [EXE, "load", "--target", f"{HOST}:{port}", "--progress", "off", "--json", str(out),
+           "--duration", str(seconds or ctx.profile.seconds),
+           "--warmup", str(ctx.profile.warmup if warmup is None else warmup), *args]
+    if cpu is not None:
+        cmd += ["--pin", str(cpu)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    try:
+        r: dict[str, Any] = json.loads(out.read_text())
+    except (OSError, ValueError):
+        raise RuntimeError(f"eir-server load wrote no report (exit {p.returncode}): "
+                           f"{p.stdout[-1000:]}{p.stderr[-1000:]}") from None
+    if check and p.returncode not in (0, 4):
+        raise RuntimeError(f"eir-server load exit {p.returncode}: {r.get('exit_reason')}")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Suites
+
+
+def suite_codec(ctx: Ctx, f: Figures) -> None:
+    from benchmarks.bench_ecr_path import measure as ecr_path
+    from eir_server.diameter.codec import decode, validate
+    from eir_server.diameter.dictionary import load_dictionary
+    from eir_server.load.imeis import parse_range
+    from eir_server.load.s13 import AnswerChecker, EcrTemplates, Identity, cer, entry_block
+
+    d = load_dictionary()
+    n = ctx.profile.codec_reps
+    me = Identity("mme0.bench", "bench", "localdomain")
+    tpl = EcrTemplates(me, 0, [entry_block(e) for e in parse_range("range:35209900000000:64")])
+    ecr = tpl.request(1, 1, 1)
+    grammar = d.command(16777252, 324).request  # type: ignore[union-attr]
+
+    def per(fn: Callable[[], object]) -> float:
+        fn()
+        t = time.process_time()
+        for _ in range(n):
+            fn()
+        return (time.process_time() - t) / n * 1e6
+
+    f.add("ecr_in_eca_out_us", ecr_path(64, max(n * 4, 6_400))["per_ecr_us"], "µs", "lower",
+          "ECR in → ECA out, core only (fast path, policy, answer), batches of 64")
+    f.add("decode_ecr_us", per(lambda: decode(ecr, d)), "µs", "lower",
+          "general decoder: ECR")
+    f.add("decode_validate_ecr_us", per(lambda: validate(decode(ecr, d), grammar)), "µs",
+          "lower", "general decoder + grammar validation: ECR")
+    c = cer(me)
+    f.add("decode_cer_us", per(lambda: decode(c, d)), "µs", "lower", "general decoder: CER")
+    f.add("encode_ecr_template_us", per(lambda: tpl.request(1, 7, 7)), "µs", "lower",
+          "load generator: ECR from its template")
+    from benchmarks.bench_ecr_path import eca_for
+    eca = eca_for(ecr)
+    chk = AnswerChecker(d)
+    f.add("check_eca_new_body_us", per(lambda: chk.classify(eca)), "µs", "lower",
+          "load generator: strict check of an ECA body not seen before")
+
+
+def suite_policy(ctx: Ctx, f: Figures) -> None:
+    from benchmarks.bench_policy import measure
+    n = ctx.profile.policy_n
+    r = measure(n, min(2_000, n), 3, n_tacs=200_000 if n >= 100_000 else 5_000)
+    for key, label in (("14-digit IMEI, no record (common case)", "decide_common_us"),
+                       ("15-digit IMEI (Luhn checked), no record", "decide_luhn_us"),
+                       ("national blacklist record", "decide_blacklisted_us"),
+                       ("blacklisted + exception pair", "decide_pair_us")):
+        hot, cold = r[key]
+        f.add(label, hot / 1000, "µs", "lower", f"policy decision: {key} (hot)")
+        f.add(label.replace("_us", "_cold_us"), cold / 1000, "µs", "lower",
+              f"policy decision: {key} (cold caches)")
+
+
+def _register(ctx: Ctx, rows: int) -> Path:
+    from benchmarks.bench_sync_load import make_zip
+    return Path(make_zip(ctx.work / "registers", rows, 1))
+
+
+def _ecr_row(ctx: Ctx, f: Figures, server: Server, name: str, label: str, workers: int,
+             loop_args: list[str], imeis: str, curves: dict[str, Any]) -> None:
+    cpu0 = server.cpu()
+    r = load(ctx, server.port, "--connections", "4", "--imeis", imeis, *loop_args,
+             cpu=1 if workers == 1 else None)
+    cpu = server.cpu() - cpu0
+    lat = r["latency_ms"]
+    n = max(r["answers"], 1)
+    f.add(f"{name}.answers_per_s", r["throughput_per_s"], "/s", "higher", f"{label}: answers/s")
+    for p in ("p50", "p99", "p99.9"):
+        f.add(f"{name}.{p}_ms", lat[p], "ms", "lower", f"{label}: latency {p}")
+    f.add(f"{name}.server_cpu_us", cpu / n * 1e6, "µs", "lower",
+          f"{label}: server CPU per answer (all processes)")
+    f.add(f"{name}.generator_cpu_us", r["generator"]["cpu_us_per_request"], "µs", "lower",
+          f"{label}: generator CPU per request")
+    f.add(f"{name}.errors", r["timeouts"] + r["malformed"] + r["mismatches"]
+          + sum(v for k, v in r["results"].items() if k != "Result-Code 2001"), "", "lower",
+          f"{label}: timeouts + malformed + mismatches + non-2001")
+    curves[name] = r
+
+
+def suite_ecr(ctx: Ctx, f: Figures) -> None:
+    p = ctx.profile
+    curves: dict[str, Any] = {}
+    redis = None
+    try:
+        for store, workers, mode in p.ecr_matrix:
+            args = ["--workers", str(workers)]
+            imeis = "range:35209900000000:2000"
+            if store != "memory":
+                if redis is None:
+                    redis = Redis(ctx.work)
+                    sync(redis.url, _register(ctx, 20_000))
+                args += ["--store", redis.url]
+                if store == "redis-miss":  # each request a new IMEI: every lookup goes to Redis
+                    imeis = f"range:35210000000000:{p.miss_imeis}"
+            loop_args = (["--inflight", "64"] if mode == "closed"
+                         else ["--rate", str(p.open_rate)])
+            label = (f"ECR {store}, {workers} worker{'s' if workers > 1 else ''}, "
+                     f"{mode} loop" + (f" at {p.open_rate}/s" if mode == "open" else
+                                       ", 4 x 64 in flight"))
+            server = Server(*args, cpu=0 if workers == 1 else None)
+            try:
+                _ecr_row(ctx, f, server, f"{store}.w{workers}.{mode}", label, workers,
+                         loop_args, imeis, curves)
+            finally:
+                server.stop()
+    finally:
+        if redis is not None:
+            redis.stop()
+    plot_percentiles(ctx, "ecr", curves, "ECR end to end: latency percentile curves")
+
+
+def suite_otp(ctx: Ctx, f: Figures) -> None:
+    for tool in ("erl", "erlc", "diameterc"):
+        if shutil.which(tool) is None:
+            raise Skip(f"{tool} not found (apt-get install erlang-base erlang-diameter "
+                       "erlang-dev)")
+    from benchmarks import bench_otp_baseline as otp
+    ebin = Path(tempfile.mkdtemp(prefix="otp-", dir=ctx.work))
+    otp.compile_otp(ebin)
+    curves: dict[str, Any] = {}
+    runs = {}
+    for name in ("otp", "ours"):
+        if name == "otp":
+            srv: Any = otp.OtpServer(ebin, HOST, free_port(), 0, "1:1", [], True)
+            pid = srv.pid
+        else:
+            srv = Server(cpu=0)
+            pid = srv.proc.pid
+        try:
+            cpu0 = tree_cpu(pid)
+            r = load(ctx, srv.port, "--connections", "4", "--inflight", "64", cpu=1)
+            cpu = tree_cpu(pid) - cpu0
+        finally:
+            srv.stop()
+        runs[name] = (r, cpu)
+        curves[name] = r
+        label = "Erlang/OTP diameter EIR (fixed answer)" if name == "otp" else "eir-server"
+        f.add(f"{name}.answers_per_s", r["throughput_per_s"], "/s", "higher",
+              f"{label}, one core, 4 x 64 in flight: answers/s")
+        f.add(f"{name}.p99_ms", r["latency_ms"]["p99"], "ms", "lower", f"{label}: latency p99")
+        f.add(f"{name}.server_cpu_us", cpu / max(r["answers"], 1) * 1e6, "µs", "lower",
+              f"{label}: server CPU per answer")
+        f.add(f"{name}.generator_cpu_us", r["generator"]["cpu_us_per_request"], "µs",
+              "lower", f"{label} run: generator CPU per request")
+    f.add("ratio", runs["ours"][0]["throughput_per_s"] / max(runs["otp"][0]["throughput_per_s"],
+                                                           1e-9), "×", "higher",
+          "eir-server answers/s ÷ OTP answers/s")
+    shutil.rmtree(ebin, ignore_errors=True)
+    plot_percentiles(ctx, "otp", curves, "eir-server vs Erlang/OTP diameter, same core")
+
+
+def _n5g_flag() -> str | None:
+    help_text = subprocess.run([EXE, "serve", "--help"], capture_output=True, text=True).stdout
+    for flag in ("--n5g-listen", "--http-listen", "--n5g-eir-listen", "--sbi-listen"):
+        if flag in help_text:
+            return flag
+    return None
+
+
+def suite_n5g(ctx: Ctx, f: Figures) -> None:
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        raise Skip("h2load not found (apt-get install nghttp2-client)")
+    flag = _n5g_flag()
+    if flag is None:
+        raise Skip("this build of eir-server has no N5g-eir (HTTP/2) listener")
+    port = free_port()
+    server = Server(flag, f"{HOST}:{port}", cpu=0)
+    try:
+        wait_port(port, None)
+        url = (f"http://{HOST}:{port}/n5g-eir-eic/v1/equipment-status"
+               "?pei=imei-352099001761481")
+        cmd = ["taskset", "-c", "1", h2load, "-D", str(ctx.profile.seconds), "-c", "4", "-m",
+               "64", "-t", "1", url]
+        cpu0 = server.cpu()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        cpu = server.cpu() - cpu0
+    finally:
+        server.stop()
+    out = p.stdout
+    import re
+    m = re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)
+    st = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    req = re.search(r"time for request:\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)\s+([\d.]+)(\w+)", out)
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "
+                     r"(\d+) failed", out)
+    if m is None or done is None:
+        raise RuntimeError(f"h2load output not understood (exit {p.returncode}):\n{out[-1500:]}")
+
+    def ms(v: str, unit: str) -> float:
+        return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}.get(unit, 1.0)
+
+    f.add("requests_per_s", float(m.group(1)), "/s", "higher",
+          "N5g-eir GET equipment-status, h2load 4 x 64 streams: requests/s")
+    if req:
+        f.add("mean_ms", ms(req.group(5), req.group(6)), "ms", "lower", "N5g-eir: mean latency")
+        f.add("max_ms", ms(req.group(3), req.group(4)), "ms", "lower", "N5g-eir: max latency")
+    f.add("failed", int(done.group(3)) + (int(st.group(4)) + int(st.group(3)) if st else 0), "",
+          "lower", "N5g-eir: failed + 4xx + 5xx")
+    f.add("server_cpu_us", cpu / max(int(done.group(2)), 1) * 1e6, "µs", "lower",
+          "N5g-eir: server CPU per request")
+
+
+def suite_register(ctx: Ctx, f: Figures) -> None:
+    import redis as redis_lib
+
+    from benchmarks.bench_sync_load import used
+    for rows in ctx.profile.register_sizes:
+        src = _register(ctx, rows)
+        r = Redis(ctx.work)
+        try:
+            c = redis_lib.Redis(port=r.port)
+            base = used(c)
+            dt = sync(r.url, src)
+            mem = used(c) - base
+        finally:
+            r.stop()
+        tag = f"{rows // 1_000_000}M" if rows >= 1_000_000 else f"{rows // 1000}k"
+        f.add(f"rows_per_s_{tag}", rows / dt, "/s", "higher",
+              f"register full load, {rows:,} blacklist rows: rows/s (eir-server sync, wall)")
+        f.add(f"redis_bytes_per_imei_{tag}", mem / rows, "B", "lower",
+              f"Redis memory per listed IMEI at {rows:,}")
+
+
+def suite_during_load(ctx: Ctx, f: Figures) -> None:
+    """Open-loop ECRs from Redis (cached, fetched, and changing verdicts) while `eir-server
+    sync --force-full` loads a large register on the same machine; the load generator runs
+    until the sync is over plus a tail, then is stopped with SIGINT (it still reports)."""
+    p = ctx.profile
+    redis = Redis(ctx.work)
+    server = None
+    gen = None
+    try:
+        sync(redis.url, _register(ctx, 2_000))
+        big = _register(ctx, p.during_rows)
+        server = Server("--store", redis.url)
+        out = ctx.work / "during.json"
+        cmd = [EXE, "load", "--target", f"{HOST}:{server.port}", "--progress", "off",
+               "--json", str(out), "--rate", str(p.during_rate), "--connections", "2",
+               "--warmup", "0", "--duration", "3600", "--imeis",
+               "range:35210000000000:200000", "--max-timeouts", "1"]
+        gen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        time.sleep(2 + p.seconds)  # generator start-up, then a "before" period
+        s0 = time.time()
+        dt = sync(redis.url, big, "--force-full")
+        s1 = time.time()
+        time.sleep(p.seconds)
+        gen.send_signal(signal.SIGINT)
+        gen.wait(120)
+        r = json.loads(out.read_text())
+    finally:
+        if gen is not None and gen.poll() is None:
+            gen.kill()
+            gen.wait(10)
+        if server is not None:
+            server.stop()
+        redis.stop()
+    tl = r["timeline"]
+    s0, s1 = s0 - r["t0_unix"], s1 - r["t0_unix"]
+    before = [s["p99_ms"] for s in tl if s["t"] + 1 <= s0 and s["answers"]]
+    during = [s for s in tl if s["t"] < s1 and s["t"] + 1 > s0]
+    label = f"ECR at {p.during_rate}/s while `eir-server sync` loads {p.during_rows:,} rows"
+    f.add("p99_before_ms", max(before) if before else None, "ms", "lower",
+          f"{label}: worst per-second p99 before")
+    f.add("p99_during_ms", max((s["p99_ms"] for s in during), default=None), "ms", "lower",
+          f"{label}: worst per-second p99 during the load")
+    f.add("max_during_ms", max((s["max_ms"] for s in during), default=None), "ms", "lower",
+          f"{label}: max during")
+    f.add("sync_s", dt, "s", "lower", f"{label}: load time")
+    f.add("errors", r["timeouts"] + r["malformed"] + sum(
+        v for k, v in r["results"].items() if k != "Result-Code 2001"), "", "lower",
+        f"{label}: timeouts + malformed + non-2001")
+    plot_timeline(ctx, "during_load", r, [(s0, s1, "sync")], label)
+
+
+def suite_storm(ctx: Ctx, f: Figures) -> None:
+    """Open loop far above capacity through the Redis miss path, then a normal rate: what the
+    EIR answers (2001 or 3004 TOO_BUSY), what times out, and how long until p99 is back."""
+    p = ctx.profile
+    redis = Redis(ctx.work)
+    server = None
+    try:
+        sync(redis.url, _register(ctx, 2_000))
+        server = Server("--store", redis.url, "--max-in-flight", "2000", cpu=0)
+        storm = load(ctx, server.port, "--rate", str(p.storm_rate), "--connections", "4",
+                     "--timeout", "1", "--max-timeouts", "1", "--imeis",
+                     f"range:35210000000000:{min(p.miss_imeis, 2_000_000)}",
+                     seconds=p.storm_seconds, warmup=0, cpu=1)
+        after = load(ctx, server.port, "--rate", str(p.open_rate // 2 or 100), "--connections",
+                     "4", "--timeout", "1", "--max-timeouts", "1", "--imeis",
+                     "range:35220000000000:100000", seconds=max(p.storm_seconds, 2.0),
+                     warmup=0, cpu=1)
+    finally:
+        if server is not None:
+            server.stop()
+        redis.stop()
+    res = storm["results"]
+    total = storm["requests"] or 1
+    f.add("offered_per_s", p.storm_rate, "/s", "", "storm: offered ECR/s (open loop)")
+    f.add("answered_per_s", storm["throughput_per_s"], "/s", "higher", "storm: answers/s")
+    f.add("ok_share", res.get("Result-Code 2001", 0) / total, "", "higher",
+          "storm: share of requests answered 2001")
+    f.add("busy_3004_share", res.get("Result-Code 3004", 0) / total, "", "",
+          "storm: share answered 3004 DIAMETER_TOO_BUSY")
+    f.add("timeout_share", storm["timeouts"] / total, "", "lower",
+          "storm: share timed out (> 1 s)")
+    f.add("malformed", storm["malformed"], "", "lower", "storm: malformed answers")
+    rec = None
+    for s in after["timeline"]:
+        if s["answers"] and s["p99_ms"] < 10 and not s["timeouts"]:
+            rec = s["t"]
+            break
+    f.add("recovery_s", rec, "s", "lower",
+          "after the storm: seconds until a second with p99 < 10 ms and no timeout")
+    f.add("after_p99_ms", after["latency_ms"]["p99"], "ms", "lower",
+          f"after the storm, {p.open_rate // 2}/s: p99")
+    plot_timeline(ctx, "storm", storm, [], f"storm at {p.storm_rate}/s offered")
+
+
+SUITES: dict[str, Callable[[Ctx, Figures], None]] = {
+    "codec": suite_codec, "policy": suite_policy, "ecr": suite_ecr, "otp": suite_otp,
+    "n5g": suite_n5g, "register": suite_register, "during_load": suite_during_load,
+    "storm": suite_storm,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_percentiles(ctx: Ctx, suite: str, runs: dict[str, Any], title: str) -> None:
+    """Latency by percentile (HDR-style: x = 1/(1-p)) for each run of a suite."""
+    from eir_server.load.hist import Histogram
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ps = [50, 75, 90, 95, 99, 99.5, 99.9, 99.95, 99.99]
+    for name, r in runs.items():
+        h = Histogram.from_pairs(r["latency_histogram_us"])
+        if h.total:
+            ax.plot([1 / (1 - p / 100) for p in ps], [h.percentile(p) / 1000 for p in ps],
+                    marker=".", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks([1 / (1 - p / 100) for p in ps])
+    ax.set_xticklabels([f"{p:g}" for p in ps], fontsize=7)
+    ax.set_xlabel("percentile")
+    ax.set_ylabel("latency ms")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = ctx.out_dir / f"{suite}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    ctx.plots.append(path.name)
+
+
+def plot_timeline(ctx: Ctx, suite: str, r: dict[str, Any], spans: list[tuple[float, float, str]],
+                  title: str) -> None:
+    from eir_server.load.report import plot
+    path = ctx.out_dir / f"{suite}.png"
+    plot(r, path, title, spans)
+    ctx.plots.append(path.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine, report, compare
+
+
+def _cmd_version(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    try:
+        import uvloop
+        uv = uvloop.__version__
+    except ImportError:
+        uv = None
+    redis_v = _cmd_version(["redis-server", "--version"])
+    otp_v = _cmd_version(["erl", "-noshell", "-eval",
+                          "io:format(\"~s\", [erlang:system_info(otp_release)]), halt()."])
+    from benchmarks.bench_otp_baseline import busy_cpus
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "uvloop": uv, "redis": (redis_v or "").split(" v=")[-1].split()[0] or None,
+            "erlang_otp": otp_v or None, "kernel": platform.release(),
+            "busy_cpus_before": round(busy_cpus(1.0), 2),
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
+
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "—"
+    if unit in ("/s",) or abs(v) >= 1000:
+        return f"{v:,.0f}{' /s' if unit == '/s' else ''}" if unit == "/s" else f"{v:,.0f} {unit}"
+    if unit == "" and v < 1 and v != int(v):
+        return f"{v:.3f}"
+    if unit == "":
+        return f"{v:,.0f}"
+    return f"{v:.3g} {unit}" if abs(v) < 10 else f"{v:.1f} {unit}"
+
+
+def target_text(fig: dict[str, Any]) -> str:
+    if "target" not in fig:
+        return ""
+    return f"{fig['target_op']} {fmt(fig['target'], fig['unit'])}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"Profile `{res['profile']}`, {res['finished']}, {res['elapsed_s'] / 60:.1f} min. "
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, uvloop {m['uvloop']}, "
+        f"Redis {m['redis']}, Erlang/OTP {m['erlang_otp']}; busy before the run: "
+        f"{m['busy_cpus_before']} CPUs.",
+    ]
+    if res.get("provisional"):
+        lines.append("")
+        lines.append(f"**Provisional:** {res['provisional']}")
+    lines += ["", "| suite | figure | value | target |", "|---|---|---|---|"]
+    for name, s in res["suites"].items():
+        if s["status"] != "ok":
+            lines.append(f"| {name} | {s['status']}: {s.get('reason', '')} | | |")
+            continue
+        for fig in s["figures"].values():
+            lines.append(f"| {name} | {fig['label']} | {fmt(fig['value'], fig['unit'])} | "
+                         f"{target_text(fig)} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The change per figure present in both runs; better/worse by the figure's direction."""
+    def flat(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {k: v for s in r["suites"].values() for k, v in s.get("figures", {}).items()}
+
+    a, b = flat(old), flat(new)
+    rows = [f"{'figure':<52}{'old':>14}{'new':>14}{'change':>10}"]
+    for k in [k for k in b if k in a]:
+        va, vb = a[k]["value"], b[k]["value"]
+        if va is None or vb is None:
+            change = ""
+        elif va == 0:
+            change = "" if vb == 0 else "new"
+        else:
+            pct = (vb - va) / abs(va) * 100
+            better = b[k].get("better")
+            tag = ""
+            if better and abs(pct) >= 1:
+                tag = " better" if (pct > 0) == (better == "higher") else " worse"
+            change = f"{pct:+.1f} %{tag}"
+        rows.append(f"{k:<52}{fmt(va, a[k]['unit']):>14}{fmt(vb, b[k]['unit']):>14}  {change}")
+    gone = sorted(a.keys() - b.keys())
+    if gone:
+        rows.append(f"only in the old run: {', '.join(gone)}")
+    return "\n".join(rows)
+
+
+README_BEGIN = "<!-- bench:begin (generated by `make bench` from benchmarks/results/latest.json) -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_section(res: dict[str, Any], rel_dir: str = "benchmarks/results") -> str:
+    body = markdown(res)
+    plots = "".join(f"![{p}]({rel_dir}/{p})\n" for p in res.get("plots", []))
+    return f"{README_BEGIN}\n{body}\n{plots}{README_END}"
+
+
+def update_readme(res: dict[str, Any], readme: Path) -> None:
+    text = readme.read_text()
+    a, b = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    readme.write_text(text[:a] + readme_section(res) + text[b:])
+
+
+def run(names: list[str], profile: Profile, out: Path, provisional: str | None) -> dict[str, Any]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    res: dict[str, Any] = {"tool": "benchmarks/suite.py", "profile": profile.name,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           "machine": machine(), "provisional": provisional, "suites": {},
+                           "plots": []}
+    with tempfile.TemporaryDirectory(prefix="eir-bench-") as tmp:
+        work = Path(tmp)
+        (work / "registers").mkdir()
+        regcache = Path(tempfile.gettempdir()) / "eir-bench"  # generated registers are kept
+        if profile.name != "smoke":
+            (work / "registers").rmdir()
+            (work / "registers").symlink_to(regcache, target_is_directory=True)
+            regcache.mkdir(exist_ok=True)
+        for name in names:
+            ctx = Ctx(profile, out.parent, work, [], [])
+            f = Figures(name)
+            t = time.monotonic()
+            print(f"== {name}", file=sys.stderr, flush=True)
+            entry: dict[str, Any]
+            try:
+                SUITES[name](ctx, f)
+                entry = {"status": "ok"}
+            except Skip as e:
+                entry = {"status": "skipped", "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - one suite's failure is reported, not fatal
+                traceback.print_exc()
+                entry = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
+            entry["seconds"] = round(time.monotonic() - t, 1)
+            entry["figures"] = f.items
+            entry["plots"] = ctx.plots
+            res["suites"][name] = entry
+            res["plots"] += ctx.plots
+            print(f"   {entry['status']} in {entry['seconds']} s "
+                  f"{entry.get('reason', '')}", file=sys.stderr, flush=True)
+    res["elapsed_s"] = round(time.monotonic() - t0, 1)
+    res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", action="append", choices=list(SUITES),
+                    help="run this suite (repeatable; default: all)")
+    ap.add_argument("--profile", choices=list(PROFILES), default="quick")
+    ap.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                    help="same as --profile quick (~10 min on 2 cores)")
+    ap.add_argument("--full", dest="profile", action="store_const", const="full",
+                    help="same as --profile full")
+    ap.add_argument("--out", default=str(RESULTS / "latest.json"),
+                    help="results file; the .md table and PNGs go next to it")
+    ap.add_argument("--provisional", default=None, metavar="NOTE",
+                    help="mark the results provisional, with why (shown in the table)")
+    ap.add_argument("--readme", action="store_true",
+                    help="rewrite the README performance table from the results")
+    ap.add_argument("--compare", nargs="+", metavar="JSON",
+                    help="OLD.json [NEW.json]: print the change per figure (NEW default: --out) "
+                    "and run nothing")
+    a = ap.parse_args(argv)
+    if a.compare:
+        old = json.loads(Path(a.compare[0]).read_text())
+        new = json.loads(Path(a.compare[1] if len(a.compare) > 1 else a.out).read_text())
+        print(compare(old, new))
+        return 0
+    out = Path(a.out)
+    res = run(a.suite or list(SUITES), PROFILES[a.profile], out, a.provisional)
+    print(markdown(res))
+    if a.readme:
+        if a.suite and set(a.suite) != set(SUITES):
+            print("not updating the README from a partial run", file=sys.stderr)
+        elif out.resolve() != (RESULTS / "latest.json").resolve():
+            print(f"not updating the README: it shows {RESULTS / 'latest.json'}", file=sys.stderr)
+        else:
+            update_readme(res, ROOT / "README.md")
+    return 1 if any(s["status"] == "failed" for s in res["suites"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
