@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -482,12 +483,23 @@ def suite_during_load(ctx: Ctx, f: Figures) -> None:
         big = _register(ctx, p.during_rows)
         server = Server("--store", redis.url)
         out = ctx.work / "during.json"
-        cmd = [EXE, "load", "--target", f"{HOST}:{server.port}", "--progress", "off",
+        cmd = [EXE, "load", "--target", f"{HOST}:{server.port}", "--progress", "on",
                "--json", str(out), "--rate", str(p.during_rate), "--connections", "2",
                "--warmup", "0", "--duration", "3600", "--imeis",
                "range:35210000000000:200000", "--max-timeouts", "1"]
-        gen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        time.sleep(2 + p.seconds)  # generator start-up, then a "before" period
+        gen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started = threading.Event()
+
+        def watch() -> None:  # the first progress line: the run's first second is over
+            assert gen is not None and gen.stderr is not None
+            while chunk := gen.stderr.read1(4096):  # type: ignore[attr-defined]
+                if b"answers/s" in chunk:
+                    started.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+        if not started.wait(120):
+            raise RuntimeError("eir-server load did not start")
+        time.sleep(p.seconds)  # the "before" period
         s0 = time.time()
         dt = sync(redis.url, big, "--force-full")
         s1 = time.time()
@@ -668,7 +680,19 @@ def target_text(fig: dict[str, Any]) -> str:
     return f"{fig['target_op']} {fmt(fig['target'], fig['unit'])}"
 
 
-def markdown(res: dict[str, Any]) -> str:
+HEADLINE_SUFFIXES = (".answers_per_s", ".p99_ms", ".server_cpu_us", "ratio", "requests_per_s",
+                     "p99_during_ms", "p99_before_ms", "answered_per_s", "busy_3004_share",
+                     "timeout_share", "recovery_s", "sync_s")
+
+
+def headline(key: str) -> bool:
+    """The figures the README shows (latest.md has them all)."""
+    name = key.split(".", 1)[1]
+    return (key in TARGETS or key.endswith(HEADLINE_SUFFIXES) or name.startswith(
+        ("rows_per_s", "redis_bytes_per_imei")))
+
+
+def markdown(res: dict[str, Any], only: Callable[[str], bool] | None = None) -> str:
     m = res["machine"]
     lines = [
         f"Profile `{res['profile']}`, {res['finished']}, {res['elapsed_s'] / 60:.1f} min. "
@@ -684,7 +708,9 @@ def markdown(res: dict[str, Any]) -> str:
         if s["status"] != "ok":
             lines.append(f"| {name} | {s['status']}: {s.get('reason', '')} | | |")
             continue
-        for fig in s["figures"].values():
+        for key, fig in s["figures"].items():
+            if only is not None and not only(key):
+                continue
             lines.append(f"| {name} | {fig['label']} | {fmt(fig['value'], fig['unit'])} | "
                          f"{target_text(fig)} |")
     return "\n".join(lines) + "\n"
@@ -722,9 +748,10 @@ README_END = "<!-- bench:end -->"
 
 
 def readme_section(res: dict[str, Any], rel_dir: str = "benchmarks/results") -> str:
-    body = markdown(res)
+    body = markdown(res, headline)
     plots = "".join(f"![{p}]({rel_dir}/{p})\n" for p in res.get("plots", []))
-    return f"{README_BEGIN}\n{body}\n{plots}{README_END}"
+    return (f"{README_BEGIN}\n{body}\nEvery figure: [{rel_dir}/latest.md]({rel_dir}/latest.md)."
+            f"\n\n{plots}{README_END}")
 
 
 def update_readme(res: dict[str, Any], readme: Path) -> None:

@@ -109,7 +109,8 @@ def build(cfg: LoadConfig, st: Stats, *, mode: str, imei_source: str, listed: st
                         "dwr_answered": st.dwr_answered, "dpa_received": st.dpa_received},
         "generator": {
             "cpu_s": round(st.cpu, 3),
-            "cpu_us_per_request": round(st.cpu / max(measured, 1) * 1e6, 2),
+            # per request sent in the measured window (answered or timed out)
+            "cpu_us_per_request": round(st.cpu / max(sent_measured, 1) * 1e6, 2),
             "cpu_share_of_one_core": round(st.cpu / elapsed, 3),
             "open_loop_max_lag_ms": round(st.open_loop_late_ms, 2) if rate else None,
             "python": platform.python_version(), "uvloop": _uvloop_version(),
