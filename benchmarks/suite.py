@@ -418,8 +418,8 @@ def suite_n5g(ctx: Ctx, f: Figures) -> None:
         wait_port(port, None)
         url = (f"http://{HOST}:{port}/n5g-eir-eic/v1/equipment-status"
                "?pei=imei-352099001761481")
-        cmd = ["taskset", "-c", "1", h2load, "-D", str(ctx.profile.seconds), "-c", "4", "-m",
-               "64", "-t", "1", url]
+        cmd = ["taskset", "-c", "1", h2load, "-D", str(max(1, round(ctx.profile.seconds))),
+               "-c", "4", "-m", "64", "-t", "1", url]
         cpu0 = server.cpu()
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         cpu = server.cpu() - cpu0
