@@ -33,7 +33,6 @@ from eir_server.s13.handler import S13Handler  # noqa: E402
 from eir_server.service import CheckService  # noqa: E402
 from eir_server.store import MemoryStore  # noqa: E402
 
-
 MME = PeerIdentity("mme0.bench", "bench", "localdomain")
 
 

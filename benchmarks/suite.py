@@ -259,7 +259,7 @@ def suite_codec(ctx: Ctx, f: Figures) -> None:
     me = Identity("mme0.bench", "bench", "localdomain")
     tpl = EcrTemplates(me, 0, [entry_block(e) for e in parse_range("range:35209900000000:64")])
     ecr = tpl.request(1, 1, 1)
-    grammar = d.command(16777252, 324).request  # type: ignore[union-attr]
+    grammar = d.compiled.request(16777252, 324)
 
     def per(fn: Callable[[], object]) -> float:
         fn()

@@ -11,6 +11,7 @@ timeout; its late answer is counted as such, never as a latency.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import random
@@ -170,7 +171,8 @@ class Generator:
             c = Conn(self, i, self.blocks)
             self.conns.append(c)
             try:
-                await asyncio.wait_for(loop.create_connection(lambda c=c: c, cfg.host, cfg.port),
+                await asyncio.wait_for(loop.create_connection(functools.partial(_same, c),
+                                                              cfg.host, cfg.port),
                                        cfg.connect_timeout)
             except (OSError, TimeoutError) as e:
                 st.conn_failures.append(f"connection {i}: {e or type(e).__name__}")
@@ -502,6 +504,10 @@ class Conn(asyncio.Protocol):
             self.transport.abort()
 
 
+def _same(c: Conn) -> Conn:
+    return c
+
+
 def _result_code(msg: bytes) -> int:
     try:
         for code, vendor, s, e in walk(msg, 20, len(msg)):
@@ -532,7 +538,7 @@ def run(cfg: LoadConfig, dictionary: Dictionary, use_uvloop: bool = True) -> Sta
         if not use_uvloop:
             raise ImportError
         import uvloop
-        runner: Callable[..., Stats] = uvloop.run  # type: ignore[assignment]
+        runner: Callable[..., Stats] = uvloop.run
     except ImportError:
         runner = asyncio.run
     g = Generator(cfg, dictionary)

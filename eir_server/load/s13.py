@@ -157,9 +157,9 @@ class AnswerChecker:
 
     def __init__(self, dictionary: Dictionary) -> None:
         self.dictionary = dictionary
-        cmd = dictionary.command(S13_APP, ECR)
-        assert cmd is not None and cmd.answer is not None
-        self.grammar = cmd.answer
+        grammar = dictionary.compiled.answer(S13_APP, ECR)
+        assert grammar is not None
+        self.grammar = grammar
         self.cache: dict[bytes, tuple[int, int, int, str]] = {}
         self.problems: dict[str, int] = {}
 

@@ -123,7 +123,7 @@ def test_request_is_a_valid_ecr(hbh, e2e, which):
     t = EcrTemplates(ME, 3, [entry_block(e) for e in entries])
     data = t.request(which, hbh, e2e)
     m = decode(data, D)
-    validate(m, D.command(16777252, 324).request)
+    validate(m, D.compiled.request(16777252, 324))
     assert not m.problems
     assert (m.hop_by_hop, m.end_to_end) == (hbh, e2e)
     assert m.value(m.find(263)) == f"mme0.load.test;3;{hbh:010d}".encode()
@@ -136,9 +136,10 @@ def _eca(request: bytes, status: EquipmentStatus) -> bytes:
     me = ServerIdentity("eir.localdomain", "localdomain", 1)
     b = EcaBuilder(me, D)
     msg = decode(request, D)
-    validate(msg, D.command(16777252, 324).request)
-    _req, prefix, suffix, _origin = b.parse(msg)  # type: ignore[misc]
-    return b.answer(msg, prefix, suffix, status)
+    validate(msg, D.compiled.request(16777252, 324))
+    parsed = b.parse(msg)
+    assert not isinstance(parsed, bytes)
+    return b.answer(msg, parsed.prefix, parsed.suffix, status)
 
 
 def test_checker_reads_our_servers_answers():
