@@ -170,6 +170,20 @@ _COLUMNS: dict[ListKind, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ListKind.EXCEPTIONS: (("imei", "imsi"), ("msisdn",)),
 }
 MAX_SAMPLES = 20
+# Input bounds (sync --max-line-bytes / --max-reasons-bytes). A DIRBS row is well under 200
+# bytes; a line past MAX_LINE is no register row (and would have to be buffered whole), so the
+# file is refused at that line; a longer reasons field is a bad row.
+MAX_LINE = 4096
+MAX_REASONS = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_line: int = MAX_LINE
+    max_reasons: int = MAX_REASONS
+
+
+DEFAULT_LIMITS = Limits()
 _TRUE = frozenset({"true", "t", "1", "yes", "y"})
 _FALSE = frozenset({"false", "f", "0", "no", "n", ""})
 
@@ -188,6 +202,14 @@ class CsvReport:
     rows: int = 0
     bad: int = 0
     samples: list[BadRow] = field(default_factory=list)
+    # Duplicate keys within the file: (key, line kept, line dropped), first MAX_SAMPLES.
+    duplicates: int = 0
+    dup_samples: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def add_duplicate(self, key: str, kept: int, dropped: int) -> None:
+        self.duplicates += 1
+        if len(self.dup_samples) < MAX_SAMPLES:
+            self.dup_samples.append((key, kept, dropped))
 
     def add_bad(self, line: int, reason: str) -> None:
         self.bad += 1
@@ -209,6 +231,8 @@ class CsvReport:
             "rows": self.rows,
             "bad": self.bad,
             "bad_lines": [[b.line, b.reason] for b in self.samples],
+            "duplicates": self.duplicates,
+            "duplicate_lines": [list(d) for d in self.dup_samples],
         }
 
 
@@ -241,23 +265,90 @@ def _digits(s: str, lo: int, hi: int) -> str | None:
     return None
 
 
-def _text_rows(stream: IO[bytes]) -> Iterator[list[str]]:
+class _BoundedLines(io.RawIOBase):
+    """Passes a byte stream through, refusing it at the first physical line longer than
+    `max_line` bytes: the text layer above reads whole lines, so without this one huge field
+    (a 400 MB `reasons` in a small zip) would be read into memory before anything could object.
+    """
+
+    def __init__(self, stream: IO[bytes], max_line: int, source: str) -> None:
+        self._s = stream
+        self._max = max_line
+        self._source = source
+        self._run = 0  # bytes since the last newline
+        self._line = 1
+        self._first = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        data = self._s.read(min(len(b), 1 << 16))
+        n = len(data)
+        if not n:
+            return 0
+        if self._first:
+            self._first = False
+            if data.startswith(b"\xef\xbb\xbf"):
+                self._run = -3  # the BOM is no part of the first line
+        last = data.rfind(b"\n")
+        if last < 0:
+            self._run += n
+            if self._run > self._max:
+                self._refuse(self._line)
+        else:
+            first = data.find(b"\n")
+            if self._run + first > self._max:
+                self._refuse(self._line)
+            if last > first + self._max:  # a whole line in between may be too long
+                for k, part in enumerate(data[first + 1 : last].split(b"\n")):
+                    if len(part) > self._max:
+                        self._refuse(self._line + 1 + k)
+            self._line += data.count(b"\n")
+            self._run = n - last - 1
+            if self._run > self._max:
+                self._refuse(self._line)
+        b[:n] = data
+        return n
+
+    def _refuse(self, line: int) -> None:
+        raise RegisterError(
+            f"{self._source}: line {line}: longer than {self._max} bytes "
+            "(--max-line-bytes), file refused"
+        )
+
+
+def _text_rows(stream: IO[bytes], limits: Limits, source: str) -> Iterator[list[str]]:
     # utf-8-sig drops a BOM; newline="" lets csv handle CRLF and quoted newlines; undecodable
     # bytes become U+FFFD so the row fails validation instead of aborting the file.
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="")
+    raw = io.BufferedReader(_BoundedLines(stream, limits.max_line, source), 1 << 16)
+    text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
     return csv.reader(text)
 
 
+def reasons_too_long(reasons: str, limits: Limits) -> bool:
+    return len(reasons) > limits.max_reasons // 4 and len(reasons.encode()) > limits.max_reasons
+
+
 def iter_list_rows(
-    kind: ListKind, stream: IO[bytes], report: CsvReport
+    kind: ListKind, stream: IO[bytes], report: CsvReport, limits: Limits = DEFAULT_LIMITS
 ) -> Iterator[tuple[str, tuple[str, str] | NotificationEntry | ExceptionEntry]]:
     """Yield (imei14, payload) for each good row. Blacklist payload: (block_date, raw reasons).
 
-    Raises RegisterError for a broken zip member (CRC/truncation) or unusable header. The
-    caller decides on the bad-row share with `report.check()` once the file is exhausted.
+    Raises RegisterError for a broken zip member (CRC/truncation), an unusable header or a line
+    over `limits.max_line`. The caller decides on the bad-row share with `report.check()` once
+    the file is exhausted.
     """
+    for _, imei, payload in iter_rows_numbered(kind, stream, report, limits):
+        yield imei, payload
+
+
+def iter_rows_numbered(
+    kind: ListKind, stream: IO[bytes], report: CsvReport, limits: Limits = DEFAULT_LIMITS
+) -> Iterator[tuple[int, str, tuple[str, str] | NotificationEntry | ExceptionEntry]]:
+    """`iter_list_rows` with the line number (first physical line) of each row."""
     required, optional = _COLUMNS[kind]
-    reader = _text_rows(stream)
+    reader = _text_rows(stream, limits, report.source)
     idx: dict[str, int] = {c: i for i, c in enumerate(required)}
     counts = set(range(len(required), len(required) + len(optional) + 1))
     header_seen = False
@@ -272,8 +363,8 @@ def iter_list_rows(
                 continue  # blank line
             if not header_seen:
                 header_seen = True
-                if row[0].strip().lower() == "imei":
-                    names = [c.strip().lower() for c in row]
+                names = [c.strip().lower() for c in row]
+                if "imei" in names:  # a header: columns are matched by name, in any order
                     missing = [c for c in required if c not in names]
                     if missing:
                         raise RegisterError(f"{report.source}: header lacks {missing}")
@@ -299,9 +390,12 @@ def iter_list_rows(
                     if FORBIDDEN.intersection(reasons):
                         report.add_bad(line, "control character in reasons")
                         continue
+                    if reasons_too_long(reasons, limits):
+                        report.add_bad(line, f"reasons longer than {limits.max_reasons} bytes")
+                        continue
                     good_text.add(reasons)
                 report.rows += 1
-                yield imei, (date, reasons)
+                yield line, imei, (date, reasons)
                 continue
             imsi = _digits(row[idx["imsi"]], 5, 15)
             if not imsi:
@@ -315,7 +409,7 @@ def iter_list_rows(
                 continue
             if kind is ListKind.EXCEPTIONS:
                 report.rows += 1
-                yield imei, ExceptionEntry(imsi, msisdn)
+                yield line, imei, ExceptionEntry(imsi, msisdn)
                 continue
             date = row[idx["block_date"]].strip()
             if not valid_date(date):
@@ -325,6 +419,9 @@ def iter_list_rows(
             if FORBIDDEN.intersection(reasons):
                 report.add_bad(line, "control character in reasons")
                 continue
+            if reasons_too_long(reasons, limits):
+                report.add_bad(line, f"reasons longer than {limits.max_reasons} bytes")
+                continue
             amnesty = False
             if "amnesty_granted" in idx and idx["amnesty_granted"] < n:
                 a = row[idx["amnesty_granted"]].strip().lower()
@@ -333,7 +430,7 @@ def iter_list_rows(
                     continue
                 amnesty = a in _TRUE
             report.rows += 1
-            yield imei, NotificationEntry(imsi, msisdn, date, split_reasons(reasons), amnesty)
+            yield line, imei, NotificationEntry(imsi, msisdn, date, split_reasons(reasons), amnesty)
     except (zipfile.BadZipFile, EOFError, zlib_error) as e:
         raise RegisterError(f"{report.source}: corrupt data ({e})") from e
     except csv.Error as e:
@@ -473,21 +570,31 @@ def parse_line(kind: ListKind, line: str, lineno: int, report: CsvReport) -> lis
 
 
 def check_blacklist_row(
-    row: list[str], lineno: int, report: CsvReport
+    row: list[str],
+    lineno: int,
+    report: CsvReport,
+    limits: Limits = DEFAULT_LIMITS,
+    order: tuple[int, int, int] = (0, 1, 2),
 ) -> tuple[str, str, str] | None:
-    """Validate a positional blacklist row -> (imei14, block_date, raw reasons) or None (bad)."""
+    """Validate a blacklist row -> (imei14, block_date, raw reasons) or None (bad). `order`:
+    the positions of imei, block_date and reasons (from the header)."""
     if len(row) != 3:
         report.add_bad(lineno, f"{len(row)} columns")
         return None
-    imei = _imei14(row[0])
+    i, d, r = order
+    imei = _imei14(row[i])
     if imei is None:
         report.add_bad(lineno, "bad IMEI")
         return None
-    date = row[1].strip()
+    date = row[d].strip()
     if not valid_date(date):
         report.add_bad(lineno, "bad block_date")
         return None
-    if FORBIDDEN.intersection(row[2]):
+    reasons = row[r]
+    if FORBIDDEN.intersection(reasons):
         report.add_bad(lineno, "control character in reasons")
         return None
-    return imei, date, row[2]
+    if reasons_too_long(reasons, limits):
+        report.add_bad(lineno, f"reasons longer than {limits.max_reasons} bytes")
+        return None
+    return imei, date, reasons

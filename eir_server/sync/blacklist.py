@@ -36,17 +36,28 @@ from zlib import error as zlib_error
 
 from eir_server.store.codec import FORBIDDEN, Listing
 from eir_server.store.register import (
+    DEFAULT_LIMITS,
     CsvReport,
+    Limits,
     ListKind,
     ListName,
     RegisterError,
     apply_row,
     check_blacklist_row,
     parse_line,
+    reasons_too_long,
     valid_date,
 )
 
-_LINE = rb"\d{14,16},\d{8},[^\r\n\",\x1e\x1f]*\r?"
+
+def _line_re(limits: Limits) -> bytes:
+    # A plain line whose reasons fit both bounds (longer ones go the csv way and are checked
+    # there), so a line the regex takes is never over max_line either.
+    n = max(0, min(limits.max_reasons, limits.max_line - 27))
+    return rb"\d{14,16},\d{8},[^\r\n\",\x1e\x1f]{0,%d}\r?" % n
+
+
+_LINE = _line_re(DEFAULT_LIMITS)
 RUN_RE = re.compile(rb"(?:" + _LINE + rb"\n)*")
 LINE_RE = re.compile(_LINE)
 _BOM = b"\xef\xbb\xbf"
@@ -80,7 +91,14 @@ def quote_open(line: str, in_quotes: bool) -> bool:
 
 
 class NeedGeneric(Exception):
-    """The header names the columns in another order: use the generic csv path."""
+    """The header names other columns than exactly imei, block_date, reasons: use the generic
+    csv path (which takes extra columns or refuses a header lacking one)."""
+
+
+def _too_long(source: str, line: int, limit: int) -> RegisterError:
+    return RegisterError(
+        f"{source}: line {line}: longer than {limit} bytes (--max-line-bytes), file refused"
+    )
 
 
 class BlockReader:
@@ -92,10 +110,13 @@ class BlockReader:
     CRC, truncation) raises RegisterError from the iterator.
     """
 
-    def __init__(self, stream: IO[bytes], source: str, block: int = 1 << 20) -> None:
+    def __init__(
+        self, stream: IO[bytes], source: str, block: int = 1 << 20, max_line: int = 1 << 62
+    ) -> None:
         self._stream = stream
         self._source = source
         self._block = block
+        self._max_line = max_line
         self._q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=4)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="eir-sync-reader", daemon=True)
@@ -146,6 +167,8 @@ class BlockReader:
             if data:
                 cut = buf.rfind(b"\n") + 1
                 out, carry = buf[:cut], buf[cut:]
+                if len(carry) > self._max_line:  # refuse now: never buffer a huge line
+                    raise _too_long(self._source, lineno + out.count(b"\n"), self._max_line)
             else:
                 out, carry = buf, b""
                 if out and not out.endswith(b"\n"):
@@ -182,8 +205,18 @@ class BlacklistParser:
         report: CsvReport,
         value_of: Callable[[str, str], bytes],
         extras: dict[str, Listing],
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.k = k
+        self.limits = limits
+        self.max_line = limits.max_line
+        self._order: tuple[int, int, int] | None = None  # header in another column order
+        if limits == DEFAULT_LIMITS:
+            self._run_re, self._line_re = RUN_RE, LINE_RE
+        else:
+            line = _line_re(limits)
+            self._run_re = re.compile(rb"(?:" + line + rb"\n)*")
+            self._line_re = re.compile(line)
         self.cut = cut = 14 - k
         self.bcd = cut > 9  # see layout: k <= 4 packs the field as BCD
         self.fpre = b"$%d\r\n" % ((cut + 1) // 2) if self.bcd else b"$%d\r\n1" % (cut + 1)
@@ -195,17 +228,23 @@ class BlacklistParser:
         self._extras_b = frozenset(i.encode() for i in extras)
         self.report = report
         self.rows = 0
+        self._extra_lines: dict[str, int] = {}  # blacklist rows merged into extras: imei -> line
         self.first_line = True  # no non-blank line seen yet: it may be a header
         self._pending = b""  # a record whose quoted field continues in the next block
         self._pending_line = 0
 
+    @property
+    def extra_entries(self) -> int:
+        """Distinct IMEIs of this blacklist merged into `extras` (not in `groups`)."""
+        return len(self._extra_lines)
+
     # -- per block -----------------------------------------------------------------------------
     def feed(self, lineno: int, data: bytes) -> None:
         """Parse one block of whole lines (each ending in b"\\n"); `lineno` numbers its first."""
-        if self._pending or b'"' in data:
+        if self._pending or self._order is not None or b'"' in data:
             self._feed_quoted(lineno, data)
             return
-        match = RUN_RE.match
+        match = self._run_re.match
         pos, end = 0, len(data)
         while pos < end:
             e = match(data, pos).end()
@@ -217,26 +256,33 @@ class BlacklistParser:
                 if pos >= end:
                     break
             nl = data.index(b"\n", pos)
+            if nl - pos > self.max_line:
+                raise _too_long(self.report.source, lineno, self.max_line)
             self._careful(data[pos:nl].decode("utf-8", errors="replace"), lineno)
             lineno += 1
             pos = nl + 1
 
     def _feed_quoted(self, lineno: int, data: bytes) -> None:
-        """A block with double quotes: records follow csv's quoting rules (a quoted field may
-        hold newlines, also across blocks) and are numbered by their first physical line; plain
-        lines still take the fast path."""
+        """A block with double quotes (or after a header in another column order): records
+        follow csv's quoting rules (a quoted field may hold newlines, also across blocks) and
+        are numbered by their first physical line; plain lines still take the fast path."""
         if self._pending:
             data = self._pending + data
             lineno = self._pending_line
             self._pending = b""
-        physical = data.decode("utf-8", errors="replace").split("\n")
-        physical.pop()  # the block ends with "\n"
+        raw_lines = data.split(b"\n")
+        raw_lines.pop()  # the block ends with "\n"
+        for k, raw in enumerate(raw_lines):
+            if len(raw) > self.max_line:
+                raise _too_long(self.report.source, lineno + k, self.max_line)
+        physical = [x.decode("utf-8", errors="replace") for x in raw_lines]
+        plain = self._order is None
         i, n = 0, len(physical)
         while i < n:
             line = physical[i]
             if '"' not in line:
-                raw = line.encode()
-                if LINE_RE.fullmatch(raw):
+                raw = raw_lines[i]
+                if plain and self._line_re.fullmatch(raw):
                     self._run([raw], lineno)
                 else:
                     self._careful(line, lineno)
@@ -295,6 +341,8 @@ class BlacklistParser:
         raw = raw_b.decode("utf-8", errors="replace")
         if not valid_date(date) or FORBIDDEN.intersection(raw):
             return None
+        if reasons_too_long(raw, self.limits):  # U+FFFD for a bad byte is 3 bytes
+            return None
         vf = self.tails[tail] = self.value_of(date, raw)
         return vf
 
@@ -330,17 +378,33 @@ class BlacklistParser:
             return
         if self.first_line:
             self.first_line = False
-            if row[0].strip().lower() == "imei":
-                if [c.strip().lower() for c in row] != HEADER:
-                    raise NeedGeneric
+            names = [c.strip().lower() for c in row]
+            if "imei" in names:
+                if names != HEADER:
+                    if sorted(names) != sorted(HEADER):
+                        raise NeedGeneric
+                    # Columns matched by name: every row goes the csv way, in that order.
+                    self._order = (
+                        names.index("imei"),
+                        names.index("block_date"),
+                        names.index("reasons"),
+                    )
                 return
-        checked = check_blacklist_row(row, lineno, report)
+        checked = check_blacklist_row(row, lineno, report, self.limits, self._order or (0, 1, 2))
         if checked is None:
             return
         imei, date, reasons = checked
         self.rows += 1
         listing = self.extras.get(imei) if self.extras else None
         if listing is not None:
+            kept = self._extra_lines.get(imei)
+            if kept is not None:  # a duplicate: the earliest block_date wins (engine's rule)
+                assert listing.blacklist is not None
+                if date >= listing.blacklist.block_date:
+                    report.add_duplicate(imei, kept, lineno)
+                    return
+                report.add_duplicate(imei, lineno, kept)
+            self._extra_lines[imei] = lineno
             apply_row(listing, _BLACKLIST, "upsert", (date, reasons))
             return
         cut = self.cut
@@ -397,8 +461,8 @@ def _lines_bcd(
 
 
 def iter_blocks(
-    stream: IO[bytes], source: str, block: int = 1 << 20
+    stream: IO[bytes], source: str, block: int = 1 << 20, max_line: int = 1 << 62
 ) -> Iterator[tuple[int, bytes]]:
     """BlockReader as a plain generator (the thread stops when the generator is closed)."""
-    with BlockReader(stream, source, block) as reader:
+    with BlockReader(stream, source, block, max_line) as reader:
         yield from reader

@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from eir_server.store.register import RegisterError
+from eir_server.store.register import MAX_LINE, MAX_REASONS, Limits, RegisterError
 from eir_server.store.urls import parse_store_url
 
 from .engine import SyncOptions, run_once
@@ -70,6 +70,40 @@ def add_sync_parser(subparsers: Any) -> None:
         default=0.01,
         metavar="F",
         help="refuse a file when more than this share of its rows is malformed (default 0.01)",
+    )
+    p.add_argument(
+        "--max-shrink",
+        type=float,
+        default=0.10,
+        metavar="F",
+        help="refuse a list whose entries drop by more than this share versus the served "
+        "version; an empty or header-only full list is refused too (default 0.10)",
+    )
+    p.add_argument(
+        "--allow-shrink",
+        action="store_true",
+        help="accept a list that shrank past --max-shrink, or an empty list",
+    )
+    p.add_argument(
+        "--max-line-bytes",
+        type=int,
+        default=MAX_LINE,
+        metavar="N",
+        help=f"refuse a file at its first line longer than this (default {MAX_LINE})",
+    )
+    p.add_argument(
+        "--max-reasons-bytes",
+        type=int,
+        default=MAX_REASONS,
+        metavar="N",
+        help=f"a row whose reasons field is longer is a bad row (default {MAX_REASONS})",
+    )
+    p.add_argument(
+        "--max-member-bytes",
+        type=int,
+        default=16 << 30,
+        metavar="N",
+        help="refuse a zip whose member inflates to more than this (default 16 GiB)",
     )
     p.add_argument("--force-full", action="store_true", help="do a full load even if deltas apply")
     p.add_argument(
@@ -159,14 +193,28 @@ def _one(
         RUNS.labels("busy").inc()
         log.error("sync not applied", error=str(e))
         return EXIT_STORE
-    except Exception as e:  # noqa: BLE001 - Redis errors and the like: report, do not trace
+    except Exception as e:  # noqa: BLE001 - report, never a traceback (--interval goes on)
         from redis.exceptions import RedisError
 
-        if not isinstance(e, RedisError | OSError):
-            raise
-        RUNS.labels("store_error").inc()
-        log.error("sync failed talking to the store; previous version keeps serving", error=repr(e))
-        return EXIT_STORE
+        if isinstance(e, RedisError | OSError):
+            RUNS.labels("store_error").inc()
+            log.error(
+                "sync failed talking to the store; previous version keeps serving", error=repr(e)
+            )
+            return EXIT_STORE
+        # Nothing was switched (the switch is the run's last step); say where it broke.
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+        RUNS.labels("failed").inc()
+        log.error(
+            "sync failed (unexpected error, most likely on odd input); previous version keeps "
+            "serving",
+            error=repr(e),
+            where=where,
+        )
+        return EXIT_REFUSED
     RUNS.labels(result.mode).inc()
     LAST_DURATION.set(result.duration_s)
     if result.refused:
@@ -207,7 +255,19 @@ def run_sync(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port)
+    if not 0 <= args.max_shrink <= 1:
+        log.error("--max-shrink must be between 0 and 1", value=args.max_shrink)
+        return EXIT_USAGE
+    if not (
+        64 <= args.max_line_bytes and 0 <= args.max_reasons_bytes and args.max_member_bytes > 0
+    ):
+        log.error("--max-line-bytes must be >= 64, the other bounds >= 0")
+        return EXIT_USAGE
     opts = SyncOptions(
+        max_shrink=args.max_shrink,
+        allow_shrink=args.allow_shrink,
+        limits=Limits(args.max_line_bytes, args.max_reasons_bytes),
+        max_member_bytes=args.max_member_bytes,
         max_bad_share=args.max_bad_share,
         bucket_size=args.bucket_size,
         compact_threshold=args.compact_threshold,

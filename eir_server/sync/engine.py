@@ -19,7 +19,7 @@ import time
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +27,19 @@ from typing import Any
 import structlog
 
 from eir_server.policy import LoadError, TacDatabase
+from eir_server.policy.types import NotificationEntry
 from eir_server.store import layout
 from eir_server.store.codec import Listing, decode_listing, encode_blacklist
 from eir_server.store.register import (
+    DEFAULT_LIMITS,
     CsvReport,
+    Limits,
     ListKind,
     ListName,
     ListZip,
     RegisterError,
     apply_row,
-    iter_list_rows,
+    iter_rows_numbered,
     open_list_zip,
     parse_zip_name,
     split_reasons,
@@ -61,6 +64,14 @@ class SyncOptions:
     grace: float = 2.0  # seconds between the switch and deleting the old version
     force_full: bool = False
     allow_missing_lists: bool = False
+    # A list whose entries drop by more than this share versus the served version is refused
+    # (an empty or header-only full list is the extreme case), unless allow_shrink.
+    max_shrink: float = 0.10
+    allow_shrink: bool = False
+    limits: Limits = DEFAULT_LIMITS  # line / reasons length bounds
+    # Zip bomb guard: a member inflating to more than this, or by more than MAX_RATIO once
+    # over RATIO_FLOOR bytes, is refused before it is read.
+    max_member_bytes: int = 16 << 30
     progress: Progress | None = None
     tac_hook: Callable[[Path], None] | None = None
     # Test hook: called with a stage name at each step; raising there simulates a crash.
@@ -106,6 +117,63 @@ def _ts(name: str) -> str:
     return name[:15]
 
 
+# Register CSVs inflate ~3-5x (random IMEIs); 200x on a member over 64 MB is a zip bomb.
+MAX_RATIO = 200
+RATIO_FLOOR = 64 << 20
+_PIN_ERRORS: tuple[type[BaseException], ...] = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    zlib.error,
+    NotImplementedError,  # compression method
+    RuntimeError,  # encrypted member
+    KeyError,
+    UnicodeError,
+)
+_ZIP_ERRORS = (*_PIN_ERRORS, OSError)  # where only the file is read (not Redis sockets)
+
+
+def check_members(path: Path, max_bytes: int) -> None:
+    """Refuse a zip whose members would inflate past `max_bytes` or by a bomb-like ratio."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except _ZIP_ERRORS as e:
+        raise RegisterError(f"{path.name}: unreadable or truncated zip ({e})") from e
+    for i in infos:
+        if i.file_size > max_bytes:
+            raise RegisterError(
+                f"{path.name}: member {i.filename} inflates to {i.file_size} bytes "
+                f"(> {max_bytes}, --max-member-bytes), refused"
+            )
+        if i.file_size > RATIO_FLOOR and i.file_size > MAX_RATIO * max(i.compress_size, 1):
+            raise RegisterError(
+                f"{path.name}: member {i.filename} inflates {i.file_size // max(i.compress_size, 1)}"
+                f"x ({i.compress_size} -> {i.file_size} bytes): refused as a zip bomb"
+            )
+
+
+def restrictive_blacklist(old: tuple[str, str], new: tuple[str, str]) -> bool:
+    """Whether a duplicate blacklist row `new` replaces `old` (same IMEI, same list): the most
+    restrictive wins, i.e. the earliest block_date (the device is blocked from the earliest
+    date any row gives); on the same date the first row stays."""
+    return new[0] < old[0]
+
+
+def restrictive_notification(old: NotificationEntry, new: NotificationEntry) -> bool:
+    """Duplicate (IMEI, IMSI) notification rows: no amnesty beats amnesty, then the earliest
+    block_date; otherwise the first row stays."""
+    return (new.amnesty_granted, new.block_date) < (old.amnesty_granted, old.block_date)
+
+
+def entries_of(listing: Listing, lname: ListName) -> int:
+    """How many entries of list `lname` a merged listing holds (for the shrink guard)."""
+    if lname.kind is ListKind.BLACKLIST:
+        return int(listing.blacklist is not None)
+    table = listing.notifications if lname.kind is ListKind.NOTIFICATIONS else listing.exceptions
+    return sum(1 for op, _ in table if op == lname.operator)
+
+
 class NeedFull(Exception):
     pass
 
@@ -131,6 +199,10 @@ class _Pinned:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: Any) -> None:
         if isinstance(e, RegisterError) and not isinstance(e, ListRefused):
             raise ListRefused(self.lname, str(e)) from e
+        if isinstance(e, _PIN_ERRORS):
+            # zipfile's own errors (encrypted member, unknown compression, bad CRC): the file
+            # is refused like any other bad input, never a traceback.
+            raise ListRefused(self.lname, f"{self.lname}: unreadable zip data ({e!r})") from e
 
 
 class SyncRun:
@@ -152,7 +224,9 @@ class SyncRun:
             parsed = parse_zip_name(name)
             assert parsed is not None
             with _Pinned(parsed[1]):
-                z = self._zips[name] = open_list_zip(self.source.fetch(name))
+                path = self.source.fetch(name)
+                check_members(path, self.opts.max_member_bytes)
+                z = self._zips[name] = open_list_zip(path)
         return z
 
     def plan(
@@ -287,7 +361,8 @@ class SyncRun:
         sha = file_sha256(tac)
         info: dict[str, Any] = {"file": tac.name, "sha256": sha}
         result.tac = info
-        if self.db.tac_current().get("sha256") == sha:
+        served = self.db.tac_current().get("sha256")
+        if served == sha:
             info["unchanged"] = True
             return None
         try:
@@ -312,6 +387,7 @@ class SyncRun:
             )
         if self.opts.tac_hook is not None:
             self.opts.tac_hook(tac)
+        info["replaced"] = served is not None  # readers of the old text need the grace
         stored = {"file": tac.name, "rows": rows, "bad": bad, "loaded": round(time.time(), 3)}
         self.db.put_tac(sha, text, stored)
         return sha, stored
@@ -337,16 +413,62 @@ class SyncRun:
             rows=result.rows,
         )
 
-    def _read_rows(self, z: ListZip, member: str, report: CsvReport) -> Iterable[tuple[str, Any]]:
+    def _read_rows(
+        self, z: ListZip, member: str, report: CsvReport, full: bool = False
+    ) -> Iterator[tuple[int, str, Any]]:
+        """(line, imei14, payload) of each good row; a full list must not be empty."""
         with _Pinned(z.list):
             zf = zipfile.ZipFile(z.path)
             try:
                 with zf.open(member) as stream:
-                    yield from iter_list_rows(z.list.kind, stream, report)
+                    yield from iter_rows_numbered(z.list.kind, stream, report, self.opts.limits)
             finally:
                 zf.close()
             report.check(self.opts.max_bad_share)
+            if full:
+                self._check_not_empty(z, report)
         self.reports.append(report)
+
+    def _check_not_empty(self, z: ListZip, report: CsvReport) -> None:
+        if report.rows + report.bad == 0 and not self.opts.allow_shrink:
+            raise ListRefused(
+                z.list,
+                f"{report.source}: no rows (a 0-byte or header-only file); an empty full list "
+                "is refused (--allow-shrink accepts it)",
+            )
+
+    def _check_shrink(self, cur: Current, lname: ListName, entries: int) -> None:
+        """Refuse a list whose entries drop by more than --max-shrink versus the served one."""
+        served = cur.lists.get(str(lname), {}).get("entries")
+        if self.opts.allow_shrink or served is None or cur.version is None:
+            return
+        if entries < served * (1 - self.opts.max_shrink):
+            drop = 1 - entries / served if served else 0.0
+            raise ListRefused(
+                lname,
+                f"{lname}: {entries} entries where {served} are served, a drop of {drop:.1%} "
+                f"(> {self.opts.max_shrink:.0%} allowed by --max-shrink); refused "
+                "(--allow-shrink accepts it)",
+            )
+
+    @staticmethod
+    def _replaces(lname: ListName, old: Any, new: Any) -> bool:
+        if lname.kind is ListKind.BLACKLIST:
+            return restrictive_blacklist(old, new)
+        if lname.kind is ListKind.NOTIFICATIONS:
+            return restrictive_notification(old, new)
+        return False
+
+    def _log_duplicates(self, report: CsvReport) -> None:
+        if report.duplicates:
+            log.warning(
+                "duplicate IMEIs in one list: the most restrictive row was kept",
+                source=report.source,
+                duplicates=report.duplicates,
+                first=[
+                    f"{k}: kept line {a}, dropped line {b}" for k, a, b in report.dup_samples[:5]
+                ],
+            )
 
     # -- full load -----------------------------------------------------------------------------
     def _full(self, cur: Current, available: dict[ListName, list[str]], result: RunResult) -> None:
@@ -360,13 +482,30 @@ class SyncRun:
             if lname.kind is ListKind.BLACKLIST:
                 continue
             report = CsvReport(f"{z.path.name}:{z.full_member}")
-            for imei, payload in self._read_rows(z, z.full_member, report):
+            seen: dict[tuple[str, str], int] = {}  # (imei, imsi) -> line of the row kept
+            notif = lname.kind is ListKind.NOTIFICATIONS
+            for line, imei, payload in self._read_rows(z, z.full_member, report, full=True):
                 listing = extras.get(imei)
                 if listing is None:
                     listing = extras[imei] = Listing()
+                key = (imei, payload.imsi)
+                kept = seen.get(key)
+                if kept is not None:
+                    table = listing.notifications if notif else listing.exceptions
+                    old = table[(lname.operator, payload.imsi)]
+                    if notif and restrictive_notification(old, payload):  # type: ignore[arg-type]
+                        seen[key] = line
+                        report.add_duplicate(f"{imei}/{payload.imsi}", line, kept)
+                    else:
+                        report.add_duplicate(f"{imei}/{payload.imsi}", kept, line)
+                        continue
+                else:
+                    seen[key] = line
                 apply_row(listing, lname, "upsert", payload)
+            self._log_duplicates(report)
             rows += report.rows
-            lists_meta[str(lname)]["rows"] = report.rows
+            lists_meta[str(lname)].update(rows=report.rows, entries=len(seen))
+            self._check_shrink(cur, lname, len(seen))
         bl = latest.get(ListName(ListKind.BLACKLIST))
         with _Pinned(ListName(ListKind.BLACKLIST)):
             est = len(extras) + (self._estimate_rows(bl) if bl else 0)
@@ -381,9 +520,10 @@ class SyncRun:
         try:
             if bl is not None:
                 with _Pinned(bl.list):
-                    n = self._write_blacklist(bl, buckets, writer, extras, table)
+                    n, entries = self._write_blacklist(bl, buckets, writer, extras, table)
                 rows += n
-                lists_meta["blacklist"]["rows"] = n
+                lists_meta["blacklist"].update(rows=n, entries=entries)
+                self._check_shrink(cur, bl.list, entries)
             for imei, listing in extras.items():
                 if listing.is_empty():
                     continue
@@ -416,10 +556,41 @@ class SyncRun:
                 info = zf.getinfo(z.full_member)
                 with zf.open(info) as f:
                     head = f.read(1 << 16)
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+        except _ZIP_ERRORS as e:
             raise RegisterError(f"{z.path.name}: corrupt data ({e})") from e
+        if not head.strip(b"\xef\xbb\xbf\r\n\t "):
+            if not self.opts.allow_shrink:
+                raise RegisterError(
+                    f"{z.path.name}:{z.full_member}: no rows (a 0-byte file); an empty full "
+                    "list is refused (--allow-shrink accepts it)"
+                )
+            return 0
         lines = max(head.count(b"\n"), 1)
         return int(info.file_size / (len(head) / lines)) + 1
+
+    def _value_of(
+        self, table: dict[int, bytes]
+    ) -> tuple[Callable[[str, str], bytes], Callable[[str, str], bytes]]:
+        """-> (stored value, RESP `\\r\\n` + bulk of it) for a blacklist (date, raw reasons):
+        a record id in the version's shared table while it has room, else the record."""
+        values: dict[tuple[str, str], bytes] = {}
+        max_records = self.opts.max_records
+
+        def stored(date: str, raw: str) -> bytes:
+            v = values.get((date, raw))
+            if v is None:
+                v = encode_blacklist(date, split_reasons(raw))
+                if len(table) < max_records:
+                    rid = len(table) + 1
+                    table[rid] = v
+                    v = b"%d" % rid
+                values[(date, raw)] = v
+            return v
+
+        def resp(date: str, raw: str) -> bytes:
+            return b"\r\n" + bulk(stored(date, raw))
+
+        return stored, resp
 
     def _write_blacklist(
         self,
@@ -428,28 +599,17 @@ class SyncRun:
         writer: BulkWriter,
         extras: dict[str, Listing],
         table: dict[int, bytes],
-    ) -> int:
+    ) -> tuple[int, int]:
         """The 10M-row path (see sync/blacklist.py): bytes-level runs of plain lines, the csv
-        module only for the lines that need it; buckets flushed as one HSET each per round."""
+        module only for the lines that need it; buckets flushed as one HSET each per round.
+        -> (good rows, distinct IMEIs)."""
         report = CsvReport(f"{z.path.name}:{z.full_member}")
         k = buckets.k
-        values: dict[tuple[str, str], bytes] = {}
-        max_records = self.opts.max_records
-
-        def value_of(date: str, raw: str) -> bytes:
-            vf = values.get((date, raw))
-            if vf is None:
-                enc = encode_blacklist(date, split_reasons(raw))
-                if len(table) < max_records:
-                    rid = len(table) + 1
-                    table[rid] = enc
-                    enc = b"%d" % rid
-                vf = values[(date, raw)] = b"\r\n" + bulk(enc)
-            return vf
-
-        parser = BlacklistParser(k, report, value_of, extras)
+        stored, value_of = self._value_of(table)
+        parser = BlacklistParser(k, report, value_of, extras, self.opts.limits)
         keys = [f"{buckets.ns}:{buckets.base}:b:{i:0{k}d}" for i in range(10**k)]
         heads = [b"$%d\r\n%s\r\n" % (len(key), key.encode()) for key in keys]
+        sent = [0] * 10**k  # fields sent per bucket: a bucket holding fewer has duplicates
         # Rows buffered before writing: more rows per bucket per HSET means less Redis work.
         # 24 per bucket: ~2.4M rows (~170 MB of fragments) per round at k=5.
         chunk = self.opts.flush_rows or max(200_000, min(3_000_000, 10**k * 24))
@@ -460,46 +620,107 @@ class SyncRun:
         gc.disable()  # millions of short-lived objects, nothing cyclic: skip the collector
         try:
             with zipfile.ZipFile(z.path) as zf, zf.open(z.full_member) as stream:
-                for lineno, data in iter_blocks(stream, report.source, self.opts.read_block):
+                for lineno, data in iter_blocks(
+                    stream, report.source, self.opts.read_block, self.opts.limits.max_line
+                ):
                     parser.feed(lineno, data)
                     self.progress.update(parser.rows)
                     if parser.rows - flushed >= chunk:
-                        self._flush_groups(parser, keys, heads, writer)
+                        self._flush_groups(parser, keys, heads, writer, sent)
                         flushed = parser.rows
-                        self.db.refresh_lock()
                         if first_flush:
                             first_flush = False
                             self.opts.checkpoint("buckets-partial")
+                parser.finish()
         except NeedGeneric:
             return self._write_blacklist_generic(z, buckets, writer, extras, table)
-        except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
-            raise RegisterError(f"{report.source}: corrupt data ({e})") from e
         finally:
             if gc_was:
                 gc.enable()
-        self._flush_groups(parser, keys, heads, writer)
+        self._flush_groups(parser, keys, heads, writer, sent)
         report.rows = parser.rows
         report.check(self.opts.max_bad_share)
-        self.reports.append(report)
+        self._check_not_empty(z, report)
         self.progress.update(parser.rows)
         self.progress.finish()
-        return parser.rows
+        entries = self._resolve_duplicates(z, buckets, writer, sent, extras, stored, report)
+        self.reports.append(report)
+        return parser.rows, entries + parser.extra_entries
 
     @staticmethod
     def _flush_groups(
-        parser: BlacklistParser, keys: list[str], heads: list[bytes], writer: BulkWriter
+        parser: BlacklistParser,
+        keys: list[str],
+        heads: list[bytes],
+        writer: BulkWriter,
+        sent: list[int],
     ) -> None:
         fpre = parser.fpre
         hset = b"*%d\r\n$4\r\nHSET\r\n"
         raw = writer.raw_parts
         for i, frags in enumerate(parser.groups):
             if frags:
-                raw(
-                    keys[i],
-                    b"".join((hset % (2 + 2 * len(frags)), heads[i], fpre)),
-                    fpre.join(frags),
-                )
+                n = len(frags)
+                sent[i] += n
+                raw(keys[i], b"".join((hset % (2 + 2 * n), heads[i], fpre)), fpre.join(frags))
                 frags.clear()
+
+    def _resolve_duplicates(
+        self,
+        z: ListZip,
+        buckets: layout.Buckets,
+        writer: BulkWriter,
+        sent: list[int],
+        extras: dict[str, Listing],
+        stored: Callable[[str, str], bytes],
+        report: CsvReport,
+    ) -> int:
+        """After the blacklist's bucket writes: the number of distinct IMEIs written.
+
+        Redis counts the fields each HSET created, so duplicates cost nothing to detect; only
+        when there are some, the buckets holding fewer fields than were sent are found (HLEN)
+        and the file is read again (csv path) for the rows of those buckets, to keep the most
+        restrictive row of each duplicated IMEI (`restrictive_blacklist`) and report the lines.
+        """
+        created = writer.flush()
+        total = sum(sent)
+        if created >= total:
+            return created
+        pipe = self.db.client.pipeline(transaction=False)
+        nonempty = [i for i, n in enumerate(sent) if n]
+        for i in nonempty:
+            pipe.hlen(layout.bucket_key(buckets.ns, buckets.base, i, buckets.k))
+        lens = pipe.execute()
+        dup_buckets = {i for i, n in zip(nonempty, lens, strict=True) if n < sent[i]}
+        cut = 14 - buckets.k
+        seen: dict[str, tuple[int, str, str]] = {}  # imei -> (line, date, raw) kept
+        fix: set[str] = set()
+        again = CsvReport(report.source)
+        with zipfile.ZipFile(z.path) as zf, zf.open(z.full_member) as stream:
+            for line, imei, payload in iter_rows_numbered(
+                ListKind.BLACKLIST, stream, again, self.opts.limits
+            ):
+                if int(imei[cut:]) not in dup_buckets or imei in extras:
+                    continue
+                prev = seen.get(imei)
+                date, raw = payload  # type: ignore[misc]
+                if prev is None:
+                    seen[imei] = (line, date, raw)
+                elif restrictive_blacklist(prev[1:], (date, raw)):
+                    report.add_duplicate(imei, line, prev[0])
+                    seen[imei] = (line, date, raw)
+                    fix.add(imei)
+                else:
+                    report.add_duplicate(imei, prev[0], line)
+                    fix.add(imei)
+        # The last row of each duplicated IMEI is what Redis holds: write the kept one over it.
+        for imei in sorted(fix):
+            _, date, raw = seen[imei]
+            key, f = buckets.locate(imei)
+            writer.hset(key, {f: stored(date, raw)})
+        writer.flush()
+        self._log_duplicates(report)
+        return created
 
     def _write_blacklist_generic(
         self,
@@ -508,27 +729,38 @@ class SyncRun:
         writer: BulkWriter,
         extras: dict[str, Listing],
         table: dict[int, bytes],
-    ) -> int:
-        """Any column order (named by the header): the csv path for every row."""
+    ) -> tuple[int, int]:
+        """A header with other or extra columns (matched by name): the csv path for every row."""
         blk = ListName(ListKind.BLACKLIST)
-        by_value: dict[bytes, int] = {}
+        stored, _ = self._value_of(table)
         report = CsvReport(f"{z.path.name}:{z.full_member}")
+        sent = [0] * 10**buckets.k
+        cut = 14 - buckets.k
+        extra_lines: dict[str, int] = {}
         n = 0
-        for imei, payload in self._read_rows(z, z.full_member, report):
+        for line, imei, payload in self._read_rows(z, z.full_member, report, full=True):
+            n += 1
             listing = extras.get(imei)
             if listing is not None:
+                kept = extra_lines.get(imei)
+                if kept is not None:
+                    old = listing.blacklist
+                    assert old is not None
+                    if not restrictive_blacklist((old.block_date, ""), payload):
+                        report.add_duplicate(imei, kept, line)
+                        continue
+                    report.add_duplicate(imei, line, kept)
+                extra_lines[imei] = line
                 apply_row(listing, blk, "upsert", payload)
                 continue
-            date, raw = payload  # type: ignore[misc]
-            enc = encode_blacklist(date, split_reasons(raw))
-            rid = by_value.get(enc)
-            if rid is None and len(table) < self.opts.max_records:
-                rid = by_value[enc] = len(table) + 1
-                table[rid] = enc
+            date, raw = payload
             key, f = buckets.locate(imei)
-            writer.hset(key, {f: b"%d" % rid if rid else enc})
-            n += 1
-        return n
+            sent[int(imei[cut:])] += 1
+            writer.hset(key, {f: stored(date, raw)})
+        self.reports.remove(report)  # re-added below with the duplicates found
+        entries = self._resolve_duplicates(z, buckets, writer, sent, extras, stored, report)
+        self.reports.append(report)
+        return n, entries + len(extra_lines)
 
     def _write_table_meta(
         self,
@@ -563,10 +795,27 @@ class SyncRun:
         for lname, zips in sorted(chains.items()):
             counts: dict[str, int] = {}
             for z in zips:
+                # Upserts of one key repeated within one published run (in one delta member or
+                # across its reasons): the most restrictive row is applied, the rest reported.
+                upserts: dict[tuple[str, str], tuple[int, int, CsvReport]] = {}
                 for d in z.deltas:
                     report = CsvReport(f"{z.path.name}:{d.name}")
-                    for imei, payload in self._read_rows(z, d.name, report):
+                    for line, imei, payload in self._read_rows(z, d.name, report):
+                        if d.op == "upsert":
+                            key = (imei, "" if lname.kind is ListKind.BLACKLIST else payload.imsi)
+                            prev = upserts.get(key)
+                            if prev is not None:
+                                j, kept, _ = prev
+                                if self._replaces(lname, ops[j][3], payload):
+                                    report.add_duplicate("/".join(key).rstrip("/"), line, kept)
+                                    ops[j] = (imei, lname, d.op, payload)
+                                    upserts[key] = (j, line, report)
+                                else:
+                                    report.add_duplicate("/".join(key).rstrip("/"), kept, line)
+                                continue
+                            upserts[key] = (len(ops), line, report)
                         ops.append((imei, lname, d.op, payload))
+                    self._log_duplicates(report)
                     counts[d.reason] = counts.get(d.reason, 0) + report.rows
                     rows += report.rows
             last = zips[-1]
@@ -584,8 +833,17 @@ class SyncRun:
         table = {int(k): v for k, v in raw_table.items()}
         current = self.db.read_listings(cur, touched, old_overlay, table)
         before = {i: not listing.is_empty() for i, listing in current.items()}
+        changed = sorted(chains)
+        entries_before = {ln: sum(entries_of(x, ln) for x in current.values()) for ln in changed}
         for imei, lname, op, payload in ops:
             apply_row(current[imei], lname, op, payload)
+        for ln in changed:
+            served = cur.lists.get(str(ln), {}).get("entries")
+            if served is None:
+                continue
+            after = served + sum(entries_of(x, ln) for x in current.values()) - entries_before[ln]
+            self._check_shrink(cur, ln, after)
+            lists_meta[str(ln)]["entries"] = after
         by_value = {v: k for k, v in table.items()}
         overlay = dict(old_overlay)
         count = int(cur.meta.get("count", 0))
@@ -641,7 +899,9 @@ def run_once(source: Source, db: RegisterDB, opts: SyncOptions) -> RunResult:
         db.gc_tac()
         result = SyncRun(source, db, opts).run()
         switched = result.mode in ("full", "delta") or (result.tac or {}).get("switched")
-        if switched and opts.grace > 0:
+        # Readers of the old version need the grace; a first load replaced nothing.
+        had_previous = result.previous is not None or (result.tac or {}).get("replaced")
+        if switched and had_previous and opts.grace > 0:
             time.sleep(opts.grace)  # let every node's poller move off the old version
         db.gc()
         db.gc_tac()

@@ -8,6 +8,7 @@ below 500k rows/s). Replies are read one chunk behind the writes so Redis and Py
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import socket
@@ -34,6 +35,68 @@ _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+_REFRESH_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_TAKE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+LOCK_TTL_MS = 10_000  # a sync that stops refreshing (killed, host gone) loses the lock after this
+LOCK_BEAT_S = 2.0  # refresh period while running
+
+
+def _start_ticks(pid: int) -> str | None:
+    """Start time of a process (clock ticks since boot), or None if unknown: tells a live
+    owner from a recycled pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 :].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def lock_owner() -> dict[str, Any]:
+    """Who holds the lock: host, pid namespace, pid and start time, plus a random id."""
+    pid = os.getpid()
+    return {
+        "host": socket.gethostname(),
+        "pidns": _pid_ns(),
+        "pid": pid,
+        "start": _start_ticks(pid),
+        "id": uuid.uuid4().hex,
+        "since": round(time.time(), 3),
+    }
+
+
+def owner_gone(owner: dict[str, Any]) -> bool:
+    """Whether the process named by a lock owner is certainly gone: only decidable on the same
+    host and pid namespace (elsewhere the lock's short TTL frees it)."""
+    if owner.get("host") != socket.gethostname() or owner.get("pidns", "") != _pid_ns():
+        return False
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    start = _start_ticks(pid)
+    return start is not None and owner.get("start") is not None and start != owner["start"]
 
 
 class StoreBusy(Exception):
@@ -294,27 +357,74 @@ class RegisterDB:
         self.cluster = target.mode == "cluster"
         self._cas = self.client.register_script(_CAS_SWITCH)
         self._release = self.client.register_script(_RELEASE_LOCK)
+        self._refresh = self.client.register_script(_REFRESH_LOCK)
+        self._take = self.client.register_script(_TAKE_LOCK)
         self._lock_token: str | None = None
+        self._beat_stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self.lock_lost = False
 
     def close(self) -> None:
         self.client.close()
 
     # -- lock ----------------------------------------------------------------------------------
-    def acquire_lock(self, ttl_ms: int = 60_000) -> None:
-        token = uuid.uuid4().hex
-        if not self.client.set(layout.lock_key(self.ns), token, nx=True, px=ttl_ms):
-            raise StoreBusy(f"another sync holds {layout.lock_key(self.ns)}")
+    def acquire_lock(self, ttl_ms: int = LOCK_TTL_MS, beat_s: float = LOCK_BEAT_S) -> None:
+        """Take N:lock (value: the owner, see lock_owner) with a short TTL that a heartbeat
+        thread refreshes while this sync runs. A lock whose owner process is gone (same host,
+        SIGKILLed or crashed) is taken over at once; any other frees itself within the TTL."""
+        key = layout.lock_key(self.ns)
+        token = json.dumps(lock_owner(), sort_keys=True)
+        if not self.client.set(key, token, nx=True, px=ttl_ms):
+            held = self.client.get(key)
+            try:
+                owner = json.loads(held) if held else {}
+            except ValueError:
+                owner = {}
+            if not (isinstance(owner, dict) and owner_gone(owner)):
+                who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another sync"
+                raise StoreBusy(f"{who} holds {key}")
+            if not self._take(keys=[key], args=[held, token, ttl_ms]):
+                raise StoreBusy(f"another sync took {key} first")
+            import structlog
+
+            structlog.get_logger("eir.sync").warning(
+                "took over the lock of a sync that is gone", owner=owner
+            )
         self._lock_token = token
         self._lock_ttl = ttl_ms
+        self.lock_lost = False
+        self._beat_stop.clear()
+        self._beat = threading.Thread(
+            target=self._heartbeat, args=(token, beat_s), name="eir-sync-lock", daemon=True
+        )
+        self._beat.start()
+
+    def _heartbeat(self, token: str, period: float) -> None:
+        key = layout.lock_key(self.ns)
+        while not self._beat_stop.wait(period):
+            try:
+                if not self._refresh(keys=[key], args=[token, self._lock_ttl]):
+                    self.lock_lost = True  # expired (we were stalled) and maybe taken
+                    return
+            except Exception:  # noqa: BLE001 - Redis trouble: the run itself will notice
+                continue
 
     def refresh_lock(self) -> None:
         if self._lock_token is not None:
-            self.client.pexpire(layout.lock_key(self.ns), self._lock_ttl)
+            self._refresh(keys=[layout.lock_key(self.ns)], args=[self._lock_token, self._lock_ttl])
 
     def release_lock(self) -> None:
+        self._beat_stop.set()
+        if self._beat is not None:
+            self._beat.join(5)
+            self._beat = None
         if self._lock_token is not None:
-            self._release(keys=[layout.lock_key(self.ns)], args=[self._lock_token])
-            self._lock_token = None
+            try:
+                self._release(keys=[layout.lock_key(self.ns)], args=[self._lock_token])
+            except Exception:  # noqa: BLE001 - Redis gone: the short TTL frees it anyway
+                pass
+            finally:
+                self._lock_token = None
 
     # -- versions ------------------------------------------------------------------------------
     def current(self) -> Current:
@@ -393,6 +503,8 @@ class RegisterDB:
         return out
 
     def switch(self, expected: str | None, new: str) -> None:
+        if self.lock_lost:
+            raise SwitchConflict(f"{layout.lock_key(self.ns)} expired under this run")
         ok = self._cas(keys=[layout.cur_key(self.ns)], args=[expected or "", new])
         if not ok:
             raise SwitchConflict(f"{layout.cur_key(self.ns)} is no longer {expected!r}")

@@ -1,14 +1,18 @@
 """The bytes-level blacklist path (sync/blacklist.py) agrees with the csv path (iter_list_rows).
 
 Messy files (BOM, CRLF, quotes with newlines, blank lines, bad rows of every kind, non-UTF-8
-bytes, duplicates, IMEIs also on other lists) are cut into tiny blocks so that block
-boundaries fall everywhere, including inside quoted fields; both paths must keep the same rows
-with the same values and count the same bad rows at the same line numbers.
+bytes, duplicates, IMEIs also on other lists, over-long reasons and lines, the columns in any
+order) are cut into tiny blocks so that block boundaries fall everywhere, including inside
+quoted fields; both paths must keep the same rows (every one, in order, duplicates included)
+with the same values, count the same bad rows at the same line numbers, and refuse the same
+files at the same line.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import re
 from binascii import hexlify
 
 import pytest
@@ -19,6 +23,7 @@ from eir_server.policy.types import BlacklistEntry
 from eir_server.store.codec import Listing, encode_blacklist
 from eir_server.store.register import (
     CsvReport,
+    Limits,
     ListKind,
     RegisterError,
     iter_list_rows,
@@ -34,7 +39,7 @@ GOOD = [
     "86000000000003,20240229,",  # empty reasons; leap day
     "01234567890123,20240101,caf\u00e9|vol",  # leading zero TAC, UTF-8 reason
     "35000000000004,20240101,stolen",
-    "35000000000001,20240102,changed",  # duplicate IMEI: the later row wins
+    "35000000000001,20240102,changed",  # duplicate IMEI (the engine keeps the earliest date)
     "99999999999999,20240101,a b|c",
     " 35000000000005 ,20240101,stolen",  # spaces: only the csv path takes it
     '"35000000000006",20240101,"lost|stolen"',
@@ -55,17 +60,49 @@ BAD = [
     "35000000000012,2024010,x",
     'ab"c,20240101,x',  # a literal quote inside an unquoted field opens nothing
     "\u0663\u0665000000000001,20240101,x",  # non-ASCII digits
+    "35000000000013,20240101," + "r" * 50,  # reasons over LIMITS.max_reasons
+    "35000000000014,20240101,\u00e9" * 1 + "\u00e9" * 20,  # 42 bytes of reasons in 21 chars
 ]
+LONG = "35000000000015,20240101," + "x|" * 60  # a line over LIMITS.max_line: file refused
+LIMITS = Limits(max_line=120, max_reasons=40)
+ORDERS = [(0, 1, 2), (2, 1, 0), (1, 2, 0), (0, 2, 1)]
+NAMES = ("imei", "block_date", "reasons")
 EXTRA_IMEIS = ["35000000000004", "99999999999999"]
 
 lines = st.lists(
-    st.one_of(st.sampled_from(GOOD), st.sampled_from(BAD), st.just(""), st.just("   ")),
+    st.one_of(
+        st.sampled_from(GOOD), st.sampled_from(BAD), st.just(""), st.just("   "), st.just(LONG)
+    ),
     max_size=30,
 )
 
 
-def build(body: list[str], bom: bool, crlf: bool, header: bool, final_nl: bool) -> bytes:
-    rows = (["imei,block_date,reasons"] if header else []) + body
+def permute(line: str, order: tuple[int, int, int]) -> str:
+    """The same row with its columns in `order` (rows that are not 3 fields stay as they are)."""
+    try:
+        fields = next(csv.reader([line]))
+    except (csv.Error, StopIteration):
+        return line
+    if len(fields) != 3 or order == (0, 1, 2):
+        return line
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow([fields[order.index(i)] for i in range(3)])
+    return out.getvalue()
+
+
+def build(
+    body: list[str],
+    bom: bool,
+    crlf: bool,
+    header: bool,
+    final_nl: bool,
+    order: tuple[int, int, int] = (0, 1, 2),
+) -> bytes:
+    if order != (0, 1, 2):
+        header = True
+        body = [permute(r, order) for r in body]
+    names = ",".join(NAMES[order.index(i)] for i in range(3))
+    rows = ([names] if header else []) + body
     nl = "\r\n" if crlf else "\n"
     text = nl.join(r.replace("\n", nl) for r in rows) + (nl if final_nl and rows else "")
     return ("\ufeff" if bom else "").encode() + text.encode()
@@ -90,14 +127,15 @@ def resp_pair(resp: bytes) -> tuple[bytes, bytes]:
     return out[0], out[1]
 
 
-def via_parser(data: bytes, k: int, block: int, extras: dict[str, Listing]):
+def via_parser(data: bytes, k: int, block: int, extras: dict[str, Listing], limits=LIMITS):
+    """-> ({imei: [value of each row, in file order]}, report, rows)."""
     report = CsvReport("f")
-    parser = BlacklistParser(k, report, value_of, extras)
-    with BlockReader(io.BytesIO(data), "f", block) as reader:
+    parser = BlacklistParser(k, report, value_of, extras, limits)
+    with BlockReader(io.BytesIO(data), "f", block, limits.max_line) as reader:
         for lineno, chunk in reader:
             parser.feed(lineno, chunk)
     parser.finish()
-    got: dict[str, bytes] = {}
+    got: dict[str, list[bytes]] = {}
     cut = 14 - k
     for i, frags in enumerate(parser.groups):
         for frag in frags:
@@ -107,19 +145,30 @@ def via_parser(data: bytes, k: int, block: int, extras: dict[str, Listing]):
                 prefix = digits[1:] if cut % 2 else digits
             else:
                 prefix = fld.decode()[1:]
-            got[prefix + f"{i:0{k}d}"] = value
+            got.setdefault(prefix + f"{i:0{k}d}", []).append(value)
     return got, report, parser.rows
 
 
-def via_csv(data: bytes, extras: dict[str, Listing]):
+def via_csv(data: bytes, extras: dict[str, Listing], limits=LIMITS):
     report = CsvReport("f")
-    got: dict[str, bytes] = {}
-    for imei, (date, raw) in iter_list_rows(ListKind.BLACKLIST, io.BytesIO(data), report):
+    got: dict[str, list[bytes]] = {}
+    for imei, (date, raw) in iter_list_rows(ListKind.BLACKLIST, io.BytesIO(data), report, limits):
         if imei in extras:
-            extras[imei].blacklist = BlacklistEntry(date, split_reasons(raw))
+            old = extras[imei].blacklist
+            if old is None or date < old.block_date:  # duplicates: the earliest date wins
+                extras[imei].blacklist = BlacklistEntry(date, split_reasons(raw))
             continue
-        got[imei] = encode_blacklist(date, split_reasons(raw))
+        got.setdefault(imei, []).append(encode_blacklist(date, split_reasons(raw)))
     return got, report
+
+
+def refused_at(fn, *args):
+    """The line number a path refuses the file at (None: not refused), or its result."""
+    try:
+        return None, fn(*args)
+    except RegisterError as e:
+        m = re.search(r"line (\d+)", str(e))
+        return (int(m.group(1)) if m else -1), None
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
@@ -132,18 +181,29 @@ def via_csv(data: bytes, extras: dict[str, Listing]):
     k=st.sampled_from([2, 3, 5]),
     block=st.integers(1, 80),
     with_extras=st.booleans(),
+    order=st.sampled_from(ORDERS),
 )
-def test_bytes_path_agrees_with_csv_path(body, bom, crlf, header, final_nl, k, block, with_extras):
-    data = build(body, bom, crlf, header, final_nl)
+def test_bytes_path_agrees_with_csv_path(
+    body, bom, crlf, header, final_nl, k, block, with_extras, order
+):
+    data = build(body, bom, crlf, header, final_nl, order)
     ex1 = {i: Listing() for i in EXTRA_IMEIS} if with_extras else {}
     ex2 = {i: Listing() for i in EXTRA_IMEIS} if with_extras else {}
-    got, report, rows = via_parser(data, k, block, ex1)
-    want, want_report = via_csv(data, ex2)
+    line1, fast = refused_at(via_parser, data, k, block, ex1)
+    line2, slow = refused_at(via_csv, data, ex2)
+    assert line1 == line2
+    if line1 is not None:
+        assert LONG in body
+        return
+    got, report, rows = fast
+    want, want_report = slow
     assert got == want
     assert ex1 == ex2
     assert rows == want_report.rows
     assert report.bad == want_report.bad
     assert [b.line for b in report.samples] == [b.line for b in want_report.samples]
+    assert [b.reason for b in report.samples] == [b.reason for b in want_report.samples]
+    assert report.dup_samples == want_report.dup_samples or not with_extras
 
 
 def test_known_file_rows_values_and_line_numbers():
@@ -155,9 +215,9 @@ def test_known_file_rows_values_and_line_numbers():
         True,
     )
     got, report, rows = via_parser(data, 5, 7, {})
-    assert got["35000000000001"] == b"B20240102\x1fchanged"
-    assert got["01234567890123"] == "B20240101\x1fcaf\u00e9|vol".encode()
-    assert got["35000000000007"] == b"B20240101\x1fmulti\r\nline"
+    assert got["35000000000001"] == [b"B20240101\x1fstolen"] * 2 + [b"B20240102\x1fchanged"]
+    assert got["01234567890123"] == ["B20240101\x1fcaf\u00e9|vol".encode()]
+    assert got["35000000000007"] == [b"B20240101\x1fmulti\r\nline"]
     assert rows == 9
     # header = line 1, GOOD[:8] = 2..9, BAD = 10..12, blank 13, quoted 14-15, "1234,..." 16
     assert [(b.line, b.reason) for b in report.samples] == [
@@ -168,10 +228,51 @@ def test_known_file_rows_values_and_line_numbers():
     ]
 
 
-def test_header_in_another_order_needs_the_generic_path():
-    data = b"imei,reasons,block_date\n35000000000001,x,20240101\n"
+def test_header_in_another_order_is_matched_by_name():
+    data = b"block_date,reasons,imei\n20240101,x,35000000000001\n20240102,y|z,35000000000002\n"
+    got, report, rows = via_parser(data, 5, 1 << 20, {})
+    assert rows == 2 and report.bad == 0
+    assert got["35000000000002"] == [b"B20240102\x1fy|z"]
+    want, _ = via_csv(data, {})
+    assert got == want
+
+
+def test_header_with_other_columns_needs_the_generic_path():
+    data = b"imei,block_date,reasons,source\n35000000000001,20240101,x,a\n"
     with pytest.raises(NeedGeneric):
         via_parser(data, 5, 1 << 20, {})
+
+
+@pytest.mark.parametrize("block", [7, 1 << 16])
+def test_huge_field_is_refused_at_its_line_without_reading_it_whole(block):
+    """A 400 MB `reasons` must not be buffered: both paths refuse at the line as soon as it is
+    over the limit (a stream that fails past the first megabyte proves neither reads on)."""
+
+    class Endless(io.RawIOBase):
+        def __init__(self) -> None:
+            self.head = b"imei,block_date,reasons\n35000000000001,20240101,ok\n35000000000002,2024"
+            self.served = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:
+            if self.served > 1 << 20:
+                raise AssertionError("read past the first megabyte of one line")
+            chunk = (self.head if self.served == 0 else b"")[: len(b)] or b"x" * len(b)
+            self.head = b"" if self.served == 0 else self.head
+            b[: len(chunk)] = chunk
+            self.served += len(chunk)
+            return len(chunk)
+
+    with pytest.raises(RegisterError, match="line 3: longer than 4096 bytes"):
+        report = CsvReport("f")
+        parser = BlacklistParser(5, report, value_of, {})
+        with BlockReader(io.BufferedReader(Endless()), "f", block, 4096) as reader:
+            for lineno, chunk in reader:
+                parser.feed(lineno, chunk)
+    with pytest.raises(RegisterError, match="line 3: longer than 4096 bytes"):
+        list(iter_list_rows(ListKind.BLACKLIST, io.BufferedReader(Endless()), CsvReport("f")))
 
 
 def test_unterminated_quote_is_refused_like_the_csv_field_limit():
