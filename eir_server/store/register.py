@@ -542,11 +542,22 @@ def read_full_lists(
     for lname in sorted(sources):
         src = sources[lname]
         report = CsvReport(src.path.name if src.member is None else f"{src.path.name}:{src.member}")
+        blacklist = lname.kind is ListKind.BLACKLIST
+        first: dict[str, int] = {}
         with open_source(src) as stream:
-            for imei, payload in iter_list_rows(lname.kind, stream, report):
+            for line, imei, payload in iter_rows_numbered(lname.kind, stream, report):
                 listing = merged.get(imei)
                 if listing is None:
                     listing = merged[imei] = Listing()
+                elif blacklist and listing.blacklist is not None:
+                    # A duplicate: the earliest block_date wins (as in `eir-server sync`), so a
+                    # later row with a future date never unblocks the device.
+                    if payload[0] >= listing.blacklist.block_date:  # type: ignore[index]
+                        report.add_duplicate(imei, first[imei], line)
+                        continue
+                    report.add_duplicate(imei, line, first[imei])
+                if blacklist:
+                    first[imei] = line
                 apply_row(listing, lname, "upsert", payload)
         report.check(max_bad_share)
         reports.append(report)

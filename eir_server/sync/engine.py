@@ -46,7 +46,7 @@ from eir_server.store.register import (
 )
 
 from .blacklist import BlacklistParser, NeedGeneric, iter_blocks
-from .progress import BAD_ROWS, IMEIS, Progress
+from .progress import BAD_ROWS, DUP_ROWS, IMEIS, Progress
 from .redis_db import BulkWriter, Current, RegisterDB, bulk
 from .source import Source, file_sha256, read_tac_text
 
@@ -297,6 +297,7 @@ class SyncRun:
             result.duration_s = time.monotonic() - t0
             result.bad_rows = sum(r.bad for r in self.reports)
             BAD_ROWS.inc(result.bad_rows)
+            DUP_ROWS.inc(sum(r.duplicates for r in self.reports))
             for r in self.reports:
                 name = r.source.split(":")[0][16:-4]
                 result.lists.setdefault(name, {}).setdefault("files", []).append(r.as_dict())

@@ -19,6 +19,9 @@ LAST_SUCCESS = Gauge(
 )
 LAST_DURATION = Gauge("eir_sync_last_duration_seconds", "Duration of the last sync run")
 BAD_ROWS = Counter("eir_sync_bad_rows", "Malformed register rows skipped")
+DUP_ROWS = Counter(
+    "eir_sync_duplicate_rows", "Register rows dropped as duplicates (the most restrictive kept)"
+)
 IMEIS = Gauge("eir_sync_register_imeis", "Listed IMEIs in the version last switched to")
 
 

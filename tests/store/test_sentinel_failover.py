@@ -91,7 +91,7 @@ async def test_store_and_sync_follow_a_sentinel_failover(redis_sentinel_failover
         r = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "eir_server.cli", "sync", "--source", str(dirbs.root),
-             "--store", url, "--grace", "0", "--progress", "never"],
+             "--store", url, "--grace", "0", "--progress", "never", "--allow-shrink"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode == 0, r.stdout + r.stderr

@@ -437,3 +437,16 @@ def test_sigkill_at_random_points_never_serves_a_half_applied_version(redis_url,
     }
     assert left <= {"eir:cur", "eir:seq", "eir:versions", "eir:runs"}
     c.close()
+
+
+def test_embedded_store_resolves_duplicates_the_same_way(tmp_path):
+    from eir_server.store import MemoryStore
+
+    src = tmp_path / "reg"
+    body = f"{HDR}\n35000000000001,20240101,stolen\n35000000000001,20990101,unblock_me\n"
+    body += "35000000000002,20990101,future\n35000000000002,20230101,earlier\n"
+    write_zip(src, "20240101_000000", body.encode())
+    s = MemoryStore()
+    s.load_register_dir(src)
+    assert s.get_nowait("35000000000001").blacklist == BlacklistEntry("20240101", ("stolen",))
+    assert s.get_nowait("35000000000002").blacklist == BlacklistEntry("20230101", ("earlier",))
