@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -135,3 +136,19 @@ def test_check_failures_have_their_own_exit_codes(register: Path, tmp_path: Path
         assert "Traceback" not in r.stderr and text in r.stderr, (args, r.stderr)
         if code == 5 or "configuration" in text:
             assert r.stderr.strip().count("\n") == 0, (args, r.stderr)
+
+
+def test_sync_honours_log_format_flag_and_environment(tmp_path: Path) -> None:
+    store = f"redis://127.0.0.1:{free_port()}/0"  # nothing there: one error line, exit 3
+    base = [*EIR, "sync", "--source", str(tmp_path), "--once", "--progress", "never"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EIR_")}
+    r = subprocess.run([*base, "--store", store], capture_output=True, text=True, timeout=60,
+                       env={**env, "EIR_LOG_FORMAT": "json"})
+    lines = [x for x in r.stdout.splitlines() if x.strip()]
+    assert r.returncode == 3 and lines, r.stdout + r.stderr
+    assert all(json.loads(x)["logger"] == "eir.sync" for x in lines)
+    # the flag wins over the environment; EIR_STORE is the --store default
+    r = subprocess.run([*base, "--log-format", "console"], capture_output=True, text=True,
+                       timeout=60, env={**env, "EIR_LOG_FORMAT": "json", "EIR_STORE": store})
+    assert r.returncode == 3 and r.stdout.strip(), r.stdout + r.stderr
+    assert not r.stdout.lstrip().startswith("{") and "[error" in r.stdout

@@ -136,6 +136,11 @@ def test_sighup_reloads_register_and_policy_without_a_restart(tmp_path: Path) ->
         # same processes: reloaded, not restarted
         now = sorted(int(r["pid"]) for r in log_lines(out) if r.get("event") == "worker_started")
         assert now == pids and proc.poll() is None
+        # every line says which process (worker index, -1 the parent) and which logger
+        lines = log_lines(out)
+        assert lines and all(isinstance(r.get("worker"), int) and r.get("logger")
+                             for r in lines), [r for r in lines if "worker" not in r][:3]
+        assert {r["worker"] for r in lines} == {-1, 0, 1}
         metrics = http_get(mport, "/metrics")[1]
         assert "eir_register_version 2.0260102e+13" in metrics
         # a broken file is refused by the parent, once; the workers keep serving
@@ -161,3 +166,25 @@ def test_store_and_register_together_fail_fast_with_one_line(tmp_path: Path) -> 
     assert r.returncode != 0
     assert "Traceback" not in r.stderr + r.stdout
     assert r.stderr.strip().count("\n") == 0 and "--register" in r.stderr, r.stderr
+
+
+def test_sighup_with_one_worker_reloads_in_process(tmp_path: Path) -> None:
+    toml = tmp_path / "eir.toml"
+    toml.write_text('unknown_equipment = "whitelisted"\n')
+    port, mport = free_port(), free_port()
+    proc, out = serve(tmp_path, "--config", str(toml), "--diameter-listen",
+                      f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}")
+    try:
+        wait_for_port(port, proc)
+        c = S13Client(port)
+        assert c.status(CLEAN) == WHITELISTED
+        toml.write_text('unknown_equipment = "greylisted"\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: [r for r in log_lines(out) if r.get("event") == "reloaded"],
+                   "reloaded", 30, proc)
+        assert c.status(CLEAN) == GREYLISTED  # same connection, same process
+        c.close()
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+    assert proc.returncode == 0

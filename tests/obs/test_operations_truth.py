@@ -67,6 +67,9 @@ def test_register_version_and_age_mean_the_same_on_both_stores(tmp_path: Path, d
             views[name] = (got[("eir_register_version", ())],
                            got[("eir_register_timestamp_seconds", ())])
             assert got[("eir_ready", ())] == 0.0
+            # rows by register list, not by file name, on both stores
+            assert got[("eir_register_sync_rows",
+                        (("list", "blacklist"), ("outcome", "applied")))] == 1.0
             c = S13Client(port)
             assert c.status(STOLEN) == 1  # not ready, but it answers from what it has
             c.close()
