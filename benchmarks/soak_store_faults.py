@@ -1,5 +1,6 @@
 """Soak: mixed ECR load against `eir-server serve` on Redis while Redis is SIGKILLed and
-restarted and `eir-server sync --interval` is SIGKILLed mid-run, again and again.
+restarted (with its append-only file, or every other time empty, so that sync must re-feed it)
+and `eir-server sync --interval` is SIGKILLed mid-run, again and again.
 
 Asserts (exit 1 otherwise):
 - 0 unanswered: every ECR gets an ECA (checked continuously: none older than 5 s);
@@ -159,11 +160,20 @@ class Tracker(threading.Thread):
             time.sleep(0.02)
 
     def between(self, t1: float, t2: float) -> set[int]:
-        out = {run for t, run in self.changes if t1 < t <= t2}
-        before = [run for t, run in self.changes if t <= t1]
+        """Runs served at some time in [t1, t2]. Run 0 (Redis restarted empty) is no register:
+        "not listed" from it would be a wrong verdict; what the worker cached from the run
+        before stays valid."""
+        idx = [n for n, (t, _) in enumerate(self.changes) if t1 < t <= t2]
+        before = [n for n, (t, _) in enumerate(self.changes) if t <= t1]
         if before:
-            out.add(before[-1])
-        return out
+            idx.append(before[-1])
+        out = set()
+        for n in idx:
+            k = n
+            while k > 0 and self.changes[k][1] == 0:
+                k -= 1
+            out.add(self.changes[k][1])
+        return out - {0}
 
 
 def metric(mport: int, name: str) -> float:
@@ -326,7 +336,12 @@ class Soak:
                 if round_ % 2:
                     down = rnd.uniform(1, 8)
                     self.redis.kill()
-                    self.events.append(f"{now:.1f} redis SIGKILL, down {down:.1f} s")
+                    empty = round_ % 4 == 3  # every other restart loses everything
+                    if empty:
+                        shutil.rmtree(self.redis.dir)
+                        self.redis.dir.mkdir()
+                    self.events.append(f"{now:.1f} redis SIGKILL, down {down:.1f} s"
+                                       + (", restarts empty" if empty else ""))
                     await asyncio.sleep(down)
                     await asyncio.to_thread(self.redis.start)
                     self.events.append(f"{time.monotonic():.1f} redis accepting")
