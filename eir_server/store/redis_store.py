@@ -253,28 +253,28 @@ class RedisStore:
         hard = t0 + self.timeout * HARD_TIMEOUT_FACTOR
         overloaded = False
         handle: asyncio.TimerHandle | None = None
-        async with asyncio.timeout(None) as cm:
+        try:
+            async with asyncio.timeout(None) as cm:
 
-            def check() -> None:
-                nonlocal handle, overloaded
-                now = loop.time()
-                waited = now - t0 - ((lag.busy() - b0) if lag is not None else 0.0)
-                if waited >= self.timeout or now >= hard:
-                    overloaded = waited < self.timeout
-                    cm.reschedule(now)  # expire now: the await below raises TimeoutError
-                else:
-                    handle = loop.call_at(min(now + self.timeout - waited, hard), check)
+                def check() -> None:
+                    nonlocal handle, overloaded
+                    now = loop.time()
+                    waited = now - t0 - ((lag.busy() - b0) if lag is not None else 0.0)
+                    if waited >= self.timeout or now >= hard:
+                        overloaded = waited < self.timeout
+                        cm.reschedule(now)  # expire now: the await raises TimeoutError
+                    else:
+                        handle = loop.call_at(min(now + self.timeout - waited, hard), check)
 
-            handle = loop.call_at(t0 + self.timeout, check)
-            try:
+                handle = loop.call_at(t0 + self.timeout, check)
                 try:
                     yield
-                except TimeoutError:
-                    if overloaded:
-                        raise StoreOverloaded("event loop too busy to read redis") from None
-                    raise
-            finally:
-                handle.cancel()
+                finally:
+                    handle.cancel()
+        except TimeoutError:
+            if overloaded:
+                raise StoreOverloaded("event loop too busy to read redis") from None
+            raise
 
     async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
         """One bounded round trip; a connection error is retried once on a fresh connection

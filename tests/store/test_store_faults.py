@@ -138,6 +138,31 @@ async def test_busy_worker_never_declares_a_healthy_redis_down(redis_url, dirbs,
     assert "redis unavailable" not in [e["event"] for e in logs]
 
 
+async def test_lookup_our_loop_cannot_finish_is_overloaded_not_redis_down(
+        redis_url, dirbs, sync_dir):
+    """A lookup still unfinished after HARD_TIMEOUT_FACTOR x timeout of wall time, all of it
+    our loop's fault, fails with StoreOverloaded (answered "too busy"); Redis stays up."""
+    from eir_server.store import StoreOverloaded
+    from eir_server.store.redis_store import HARD_TIMEOUT_FACTOR
+
+    publish(dirbs)
+    sync_dir(redis_url, dirbs.root)
+    s = open_store(redis_url, timeout=0.05)
+    await s.start()
+    try:
+        fut = s.fetch(LISTED[5])
+        loop = asyncio.get_running_loop()
+        # Send the lookup, then block the loop past the wall-time bound before the reply
+        # is read.
+        loop.call_later(0.001, time.sleep, 0.05 * HARD_TIMEOUT_FACTOR + 0.1)
+        with pytest.raises(StoreOverloaded):
+            await fut
+        assert s.ready and s.stats.redis_up == 1
+        assert await s.fetch(LISTED[6]) is not None
+    finally:
+        await s.close()
+
+
 async def test_slow_redis_within_timeout_is_waited_for(tmp_path, dirbs, sync_dir):
     srv = RedisProc(tmp_path / "redis", extra=("--enable-debug-command", "local")).start()
     publish(dirbs)
@@ -353,3 +378,64 @@ def test_serve_answers_3004_and_fails_readyz_during_an_outage(tmp_path, dirbs, s
     assert events.count("store_fallback_started") == 1, events
     assert events.count("store_fallback_ended") == 1, events
     assert events.count("redis unavailable") == 1, events
+
+
+def test_serve_paused_longer_than_the_timeout_answers_from_redis(tmp_path, dirbs, sync_dir):
+    """The worker process itself is stopped again and again (SIGSTOP: a starved CPU, a VM
+    pause) for longer than the store timeout while a stream of uncached ECRs keeps lookups in
+    flight. The answers were in its socket all along: verdicts from Redis, no fallback, Redis
+    never declared down."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    from tests.diameter.builders import cer, ecr
+    from tests.netutil import free_port, recv_message, wait_for_port
+
+    srv = RedisProc(tmp_path / "redis").start()
+    publish(dirbs)
+    sync_dir(srv.url, dirbs.root)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eir_server.cli", "serve", "--store", srv.url + "?timeout=0.1",
+         "--diameter-listen", f"127.0.0.1:{port}", "--metrics-listen", "",
+         "--store-fallback", "greylisted", "--log-format", "json"],
+        env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    imeis = [f"350000{i:08d}" for i in range(1, 6001)]  # 12 x 5 x 100, each once
+    got: dict[int, int | None] = {}
+    try:
+        wait_for_port(port, proc)
+        sock = socket.create_connection(("127.0.0.1", port), 30)
+        sock.sendall(cer())
+        recv_message(sock)
+
+        def reader() -> None:
+            for _ in imeis:
+                a = recv_message(sock)
+                got[int.from_bytes(a[12:16], "big")] = _avp_u32(a, 1445)
+
+        t = threading.Thread(target=reader)
+        t.start()
+        sent = 0
+        for _ in range(12):
+            for _ in range(5):  # ~100 requests every ms for 5 ms: lookups in flight
+                sock.sendall(b"".join(ecr(hbh=n, imei=imeis[n]) for n in range(sent, sent + 100)))
+                sent += 100
+                time.sleep(0.001)
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(0.3)  # 3x the timeout
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.1)  # time to catch up: each lookup spans one stop
+        t.join(60)
+        sock.close()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode()
+        srv.stop()
+    assert len(got) == len(imeis)
+    wrong = [(imeis[n], s) for n, s in got.items() if s != (1 if imeis[n] in LISTED_SET else 0)]
+    assert wrong == [], wrong[:5]
+    assert "redis unavailable" not in out and "store_fallback_started" not in out, out
