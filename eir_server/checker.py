@@ -125,6 +125,8 @@ class EquipmentChecker:
             return policy.decide_identified(req, identified, None, self.today())
         record = self.store.get_nowait(key)
         if record is not MISSING:
+            if self._episode_start is not None and self.store.ready:
+                self._episode_over()  # e.g. a snapshot now answers what Redis could not
             return policy.decide_identified(req, identified, record,  # type: ignore[arg-type]
                                             self.today())
         pending = self.store.fetch(key)

@@ -48,6 +48,7 @@ class StoreStats:
         "unavailable_fetches",
         "version_changes",
         "cache_evictions",
+        "snapshot_lookups",
         "redis_up",
     )
 

@@ -30,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -42,9 +44,10 @@ from redis.exceptions import RedisError
 
 from eir_server.policy.types import ImeiRecord
 
-from . import layout
+from . import layout, snapshot
 from .base import MISSING, StoreOverloaded, StoreStats, StoreUnavailable, _Missing
 from .codec import decode_record
+from .snapshot import Snapshot
 from .urls import RedisTarget, async_client
 
 log = structlog.get_logger("eir.store")
@@ -102,6 +105,8 @@ class _State:
     overlay_raw: dict[str, bytes] = field(default_factory=dict)
     overlay: dict[str, ImeiRecord | None] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
+    base_created: str | None = None  # `created` of the full load the buckets belong to
+    snap: Snapshot | None = None  # that full load, memory-mapped (snapshot_dir set)
 
 
 class RedisStore:
@@ -119,6 +124,7 @@ class RedisStore:
         max_inflight: int = 16,
         backoff_min: float = 0.05,
         backoff_max: float = 0.5,
+        snapshot_dir: str = "",
         **_ignored: Any,
     ) -> None:
         self.target = target
@@ -129,6 +135,10 @@ class RedisStore:
         self.batch_max = batch_max
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        self._snap_task: asyncio.Task[None] | None = None
+        self._snap_for: tuple[str, str | None] | None = None
+        self._snaps: dict[str, Snapshot] = {}  # open snapshots by path
         self.stats = StoreStats()
         self.ready = False
         self._cache: dict[str, ImeiRecord | None] = {}
@@ -166,12 +176,27 @@ class RedisStore:
     def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
         r = self._cache.get(imei14, MISSING)
         if r is MISSING:
-            r = self._state.overlay.get(imei14, MISSING)
+            st = self._state
+            r = st.overlay.get(imei14, MISSING)
             if r is MISSING:
+                if st.snap is not None:
+                    r = self._from_snap(st, imei14)
+                    if r is not MISSING:
+                        self.stats.snapshot_lookups += 1
+                        return r
                 self.stats.cache_misses += 1
                 return MISSING
         self.stats.cache_hits += 1
         return r
+
+    @staticmethod
+    def _from_snap(st: _State, imei14: str) -> ImeiRecord | None | type[_Missing]:
+        raw = st.snap.get(imei14)  # type: ignore[union-attr]
+        if raw is None:
+            return None
+        if type(raw) is int:
+            return st.table.get(raw, MISSING)  # an id the table lacks: ask Redis
+        return decode_record(raw)  # type: ignore[arg-type]
 
     def fetch(self, imei14: str) -> asyncio.Future[ImeiRecord | None]:
         loop = self._loop or asyncio.get_running_loop()
@@ -179,7 +204,10 @@ class RedisStore:
         self.stats.fetches += 1
         r = self._cache.get(imei14, MISSING)
         if r is MISSING:
-            r = self._state.overlay.get(imei14, MISSING)
+            st = self._state
+            r = st.overlay.get(imei14, MISSING)
+            if r is MISSING and st.snap is not None:
+                r = self._from_snap(st, imei14)
         if r is not MISSING:
             fut.set_result(r)  # type: ignore[arg-type]
             return fut
@@ -397,6 +425,7 @@ class RedisStore:
                     if old.overlay_raw.get(k) != new.overlay_raw.get(k):
                         self._cache.pop(k, None)
             self._state = new
+            self._want_snapshot(new)
             self.stats.version_changes += 1
             log.info(
                 "register version switched",
@@ -423,6 +452,15 @@ class RedisStore:
         raw_table = await self._call(c.hgetall, layout.table_key(self.ns, ver))
         table = {int(k): decode_record(v) for k, v in raw_table.items()}
         st = _State(ver, meta.get("created"), buckets, table, {}, {}, meta)  # type: ignore[arg-type]
+        if base == ver:
+            st.base_created = st.created
+        elif base:
+            raw = await self._call(c.hget, layout.meta_key(self.ns, base), "created")
+            st.base_created = raw.decode() if raw else None
+        old = self._state
+        if (old.snap is not None and old.buckets == buckets
+                and old.base_created == st.base_created):
+            st.snap = old.snap  # same full load: keep its snapshot
         cursor = 0
         okey = layout.overlay_key(self.ns, ver)
         while True:  # HSCAN in slices, decoded as they come: neither Redis nor our loop blocks
@@ -448,11 +486,69 @@ class RedisStore:
             return
         self._up = up
         self.stats.redis_up = int(up)
+        lkg = self._state.snap is not None
         if up:
             log.info("redis available", target=self.target.mode, version=self.version)
+        elif lkg:
+            log.warning("redis unavailable", target=self.target.mode, error=repr(error),
+                        answering="last-known-good snapshot", version=self.version)
         else:
             log.warning("redis unavailable", target=self.target.mode, error=repr(error))
-        self.ready = up
+        # Ready while verdicts come from the register: Redis, or its last-known-good copy.
+        self.ready = up or lkg
+
+    # -- snapshot ------------------------------------------------------------------------------
+    def _want_snapshot(self, st: _State) -> None:
+        if self.snapshot_dir is None or st.buckets is None or st.snap is not None:
+            return
+        key = (st.buckets.base, st.base_created)
+        if self._snap_for == key and self._snap_task is not None and not self._snap_task.done():
+            return
+        if self._snap_task is not None:
+            self._snap_task.cancel()
+        self._snap_for = key
+        self._snap_task = asyncio.ensure_future(self._ensure_snapshot(st))
+
+    async def _ensure_snapshot(self, st: _State) -> None:
+        """Map the snapshot of st's full load, building it (one worker per node) if needed."""
+        assert self.snapshot_dir is not None and st.buckets is not None
+        directory = self.snapshot_dir
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / snapshot.file_name(self.ns, st.buckets.base, st.base_created or "")
+        started = time.monotonic()
+        while not self._closed:
+            if path.exists():
+                break
+            if snapshot.acquire_lock(path):
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", "eir_server.store.snapshot",
+                        "--url", self.target.url, "--ns", self.ns, "--base", st.buckets.base,
+                        "--k", str(st.buckets.k), "--out", str(path),
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                    _, err = await proc.communicate()
+                finally:
+                    snapshot.release_lock(path)
+                if proc.returncode != 0:
+                    log.warning("register snapshot not built", error=err.decode()[-300:])
+                    return  # lookups keep going to Redis; the next full load tries again
+                snapshot.remove_others(directory, self.ns, path)
+                break
+            await asyncio.sleep(0.2)  # another worker builds it
+        else:
+            return
+        try:
+            snap = snapshot.Snapshot(path)
+        except (OSError, ValueError) as e:
+            log.warning("register snapshot unreadable", path=str(path), error=str(e))
+            return
+        cur = self._state
+        if cur.buckets != st.buckets or cur.base_created != st.base_created:
+            snap.close()  # a newer full load came meanwhile
+            return
+        self._state = replace(cur, snap=snap)
+        log.info("register snapshot mapped", base=st.buckets.base, imeis=snap.n,
+                 seconds=round(time.monotonic() - started, 2))
 
     async def _poll_once(self) -> None:
         st = self._state
@@ -492,15 +588,17 @@ class RedisStore:
         except Exception as e:  # noqa: BLE001 - start serving anyway, from the fallback
             self.stats.redis_errors += 1
             self._set_up(False, e)
+        self._want_snapshot(self._state)
         self._poller = asyncio.ensure_future(self._poll_forever())
 
     async def close(self) -> None:
         self._closed = True
         self.ready = False
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for task in (self._poller, self._snap_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:

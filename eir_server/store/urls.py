@@ -30,6 +30,7 @@ STORE_OPTIONS: dict[str, type] = {
     "backoff_min": float,
     "backoff_max": float,
     "sentinel_password": str,
+    "snapshot_dir": str,
 }
 
 

@@ -1,0 +1,204 @@
+"""Register snapshot: a full load's buckets as one immutable, memory-mapped file per node.
+
+Why: a lookup that misses the worker's cache otherwise costs a Redis round trip and its client
+machinery (tens of µs of worker CPU); a binary search in a mapped array costs ~1-2 µs, and every
+worker of a node maps the same file, so the register's memory is shared (page cache), not
+loaded once per worker. Redis stays the source of truth and the change channel: deltas still
+arrive as the version's overlay (loaded by every worker at each switch), a full load still
+switches immediately (lookups go to Redis until the new snapshot is ready), and while Redis
+cannot answer the snapshot plus the last overlay are a last-known-good copy of the register.
+
+File layout (little endian): header MAGIC, n, extras_len; n uint64 IMEIs (14 digits as an
+integer) sorted ascending; n uint32 values (a record-table id, or 0x80000000 | offset of an
+encoded listing in the extras blob); extras blob of (uint32 length, bytes) entries.
+
+The file is built by `python -m eir_server.store.snapshot` (a separate process: the decoding
+loop over millions of entries would stall the serving loop), named after the full load's version
+and its `created` stamp, written to a temporary name and renamed, so a reader sees it whole or
+not at all. An exclusive lock file makes one worker of a node build while the others wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import os
+import re
+import struct
+import sys
+import time
+from array import array
+from binascii import hexlify
+from bisect import bisect_left
+from pathlib import Path
+
+MAGIC = b"EIRSNAP1"
+HEADER = struct.Struct("<8sQQ")
+EXTRA = 0x80000000
+LOCK_STALE = 300.0  # seconds after which a builder's lock is considered abandoned
+
+
+def file_name(ns: str, base: str, created: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{ns}-{base}-{created}")
+    return f"{safe}.snap"
+
+
+class Snapshot:
+    """One mapped snapshot file. `get` returns the raw bucket value (int table id or bytes of
+    an encoded listing) or None when the IMEI is not in this full load."""
+
+    __slots__ = ("path", "n", "_mm", "_keys", "_vals", "_extras")
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        with open(self.path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        magic, n, extras_len = HEADER.unpack_from(self._mm, 0)
+        if magic != MAGIC or len(self._mm) != HEADER.size + n * 12 + extras_len:
+            self._mm.close()
+            raise ValueError(f"{self.path}: not a complete register snapshot")
+        self.n = n
+        mv = memoryview(self._mm)
+        off = HEADER.size
+        self._keys = mv[off:off + n * 8].cast("Q")
+        self._vals = mv[off + n * 8:off + n * 12].cast("I")
+        self._extras = mv[off + n * 12:]
+
+    def get(self, imei14: str) -> int | bytes | None:
+        key = int(imei14)
+        keys = self._keys
+        pos = bisect_left(keys, key)
+        if pos == self.n or keys[pos] != key:
+            return None
+        v = self._vals[pos]
+        if v & EXTRA:
+            off = v & ~EXTRA
+            length = int.from_bytes(self._extras[off:off + 4], "little")
+            return bytes(self._extras[off + 4:off + 4 + length])
+        return v
+
+    def close(self) -> None:
+        # Views first: an mmap with exported buffers cannot close (it then closes with us).
+        for v in (self._keys, self._vals, self._extras):
+            v.release()
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+
+
+def write(path: Path, items: dict[int, int | bytes]) -> None:
+    """Write `items` (IMEI int -> table id or encoded listing) as a snapshot file, atomically."""
+    keys = array("Q", sorted(items))
+    vals = array("I")
+    extras = bytearray()
+    for k in keys:
+        v = items[k]
+        if isinstance(v, int):
+            vals.append(v)
+        else:
+            vals.append(EXTRA | len(extras))
+            extras += len(v).to_bytes(4, "little") + v
+    if sys.byteorder != "little":  # pragma: no cover - the file format is little endian
+        keys.byteswap()
+        vals.byteswap()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, len(keys), len(extras)))
+        f.write(keys.tobytes())
+        f.write(vals.tobytes())
+        f.write(extras)
+    os.replace(tmp, path)
+
+
+def _prefix_decoder(k: int):  # noqa: ANN202 - returns a small closure
+    """Bucket field -> the IMEI's first 14-k digits as an int (inverse of layout.field_of)."""
+    plen = 14 - k
+    if plen <= 9:
+        base = 10**plen
+        return lambda f: int(f) - base  # "1" + digits
+    odd = plen % 2 == 1
+    return lambda f: int(hexlify(f)[1:] if odd else hexlify(f))
+
+
+def read_buckets(client, ns: str, base: str, k: int, chunk: int = 500) -> dict[int, int | bytes]:  # noqa: ANN001
+    """Every (IMEI, value) of a full load, read bucket by bucket in pipelined chunks."""
+    from . import layout
+
+    decode = _prefix_decoder(k)
+    scale = 10**k
+    items: dict[int, int | bytes] = {}
+    for lo in range(0, scale, chunk):
+        pipe = client.pipeline(transaction=False)
+        sfxs = range(lo, min(scale, lo + chunk))
+        for s in sfxs:
+            pipe.hgetall(layout.bucket_key(ns, base, s, k))
+        for s, bucket in zip(sfxs, pipe.execute(), strict=True):
+            for f, v in bucket.items():
+                items[decode(f) * scale + s] = int(v) if v[0] < 0x3A else v
+    return items
+
+
+def build(url: str, ns: str, base: str, k: int, out: Path) -> int:
+    from .urls import parse_store_url, sync_client
+
+    client = sync_client(parse_store_url(url))
+    try:
+        items = read_buckets(client, ns, base, k)
+    finally:
+        client.close()
+    write(out, items)
+    return len(items)
+
+
+def acquire_lock(path: Path) -> bool:
+    """True when this process may build `path` (it holds path.lock), False when another does."""
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        try:
+            if time.time() - lock.stat().st_mtime < LOCK_STALE:
+                return False
+            lock.unlink()  # a builder that died long ago
+        except FileNotFoundError:
+            pass
+        return acquire_lock(path)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def release_lock(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.with_name(path.name + ".lock").unlink()
+
+
+def remove_others(directory: Path, ns: str, keep: Path) -> None:
+    """Delete the namespace's older snapshots (workers that still map one keep its pages)."""
+    prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", ns) + "-"
+    for p in directory.glob(f"{prefix}*.snap"):
+        if p != keep:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="build a register snapshot file from Redis")
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--ns", required=True)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    try:
+        n = build(a.url, a.ns, a.base, a.k, out)
+    except Exception as e:  # noqa: BLE001 - reported to the worker through the exit code
+        print(f"snapshot build failed: {e!r}", file=sys.stderr)
+        return 1
+    print(n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Register snapshot: the file format (property test) and RedisStore serving from it with real
+redis-server processes: misses answered without Redis, deltas still enforced through the
+overlay, a full load switching at once, one build shared by two stores (workers), the
+last-known-good copy while Redis is down, and Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eir_server.policy.types import ImeiRecord
+from eir_server.store import open_store
+from eir_server.store.snapshot import Snapshot, write
+
+LISTED = [f"350000{i:08d}" for i in range(0, 5000, 7)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(st.integers(0, 10**14 - 1),
+                       st.one_of(st.integers(0, 2**31 - 1), st.binary(min_size=1, max_size=40)
+                                 .map(lambda b: b"\x3b" + b)),
+                       max_size=300),
+       st.lists(st.integers(0, 10**14 - 1), max_size=50))
+def test_snapshot_file_round_trip(tmp_path_factory, items, probes):
+    path = tmp_path_factory.mktemp("snap") / "x.snap"
+    write(path, items)
+    snap = Snapshot(path)
+    try:
+        assert snap.n == len(items)
+        for k, v in items.items():
+            assert snap.get(f"{k:014d}") == v
+        for p in probes:
+            assert snap.get(f"{p:014d}") == items.get(p)
+    finally:
+        snap.close()
+
+
+def test_truncated_snapshot_is_refused(tmp_path):
+    import pytest
+
+    path = tmp_path / "x.snap"
+    write(path, {35000000000001: 1, 35000000000002: b"\x3bxyz"})
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError):
+        Snapshot(path)
+
+
+def publish(dirbs, ts: str = "20240101_000000", imeis=LISTED, run: int = 1, base: int = -1,
+            deltas=None) -> None:
+    rows = [[i, "20240101", "stolen"] for i in imeis]
+    dirbs.publish("blacklist", ts, rows, deltas=deltas or {"blocked": rows}, run=run, base=base)
+
+
+async def until(cond, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_misses_answered_from_the_snapshot_shared_by_two_workers(
+        redis_factory, dirbs, sync_dir, tmp_path):
+    srv = redis_factory.start()
+    publish(dirbs)
+    sync_dir(srv.url, dirbs.root)
+    snapdir = tmp_path / "snap"
+    a = open_store(srv.url, snapshot_dir=str(snapdir), poll_interval=0.05)
+    b = open_store(srv.url, snapshot_dir=str(snapdir), poll_interval=0.05)
+    await asyncio.gather(a.start(), b.start())
+    try:
+        await until(lambda: a._state.snap is not None and b._state.snap is not None,
+                    "snapshot not mapped")
+        assert a._state.snap.path == b._state.snap.path  # one file for the node
+        assert len(list(snapdir.glob("*.snap"))) == 1
+        batches = a.stats.fetch_batches
+        for n in range(5000):
+            imei = f"350000{n:08d}"
+            got = a.get_nowait(imei)
+            assert (got is not None) == (imei in LISTED), imei
+        assert a.stats.fetch_batches == batches  # no Redis round trip for any of them
+        assert a.stats.snapshot_lookups == 5000
+
+        # A delta: enforced through the overlay within a second, snapshot kept.
+        new = "35000000000001"
+        publish(dirbs, "20240102_000000", [*LISTED, new], run=2, base=1,
+                deltas={"blocked": [[new, "20240101", "stolen"]]})
+        r = await asyncio.to_thread(sync_dir, srv.url, dirbs.root)
+        assert r.mode == "delta"
+        t = time.monotonic()
+        await until(lambda: isinstance(a.get_nowait(new), ImeiRecord), "delta not enforced", 1.0)
+        assert time.monotonic() - t < 1.0 and a._state.snap is not None
+
+        # A full load: enforced at once from Redis, then a new snapshot replaces the old one.
+        gone, added = LISTED[3], "35000000000002"
+        dirbs.publish("blacklist", "20240103_000000", [[added, "20240101", "stolen"]])
+        r = await asyncio.to_thread(sync_dir, srv.url, dirbs.root, force_full=True)
+        await until(lambda: a.version == r.version, "full load not picked up", 1.0)
+        assert await a.fetch(gone) is None and await a.fetch(added) is not None
+        await until(lambda: a._state.snap is not None, "new snapshot not mapped")
+        assert a.get_nowait(gone) is None and a.get_nowait(added) is not None
+        await until(lambda: len(list(snapdir.glob("*.snap"))) == 1, "old snapshot kept")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_redis_down_answers_from_the_last_known_good_snapshot(
+        redis_factory, dirbs, sync_dir, tmp_path):
+    srv = redis_factory.start()
+    publish(dirbs)
+    sync_dir(srv.url, dirbs.root)
+    s = open_store(srv.url, snapshot_dir=str(tmp_path / "snap"), timeout=0.2,
+                   poll_interval=0.05)
+    await s.start()
+    try:
+        await until(lambda: s._state.snap is not None, "snapshot not mapped")
+        srv.stop()
+        await until(lambda: s.stats.redis_up == 0, "outage not noticed", 3.0)
+        assert s.ready  # verdicts still come from the register (its last-known-good copy)
+        assert await s.fetch(LISTED[10]) is not None
+        assert await s.fetch("35000000000003") is None
+    finally:
+        await s.close()
+
+
+async def test_snapshot_from_a_cluster(redis_cluster_url, dirbs, sync_dir, tmp_path):
+    publish(dirbs)
+    sync_dir(redis_cluster_url, dirbs.root)
+    s = open_store(redis_cluster_url, snapshot_dir=str(tmp_path / "snap"))
+    await s.start()
+    try:
+        await until(lambda: s._state.snap is not None, "snapshot not mapped")
+        got = [s.get_nowait(f"350000{n:08d}") is not None for n in range(2000)]
+        assert got == [f"350000{n:08d}" in LISTED for n in range(2000)]
+    finally:
+        await s.close()
+
+
+def test_snapshot_dir_option_spellings(tmp_path: Path):
+    s = open_store(f"redis://127.0.0.1:1/0?snapshot_dir={tmp_path}")
+    assert s.snapshot_dir == tmp_path  # type: ignore[attr-defined]
