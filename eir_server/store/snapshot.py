@@ -8,9 +8,12 @@ arrive as the version's overlay (loaded by every worker at each switch), a full 
 switches immediately (lookups go to Redis until the new snapshot is ready), and while Redis
 cannot answer the snapshot plus the last overlay are a last-known-good copy of the register.
 
-File layout (little endian): header MAGIC, n, extras_len; n uint64 IMEIs (14 digits as an
-integer) sorted ascending; n uint32 values (a record-table id, or 0x80000000 | offset of an
-encoded listing in the extras blob); extras blob of (uint32 length, bytes) entries.
+File layout (little endian): header MAGIC, n, extras_len, k; n uint64 keys sorted ascending;
+n uint32 values (a record-table id, or 0x80000000 | offset of an encoded listing in the extras
+blob); extras blob of (uint32 length, bytes) entries. A key is the IMEI's 14 digits rotated so
+that the bucket suffix (last k digits) comes first: reading the buckets in suffix order and
+sorting each small bucket then yields the whole file in order, so a 10M-IMEI build never sorts
+(or holds) more than one bucket in Python objects.
 
 The file is built by `python -m eir_server.store.snapshot` (a separate process: the decoding
 loop over millions of entries would stall the serving loop), named after the full load's version
@@ -34,7 +37,7 @@ from bisect import bisect_left
 from pathlib import Path
 
 MAGIC = b"EIRSNAP1"
-HEADER = struct.Struct("<8sQQ")
+HEADER = struct.Struct("<8sQQQ")
 EXTRA = 0x80000000
 LOCK_STALE = 300.0  # seconds after which a builder's lock is considered abandoned
 
@@ -48,17 +51,18 @@ class Snapshot:
     """One mapped snapshot file. `get` returns the raw bucket value (int table id or bytes of
     an encoded listing) or None when the IMEI is not in this full load."""
 
-    __slots__ = ("path", "n", "_mm", "_keys", "_vals", "_extras")
+    __slots__ = ("path", "n", "k", "_cut", "_mm", "_keys", "_vals", "_extras")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        magic, n, extras_len = HEADER.unpack_from(self._mm, 0)
-        if magic != MAGIC or len(self._mm) != HEADER.size + n * 12 + extras_len:
+        magic, n, extras_len, k = HEADER.unpack_from(self._mm, 0)
+        if (magic != MAGIC or len(self._mm) != HEADER.size + n * 12 + extras_len
+                or not 1 <= k <= 13):
             self._mm.close()
             raise ValueError(f"{self.path}: not a complete register snapshot")
-        self.n = n
+        self.n, self.k, self._cut = n, k, 14 - k
         mv = memoryview(self._mm)
         off = HEADER.size
         self._keys = mv[off:off + n * 8].cast("Q")
@@ -66,7 +70,8 @@ class Snapshot:
         self._extras = mv[off + n * 12:]
 
     def get(self, imei14: str) -> int | bytes | None:
-        key = int(imei14)
+        cut = self._cut
+        key = int(imei14[cut:] + imei14[:cut])
         keys = self._keys
         pos = bisect_left(keys, key)
         if pos == self.n or keys[pos] != key:
@@ -86,28 +91,44 @@ class Snapshot:
             self._mm.close()
 
 
-def write(path: Path, items: dict[int, int | bytes]) -> None:
-    """Write `items` (IMEI int -> table id or encoded listing) as a snapshot file, atomically."""
-    keys = array("Q", sorted(items))
-    vals = array("I")
-    extras = bytearray()
-    for k in keys:
-        v = items[k]
-        if isinstance(v, int):
-            vals.append(v)
+class Writer:
+    """Collects keys in ascending order (`add`), then writes the file atomically (`finish`)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.keys = array("Q")
+        self.vals = array("I")
+        self.extras = bytearray()
+
+    def add(self, key: int, value: int | bytes) -> None:
+        self.keys.append(key)
+        if isinstance(value, int):
+            self.vals.append(value)
         else:
-            vals.append(EXTRA | len(extras))
-            extras += len(v).to_bytes(4, "little") + v
-    if sys.byteorder != "little":  # pragma: no cover - the file format is little endian
-        keys.byteswap()
-        vals.byteswap()
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(HEADER.pack(MAGIC, len(keys), len(extras)))
-        f.write(keys.tobytes())
-        f.write(vals.tobytes())
-        f.write(extras)
-    os.replace(tmp, path)
+            self.vals.append(EXTRA | len(self.extras))
+            self.extras += len(value).to_bytes(4, "little") + value
+
+    def finish(self, path: Path) -> None:
+        keys, vals = self.keys, self.vals
+        if sys.byteorder != "little":  # pragma: no cover - the file format is little endian
+            keys.byteswap()
+            vals.byteswap()
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, len(keys), len(self.extras), self.k))
+            f.write(keys.tobytes())
+            f.write(vals.tobytes())
+            f.write(self.extras)
+        os.replace(tmp, path)
+
+
+def write(path: Path, items: dict[str, int | bytes], k: int) -> None:
+    """Write `items` (14-digit IMEI -> table id or encoded listing): for tests and tools."""
+    cut = 14 - k
+    w = Writer(k)
+    for key, v in sorted((int(i[cut:] + i[:cut]), v) for i, v in items.items()):
+        w.add(key, v)
+    w.finish(path)
 
 
 def _prefix_decoder(k: int):  # noqa: ANN202 - returns a small closure
@@ -120,22 +141,24 @@ def _prefix_decoder(k: int):  # noqa: ANN202 - returns a small closure
     return lambda f: int(hexlify(f)[1:] if odd else hexlify(f))
 
 
-def read_buckets(client, ns: str, base: str, k: int, chunk: int = 500) -> dict[int, int | bytes]:  # noqa: ANN001
-    """Every (IMEI, value) of a full load, read bucket by bucket in pipelined chunks."""
+def read_buckets(client, ns: str, base: str, k: int, chunk: int = 500) -> Writer:  # noqa: ANN001
+    """Every entry of a full load, bucket by bucket in pipelined chunks, in key order."""
     from . import layout
 
     decode = _prefix_decoder(k)
+    shift = 10 ** (14 - k)
     scale = 10**k
-    items: dict[int, int | bytes] = {}
+    w = Writer(k)
     for lo in range(0, scale, chunk):
         pipe = client.pipeline(transaction=False)
         sfxs = range(lo, min(scale, lo + chunk))
         for s in sfxs:
             pipe.hgetall(layout.bucket_key(ns, base, s, k))
         for s, bucket in zip(sfxs, pipe.execute(), strict=True):
-            for f, v in bucket.items():
-                items[decode(f) * scale + s] = int(v) if v[0] < 0x3A else v
-    return items
+            top = s * shift
+            for p, v in sorted((decode(f), v) for f, v in bucket.items()):
+                w.add(top + p, int(v) if v[0] < 0x3A else v)
+    return w
 
 
 def build(url: str, ns: str, base: str, k: int, out: Path) -> int:
@@ -143,11 +166,11 @@ def build(url: str, ns: str, base: str, k: int, out: Path) -> int:
 
     client = sync_client(parse_store_url(url))
     try:
-        items = read_buckets(client, ns, base, k)
+        w = read_buckets(client, ns, base, k)
     finally:
         client.close()
-    write(out, items)
-    return len(items)
+    w.finish(out)
+    return len(w.keys)
 
 
 def acquire_lock(path: Path) -> bool:

@@ -19,22 +19,25 @@ from eir_server.store.snapshot import Snapshot, write
 LISTED = [f"350000{i:08d}" for i in range(0, 5000, 7)]
 
 
+IMEI14 = st.integers(0, 10**14 - 1).map(lambda i: f"{i:014d}")
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.integers(0, 10**14 - 1),
+@given(st.dictionaries(IMEI14,
                        st.one_of(st.integers(0, 2**31 - 1), st.binary(min_size=1, max_size=40)
                                  .map(lambda b: b"\x3b" + b)),
                        max_size=300),
-       st.lists(st.integers(0, 10**14 - 1), max_size=50))
-def test_snapshot_file_round_trip(tmp_path_factory, items, probes):
+       st.lists(IMEI14, max_size=50), st.integers(1, 6))
+def test_snapshot_file_round_trip(tmp_path_factory, items, probes, k):
     path = tmp_path_factory.mktemp("snap") / "x.snap"
-    write(path, items)
+    write(path, items, k)
     snap = Snapshot(path)
     try:
         assert snap.n == len(items)
-        for k, v in items.items():
-            assert snap.get(f"{k:014d}") == v
+        for imei, v in items.items():
+            assert snap.get(imei) == v
         for p in probes:
-            assert snap.get(f"{p:014d}") == items.get(p)
+            assert snap.get(p) == items.get(p)
     finally:
         snap.close()
 
@@ -43,7 +46,7 @@ def test_truncated_snapshot_is_refused(tmp_path):
     import pytest
 
     path = tmp_path / "x.snap"
-    write(path, {35000000000001: 1, 35000000000002: b"\x3bxyz"})
+    write(path, {"35000000000001": 1, "35000000000002": b"\x3bxyz"}, 4)
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(ValueError):
         Snapshot(path)

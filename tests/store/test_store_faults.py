@@ -226,9 +226,10 @@ async def test_large_overlay_switch_never_counts_against_a_lookup(redis_url, dir
     timeout: lookups that meet the new version wait for it, none falls back."""
     publish(dirbs)
     sync_dir(redis_url, dirbs.root)
-    s = open_store(redis_url, timeout=0.05, poll_interval=10)  # switches come from lookups
+    s = open_store(redis_url, timeout=0.1, poll_interval=10)  # switches come from lookups
     await s.start()
-    blocked = [[f"360000{i:08d}", "20240101", "stolen"] for i in range(60_000)]
+    # Loading (HSCAN + decoding) 100k overlay entries takes longer than the timeout.
+    blocked = [[f"360000{i:08d}", "20240101", "stolen"] for i in range(100_000)]
     dirbs.publish("blacklist", "20240102_000000", [[i, "20240101", "stolen"] for i in LISTED]
                   + blocked, deltas={"blocked": blocked}, base=1, run=2)
     # Written while the store is not looking (no polls): the first lookups meet the switch.
@@ -399,7 +400,7 @@ def test_serve_paused_longer_than_the_timeout_answers_from_redis(tmp_path, dirbs
     sync_dir(srv.url, dirbs.root)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eir_server.cli", "serve", "--store", srv.url + "?timeout=0.1",
+        [sys.executable, "-m", "eir_server.cli", "serve", "--store", srv.url + "?timeout=0.2",
          "--diameter-listen", f"127.0.0.1:{port}", "--metrics-listen", "",
          "--store-fallback", "greylisted", "--log-format", "json"],
         env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -425,9 +426,9 @@ def test_serve_paused_longer_than_the_timeout_answers_from_redis(tmp_path, dirbs
                 sent += 100
                 time.sleep(0.001)
             proc.send_signal(signal.SIGSTOP)
-            time.sleep(0.3)  # 3x the timeout
+            time.sleep(0.6)  # 3x the timeout (and well inside the 10x wall-time bound)
             proc.send_signal(signal.SIGCONT)
-            time.sleep(0.1)  # time to catch up: each lookup spans one stop
+            time.sleep(0.2)  # time to catch up: each lookup spans one stop
         t.join(60)
         sock.close()
     finally:
