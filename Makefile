@@ -13,9 +13,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## Start the EIR on the embedded store: S13 on TCP 3868, metrics on 9868.
+## Start the EIR on the embedded store: S13 on TCP 3868, N5g-eir (h2c) on 8080, metrics on 9868.
 run: install
-	$(VENV)/bin/eir-server serve $(ARGS)
+	$(VENV)/bin/eir-server serve --http-listen 0.0.0.0:8080 $(ARGS)
 
 ## Install what the tests need (redis-server, tshark), lint, type-check, run the whole suite.
 test: install system-deps

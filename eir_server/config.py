@@ -34,6 +34,19 @@ class ServeConfig:
     tls_key: str = _opt("", "PEM private key of this node for TLS", metavar="FILE")
     tls_ca: str = _opt("", "PEM CA bundle: when set, TLS peers must present a certificate it "
                        "signed (mutual TLS)", metavar="FILE")
+    http_listen: str = _opt("", "N5g-eir (TS 29.511) HTTP listen address: HTTP/2 with prior "
+                            "knowledge (h2c) and HTTP/1.1; empty disables (make run: "
+                            "0.0.0.0:8080)", metavar="HOST:PORT")
+    http_tls_listen: str = _opt("", "N5g-eir over TLS (HTTP/2 by ALPN, HTTP/1.1) listen address; "
+                                "empty disables. Needs --http-tls-cert/--http-tls-key (or "
+                                "--tls-cert/--tls-key)", metavar="HOST:PORT")
+    http_tls_cert: str = _opt("", "PEM certificate chain for N5g-eir TLS (default: --tls-cert)",
+                              metavar="FILE")
+    http_tls_key: str = _opt("", "PEM private key for N5g-eir TLS (default: --tls-key)",
+                             metavar="FILE")
+    http_tls_ca: str = _opt("", "PEM CA bundle: when set, N5g-eir TLS clients must present a "
+                            "certificate it signed (mutual TLS; default: --tls-ca)",
+                            metavar="FILE")
     origin_host: str = _opt("eir.localdomain", "our Diameter Origin-Host (DiameterIdentity)")
     origin_realm: str = _opt("localdomain", "our Diameter Origin-Realm")
     host_ip_addresses: str = _opt(
@@ -110,6 +123,12 @@ class ServeConfig:
             parse_hostport(self.diameter_tls_listen, "diameter_tls_listen")
             if not (self.tls_cert and self.tls_key):
                 raise ValueError("diameter_tls_listen needs tls_cert and tls_key")
+        for name in ("http_listen", "http_tls_listen"):
+            if getattr(self, name):
+                parse_hostport(getattr(self, name), name)
+        if self.http_tls_listen and not (self.http_tls_cert_file and self.http_tls_key_file):
+            raise ValueError("http_tls_listen needs http_tls_cert and http_tls_key "
+                             "(or tls_cert and tls_key)")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight: must be at least 1")
         if self.workers < 1:
@@ -124,6 +143,18 @@ class ServeConfig:
             raise ValueError("max_message_length: at least 20 (the Diameter header)")
         if not self.origin_host or not self.origin_realm:
             raise ValueError("origin_host and origin_realm must not be empty")
+
+    @property
+    def http_tls_cert_file(self) -> str:
+        return self.http_tls_cert or self.tls_cert
+
+    @property
+    def http_tls_key_file(self) -> str:
+        return self.http_tls_key or self.tls_key
+
+    @property
+    def http_tls_ca_file(self) -> str:
+        return self.http_tls_ca or self.tls_ca
 
     def host_ips(self) -> tuple[str, ...]:
         if self.host_ip_addresses:

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs for real: redis-server (store tests start their own
 # instances on free ports), tshark (Wireshark's Diameter dissector checks our answers) and
-# promtool from prometheus (checks deploy/prometheus rules and runs their unit tests), and
-# Erlang/OTP's diameter application (an independent MME for the live interop tests; erlang-dev
-# carries the headers its generated dictionary codec is compiled against); h2load from
-# nghttp2-client for the N5g-eir benchmark (the suite's smoke test runs it).
+# promtool from prometheus (checks deploy/prometheus rules and runs their unit tests), curl (an
+# HTTP/2 prior-knowledge client for the N5g-eir tests), and Erlang/OTP's diameter application
+# (an independent MME for the live interop tests; erlang-dev carries the headers its generated
+# dictionary codec is compiled against); h2load from nghttp2-client for the N5g-eir benchmark
+# (the suite's smoke test runs it).
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v tshark >/dev/null 2>&1 || missing+=(tshark)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # TLS tests make their own PKI
+command -v curl >/dev/null 2>&1 || missing+=(curl)  # an independent HTTP/2 client (N5g-eir)
 command -v erlc >/dev/null 2>&1 || missing+=(erlang-base)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)  # N5g-eir benchmark (h2load)
 ls /usr/lib/erlang/lib/diameter-*/bin/diameterc >/dev/null 2>&1 || missing+=(erlang-diameter)

@@ -47,6 +47,7 @@ from ..policy import (
 )
 from ..store import open_store
 from .diameter_server import DiameterNode
+from .http_server import start_n5g_eir
 
 log = get_logger("eir_server.app")
 
@@ -118,6 +119,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     if cfg.diameter_tls_listen:
         thost, tport = parse_hostport(cfg.diameter_tls_listen, "diameter_tls_listen")
         await node.start(thost, tport, reuse_port=cfg.workers > 1, ssl=tls_context(cfg))
+    http_listeners = await start_n5g_eir(cfg, checker, metrics, node, recorder, index)
     readiness = make_readiness(
         listening=server.is_serving,
         store_reachable=lambda: bool(store.ready),
@@ -150,6 +152,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     log.info("shutting_down", worker=index, peers=node.peers_open(),
              in_flight=node.in_flight)
     await node.shutdown(cfg.shutdown_timeout)
+    for listener in http_listeners:
+        await listener.stop(cfg.shutdown_timeout)
     if tac_task is not None:
         tac_task.cancel()
     if sync_runs is not None:

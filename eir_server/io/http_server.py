@@ -1,0 +1,224 @@
+"""asyncio shell of N5g-eir: granian's embedded RSGI server inside the worker's own event loop.
+
+granian (Rust: hyper + rustls) does HTTP/2 prior knowledge (h2c), HTTP/1.1 and TLS with
+optional client-certificate verification; this module only moves (method, path, query,
+headers) into the sans-I/O `N5gEirApp`, asks the shared `EquipmentChecker` and writes the
+answer, counting it in the worker's `Metrics`. Chosen with numbers (README "Performance"):
+one worker answered tens of thousands of h2c requests/s where hypercorn managed ~2.7k.
+
+Connections are never cut by count or short idle: hyper's HTTP/2 server has no request limit,
+and granian's keep-alive pings are off unless configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..checker import EquipmentChecker
+from ..config import ServeConfig, parse_hostport
+from ..n5g_eir.app import INTERNAL_ERROR, Check, N5gEirApp, Response, overloaded
+from ..obs.logging import get_logger
+from ..obs.metrics import Metrics
+from ..policy.types import Verdict
+
+log = get_logger("eir_server.n5g_eir")
+
+INTERFACE = "n5g_eir"  # the label value the metrics, audit trail and export already use
+RETRY_AFTER = 1  # seconds: requests waiting for the store drain within that in practice
+
+
+class InFlightGate:
+    """The overload predicate, swappable for a richer overload signal: `admit(client)` -> 0
+    (go on), 503 (the worker has `limit` requests waiting for the store) or 429 (this consumer
+    connection holds half of them). Only requests waiting for Redis count; answers from the
+    embedded store or the local cache never wait."""
+
+    __slots__ = ("limit", "share", "waiting", "by_client", "external")
+
+    def __init__(self, limit: int, external: Callable[[], int] | None = None) -> None:
+        self.limit = limit
+        self.share = max(1, limit // 2)
+        self.waiting = 0
+        self.by_client: dict[str, int] = {}
+        # Requests waiting elsewhere in this worker (the Diameter side): one budget for both.
+        self.external = external
+
+    def admit(self, client: str) -> int:
+        total = self.waiting + (self.external() if self.external is not None else 0)
+        if total >= self.limit:
+            return 503
+        if self.by_client.get(client, 0) >= self.share:
+            return 429
+        return 0
+
+    def enter(self, client: str) -> None:
+        self.waiting += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+
+    def leave(self, client: str) -> None:
+        self.waiting -= 1
+        n = self.by_client[client] - 1
+        if n:
+            self.by_client[client] = n
+        else:
+            del self.by_client[client]
+
+
+class N5gEirService:
+    """The RSGI application: one per worker, sharing checker, metrics and audit with S13."""
+
+    def __init__(self, app: N5gEirApp, checker: EquipmentChecker, metrics: Metrics,
+                 gate: InFlightGate,
+                 audit: Callable[..., None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self.checker = checker
+        self.metrics = metrics
+        self.gate = gate
+        self.audit = audit
+        self.clock = clock
+        self.wall = wall
+        self._requests = metrics.requests
+        self._verdicts = metrics.verdicts
+        self._latency = metrics.latency_n5g
+        self._last_error_log = float("-inf")
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.waiting
+
+    async def __call__(self, scope: Any, proto: Any) -> None:
+        t0 = self.clock()
+        try:
+            r = self.app.handle(scope.method, scope.path, scope.query_string,
+                                scope.headers.get, self.wall())
+            if type(r) is Check:
+                r = await self._check(r, scope.client)  # type: ignore[arg-type]
+        except Exception:
+            # The consumer learns only that it failed; the log says why, at most once a second.
+            now = self.clock()
+            if now - self._last_error_log >= 1.0:
+                self._last_error_log = now
+                log.exception("n5g_eir_internal_error", path=scope.path)
+            r = INTERNAL_ERROR
+        proto.response_bytes(r.status, list(r.headers), r.body)  # type: ignore[union-attr]
+        self._requests[(INTERFACE, scope.method if r.status != 405 else "other",  # type: ignore[union-attr]
+                        r.result)] += 1  # type: ignore[union-attr]
+        self._latency.observe(self.clock() - t0)
+
+    async def _check(self, c: Check, client: str) -> Response:
+        gate = self.gate
+        verdict = self.checker.check(c.request)
+        if type(verdict) is not Verdict:
+            refused = gate.admit(client)
+            if refused:
+                verdict.cancel()  # type: ignore[union-attr]
+                return overloaded(refused, RETRY_AFTER)
+            gate.enter(client)
+            try:
+                verdict = await verdict  # type: ignore[misc]
+            finally:
+                gate.leave(client)
+        v: Verdict = verdict  # type: ignore[assignment]
+        self._verdicts[(v.status, v.rule)] += 1
+        if self.audit is not None:
+            self.audit(self.wall(), c.audit, v, client, INTERFACE)
+        return self.app.answer(v)
+
+
+class HttpListener:
+    """One granian embedded server (h2c + HTTP/1.1, or TLS) run as a task of this loop."""
+
+    def __init__(self, service: N5gEirService, host: str, port: int, *,
+                 cert: str = "", key: str = "", ca: str = "", backlog: int = 1024) -> None:
+        from granian.constants import HTTPModes, Interfaces
+        from granian.http import HTTP1Settings, HTTP2Settings
+        from granian.server.embed import Server
+
+        # granian logs "embedded server is experimental" and per-start chatter at INFO/WARNING
+        # through the stdlib logger; our own logs say what is listening.
+        logging.getLogger("_granian").setLevel(logging.ERROR)
+        tls: dict[str, Any] = {}
+        if cert:
+            tls = {"ssl_cert": Path(cert), "ssl_key": Path(key)}
+            if ca:
+                tls.update(ssl_ca=Path(ca), ssl_client_verify=True)
+        self.tls = bool(cert)
+        self.address = f"{host}:{port}"
+        self.server = Server(
+            service, address=host or "0.0.0.0", port=port, interface=Interfaces.RSGI,
+            http=HTTPModes.auto, websockets=False, backlog=backlog, log_enabled=False,
+            http1_settings=HTTP1Settings(keep_alive=True),
+            # No keep-alive pings (they would close a connection whose peer is merely slow to
+            # answer them); SBI connections carry many concurrent streams.
+            http2_settings=HTTP2Settings(keep_alive_interval=None, max_concurrent_streams=1000),
+            **tls)
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.task = asyncio.ensure_future(self.server.serve())
+        # serve() binds in its first step and spawns the listener task; a bind error ends it.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        if self.task.done():
+            exc = self.task.exception()
+            self.task = None
+            first = str(exc).splitlines()[0] if exc else "stopped"
+            raise OSError(f"N5g-eir listen {self.address}: {first}")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        if self.task is None:
+            return
+        self.server.stop()
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self.task, timeout)
+        self.task = None
+
+
+def _probe_bind(host: str, port: int) -> None:
+    """granian binds with SO_REUSEPORT, so a second server on a busy port would silently share
+    it; a single worker checks first with a plain bind, which fails if anyone listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host or "0.0.0.0", port))
+        except OSError as e:
+            raise OSError(f"N5g-eir listen {host}:{port}: {e.strerror}") from None
+
+
+async def start_n5g_eir(cfg: ServeConfig, checker: EquipmentChecker, metrics: Metrics,
+                        node: Any, recorder: Any, index: int) -> list[HttpListener]:
+    """The worker's N5g-eir listeners (none unless --http-listen / --http-tls-listen), sharing
+    the Diameter node's checker, metrics, audit and overload budget."""
+    if not (cfg.http_listen or cfg.http_tls_listen):
+        return []
+    gate = InFlightGate(cfg.max_in_flight, external=lambda: node.in_flight)
+    service = N5gEirService(N5gEirApp(), checker, metrics, gate,
+                            audit=recorder.record if recorder is not None else None)
+    metrics.set_gauge_callback("in_flight", lambda: node.in_flight + gate.waiting)
+    listeners = []
+    for addr, tls in ((cfg.http_listen, False), (cfg.http_tls_listen, True)):
+        if not addr:
+            continue
+        host, port = parse_hostport(addr, "http_tls_listen" if tls else "http_listen")
+        if cfg.workers == 1:
+            _probe_bind(host, port)
+        listener = HttpListener(
+            service, host, port,
+            cert=cfg.http_tls_cert_file if tls else "", key=cfg.http_tls_key_file if tls else "",
+            ca=cfg.http_tls_ca_file if tls else "")
+        await listener.start()
+        listeners.append(listener)
+        log.info("n5g_eir_listening", worker=index, address=addr,
+                 transport="tls" if tls else "h2c+http/1.1",
+                 client_certificates="required" if tls and cfg.http_tls_ca_file else "no")
+    return listeners

@@ -1,0 +1,143 @@
+"""N5g-eir over real HTTP/2 (h2c prior knowledge, TLS, HTTP/1.1) from real clients: httpx (h2)
+and curl. Every status the interface answers has a case here or in test_overload_http.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import httpx
+import pytest
+
+from tests.diameter_io.conftest import IMEI_BLACK, IMEI_GREY, IMEI_UNKNOWN, IMEI_WHITE, IMSI_PAIRED
+from tests.n5g_eir.conftest import PATH, H2Client
+
+CURL = shutil.which("curl") or "/usr/bin/curl"
+
+
+def pei(imei14: str) -> str:
+    from eir_server.policy.imei import luhn_check_digit
+    return f"imei-{imei14}{luhn_check_digit(imei14)}"
+
+
+async def curl(*args: str) -> tuple[int, dict[str, str], str]:
+    """(status, headers, body) from curl; -w prints the HTTP version after the body."""
+    p = await asyncio.create_subprocess_exec(
+        CURL, "-s", "-S", "-i", "--max-time", "10", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await p.communicate()
+    assert p.returncode == 0, err.decode()
+    head, _, body = out.decode().partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return status, headers, body
+
+
+async def test_verdicts_over_h2c_prior_knowledge(eirs) -> None:
+    eir = await eirs()
+    async with eir.h2c() as c:
+        expect = {IMEI_BLACK: "BLACKLISTED", IMEI_GREY: "GREYLISTED", IMEI_WHITE: "BLACKLISTED"}
+        for imei, status in expect.items():
+            r = await c.get(PATH, params={"pei": pei(imei)})
+            assert r.http_version == "HTTP/2"
+            assert (r.status_code, r.json()) == (200, {"status": status})
+            assert r.headers["content-type"] == "application/json"
+        # The blacklisted IMEI paired with its IMSI on the exception list: SUPI pairs like S13's
+        # User-Name does.
+        r = await c.get(PATH, params={"pei": pei(IMEI_WHITE), "supi": f"imsi-{IMSI_PAIRED}",
+                                      "gpsi": "msisdn-4915100000001"})
+        assert r.json() == {"status": "WHITELISTED"}
+        r = await c.get(PATH, params={"pei": f"imeisv-{IMEI_BLACK}01"})
+        assert r.json() == {"status": "BLACKLISTED"}
+        r = await c.get(PATH, params={"pei": pei(IMEI_UNKNOWN)})
+        assert r.status_code == 404
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json() == {"status": 404, "title": "Not Found",
+                            "cause": "ERROR_EQUIPMENT_UNKNOWN",
+                            "detail": "the equipment is not known to the EIR"}
+    m = eir.metrics
+    assert m.requests[("n5g_eir", "GET", "200")] == 5
+    assert m.requests[("n5g_eir", "GET", "404")] == 1
+    assert sum(m.latency_n5g.counts) == 6
+
+
+async def test_every_error_status_with_curl_h2c(eirs) -> None:
+    eir = await eirs()
+    url = eir.base + PATH
+    h2 = "--http2-prior-knowledge"
+    s, h, b = await curl(h2, url + "?supi=imsi-001010123456789")
+    assert (s, json.loads(b)["cause"]) == (400, "MANDATORY_QUERY_PARAM_MISSING")
+    assert h["content-type"] == "application/problem+json"
+    s, _, b = await curl(h2, url + "?pei=imei-12")
+    assert (s, json.loads(b)["cause"]) == (400, "MANDATORY_QUERY_PARAM_INCORRECT")
+    assert json.loads(b)["invalidParams"][0]["param"] == "query pei"
+    s, _, b = await curl(h2, url + f"?pei={pei(IMEI_BLACK)}&supi=imsi-x")
+    assert (s, json.loads(b)["cause"]) == (400, "INVALID_QUERY_PARAM")
+    s, _, b = await curl(h2, eir.base + "/n5g-eir-eic/v1/nothing-here")
+    assert (s, json.loads(b)["cause"]) == (404, "RESOURCE_URI_STRUCTURE_NOT_FOUND")
+    s, h, _ = await curl(h2, "-X", "DELETE", url + f"?pei={pei(IMEI_BLACK)}")
+    assert (s, h["allow"]) == (405, "GET")
+    s, _, _ = await curl(h2, "-H", "Accept: text/html", url + f"?pei={pei(IMEI_BLACK)}")
+    assert s == 406
+    s, _, _ = await curl(h2, url + "?pei=imei-" + "1" * 6000)
+    assert s == 414
+    s, _, b = await curl(h2, url + "?pei=mac-00-11-22-33-44-55")
+    assert (s, json.loads(b)["cause"]) == (404, "ERROR_EQUIPMENT_UNKNOWN")
+    s, h, b = await curl(h2, "-D", "-", url + f"?pei={pei(IMEI_GREY)}")
+    assert (s, json.loads(b)) == (200, {"status": "GREYLISTED"})
+    assert eir.metrics.requests[("n5g_eir", "GET", "400")] == 3
+    assert eir.metrics.requests[("n5g_eir", "other", "405")] == 1
+
+
+async def test_http1_is_tolerated(eirs) -> None:
+    eir = await eirs()
+    s, _, b = await curl("--http1.1", eir.base + PATH + f"?pei={pei(IMEI_BLACK)}")
+    assert (s, json.loads(b)) == (200, {"status": "BLACKLISTED"})
+    async with httpx.AsyncClient(base_url=eir.base) as c:  # HTTP/1.1 keep-alive
+        for _ in range(3):
+            r = await c.get(PATH, params={"pei": pei(IMEI_GREY)})
+            assert r.http_version == "HTTP/1.1" and r.json() == {"status": "GREYLISTED"}
+
+
+async def test_long_lived_connection_is_not_cut(eirs) -> None:
+    """hypercorn sends GOAWAY after 1000 requests by default; an AMF's connection must stay up
+    through many requests and idle gaps."""
+    eir = await eirs()
+    client = H2Client(eir.http_port)
+    try:
+        path = f"{PATH}?pei={pei(IMEI_BLACK)}"
+        for _ in range(5):
+            answers = await asyncio.to_thread(client.get_many, [path] * 500)
+            assert {a[0] for a in answers} == {200}
+        await asyncio.sleep(2.5)  # idle longer than any short keep-alive timeout
+        answers = await asyncio.to_thread(client.get_many, [path])
+        assert answers == [(200, b'{"status":"BLACKLISTED"}')]
+        assert not client.goaway
+    finally:
+        client.close()
+    assert eir.metrics.requests[("n5g_eir", "GET", "200")] == 2501
+
+
+async def test_internal_error_leaks_nothing(eirs) -> None:
+    eir = await eirs()
+
+    class BrokenPolicy:  # a bug in the policy, as the worker would meet it
+        def imei_key(self, raw):
+            raise RuntimeError("secret internal state 0xdeadbeef")
+
+    eir.service.checker.policy = BrokenPolicy()
+    async with eir.h2c() as c:
+        r = await c.get(PATH, params={"pei": pei(IMEI_BLACK)})
+    assert r.status_code == 500
+    assert r.json() == {"status": 500, "title": "Internal Server Error", "cause": "SYSTEM_FAILURE"}
+    assert "deadbeef" not in r.text
+
+
+@pytest.mark.parametrize("path", ["/openapi/TS29511_N5g-eir_EquipmentIdentityCheck.yaml",
+                                  "/openapi/TS29571_CommonData.yaml"])
+async def test_openapi_document_is_served(eirs, path: str) -> None:
+    eir = await eirs()
+    s, h, b = await curl("--http2-prior-knowledge", eir.base + path)
+    assert s == 200 and h["content-type"] == "application/yaml" and b.startswith("openapi:")

@@ -1,0 +1,56 @@
+"""Overload is answered, not left to time out at the AMF: 503 when the worker has
+--max-in-flight requests waiting for the store, 429 when one consumer connection holds half of
+them; both with Retry-After. A real Redis, frozen with SIGSTOP, makes requests wait."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+from eir_server.policy import PolicyConfig
+from eir_server.store import open_store
+from tests.diameter_io.conftest import default_records
+from tests.n5g_eir.conftest import PATH, H2Client
+from tests.store.test_contract import publish
+
+
+def path(n: int) -> str:
+    from eir_server.policy.imei import luhn_check_digit
+    imei = f"{49015420000000 + n:014d}"  # not cached: each one waits for Redis
+    return f"{PATH}?pei=imei-{imei}{luhn_check_digit(imei)}"
+
+
+async def test_503_and_429_with_retry_after(eirs, redis_factory, dirbs, sync_dir) -> None:
+    redis = redis_factory.start()
+    url = redis.url + "?timeout=20"
+    assert sync_dir(url, publish(dirbs, default_records())).mode == "full"
+    eir = await eirs(store=open_store(url), policy=PolicyConfig(), max_in_flight=4)
+    a, b, c = (H2Client(eir.http_port) for _ in range(3))
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        waiting_a = await asyncio.to_thread(a.send, [path(1), path(2)])
+        [(status, body, head)] = await asyncio.to_thread(a.collect, a.send([path(3)]))
+        assert status == 429 and head["retry-after"] == "1"
+        assert json.loads(body)["cause"] == "NF_CONGESTION_RISK"
+        waiting_b = await asyncio.to_thread(b.send, [path(4), path(5)])
+        while eir.service.gate.waiting < 4:
+            await asyncio.sleep(0.01)
+        [(status, body, head)] = await asyncio.to_thread(c.collect, c.send([path(6)]))
+        assert status == 503 and head["retry-after"] == "1"
+        assert head["content-type"] == "application/problem+json"
+        assert json.loads(body) == {"status": 503, "title": "Service Unavailable",
+                                    "cause": "NF_CONGESTION",
+                                    "detail": "too many requests waiting for the store"}
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        for client, ids in ((a, waiting_a), (b, waiting_b)):
+            answers = await asyncio.to_thread(client.collect, ids)
+            assert [st for st, _, _ in answers] == [200, 200]
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        for cl in (a, b, c):
+            cl.close()
+    m = eir.metrics.requests
+    assert (m[("n5g_eir", "GET", "429")], m[("n5g_eir", "GET", "503")]) == (1, 1)
+    assert eir.service.gate.waiting == 0
