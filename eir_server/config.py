@@ -47,6 +47,24 @@ class ServeConfig:
     http_tls_ca: str = _opt("", "PEM CA bundle: when set, N5g-eir TLS clients must present a "
                             "certificate it signed (mutual TLS; default: --tls-ca)",
                             metavar="FILE")
+    nrf_url: str = _opt("", "NRF apiRoot (http:// for h2c, https://); when set, worker 0 "
+                        "registers this node as a 5G_EIR NF instance (TS 29.510), sends "
+                        "heart-beats and deregisters on shutdown", metavar="URL")
+    nrf_heartbeat: int = _opt(60, "heartBeatTimer offered to the NRF, seconds (the NRF's answer "
+                              "decides)", metavar="SECONDS")
+    nf_instance_id: str = _opt("", "NF instance id (UUID) for the NRF and OAuth2 token audience; "
+                               "empty: the one kept in --nf-instance-file", metavar="UUID")
+    nf_instance_file: str = _opt("/var/lib/eir-server/nf-instance-id", "file keeping the NF "
+                                 "instance id across restarts (created with a new UUID)",
+                                 metavar="FILE")
+    nf_address: str = _opt("", "IP address advertised to the NRF (default: the N5g-eir listen "
+                           "address; 127.0.0.1 when listening on all addresses)", metavar="IP")
+    nf_fqdn: str = _opt("", "FQDN advertised to the NRF; empty: none", metavar="FQDN")
+    oauth2_public_key: str = _opt("", "PEM public key verifying OAuth2 access tokens on N5g-eir; "
+                                  "set (or --oauth2-jwks): requests need a valid bearer token",
+                                  metavar="FILE")
+    oauth2_jwks: str = _opt("", "JWKS file (JSON) of keys verifying OAuth2 access tokens, "
+                            "chosen by kid", metavar="FILE")
     origin_host: str = _opt("eir.localdomain", "our Diameter Origin-Host (DiameterIdentity)")
     origin_realm: str = _opt("localdomain", "our Diameter Origin-Realm")
     host_ip_addresses: str = _opt(
@@ -129,6 +147,20 @@ class ServeConfig:
         if self.http_tls_listen and not (self.http_tls_cert_file and self.http_tls_key_file):
             raise ValueError("http_tls_listen needs http_tls_cert and http_tls_key "
                              "(or tls_cert and tls_key)")
+        if self.nrf_url:
+            if not self.nrf_url.startswith(("http://", "https://")):
+                raise ValueError("nrf_url: expected http://... or https://...")
+            if not (self.http_listen or self.http_tls_listen):
+                raise ValueError("nrf_url needs http_listen or http_tls_listen (the service "
+                                 "to register)")
+        if self.nrf_heartbeat < 1:
+            raise ValueError("nrf_heartbeat: at least 1 second")
+        if self.nf_instance_id:
+            import uuid
+            try:
+                uuid.UUID(self.nf_instance_id)
+            except ValueError:
+                raise ValueError("nf_instance_id: not a UUID") from None
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight: must be at least 1")
         if self.workers < 1:

@@ -47,7 +47,7 @@ from ..policy import (
 )
 from ..store import open_store
 from .diameter_server import DiameterNode
-from .http_server import start_n5g_eir
+from .http_server import resolve_nf_instance_id, start_n5g_eir
 
 log = get_logger("eir_server.app")
 
@@ -119,7 +119,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     if cfg.diameter_tls_listen:
         thost, tport = parse_hostport(cfg.diameter_tls_listen, "diameter_tls_listen")
         await node.start(thost, tport, reuse_port=cfg.workers > 1, ssl=tls_context(cfg))
-    http_listeners = await start_n5g_eir(cfg, checker, metrics, node, recorder, index)
+    n5g_eir = await start_n5g_eir(cfg, checker, metrics, node, recorder, index)
     readiness = make_readiness(
         listening=server.is_serving,
         store_reachable=lambda: bool(store.ready),
@@ -152,8 +152,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     log.info("shutting_down", worker=index, peers=node.peers_open(),
              in_flight=node.in_flight)
     await node.shutdown(cfg.shutdown_timeout)
-    for listener in http_listeners:
-        await listener.stop(cfg.shutdown_timeout)
+    await n5g_eir.stop(cfg.shutdown_timeout)
     if tac_task is not None:
         tac_task.cancel()
     if sync_runs is not None:
@@ -448,6 +447,12 @@ def serve(cfg: ServeConfig, reload: Callable[[], ServeConfig] | None = None) -> 
     # SIGHUP's default action kills the process; ignore it until a loop handles it, so a
     # reload request arriving during start-up (or at a worker being forked) is never fatal.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    cfg = resolve_nf_instance_id(cfg)  # before forking: one NF instance id for every worker
+    if reload is not None:  # a re-read configuration names the same NF instance
+        read_again = reload
+
+        def reload() -> ServeConfig:
+            return resolve_nf_instance_id(read_again())
     if cfg.workers == 1:
         asyncio.run(run_worker(cfg, policy=policy, reload=reload))
         return 0

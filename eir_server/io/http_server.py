@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -24,9 +25,12 @@ from typing import Any
 from ..checker import EquipmentChecker
 from ..config import ServeConfig, parse_hostport
 from ..n5g_eir.app import INTERNAL_ERROR, Check, N5gEirApp, Response, overloaded
+from ..n5g_eir.nrf import NF_TYPE, load_nf_instance_id
+from ..n5g_eir.oauth import BearerAuthorizer
 from ..obs.logging import get_logger
 from ..obs.metrics import Metrics
 from ..policy.types import Verdict
+from .nrf_client import NrfAgent
 
 log = get_logger("eir_server.n5g_eir")
 
@@ -195,14 +199,46 @@ def _probe_bind(host: str, port: int) -> None:
             raise OSError(f"N5g-eir listen {host}:{port}: {e.strerror}") from None
 
 
+def resolve_nf_instance_id(cfg: ServeConfig) -> ServeConfig:
+    """Fix the NF instance id (NRF registration, token audience) once per node."""
+    if cfg.nf_instance_id or not (cfg.nrf_url or cfg.oauth2_public_key or cfg.oauth2_jwks):
+        return cfg
+    nf_id, stored = load_nf_instance_id(cfg.nf_instance_file)
+    if not stored:
+        log.error("nf_instance_id_not_kept", file=cfg.nf_instance_file, nf_instance_id=nf_id,
+                  consequence="a restart registers as a new NF instance; set --nf-instance-id "
+                              "or a writable --nf-instance-file")
+    return dataclasses.replace(cfg, nf_instance_id=nf_id)
+
+
+class N5gEir:
+    """What a worker runs for N5g-eir: listeners and, in worker 0, the NRF agent."""
+
+    def __init__(self, listeners: list[HttpListener], nrf: NrfAgent | None = None) -> None:
+        self.listeners = listeners
+        self.nrf = nrf
+
+    async def stop(self, timeout: float) -> None:
+        if self.nrf is not None:  # deregister first: the NRF stops handing us out
+            await self.nrf.stop()
+        for listener in self.listeners:
+            await listener.stop(timeout)
+
+
 async def start_n5g_eir(cfg: ServeConfig, checker: EquipmentChecker, metrics: Metrics,
-                        node: Any, recorder: Any, index: int) -> list[HttpListener]:
+                        node: Any, recorder: Any, index: int) -> N5gEir:
     """The worker's N5g-eir listeners (none unless --http-listen / --http-tls-listen), sharing
-    the Diameter node's checker, metrics, audit and overload budget."""
+    the Diameter node's checker, metrics, audit and overload budget; in worker 0 only (the
+    workers are one NF instance behind one port) the NRF registration."""
     if not (cfg.http_listen or cfg.http_tls_listen):
-        return []
+        return N5gEir([])
+    cfg = resolve_nf_instance_id(cfg)
+    authorizer = None
+    if cfg.oauth2_public_key or cfg.oauth2_jwks:
+        authorizer = BearerAuthorizer.from_files(cfg.oauth2_public_key, cfg.oauth2_jwks,
+                                                 (cfg.nf_instance_id, NF_TYPE))
     gate = InFlightGate(cfg.max_in_flight, external=lambda: node.in_flight)
-    service = N5gEirService(N5gEirApp(), checker, metrics, gate,
+    service = N5gEirService(N5gEirApp(authorizer), checker, metrics, gate,
                             audit=recorder.record if recorder is not None else None)
     metrics.set_gauge_callback("in_flight", lambda: node.in_flight + gate.waiting)
     listeners = []
@@ -220,5 +256,10 @@ async def start_n5g_eir(cfg: ServeConfig, checker: EquipmentChecker, metrics: Me
         listeners.append(listener)
         log.info("n5g_eir_listening", worker=index, address=addr,
                  transport="tls" if tls else "h2c+http/1.1",
-                 client_certificates="required" if tls and cfg.http_tls_ca_file else "no")
-    return listeners
+                 client_certificates="required" if tls and cfg.http_tls_ca_file else "no",
+                 oauth2=authorizer is not None)
+    nrf = None
+    if cfg.nrf_url and index == 0:
+        nrf = NrfAgent(cfg, cfg.nf_instance_id)
+        nrf.start()
+    return N5gEir(listeners, nrf)

@@ -60,10 +60,13 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 def stop(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(30)
+        code = proc.wait(30)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+    if code and proc.stderr is not None:
+        print(proc.stderr.read().decode(errors="replace"))
+    return code
 
 
 def test_h2c_and_mutual_tls(pki: Path, register: Path) -> None:
@@ -97,9 +100,11 @@ def test_h2c_and_mutual_tls(pki: Path, register: Path) -> None:
         assert (b'eir_requests_total{command="GET",interface="n5g_eir",result="200"} 3.0'
                 in text)
         assert b'eir_request_duration_seconds_count{interface="n5g_eir"} 3.0' in text
-    finally:
-        code = stop(proc)
-    assert code == 0, proc.stderr.read().decode() if proc.stderr else ""
+    except BaseException:
+        stop(proc)
+        print(proc.stderr.read().decode(errors="replace") if proc.stderr else "")
+        raise
+    assert stop(proc) == 0
 
 
 def test_every_worker_serves_n5g_eir(register: Path) -> None:

@@ -1,0 +1,173 @@
+"""N5g-eir load with h2load (nghttp2-client): HTTP/2 with prior knowledge against a real
+`eir-server serve --http-listen` (one worker), and the server's CPU time per answer
+(utime+stime from /proc). Not a test: numbers go in the README.
+
+    .venv/bin/python benchmarks/bench_n5g_eir.py --pin                      # embedded store
+    .venv/bin/python benchmarks/bench_n5g_eir.py --pin --store redis        # Redis, warm cache
+    .venv/bin/python benchmarks/bench_n5g_eir.py --pin --app trivial        # the HTTP server alone
+
+--app trivial serves a constant answer from granian's embedded server in the same way (RSGI in
+a uvloop loop): the floor that the verdict path adds to. h2load needs `apt-get install
+nghttp2-client`; --store redis needs redis-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eir_server.policy.imei import luhn_check_digit  # noqa: E402
+
+PATH = "/n5g-eir-eic/v1/equipment-status"
+TRIVIAL = """
+import asyncio, signal, sys, uvloop
+from granian.constants import Interfaces
+from granian.server.embed import Server
+
+class App:
+    async def __call__(self, scope, proto):
+        proto.response_bytes(200, [("content-type", "application/json")], b'{"status":"WHITELISTED"}')
+
+async def main():
+    srv = Server(App(), address="127.0.0.1", port=int(sys.argv[1]), interface=Interfaces.RSGI,
+                 log_enabled=False, websockets=False)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, srv.stop)
+    await srv.serve()
+
+uvloop.run(main())
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(port: int, proc: subprocess.Popen) -> None:
+    import socket
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        assert proc.poll() is None, "server exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def register(d: Path, n: int) -> list[str]:
+    """n blacklisted IMEIs (every 3rd IMEI asked is listed) as a DIRBS blacklist CSV."""
+    rows = [f"{35209900000000 + i * 3:014d}" for i in range(n)]
+    (d / "20260101_000000_blacklist.csv").write_text(
+        "imei,block_date,reasons\n" + "".join(f"{r},20200101,stolen\n" for r in rows))
+    return rows
+
+
+def uris(port: int, n: int) -> list[str]:
+    out = []
+    for i in range(n):
+        imei = f"{35209900000000 + i:014d}"
+        out.append(f"http://127.0.0.1:{port}{PATH}?pei=imei-{imei}{luhn_check_digit(imei)}"
+                   f"&supi=imsi-00101{imei[4:]}")
+    return out
+
+
+def h2load(urls: list[str], n: int, clients: int, streams: int, cpu: int | None) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(urls) + "\n")
+    cmd = ["h2load", "-n", str(n), "-c", str(clients), "-m", str(streams), "-t", "1",
+           "-i", f.name]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--app", choices=("eir", "trivial"), default="eir")
+    ap.add_argument("--store", choices=("memory", "redis"), default="memory")
+    ap.add_argument("--requests", type=int, default=300_000)
+    ap.add_argument("--clients", type=int, default=4, help="h2load connections")
+    ap.add_argument("--streams", type=int, default=32, help="concurrent streams per connection")
+    ap.add_argument("--imeis", type=int, default=10_000, help="distinct IMEIs asked")
+    ap.add_argument("--pin", action="store_true", help="server on CPU 0, h2load on CPU 1")
+    ap.add_argument("--rounds", type=int, default=3, help="measured runs (best is reported)")
+    args = ap.parse_args()
+    if not shutil.which("h2load"):
+        raise SystemExit("h2load not found: apt-get install nghttp2-client")
+    port = 18080 + os.getpid() % 1000
+    work = Path(tempfile.mkdtemp(prefix="bench-n5g-"))
+    redis = None
+    if args.app == "trivial":
+        cmd = [sys.executable, "-c", TRIVIAL, str(port)]
+    else:
+        reg = work / "reg"
+        reg.mkdir()
+        register(reg, args.imeis // 3 + 1)
+        store = ["--register", str(reg)]
+        if args.store == "redis":
+            rport = port + 1000
+            redis = subprocess.Popen(["redis-server", "--port", str(rport), "--save", "",
+                                      "--appendonly", "no"], stdout=subprocess.DEVNULL)
+            time.sleep(0.5)
+            url = f"redis://127.0.0.1:{rport}/0"
+            subprocess.run([sys.executable, "-m", "eir_server.cli", "sync", "--source", str(reg),
+                            "--store", url, "--once", "--progress", "never"], check=True,
+                           capture_output=True)
+            store = ["--store", url]
+        cmd = [sys.executable, "-m", "eir_server.cli", "serve", *store,
+               "--diameter-listen", f"127.0.0.1:{port + 2000}", "--metrics-listen", "",
+               "--http-listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        wait_port(port, proc)
+        if args.pin:
+            os.sched_setaffinity(proc.pid, {0})
+        urls = uris(port, args.imeis)
+        # Warm-up: every IMEI once (fills the local cache in front of Redis), JIT-free anyway.
+        h2load(urls, max(args.imeis, 20_000), args.clients, args.streams, 1 if args.pin else None)
+        best = None
+        for _ in range(args.rounds):
+            c0 = cpu_seconds(proc.pid)
+            out = h2load(urls, args.requests, args.clients, args.streams,
+                         1 if args.pin else None)
+            cpu = cpu_seconds(proc.pid) - c0
+            m = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out)
+            ok = re.search(r"status codes: (\d+) 2xx, \d+ 3xx, (\d+) 4xx, (\d+) 5xx", out)
+            assert m and ok, out
+            assert int(ok.group(3)) == 0, out
+            rate = float(m.group(2))
+            us = cpu / args.requests * 1e6
+            print(f"  {rate:,.0f} req/s, server CPU {us:.1f} us/request "
+                  f"({ok.group(1)} 2xx, {ok.group(2)} 4xx)")
+            if best is None or rate > best[0]:
+                best = (rate, us)
+        assert best is not None
+        print(f"{args.app} store={args.store if args.app == 'eir' else '-'} "
+              f"clients={args.clients} streams={args.streams}: best {best[0]:,.0f} req/s, "
+              f"{best[1]:.1f} us CPU/request (load {os.getloadavg()[0]:.1f})")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
