@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..checker import EquipmentChecker
+from ..checker import STORE_ERROR, EquipmentChecker
 from ..config import ServeConfig, parse_hostport
 from ..n5g_eir.app import INTERNAL_ERROR, Check, N5gEirApp, Response, overloaded
 from ..n5g_eir.nrf import NF_TYPE, load_nf_instance_id
@@ -132,6 +132,9 @@ class N5gEirService:
             finally:
                 gate.leave(client)
         v: Verdict = verdict  # type: ignore[assignment]
+        if v.status is None and v.rule == STORE_ERROR:  # counted as S13 counts it
+            self._verdicts[(v.reasons[0], v.rule)] += 1
+            return self.app.answer(v)
         self._verdicts[(v.status, v.rule)] += 1
         if self.audit is not None:
             self.audit(self.wall(), c.audit, v, client, INTERFACE)

@@ -14,7 +14,8 @@ Answers follow TS 29.500 5.2.7 (ProblemDetails with `cause`, application/problem
                                          parameter
     404 RESOURCE_URI_STRUCTURE_NOT_FOUND any other path
     405 / 406 / 414                      other methods, no acceptable media type, absurd URI
-    429 / 503 (Retry-After), 500         rendered for the shell (overload, internal error)
+    429 / 503 (Retry-After), 500         rendered for the shell (overload, internal error), and
+                                         503 / 500 for a store-error fallback verdict
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ _URI_TOO_LONG = problem(414, "URI Too Long", detail=f"request URI longer than {M
 _MISSING_PEI = problem(400, "Bad Request", "MANDATORY_QUERY_PARAM_MISSING",
                        invalid=[("query pei", "mandatory query parameter missing")])
 INTERNAL_ERROR = problem(500, "Internal Server Error", "SYSTEM_FAILURE")
+# The checker's Verdict.rule for "the store could not answer and --store-fallback is an error"
+# (eir_server.checker.STORE_ERROR; not imported: this package depends on the policy only).
+STORE_ERROR = "store_error"
 
 
 def overloaded(status: int, retry_after: int) -> Response:
@@ -104,6 +108,16 @@ def overloaded(status: int, retry_after: int) -> Response:
     return problem(503, "Service Unavailable", "NF_CONGESTION",
                    "too many requests waiting for the store",
                    extra_headers=(("retry-after", str(retry_after)),))
+
+
+# too_busy: another 5G-EIR should take it (S13 3004); unable_to_comply: S13 5012.
+_STORE_ERRORS = {
+    "too_busy": problem(503, "Service Unavailable", "NF_CONGESTION",
+                        "the register store cannot answer now",
+                        extra_headers=(("retry-after", "1"),)),
+    "unable_to_comply": problem(500, "Internal Server Error", "SYSTEM_FAILURE",
+                                "the register store cannot answer"),
+}
 
 
 def _digits(s: str, lo: int, hi: int) -> bool:
@@ -240,7 +254,11 @@ class N5gEirApp:
     @staticmethod
     def answer(verdict: Verdict) -> Response:
         status = verdict.status
-        return _UNKNOWN if status is None else _VERDICT[status]
+        if status is not None:
+            return _VERDICT[status]
+        if verdict.rule == STORE_ERROR:
+            return _STORE_ERRORS[verdict.reasons[0]]
+        return _UNKNOWN
 
 
 def parse_request(query: str) -> Response | Check:

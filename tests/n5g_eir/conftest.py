@@ -60,14 +60,16 @@ async def wait_listening(port: int, timeout: float = 10.0) -> None:
 
 async def start_eir(store: Any = None, policy: PolicyConfig | None = None,
                     max_in_flight: int = 10_000, tls: dict[str, str] | None = None,
-                    authorizer: Any = None, audit: Callable[..., None] | None = None) -> Eir:
+                    authorizer: Any = None, audit: Callable[..., None] | None = None,
+                    fallback: Any = None) -> Eir:
     if store is None:
         store = MemoryStore()
         for k, v in default_records().items():
             store.put(k, v)
     await store.start()
     pol = load_policy(policy if policy is not None else PolicyConfig(unknown_equipment=None))
-    checker = EquipmentChecker(pol, store, today=lambda: "20250601")
+    checker = (EquipmentChecker(pol, store, today=lambda: "20250601") if fallback is None
+               else EquipmentChecker(pol, store, fallback, today=lambda: "20250601"))
     metrics = Metrics()
     node = DiameterNode(peer_config(), DICTIONARY, checker, metrics, max_in_flight=max_in_flight)
     srv = await node.start("127.0.0.1", 0)

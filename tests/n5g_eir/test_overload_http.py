@@ -9,6 +9,10 @@ import json
 import os
 import signal
 
+import pytest
+
+from eir_server import checker
+from eir_server.n5g_eir.app import STORE_ERROR
 from eir_server.policy import PolicyConfig
 from eir_server.store import open_store
 from tests.diameter_io.conftest import default_records
@@ -54,3 +58,25 @@ async def test_503_and_429_with_retry_after(eirs, redis_factory, dirbs, sync_dir
     m = eir.metrics.requests
     assert (m[("n5g_eir", "GET", "429")], m[("n5g_eir", "GET", "503")]) == (1, 1)
     assert eir.service.gate.waiting == 0
+
+
+@pytest.mark.parametrize(("fallback", "status", "cause"), [
+    ("too_busy", 503, "NF_CONGESTION"), ("unable_to_comply", 500, "SYSTEM_FAILURE")])
+async def test_store_error_fallback(eirs, redis_factory, dirbs, sync_dir, fallback: str,
+                                    status: int, cause: str) -> None:
+    """--store-fallback too_busy / unable_to_comply with Redis gone: the S13 3004 / 5012 cases,
+    never a 404 'equipment unknown'."""
+    redis = redis_factory.start()
+    url = redis.url + "?timeout=0.3"
+    assert sync_dir(url, publish(dirbs, default_records())).mode == "full"
+    eir = await eirs(store=open_store(url), policy=PolicyConfig(), fallback=fallback)
+    redis.stop()
+    client = H2Client(eir.http_port)
+    try:
+        [(st, body, head)] = await asyncio.to_thread(client.collect, client.send([path(7)]))
+    finally:
+        client.close()
+    assert st == status and json.loads(body)["cause"] == cause
+    assert ("retry-after" in head) == (status == 503)
+    assert eir.metrics.verdicts[(fallback, STORE_ERROR)] == 1
+    assert STORE_ERROR == checker.STORE_ERROR
