@@ -90,7 +90,8 @@ class BearerAuthorizer(Authorizer):
                                 options={"verify_exp": False, "verify_aud": False,
                                          "verify_iat": False, "verify_nbf": False,
                                          "require": ["exp"]})
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, TypeError, ValueError):
+            # TypeError: PyJWT's answer when the token's alg does not fit the key's type.
             return _challenge(401, "invalid_token", "the access token is not valid")
         exp = claims.get("exp")
         if not isinstance(exp, (int, float)) or isinstance(exp, bool) or now >= exp:

@@ -62,7 +62,7 @@ def test_pem_key_accepts_good_tokens_and_refuses_the_rest(pem: str) -> None:
     assert status(auth, "Basic dXNlcjpwdw==")[0] == 401
     for bad in (token(exp=int(NOW) - 1), token(aud="some-other-nf"), token(exp=None),
                 token(key=EC_KEY, alg="ES256"), "not.a.jwt",
-                jwt.encode({"aud": NF_ID, "scope": "n5g-eir-eic", "exp": NOW + 300}, "secret",
+                jwt.encode({"aud": NF_ID, "scope": "n5g-eir-eic", "exp": NOW + 300}, "s" * 32,
                            algorithm="HS256")):
         s, h = status(auth, "Bearer " + bad)
         assert s == 401 and 'error="invalid_token"' in h, bad
