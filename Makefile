@@ -20,7 +20,8 @@ run: install
 ## Install what the tests need (redis-server, tshark), lint, type-check, run the whole suite.
 test: install system-deps
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy --strict eir_server/diameter eir_server/s13 eir_server/policy eir_server/service.py
+	$(VENV)/bin/mypy --strict eir_server/diameter eir_server/s13 eir_server/policy eir_server/service.py \
+	  eir_server/n5g_eir
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 

@@ -119,7 +119,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     if cfg.diameter_tls_listen:
         thost, tport = parse_hostport(cfg.diameter_tls_listen, "diameter_tls_listen")
         await node.start(thost, tport, reuse_port=cfg.workers > 1, ssl=tls_context(cfg))
-    n5g_eir = await start_n5g_eir(cfg, checker, metrics, node, recorder, index)
+    n5g_eir = await start_n5g_eir(cfg, metrics, node, index)
     readiness = make_readiness(
         listening=server.is_serving,
         store_reachable=lambda: bool(store.ready),

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..checker import STORE_ERROR, EquipmentChecker
 from ..config import ServeConfig, parse_hostport
 from ..n5g_eir.app import INTERNAL_ERROR, Check, N5gEirApp, Response, overloaded
 from ..n5g_eir.nrf import NF_TYPE, load_nf_instance_id
@@ -30,6 +29,7 @@ from ..n5g_eir.oauth import BearerAuthorizer
 from ..obs.logging import get_logger
 from ..obs.metrics import Metrics
 from ..policy.types import Verdict
+from ..service import STORE_ERROR, CheckService
 from .nrf_client import NrfAgent
 
 log = get_logger("eir_server.n5g_eir")
@@ -38,36 +38,32 @@ INTERFACE = "n5g_eir"  # the label value the metrics, audit trail and export alr
 RETRY_AFTER = 1  # seconds: requests waiting for the store drain within that in practice
 
 
-class InFlightGate:
-    """The overload predicate, swappable for a richer overload signal: `admit(client)` -> 0
-    (go on), 503 (the worker has `limit` requests waiting for the store) or 429 (this consumer
-    connection holds half of them). Only requests waiting for Redis count; answers from the
-    embedded store or the local cache never wait."""
+class ConsumerShare:
+    """The 429 half of the overload gate (the worker-wide 503 half is `CheckService.admit`):
+    one consumer connection may hold at most half of the worker's store-waiting budget, so one
+    AMF flooding misses cannot take every slot from the others."""
 
-    __slots__ = ("limit", "share", "waiting", "by_client", "external")
+    __slots__ = ("service", "by_client")
 
-    def __init__(self, limit: int, external: Callable[[], int] | None = None) -> None:
-        self.limit = limit
-        self.share = max(1, limit // 2)
-        self.waiting = 0
+    def __init__(self, service: CheckService) -> None:
+        self.service = service
         self.by_client: dict[str, int] = {}
-        # Requests waiting elsewhere in this worker (the Diameter side): one budget for both.
-        self.external = external
 
     def admit(self, client: str) -> int:
-        total = self.waiting + (self.external() if self.external is not None else 0)
-        if total >= self.limit:
+        """0 (go on), 503 (the worker's budget is used up) or 429 (this consumer's share is)."""
+        service = self.service
+        if not service.admit(client):
             return 503
-        if self.by_client.get(client, 0) >= self.share:
+        if self.by_client.get(client, 0) >= max(1, service.max_in_flight // 2):
             return 429
         return 0
 
     def enter(self, client: str) -> None:
-        self.waiting += 1
+        self.service.started()
         self.by_client[client] = self.by_client.get(client, 0) + 1
 
     def leave(self, client: str) -> None:
-        self.waiting -= 1
+        self.service.finished()
         n = self.by_client[client] - 1
         if n:
             self.by_client[client] = n
@@ -76,28 +72,21 @@ class InFlightGate:
 
 
 class N5gEirService:
-    """The RSGI application: one per worker, sharing checker, metrics and audit with S13."""
+    """The RSGI application: one per worker, on the same `CheckService` (checker, in-flight
+    budget, verdict counters, audit) as the worker's S13 connections."""
 
-    def __init__(self, app: N5gEirApp, checker: EquipmentChecker, metrics: Metrics,
-                 gate: InFlightGate,
-                 audit: Callable[..., None] | None = None,
+    def __init__(self, app: N5gEirApp, service: CheckService, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time) -> None:
         self.app = app
-        self.checker = checker
+        self.service = service
+        self.share = ConsumerShare(service)
         self.metrics = metrics
-        self.gate = gate
-        self.audit = audit
         self.clock = clock
         self.wall = wall
         self._requests = metrics.requests
-        self._verdicts = metrics.verdicts
         self._latency = metrics.latency_n5g
         self._last_error_log = float("-inf")
-
-    @property
-    def in_flight(self) -> int:
-        return self.gate.waiting
 
     async def __call__(self, scope: Any, proto: Any) -> None:
         t0 = self.clock()
@@ -105,7 +94,7 @@ class N5gEirService:
             r = self.app.handle(scope.method, scope.path, scope.query_string,
                                 scope.headers.get, self.wall())
             if type(r) is Check:
-                r = await self._check(r, scope.client)  # type: ignore[arg-type]
+                r = await self._check(r, scope.client)
         except Exception:
             # The consumer learns only that it failed; the log says why, at most once a second.
             now = self.clock()
@@ -113,31 +102,31 @@ class N5gEirService:
                 self._last_error_log = now
                 log.exception("n5g_eir_internal_error", path=scope.path)
             r = INTERNAL_ERROR
-        proto.response_bytes(r.status, list(r.headers), r.body)  # type: ignore[union-attr]
-        self._requests[(INTERFACE, scope.method if r.status != 405 else "other",  # type: ignore[union-attr]
-                        r.result)] += 1  # type: ignore[union-attr]
+        assert type(r) is Response
+        proto.response_bytes(r.status, r.headers, r.body)
+        self._requests[(INTERFACE, scope.method if r.status != 405 else "other", r.result)] += 1
         self._latency.observe(self.clock() - t0)
 
     async def _check(self, c: Check, client: str) -> Response:
-        gate = self.gate
-        verdict = self.checker.check(c.request)
+        verdict = self.service.check(c.request)
         if type(verdict) is not Verdict:
-            refused = gate.admit(client)
+            # Only a lookup that must wait for the store takes a slot of the budget: answers
+            # from the embedded store or the local cache are never refused.
+            refused = self.share.admit(client)
+            pending: asyncio.Future[Verdict] = verdict  # type: ignore[assignment]
             if refused:
-                verdict.cancel()  # type: ignore[union-attr]
+                pending.cancel()
                 return overloaded(refused, RETRY_AFTER)
-            gate.enter(client)
+            self.share.enter(client)
             try:
-                verdict = await verdict  # type: ignore[misc]
+                verdict = await pending
             finally:
-                gate.leave(client)
-        v: Verdict = verdict  # type: ignore[assignment]
+                self.share.leave(client)
+        v: Verdict = verdict
         if v.status is None and v.rule == STORE_ERROR:  # counted as S13 counts it
-            self._verdicts[(v.reasons[0], v.rule)] += 1
-            return self.app.answer(v)
-        self._verdicts[(v.status, v.rule)] += 1
-        if self.audit is not None:
-            self.audit(self.wall(), c.audit, v, client, INTERFACE)
+            self.service.counters.verdicts[(v.reasons[0], v.rule)] += 1
+        else:
+            self.service.record(c.audit, v, client, INTERFACE)
         return self.app.answer(v)
 
 
@@ -228,10 +217,10 @@ class N5gEir:
             await listener.stop(timeout)
 
 
-async def start_n5g_eir(cfg: ServeConfig, checker: EquipmentChecker, metrics: Metrics,
-                        node: Any, recorder: Any, index: int) -> N5gEir:
+async def start_n5g_eir(cfg: ServeConfig, metrics: Metrics, node: Any, index: int) -> N5gEir:
     """The worker's N5g-eir listeners (none unless --http-listen / --http-tls-listen), sharing
-    the Diameter node's checker, metrics, audit and overload budget; in worker 0 only (the
+    the Diameter node's CheckService (checker, audit, overload budget) and metrics; in worker 0
+    only (the
     workers are one NF instance behind one port) the NRF registration."""
     if not (cfg.http_listen or cfg.http_tls_listen):
         return N5gEir([])
@@ -240,10 +229,7 @@ async def start_n5g_eir(cfg: ServeConfig, checker: EquipmentChecker, metrics: Me
     if cfg.oauth2_public_key or cfg.oauth2_jwks:
         authorizer = BearerAuthorizer.from_files(cfg.oauth2_public_key, cfg.oauth2_jwks,
                                                  (cfg.nf_instance_id, NF_TYPE))
-    gate = InFlightGate(cfg.max_in_flight, external=lambda: node.in_flight)
-    service = N5gEirService(N5gEirApp(authorizer), checker, metrics, gate,
-                            audit=recorder.record if recorder is not None else None)
-    metrics.set_gauge_callback("in_flight", lambda: node.in_flight + gate.waiting)
+    service = N5gEirService(N5gEirApp(authorizer), node.service, metrics)
     listeners = []
     for addr, tls in ((cfg.http_listen, False), (cfg.http_tls_listen, True)):
         if not addr:

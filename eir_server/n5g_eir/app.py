@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
 
 from ..policy.types import CheckRequest, EquipmentStatus, Verdict
+from ..service import STORE_ERROR
 
 API_ROOT = "/n5g-eir-eic/v1"
 EQUIPMENT_STATUS_PATH = API_ROOT + "/equipment-status"
@@ -43,13 +44,9 @@ Headers = tuple[tuple[str, str], ...]
 
 class Response(NamedTuple):
     status: int
-    headers: Headers
+    headers: list[tuple[str, str]]  # a list as the server takes it: answers are shared, unchanged
     body: bytes
-    result: str  # the metrics' "result" label: the status, or e.g. "200" for a verdict
-
-    @property
-    def header_list(self) -> list[tuple[str, str]]:
-        return list(self.headers)
+    result: str  # the metrics' "result" label: the HTTP status
 
 
 class Check(NamedTuple):
@@ -70,12 +67,12 @@ def problem(status: int, title: str, cause: str | None = None, detail: str | Non
         body["detail"] = detail
     if invalid:
         body["invalidParams"] = [{"param": p, "reason": r} for p, r in invalid]
-    return Response(status, (("content-type", PROBLEM), *extra_headers),
+    return Response(status, [("content-type", PROBLEM), *extra_headers],
                     json.dumps(body, separators=(",", ":")).encode(), str(status))
 
 
 _VERDICT = {
-    s: Response(200, (("content-type", JSON),),
+    s: Response(200, [("content-type", JSON)],
                 json.dumps({"status": s.name}, separators=(",", ":")).encode(), "200")
     for s in EquipmentStatus
 }
@@ -93,9 +90,6 @@ _URI_TOO_LONG = problem(414, "URI Too Long", detail=f"request URI longer than {M
 _MISSING_PEI = problem(400, "Bad Request", "MANDATORY_QUERY_PARAM_MISSING",
                        invalid=[("query pei", "mandatory query parameter missing")])
 INTERNAL_ERROR = problem(500, "Internal Server Error", "SYSTEM_FAILURE")
-# The checker's Verdict.rule for "the store could not answer and --store-fallback is an error"
-# (eir_server.checker.STORE_ERROR; not imported: this package depends on the policy only).
-STORE_ERROR = "store_error"
 
 
 def overloaded(status: int, retry_after: int) -> Response:
@@ -248,7 +242,7 @@ class N5gEirApp:
             if doc is not None:
                 if method != "GET":
                     return _METHOD
-                return Response(200, (("content-type", "application/yaml"),), doc, "200")
+                return Response(200, [("content-type", "application/yaml")], doc, "200")
         return _NO_PATH
 
     @staticmethod
@@ -262,7 +256,9 @@ class N5gEirApp:
 
 
 def parse_request(query: str) -> Response | Check:
-    pei = supi = gpsi = None
+    pei: str | None = None
+    supi: str | None = None
+    gpsi: str | None = None
     for part in query.split("&"):
         if not part:
             continue
@@ -289,22 +285,23 @@ def parse_request(query: str) -> Response | Check:
     if pei is None:
         return _MISSING_PEI
     parsed = parse_pei(pei)
-    if type(parsed) is PeiError:
+    if isinstance(parsed, PeiError):
         return _bad_param("pei", parsed.reason, mandatory=True)
     if parsed is None:
         return _NOT_IMEI
-    imsi = msisdn = None
+    imsi: str | None = None
+    msisdn: str | None = None
     if supi is not None:
         s = parse_supi(supi)
-        if type(s) is PeiError:
+        if isinstance(s, PeiError):
             return _bad_param("supi", s.reason)
-        imsi = s  # type: ignore[assignment]
+        imsi = s
     if gpsi is not None:
         g = parse_gpsi(gpsi)
-        if type(g) is PeiError:
+        if isinstance(g, PeiError):
             return _bad_param("gpsi", g.reason)
-        msisdn = g  # type: ignore[assignment]
-    imei, svn = parsed  # type: ignore[misc]
+        msisdn = g
+    imei, svn = parsed
     # S13 carries no MSISDN, so the GPSI goes to the audit trail only: the verdict stays the
     # one S13 gives for the same IMEI, SVN and IMSI.
     req = CheckRequest(imei, svn, imsi)

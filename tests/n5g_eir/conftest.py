@@ -14,7 +14,7 @@ import pytest
 
 from eir_server.checker import EquipmentChecker
 from eir_server.io.diameter_server import DiameterNode
-from eir_server.io.http_server import HttpListener, InFlightGate, N5gEirService
+from eir_server.io.http_server import HttpListener, N5gEirService
 from eir_server.n5g_eir.app import N5gEirApp
 from eir_server.obs.metrics import Metrics
 from eir_server.policy import PolicyConfig, load_policy
@@ -71,10 +71,10 @@ async def start_eir(store: Any = None, policy: PolicyConfig | None = None,
     checker = (EquipmentChecker(pol, store, today=lambda: "20250601") if fallback is None
                else EquipmentChecker(pol, store, fallback, today=lambda: "20250601"))
     metrics = Metrics()
-    node = DiameterNode(peer_config(), DICTIONARY, checker, metrics, max_in_flight=max_in_flight)
+    node = DiameterNode(peer_config(), DICTIONARY, checker, metrics, audit=audit,
+                        max_in_flight=max_in_flight)
     srv = await node.start("127.0.0.1", 0)
-    gate = InFlightGate(max_in_flight, external=lambda: node.in_flight)
-    service = N5gEirService(N5gEirApp(authorizer), checker, metrics, gate, audit=audit)
+    service = N5gEirService(N5gEirApp(authorizer), node.service, metrics)
     port = free_port()
     listeners = [HttpListener(service, "127.0.0.1", port)]
     tls_port = None

@@ -124,10 +124,10 @@ async def test_internal_error_leaks_nothing(eirs) -> None:
     eir = await eirs()
 
     class BrokenPolicy:  # a bug in the policy, as the worker would meet it
-        def imei_key(self, raw):
+        def __getattr__(self, name):
             raise RuntimeError("secret internal state 0xdeadbeef")
 
-    eir.service.checker.policy = BrokenPolicy()
+    eir.node.service.checker.policy = BrokenPolicy()
     async with eir.h2c() as c:
         r = await c.get(PATH, params={"pei": pei(IMEI_BLACK)})
     assert r.status_code == 500

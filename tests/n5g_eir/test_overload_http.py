@@ -39,7 +39,7 @@ async def test_503_and_429_with_retry_after(eirs, redis_factory, dirbs, sync_dir
         assert status == 429 and head["retry-after"] == "1"
         assert json.loads(body)["cause"] == "NF_CONGESTION_RISK"
         waiting_b = await asyncio.to_thread(b.send, [path(4), path(5)])
-        while eir.service.gate.waiting < 4:
+        while eir.node.service.in_flight < 4:
             await asyncio.sleep(0.01)
         [(status, body, head)] = await asyncio.to_thread(c.collect, c.send([path(6)]))
         assert status == 503 and head["retry-after"] == "1"
@@ -57,7 +57,7 @@ async def test_503_and_429_with_retry_after(eirs, redis_factory, dirbs, sync_dir
             cl.close()
     m = eir.metrics.requests
     assert (m[("n5g_eir", "GET", "429")], m[("n5g_eir", "GET", "503")]) == (1, 1)
-    assert eir.service.gate.waiting == 0
+    assert eir.node.service.in_flight == 0
 
 
 @pytest.mark.parametrize(("fallback", "status", "cause"), [
