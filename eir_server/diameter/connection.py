@@ -34,6 +34,8 @@ from .codec import (
     FLAG_P,
     FLAG_R,
     HEADER,
+    VEND,
+    VSTART,
     Avp,
     Framer,
     Message,
@@ -624,11 +626,11 @@ class Connection:
             layouts.learn(raw, length, avps, slots)
         if realm_slot >= 0:
             a = slots[realm_slot]
-            if a is not None and raw[a.vstart:a.vend].lower() != self._realm_b:
+            if a is not None and raw[a[VSTART]:a[VEND]].lower() != self._realm_b:
                 return False
         if host_slot >= 0:
             a = slots[host_slot]
-            if a is not None and raw[a.vstart:a.vend].lower() != self._host_b:
+            if a is not None and raw[a[VSTART]:a[VEND]].lower() != self._host_b:
                 return False
         if self.watchdog is Watchdog.OKAY:
             self._last_rx = now

@@ -8,8 +8,6 @@ everything of ours is encoded once at start.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 from ..diameter import errors
 from ..diameter.answers import (
     AUTH_SESSION_STATE,
@@ -21,6 +19,13 @@ from ..diameter.answers import (
     frame,
 )
 from ..diameter.codec import (
+    CHILDREN,
+    CODE,
+    END,
+    START,
+    VEND,
+    VENDOR,
+    VSTART,
     Message,
     Problem,
     avp,
@@ -59,13 +64,11 @@ _MISSING_IMEI = avp(TERMINAL_INFORMATION,
                     avp(IMEI, b"", VENDOR_3GPP), VENDOR_3GPP)
 
 
-class Parsed(NamedTuple):
-    """What `EcaBuilder.parse` reads from a valid ECR."""
-
-    request: CheckRequest
-    prefix: bytes  # answer AVPs before ours: Session-Id, DRMP, Vendor-Specific-Application-Id
-    suffix: bytes  # answer AVPs after ours: OC-Supported-Features, every Proxy-Info
-    origin: bytes  # the Origin-Host value, which keys duplicate detection
+# What `EcaBuilder.parse` reads from a valid ECR: (request, answer prefix: Session-Id, DRMP,
+# Vendor-Specific-Application-Id; answer suffix: OC-Supported-Features, every Proxy-Info;
+# Origin-Host value, which keys duplicate detection). A plain tuple: one is built per request,
+# and a NamedTuple's constructor costs a Python call.
+Parsed = tuple[CheckRequest, bytes, bytes, bytes]
 
 
 class EcaBuilder:
@@ -106,31 +109,31 @@ class EcaBuilder:
             raise ValueError("ECR must be validated before parse")
         ti, un, sid, drmp, ocs, pi, oh = self._slots
         terminal, session, origin = slots[ti], slots[sid], slots[oh]
-        if terminal is None or terminal.children is None or session is None or origin is None:
+        if terminal is None or session is None or origin is None:
             raise ValueError("ECR must be validated before parse")  # its grammar requires them
         imei = sv = None
-        for c in terminal.children:
-            if c.vendor == VENDOR_3GPP:
-                if c.code == IMEI:
-                    imei = data[c.vstart:c.vend].decode()
-                elif c.code == SOFTWARE_VERSION:
-                    sv = data[c.vstart:c.vend].decode()
+        for c in terminal[CHILDREN] or ():
+            if c[VENDOR] == VENDOR_3GPP:
+                if c[CODE] == IMEI:
+                    imei = data[c[VSTART]:c[VEND]].decode()
+                elif c[CODE] == SOFTWARE_VERSION:
+                    sv = data[c[VSTART]:c[VEND]].decode()
         if imei is None:
             return error_answer(msg, Problem(errors.MISSING_AVP, _MISSING_IMEI,
                                              "Terminal-Information without IMEI"),
                                 self.identity, _AUTH_SESSION_STATE)
         a = slots[un]
-        imsi = data[a.vstart:a.vend].decode() if a is not None else None
-        prefix = data[session.start:session.end]
+        imsi = data[a[VSTART]:a[VEND]].decode() if a is not None else None
+        prefix = data[session[START]:session[END]]
         a = slots[drmp]
         if a is not None:
-            prefix += data[a.start:a.end]
+            prefix += data[a[START]:a[END]]
         suffix = _OC_SUPPORTED if slots[ocs] is not None else b""
         if slots[pi] is not None:  # every one of them, in order (RFC 6733 6.7.3)
-            suffix += b"".join(data[p.start:p.end] for p in msg.avps
-                               if p.code == PROXY_INFO and not p.vendor)
-        return Parsed(CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
-                      data[origin.vstart:origin.vend])
+            suffix += b"".join(data[p[START]:p[END]] for p in msg.avps
+                               if p[CODE] == PROXY_INFO and not p[VENDOR])
+        return (CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
+                data[origin[VSTART]:origin[VEND]])
 
     def answer(self, msg: Message, prefix: bytes, suffix: bytes, status: int | None) -> bytes:
         """The ECA for an Equipment-Status (an EquipmentStatus or its int value; None for

@@ -95,13 +95,16 @@ Outcome = bytes | PendingLookup | Rejected
 class S13Handler:
     """One per worker, shared by all its connections."""
 
-    __slots__ = ("eca", "service", "dedup", "answered_now", "_requests", "_protocol_errors",
-                 "_latency", "_shed")
+    __slots__ = ("eca", "service", "dedup", "answered_now", "_check", "_requests",
+                 "_protocol_errors", "_latency", "_shed")
 
     def __init__(self, identity: Identity, dictionary: Dictionary, service: CheckService,
                  dedup: DuplicateCache[int], counters: S13Counters) -> None:
         self.eca = EcaBuilder(identity, dictionary)
         self.service = service
+        # The checker's own method, bound once (CheckService.check is this call, for front ends
+        # that do not keep a reference; the checker of a service never changes).
+        self._check = service.checker.check
         self.dedup = dedup
         # Verdict answers produced since the shell last called `observe_latency`: all of them
         # are written by the same flush, so their latency is measured once, per batch.
@@ -122,22 +125,31 @@ class S13Handler:
         if isinstance(parsed, bytes):
             return Rejected(parsed, ErrorAnswered(errors.MISSING_AVP, msg.code, msg.hop_by_hop,
                                                   "Terminal-Information without IMEI"))
+        req, prefix, suffix, origin = parsed
         if msg.flags & FLAG_T:
-            cached = self.dedup.get((parsed.origin, msg.end_to_end), now)
+            cached = self.dedup.get((origin, msg.end_to_end), now)
             if cached is not None:
                 self._requests[_DUPLICATE] += 1
-                return eca.answer(msg, parsed.prefix, parsed.suffix,
-                                  None if cached < 0 else cached)
+                return eca.answer(msg, prefix, suffix, None if cached < 0 else cached)
         service = self.service
         if not service.admit(peer):
             self._shed[_SHED_IN_FLIGHT] += 1
             return self.busy(msg)
-        verdict = service.check(parsed.request)
-        if type(verdict) is Verdict:
-            self.answered_now += 1
-            return self._answer(msg, parsed, verdict, peer, now)
-        service.started()
-        return PendingLookup(msg, parsed, peer, now, verdict)
+        verdict = self._check(req)
+        if type(verdict) is not Verdict:
+            service.started()
+            return PendingLookup(msg, parsed, peer, now, verdict)
+        # From here on `_answer`, inlined: this is the per-request path.
+        status = verdict.status
+        if status is None and verdict.rule == STORE_ERROR:
+            return self._store_error(msg, verdict)
+        self.answered_now += 1
+        # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
+        # cyclic GC, so a cache of millions of entries does not lengthen collections.
+        self.dedup.put((origin, msg.end_to_end), -1 if status is None else int(status), now)
+        self._requests[_SUCCESS if status is not None else _UNKNOWN] += 1
+        service.record(req, verdict, peer, INTERFACE)
+        return eca.answer(msg, prefix, suffix, status)
 
     def busy(self, msg: Message) -> bytes:
         """3004 DIAMETER_TOO_BUSY for `msg`, counted (not logged: it comes in floods)."""
@@ -176,10 +188,10 @@ class S13Handler:
         status = verdict.status
         if status is None and verdict.rule == STORE_ERROR:
             return self._store_error(msg, verdict)
+        req, prefix, suffix, origin = parsed
         # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
         # cyclic GC, so a cache of millions of entries does not lengthen collections.
-        self.dedup.put((parsed.origin, msg.end_to_end), -1 if status is None else int(status),
-                       received)
+        self.dedup.put((origin, msg.end_to_end), -1 if status is None else int(status), received)
         self._requests[_SUCCESS if status is not None else _UNKNOWN] += 1
-        self.service.record(parsed.request, verdict, peer, INTERFACE)
-        return self.eca.answer(msg, parsed.prefix, parsed.suffix, status)
+        self.service.record(req, verdict, peer, INTERFACE)
+        return self.eca.answer(msg, prefix, suffix, status)
