@@ -139,7 +139,8 @@ def _eca(request: bytes, status: EquipmentStatus) -> bytes:
     validate(msg, D.compiled.request(16777252, 324))
     parsed = b.parse(msg)
     assert not isinstance(parsed, bytes)
-    return b.answer(msg, parsed.prefix, parsed.suffix, status)
+    _, prefix, suffix, _ = parsed
+    return b.answer(msg, prefix, suffix, status)
 
 
 def test_checker_reads_our_servers_answers():
