@@ -88,7 +88,10 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     # otherwise); the store's own stats say the rest.
     metrics.set_gauge_callback(
         "store", lambda: {**store.stats.as_dict(), "fallback_verdicts": checker.fallbacks,
-                          "fallback_episodes": checker.episodes})
+                          "fallback_episodes": checker.episodes,
+                          # Redis down with a last-known-good snapshot answering is no fallback.
+                          "fallback_active": int(checker.fallback_active
+                                                 or not (store.ready or store.stats.redis_up))})
     metrics.set_gauge_callback("register", lambda: register_info(store, started_at))
     metrics.set_gauge_callback("queue_depth", lambda: store.queue_depth)
     sync_runs = SyncRuns(store) if getattr(store, "name", "") == "redis" else None

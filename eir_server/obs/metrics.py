@@ -556,6 +556,8 @@ _STORE_FIELDS: tuple[tuple[tuple[str, ...], str, Labels], ...] = (
     (("cache_misses",), "eir_store_lookups_total", ("cache", "miss")),
     (("redis_hits",), "eir_store_lookups_total", ("redis", "hit")),
     (("redis_misses",), "eir_store_lookups_total", ("redis", "miss")),
+    (("snapshot_hits",), "eir_store_lookups_total", ("snapshot", "hit")),
+    (("snapshot_misses",), "eir_store_lookups_total", ("snapshot", "miss")),
     (("fetches",), "eir_store_fetches_total", ()),
     (("fetch_batches",), "eir_store_fetch_batches_total", ()),
     (("cache_evictions",), "eir_store_cache_evictions_total", ()),

@@ -48,7 +48,8 @@ class StoreStats:
         "unavailable_fetches",
         "version_changes",
         "cache_evictions",
-        "snapshot_lookups",
+        "snapshot_hits",  # answered from the register snapshot: listed
+        "snapshot_misses",  # answered from the register snapshot: not listed
         "redis_up",
     )
 

@@ -182,7 +182,10 @@ class RedisStore:
                 if st.snap is not None:
                     r = self._from_snap(st, imei14)
                     if r is not MISSING:
-                        self.stats.snapshot_lookups += 1
+                        if r is None:
+                            self.stats.snapshot_misses += 1
+                        else:
+                            self.stats.snapshot_hits += 1
                         return r
                 self.stats.cache_misses += 1
                 return MISSING
