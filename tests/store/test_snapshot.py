@@ -85,7 +85,8 @@ async def test_misses_answered_from_the_snapshot_shared_by_two_workers(
             got = a.get_nowait(imei)
             assert (got is not None) == (imei in LISTED), imei
         assert a.stats.fetch_batches == batches  # no Redis round trip for any of them
-        assert a.stats.snapshot_lookups == 5000
+        assert a.stats.snapshot_hits + a.stats.snapshot_misses == 5000
+        assert a.stats.snapshot_hits == len(LISTED)
 
         # A delta: enforced through the overlay within a second, snapshot kept.
         new = "35000000000001"
