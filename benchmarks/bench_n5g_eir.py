@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--imeis", type=int, default=10_000, help="distinct IMEIs asked")
     ap.add_argument("--pin", action="store_true", help="server on CPU 0, h2load on CPU 1")
     ap.add_argument("--rounds", type=int, default=3, help="measured runs (best is reported)")
+    ap.add_argument("--server-args", default="", help="extra `serve` options, e.g. "
+                    "'--device-signals off'")
     args = ap.parse_args()
     if not shutil.which("h2load"):
         raise SystemExit("h2load not found: apt-get install nghttp2-client")
@@ -131,7 +133,8 @@ def main() -> None:
             store = ["--store", url]
         cmd = [sys.executable, "-m", "eir_server.cli", "serve", *store,
                "--diameter-listen", f"127.0.0.1:{port + 2000}", "--metrics-listen", "",
-               "--http-listen", f"127.0.0.1:{port}", "--log-level", "warning"]
+               "--http-listen", f"127.0.0.1:{port}", "--log-level", "warning",
+               *args.server_args.split()]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
         wait_port(port, proc)

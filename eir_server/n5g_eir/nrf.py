@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 NF_TYPE = "5G_EIR"
 SERVICE_NAME = "n5g-eir-eic"
 API_VERSION = "v1"
-API_FULL_VERSION = "1.3.0"  # the TS 29.511 OpenAPI document served (info.version, Rel-18)
+API_FULL_VERSION = "1.3.0-alpha.1"  # info.version of the TS 29.511 document served (Rel-18)
 BACKOFF_MAX = 30.0
 
 
