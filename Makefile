@@ -29,12 +29,13 @@ system-deps:
 	@scripts/system-deps.sh
 
 ## The benchmark suite: benchmarks/results/latest.{json,md}, plots, and the README table.
-## PROFILE=quick (~10 min on 2 cores) or full; SUITES="ecr otp" runs some suites only.
+## PROFILE=quick (~10 min on 2 cores) or full; SUITES="ecr otp" runs some suites only;
+## BENCH_ARGS="--provisional 'why'" marks the results as provisional.
 PROFILE ?= full
 SUITES ?=
 bench: install system-deps
 	$(PY) -m benchmarks.suite --profile $(PROFILE) $(foreach s,$(SUITES),--suite $(s)) \
-		--out benchmarks/results/latest.json --readme
+		--out benchmarks/results/latest.json --readme $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
