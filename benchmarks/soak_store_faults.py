@@ -25,6 +25,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -40,8 +41,50 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_ecr_during_sync import answer_status, ecr_template  # noqa: E402
 from bench_s13_load import cer  # noqa: E402
+
+from eir_server.diameter.codec import (  # noqa: E402
+    FLAG_P,
+    FLAG_R,
+    grouped_avp,
+    message,
+    str_avp,
+    u32_avp,
+)
+
+U32 = struct.Struct("!I")
+AVP_HEAD = struct.Struct("!II")
+
+
+def ecr_template(conn: int, n: int, imei: str, realm: str) -> bytes:
+    return message(FLAG_R | FLAG_P, 324, 16777252, 0, 0, [
+        str_avp(263, f"mme{conn}.soak;{n};1"), u32_avp(277, 1), str_avp(264, f"mme{conn}.soak"),
+        str_avp(296, "soak"), str_avp(283, realm),
+        grouped_avp(1401, [str_avp(1402, imei, 10415), str_avp(1403, "01", 10415)], 10415),
+        str_avp(1, "00101" + imei[4:14]),
+    ])  # fmt: skip
+
+
+def answer_status(msg: bytes) -> tuple[int, int]:
+    """(Result-Code or Experimental-Result-Code, Equipment-Status or -1) of an ECA."""
+    pos, end = 20, len(msg)
+    code, status = 0, -1
+    while pos + 8 <= end:
+        c, fl = AVP_HEAD.unpack_from(msg, pos)
+        length = fl & 0xFFFFFF
+        hlen = 12 if fl >> 24 & 0x80 else 8
+        if length < hlen:
+            break
+        if c == 268:
+            code = U32.unpack_from(msg, pos + hlen)[0]
+        elif c == 297:  # Experimental-Result: its code is inside
+            code = code or answer_status(b"\0" * 20 + msg[pos + hlen:pos + length])[0]
+        elif c == 298:
+            code = U32.unpack_from(msg, pos + hlen)[0]
+        elif c == 1445:
+            status = U32.unpack_from(msg, pos + hlen)[0]
+        pos += (length + 3) & ~3
+    return code, status
 
 EXE = ROOT / ".venv/bin/eir-server"
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -133,12 +176,14 @@ class RedisProc:
 
 
 class Tracker(threading.Thread):
-    """Which register version (blacklist run id) Redis serves, sampled every 20 ms."""
+    """Which register version (blacklist run id) Redis serves, sampled every 20 ms. A version
+    counts from its `created` stamp (sync makes it before switching to it; sampling sees the
+    switch late) until the next version was *seen* (the previous one is served until then)."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
         self.port = port
-        self.changes: list[tuple[float, int]] = []  # (monotonic, run id)
+        self.changes: list[tuple[float, float, int]] = []  # (counts from, seen, run id)
         self.stop = False
 
     def run(self) -> None:
@@ -149,13 +194,12 @@ class Tracker(threading.Thread):
                 lists, created = (c.hmget(f"eir:{cur.decode()}:m", "lists", "created")
                                   if cur else (None, None))
                 run = int(json.loads(lists)["blacklist"]["run_id"]) if lists else 0
-                if not self.changes or self.changes[-1][1] != run:
-                    # Sampled, so seen a little late: the version cannot have been served
-                    # before sync created it, so that is when it counts from.
+                if not self.changes or self.changes[-1][2] != run:
                     seen = time.monotonic()
+                    start = seen
                     if created:
-                        seen = min(seen, float(created) - time.time() + time.monotonic())
-                    self.changes.append((seen, run))
+                        start = min(seen, float(created) - time.time() + time.monotonic())
+                    self.changes.append((start, seen, run))
             except (redis.RedisError, KeyError, ValueError, TypeError):
                 pass
             time.sleep(0.02)
@@ -164,16 +208,15 @@ class Tracker(threading.Thread):
         """Runs served at some time in [t1, t2]. Run 0 (Redis restarted empty) is no register:
         "not listed" from it would be a wrong verdict; what the worker cached from the run
         before stays valid."""
-        idx = [n for n, (t, _) in enumerate(self.changes) if t1 < t <= t2]
-        before = [n for n, (t, _) in enumerate(self.changes) if t <= t1]
-        if before:
-            idx.append(before[-1])
         out = set()
-        for n in idx:
-            k = n
-            while k > 0 and self.changes[k][1] == 0:
-                k -= 1
-            out.add(self.changes[k][1])
+        ch = self.changes
+        for n, (start, _, _run) in enumerate(ch):
+            end = ch[n + 1][1] if n + 1 < len(ch) else float("inf")
+            if start <= t2 and end >= t1:
+                k = n
+                while k > 0 and ch[k][2] == 0:
+                    k -= 1
+                out.add(ch[k][2])
         return out - {0}
 
 
@@ -394,9 +437,9 @@ class Soak:
             final = len(self.reg.sets)
             # Calm: sync catches up with the last version, every answer arrives.
             deadline = time.monotonic() + 180
-            while self.tracker.changes[-1][1] != final and time.monotonic() < deadline:
+            while self.tracker.changes[-1][2] != final and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            caught_up = self.tracker.changes[-1][1] == final
+            caught_up = self.tracker.changes[-1][2] == final
             await self.load(conn, time.monotonic() + 5)  # verdicts after the calm, too
             for _ in range(300):
                 if not self.sent:
@@ -448,8 +491,8 @@ class Soak:
         if self.wrong:
             result["events"] = [f"{float(e.split()[0]) - self.t_start:.2f} "
                                 + e.split(" ", 1)[1] for e in self.events]
-            result["versions"] = [(round(t - self.t_start, 2), r)
-                                  for t, r in self.tracker.changes]
+            result["versions"] = [(round(t - self.t_start, 2), round(seen - self.t_start, 2), r)
+                                  for t, seen, r in self.tracker.changes]
         result["ok"] = (unanswered == 0 and not self.wrong and not self.problems
                         and self.fallback + self.busy == server_fallbacks and caught_up
                         and bool(result["digest_equal_clean_load"])
