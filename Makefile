@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test install system-deps lint bench clean
+.PHONY: run test install system-deps lint bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,14 @@ bench: install system-deps
 	$(PY) -m benchmarks.suite --profile $(PROFILE) $(foreach s,$(SUITES),--suite $(s)) \
 		--out benchmarks/results/latest.json --readme $(BENCH_ARGS)
 
+## Coverage-guided fuzzing (atheris) of framing, decoders, connection and S13 parse; not in CI.
+## New inputs go to .fuzz/corpus, crashing inputs to .fuzz/crashes/ (exit status 1 then).
+FUZZ_SECONDS ?= 600
+fuzz: install
+	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q 'atheris>=2.3'
+	mkdir -p .fuzz/corpus .fuzz/crashes
+	$(PY) fuzz/fuzz_s13.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		-artifact_prefix=.fuzz/crashes/ .fuzz/corpus fuzz/seeds
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .fuzz

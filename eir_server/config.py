@@ -25,7 +25,8 @@ def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 @dataclass(frozen=True)
 class ServeConfig:
-    diameter_listen: str = _opt("0.0.0.0:3868", "S13 Diameter listen address (TCP)",
+    diameter_listen: str = _opt("0.0.0.0:3868", "S13 Diameter listen address (TCP); empty "
+                                "disables cleartext Diameter (needs --diameter-tls-listen)",
                                 metavar="HOST:PORT")
     diameter_tls_listen: str = _opt("", "S13 Diameter over TLS listen address (RFC 6733 "
                                     "13.1; commonly port 5868); empty disables. Needs "
@@ -65,6 +66,24 @@ class ServeConfig:
                                   metavar="FILE")
     oauth2_jwks: str = _opt("", "JWKS file (JSON) of keys verifying OAuth2 access tokens, "
                             "chosen by kid", metavar="FILE")
+    tls_peer_identity: str = _opt(
+        "off", "origin-host: a TLS peer's CER Origin-Host must be one of its certificate's "
+        "DNS names (subjectAltName, else CN), else CEA 3010. Needs --tls-ca",
+        choices=("off", "origin-host"))
+    tls_handshake_timeout: float = _opt(10.0, "seconds a TLS peer has to complete its "
+                                        "handshake; failures are logged with the peer address",
+                                        metavar="SECONDS")
+    max_connections: int = _opt(1024, "Diameter connections per worker; more are closed at "
+                                "accept", metavar="N")
+    max_connections_per_source: int = _opt(64, "Diameter connections per peer IP address (per "
+                                           "worker); more are closed at accept", metavar="N")
+    write_stall_timeout: float = _opt(10.0, "seconds a peer may leave its answers unread "
+                                      "(512 KiB buffered, reading from it paused) before its "
+                                      "connection is aborted", metavar="SECONDS")
+    origin_host_check: str = _opt(
+        "log", "an ECR whose Origin-Host differs from the peer's CER Origin-Host: off, log "
+        "(counted, logged rate-limited), or refuse (5003). Behind a DRA they differ by design",
+        choices=("off", "log", "refuse"))
     origin_host: str = _opt("eir.localdomain", "our Diameter Origin-Host (DiameterIdentity)")
     origin_realm: str = _opt("localdomain", "our Diameter Origin-Realm")
     host_ip_addresses: str = _opt(
@@ -106,6 +125,9 @@ class ServeConfig:
                                    "the duplicate cache", metavar="SECONDS")
     duplicate_max_entries: int = _opt(2_000_000, "duplicate-detection cache size (entries)",
                                       metavar="N")
+    duplicate_max_bytes: int = _opt(64 * 1024 * 1024, "duplicate-detection cache memory per "
+                                    "worker (~120 bytes an answer); a retransmission that fell "
+                                    "out is checked again", metavar="BYTES")
     max_in_flight: int = _opt(10_000, "requests waiting for the store (per worker) above "
                               "which new ECRs are answered 3004 DIAMETER_TOO_BUSY", metavar="N")
     shutdown_timeout: float = _opt(10.0, "SIGTERM: seconds to wait for DPA and in-flight "
@@ -134,7 +156,12 @@ class ServeConfig:
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name}: {getattr(self, f.name)!r} not one of "
                                  f"{', '.join(choices)}")
-        parse_hostport(self.diameter_listen, "diameter_listen")
+        if self.diameter_listen:
+            parse_hostport(self.diameter_listen, "diameter_listen")
+        elif not self.diameter_tls_listen:
+            raise ValueError("diameter_listen: empty only with diameter_tls_listen (no listener)")
+        if self.tls_peer_identity != "off" and not self.tls_ca:
+            raise ValueError("tls_peer_identity needs tls_ca (peers must present certificates)")
         if self.metrics_listen:
             parse_hostport(self.metrics_listen, "metrics_listen")
         if self.diameter_tls_listen:
@@ -161,6 +188,10 @@ class ServeConfig:
                 uuid.UUID(self.nf_instance_id)
             except ValueError:
                 raise ValueError("nf_instance_id: not a UUID") from None
+        if self.max_connections < 1 or self.max_connections_per_source < 1 or \
+                self.tls_handshake_timeout <= 0 or self.write_stall_timeout <= 0:
+            raise ValueError("max_connections, max_connections_per_source, "
+                             "tls_handshake_timeout and write_stall_timeout must be positive")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight: must be at least 1")
         if self.workers < 1:
@@ -191,7 +222,8 @@ class ServeConfig:
     def host_ips(self) -> tuple[str, ...]:
         if self.host_ip_addresses:
             return tuple(a.strip() for a in self.host_ip_addresses.split(",") if a.strip())
-        host, _ = parse_hostport(self.diameter_listen, "diameter_listen")
+        listen = self.diameter_listen or self.diameter_tls_listen
+        host, _ = parse_hostport(listen, "diameter_listen")
         return ("127.0.0.1",) if host in ("", "0.0.0.0", "::") else (host,)
 
 

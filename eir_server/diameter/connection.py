@@ -73,6 +73,9 @@ FIRMWARE_REVISION = 267
 SUPPORTED_VENDOR_ID = 265
 REBOOTING, BUSY, DO_NOT_WANT_TO_TALK_TO_YOU = 0, 1, 2
 DISCONNECT_CAUSES = {0: "REBOOTING", 1: "BUSY", 2: "DO_NOT_WANT_TO_TALK_TO_YOU"}
+# Messages handled per receive_data call: bounded work per read, so a peer that sends a burst
+# gets its turn like the others (64 ECRs are well under a millisecond).
+MAX_MESSAGES_PER_CALL = 64
 
 
 @dataclass(frozen=True)
@@ -268,8 +271,12 @@ class Connection:
     """One transport connection from a peer (MME, SGSN, DRA)."""
 
     def __init__(self, config: PeerConfig, dictionary: Dictionary, now: float,
-                 peer_address: str | None = None, rng: random.Random | None = None) -> None:
+                 peer_address: str | None = None, rng: random.Random | None = None,
+                 tls_identities: tuple[str, ...] | None = None) -> None:
         self.config = config
+        # The DNS names of the peer's TLS certificate when its Origin-Host must be one of them
+        # (None: not checked); lower case.
+        self.tls_identities = tls_identities
         self.dictionary = dictionary
         self.peer_address = peer_address
         self.state = PeerState.CLOSED
@@ -277,6 +284,8 @@ class Connection:
         self.origin_host = ""
         self.origin_realm = ""
         self._framer = Framer(config.max_message_length)
+        self._pending: list[bytes] = []
+        self.max_messages = MAX_MESSAGES_PER_CALL
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self._rng = rng or random.Random()
@@ -317,17 +326,32 @@ class Connection:
     # -- the three calls ----------------------------------------------------------------------
 
     def receive_data(self, data: bytes, now: float) -> None:
-        state = self.state  # a local: `_handle` changes self.state
-        if state is PeerState.DONE:
+        """Frame and handle what arrived. At most `max_messages` messages are handled per
+        call; the rest wait in `pending` for the next call (with or without new bytes), so one
+        peer's burst cannot hold the shell's loop while other peers wait."""
+        if self.state is PeerState.DONE:
             return
         framer = self._framer
-        for raw in framer.feed(data):
+        msgs = framer.feed(data) if data else []
+        if self._pending:
+            msgs = self._pending + msgs
+            self._pending = []
+        if len(msgs) > self.max_messages:
+            self._pending = msgs[self.max_messages:]
+            msgs = msgs[:self.max_messages]
+        for raw in msgs:
             self._handle(raw, now)
             if self.state is PeerState.DONE:
+                self._pending = []
                 return
-        if framer.error is not None:
+        if framer.error is not None and not self._pending:
             self._transition("framing-error")
             self._close(f"framing error: {framer.error}")
+
+    @property
+    def pending(self) -> int:
+        """Messages framed but not yet handled (see `receive_data`)."""
+        return len(self._pending)
 
     def events(self) -> list[Event]:
         ev = self._events
@@ -520,6 +544,10 @@ class Connection:
             if not self.config.address_allowed(self.peer_address) or \
                     not self.config.host_allowed(host):
                 problem = Problem(errors.UNKNOWN_PEER, None, "peer not in the allow-list")
+            elif self.tls_identities is not None and \
+                    not identity_matches(host, self.tls_identities):
+                problem = Problem(errors.UNKNOWN_PEER, None,
+                                  "Origin-Host is not a name of the peer's TLS certificate")
             else:
                 common = self._common_applications(msg)
                 if not common:
@@ -681,6 +709,17 @@ class Connection:
                                             f"host {msg.text(a)!r} is not this node"))
             return
         self._events.append(AppRequest(msg))
+
+
+def identity_matches(host: str, names: tuple[str, ...]) -> bool:
+    """RFC 6125-style: exact (case-insensitive), or a wildcard in the leftmost label only."""
+    host = host.lower()
+    for name in names:
+        if name == host:
+            return True
+        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
+            return True
+    return False
 
 
 def _answer_extra(answer: Grammar | None) -> bytes:

@@ -46,7 +46,7 @@ from ..policy import (
     parse_status,
 )
 from ..store import open_store
-from .diameter_server import DiameterNode
+from .diameter_server import DiameterNode, NodeLimits
 from .http_server import resolve_nf_instance_id, start_n5g_eir
 
 log = get_logger("eir_server.app")
@@ -112,16 +112,26 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
         tac_task = asyncio.ensure_future(_follow_tac_file(store, cfg, checker))
     recorder = _audit_recorder(cfg, metrics)
     node = DiameterNode(peer_cfg, load_dictionary(), checker, metrics,
-                        DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries),
+                        DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries,
+                                       cfg.duplicate_max_bytes),
                         audit=recorder.record if recorder is not None else None,
-                        max_in_flight=cfg.max_in_flight)
+                        max_in_flight=cfg.max_in_flight,
+                        limits=NodeLimits(
+                            max_connections=cfg.max_connections,
+                            max_connections_per_source=cfg.max_connections_per_source,
+                            tls_handshake_timeout=cfg.tls_handshake_timeout,
+                            tls_peer_identity=cfg.tls_peer_identity == "origin-host",
+                            origin_host_check=cfg.origin_host_check,
+                            write_stall_timeout=cfg.write_stall_timeout))
     if recorder is not None:
         recorder.start()
-    host, port = parse_hostport(cfg.diameter_listen, "diameter_listen")
-    server = await node.start(host, port, reuse_port=cfg.workers > 1)
+    if cfg.diameter_listen:  # empty: TLS only
+        host, port = parse_hostport(cfg.diameter_listen, "diameter_listen")
+        await node.start(host, port, reuse_port=cfg.workers > 1)
     if cfg.diameter_tls_listen:
         thost, tport = parse_hostport(cfg.diameter_tls_listen, "diameter_tls_listen")
         await node.start(thost, tport, reuse_port=cfg.workers > 1, ssl=tls_context(cfg))
+    server = node.servers[0]
     n5g_eir = await start_n5g_eir(cfg, metrics, node, index)
     readiness = make_readiness(
         listening=server.is_serving,

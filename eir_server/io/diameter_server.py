@@ -9,10 +9,12 @@ flushes. Every path that may have produced bytes or moved a deadline ends in `_f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl as ssl_module
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import cast
 
@@ -37,6 +39,7 @@ from ..diameter.dedup import DuplicateCache
 from ..diameter.dictionary import Dictionary
 from ..obs.logging import connection_logger, get_logger, log_protocol_error
 from ..obs.metrics import MAX_PEER_LABELS, OTHER_PEER, Metrics
+from ..obs.ratelimit import LogLimiter
 from ..policy.types import CheckRequest, Verdict
 from ..s13.handler import PendingLookup, Rejected, S13Handler
 from ..service import CheckService
@@ -47,6 +50,30 @@ COMMAND_NAMES = {257: "CER", 280: "DWR", 282: "DPR", 324: "ECR"}
 WRITE_HIGH_WATER = 512 * 1024  # then stop reading from that peer until it drains
 
 
+@dataclass(frozen=True)
+class NodeLimits:
+    """What one worker grants its peers, and the security checks it applies."""
+
+    max_connections: int = 1024  # per worker; more are closed at accept
+    max_connections_per_source: int = 64  # per peer IP address
+    tls_handshake_timeout: float = 10.0  # seconds; then the connection is dropped
+    tls_peer_identity: bool = False  # CER Origin-Host must be a name of the TLS certificate
+    origin_host_check: str = "log"  # ECR Origin-Host vs CER Origin-Host: off | log | refuse
+    write_stall_timeout: float = 10.0  # seconds a full write buffer may stay full
+
+
+def certificate_names(cert: dict | None) -> tuple[str, ...]:
+    """DNS names of a peer certificate (as ssl's getpeercert() gives it): subjectAltName DNS
+    entries, else the subject CN (RFC 6125 6.4.4); lower case."""
+    if not cert:
+        return ()
+    names = tuple(v.lower() for k, v in cert.get("subjectAltName", ()) if k == "DNS")
+    if names:
+        return names
+    return tuple(v.lower() for rdn in cert.get("subject", ()) for k, v in rdn
+                 if k == "commonName")
+
+
 class DiameterNode:
     """Everything the connections of one worker share."""
 
@@ -54,8 +81,14 @@ class DiameterNode:
                  metrics: Metrics | None = None, dedup: DuplicateCache[int] | None = None,
                  audit: Callable[[float, CheckRequest, Verdict, str, str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 max_in_flight: int = 10_000) -> None:
+                 max_in_flight: int = 10_000, limits: NodeLimits | None = None) -> None:
         self.peer_config = peer_config
+        self.limits = limits or NodeLimits()
+        self.by_source: dict[str, int] = {}  # open connections per peer IP address
+        # Lines a peer can cause are rate-limited per (line, source, detail): first line, then
+        # a summary count per period.
+        self.log_limiter = LogLimiter(overflow=("*", "*", "*"))
+        self._summary_timer: asyncio.TimerHandle | None = None
         self.dictionary = dictionary
         self.checker = checker
         self.metrics = metrics or Metrics()
@@ -67,6 +100,9 @@ class DiameterNode:
         self.service = CheckService(checker, self.metrics, stamped, max_in_flight)
         self.s13 = S13Handler(peer_config.identity, dictionary, self.service, self.dedup,
                               self.metrics)
+        if self.limits.origin_host_check != "off":
+            self.s13.check_origin(self.limits.origin_host_check == "refuse",
+                                  self._origin_mismatch)
         self.protocols: set[DiameterProtocol] = set()
         self.clock = clock
         self.server: asyncio.Server | None = None  # the first listener
@@ -125,6 +161,56 @@ class DiameterNode:
             self.closed_peer_requests[host] = (self.closed_peer_requests.get(host, 0)
                                                + p.requests_seen)
 
+    def should_log(self, line: str, source: str, detail: object) -> dict[str, int] | None:
+        """Rate limit for lines a peer can cause: None to skip this one (it is counted and
+        summarised later), else extra fields for the line."""
+        ok, suppressed = self.log_limiter.hit((line, source, detail), self.clock())
+        if self._summary_timer is None:
+            self._arm_summaries()
+        if not ok:
+            return None
+        return {"suppressed_since_last": suppressed} if suppressed else {}
+
+    def log_limited(self, logger: object, line: str, source: str, detail: object,
+                    **fields: object) -> None:
+        """A warning `line`, unless the same (line, source, detail) was logged within the
+        limiter's period."""
+        extra = self.should_log(line, source, detail)
+        if extra is not None:
+            logger.warning(line, **fields, **extra)  # type: ignore[attr-defined]
+
+    def _arm_summaries(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no loop: nothing to summarise from
+            self._summary_timer = asyncio.get_running_loop().call_later(
+                self.log_limiter.period / 4, self._summaries)
+
+    def _summaries(self, final: bool = False) -> None:
+        self._summary_timer = None
+        lim = self.log_limiter
+        for key, count in lim.flush() if final else lim.due(self.clock()):
+            line, source, detail = key  # type: ignore[misc]
+            log.warning("lines_suppressed", line=line, peer=source, detail=detail, count=count,
+                        period_s=lim.period)
+        if len(lim) and not final:
+            self._arm_summaries()
+
+    def _origin_mismatch(self, peer: str, origin: bytes, refused: bool) -> None:
+        self.metrics.requests[("s13", "ECR", "origin_host_mismatch")] += 1
+        self.log_limited(log, "origin_host_mismatch", peer, "ECR", cer_origin_host=peer,
+                         ecr_origin_host=origin.decode("ascii", "replace"), refused=refused)
+
+    def admit_connection(self, transport: asyncio.BaseTransport, address: str) -> bool:
+        """Connection limits, checked at accept before any work for the peer is done."""
+        lim = self.limits
+        n = self.by_source.get(address, 0)
+        if len(self.protocols) >= lim.max_connections or n >= lim.max_connections_per_source:
+            self.metrics.cer["connection_refused"] += 1
+            self.log_limited(log, "connection_refused", address, "limit", peer=address,
+                             reason="connection limit reached", open_from_source=n)
+            transport.abort()
+            return False
+        return True
+
     def peers_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {s.name.lower(): 0 for s in PeerState}
         for p in self.protocols:
@@ -139,12 +225,15 @@ class DiameterNode:
                     ssl: ssl_module.SSLContext | None = None) -> asyncio.Server:
         """Listen (TCP, or TLS with `ssl`); may be called once per listener."""
         loop = asyncio.get_running_loop()
-        if sock is not None:
-            server = await loop.create_server(lambda: DiameterProtocol(self), sock=sock, ssl=ssl)
+        server: asyncio.Server
+        if ssl is not None:
+            server = TlsListener(self, ssl, host, port, reuse_port, sock)  # type: ignore[assignment]
+        elif sock is not None:
+            server = await loop.create_server(lambda: DiameterProtocol(self), sock=sock)
         else:
             server = await loop.create_server(
                 lambda: DiameterProtocol(self), host or None, port, reuse_port=reuse_port,
-                backlog=1024, ssl=ssl)
+                backlog=1024)
         self.servers.append(server)
         if self.server is None:
             self.server = server
@@ -166,11 +255,15 @@ class DiameterNode:
             p.abort("shutdown deadline reached")
         for server in self.servers:
             await server.wait_closed()
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+        self._summaries(final=True)
 
 
 class DiameterProtocol(asyncio.Protocol):
     __slots__ = ("node", "conn", "transport", "peer", "log", "_timer", "_timer_at", "_paused",
-                 "_in_flight", "_closing", "_handler", "_clock", "_metrics", "requests_seen")
+                 "_in_flight", "_closing", "_handler", "_clock", "_metrics", "requests_seen",
+                 "address", "_backlogged", "_stall")
 
     def __init__(self, node: DiameterNode) -> None:
         self.node = node
@@ -185,6 +278,9 @@ class DiameterProtocol(asyncio.Protocol):
         self._metrics = node.metrics
         self.requests_seen = 0  # per-peer request counter (eir_diameter_peer_requests_total)
         self.peer = "?"
+        self.address = "?"
+        self._backlogged = False  # reading paused until our pending messages had their turn
+        self._stall: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -196,13 +292,23 @@ class DiameterProtocol(asyncio.Protocol):
         peername = transport.get_extra_info("peername")
         address = peername[0] if peername else None
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.address = address or "?"
         node = self.node
-        node.protocols.add(self)
-        self._metrics.connections_accepted += 1
         tls = transport.get_extra_info("sslcontext") is not None
         self.log = connection_logger(self.peer, transport="tls" if tls else "tcp")
-        self.conn = Connection(node.peer_config, node.dictionary, self._clock(), address)
+        if not node.admit_connection(transport, self.address):
+            self.conn = Connection(node.peer_config, node.dictionary, self._clock(), address)
+            self.conn.connection_lost()
+            return
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        node.protocols.add(self)
+        node.by_source[self.address] = node.by_source.get(self.address, 0) + 1
+        self._metrics.connections_accepted += 1
+        identities = None
+        if tls and node.limits.tls_peer_identity:
+            identities = certificate_names(transport.get_extra_info("peercert"))
+        self.conn = Connection(node.peer_config, node.dictionary, self._clock(), address,
+                               tls_identities=identities)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -224,11 +330,37 @@ class DiameterProtocol(asyncio.Protocol):
         if handler.answered_now:
             handler.observe_latency(self._clock() - now)
         self._flush()
+        if conn.pending and not self._backlogged and not self._closing:
+            # More framed messages than one turn handles: stop reading, let the other peers'
+            # reads run, continue with ours on the next loop iteration.
+            self._backlogged = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self) -> None:
+        self._backlogged = False
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self.data_received(b"")
+        if not self._backlogged and not self._paused:
+            t.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.connection_lost()
-        self.node.protocols.discard(self)
-        self.node._connection_closed(self)
+        node = self.node
+        if self in node.protocols:
+            node._connection_closed(self)
+            node.protocols.discard(self)
+            n = node.by_source.get(self.address, 1) - 1
+            if n > 0:
+                node.by_source[self.address] = n
+            else:
+                node.by_source.pop(self.address, None)
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -236,15 +368,39 @@ class DiameterProtocol(asyncio.Protocol):
             self.log.info("peer_disconnected", reason=str(exc) if exc else "closed")
 
     def pause_writing(self) -> None:
-        # Backpressure: a peer that does not read its answers stops being read from.
+        # Backpressure: a peer that does not read its answers stops being read from, and loses
+        # its connection if it still has not read them after the grace time.
         if self.transport is not None and not self._paused:
             self._paused = True
             self.transport.pause_reading()
+            self._arm_stall()
 
     def resume_writing(self) -> None:
         if self.transport is not None and self._paused:
             self._paused = False
-            self.transport.resume_reading()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+            if not self._backlogged:
+                self.transport.resume_reading()
+
+    def _arm_stall(self) -> None:
+        if self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(
+                self.node.limits.write_stall_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        """The peer has not read its answers (or our last answers before a close) for the
+        grace time: drop the connection and what it has not read."""
+        self._stall = None
+        t = self.transport
+        if t is None or (t.get_write_buffer_size() == 0 and not self._paused):
+            return
+        self._metrics.cer["write_stalled"] += 1
+        self.node.log_limited(self.log, "connection_aborted", self.address, "write_stalled",
+                              reason="peer does not read its answers",
+                              unread_bytes=t.get_write_buffer_size())
+        t.abort()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -283,8 +439,8 @@ class DiameterProtocol(asyncio.Protocol):
                 name = errors.NAMES.get(code, str(code))
                 m.cer[name.removeprefix("DIAMETER_").lower()] += 1
                 m.protocol_errors[code] += 1
-                self.log.warning("cer_rejected", result_code=code, reason=reason,
-                                 origin_host=host)
+                self.node.log_limited(self.log, "cer_rejected", self.address, code,
+                                      result_code=code, reason=reason, origin_host=host)
             case WatchdogChanged(old=old, new=new):
                 if new in ("SUSPECT", "DOWN"):
                     m.watchdog_failures += 1
@@ -295,7 +451,8 @@ class DiameterProtocol(asyncio.Protocol):
             case Closed(reason=reason):
                 if reason.startswith("framing error"):
                     m.framing_errors += 1
-                    self.log.warning("connection_closed", reason=reason)
+                    self.node.log_limited(self.log, "connection_closed", self.address,
+                                          "framing", reason=reason)
                 else:
                     self.log.info("connection_closed", reason=reason)
                 self._closing = True
@@ -306,8 +463,12 @@ class DiameterProtocol(asyncio.Protocol):
         command = COMMAND_NAMES.get(ev.command, str(ev.command))
         self._metrics.requests[("s13", command, str(ev.result_code))] += 1
         self._metrics.protocol_errors[ev.result_code] += 1
-        log_protocol_error(self.log, "error_answer", command=command, hop_by_hop=ev.hop_by_hop,
-                           result_code=ev.result_code, reason=ev.reason)
+        extra = self.node.should_log("error_answer", self.conn.origin_host or self.address,
+                                     ev.result_code)
+        if extra is not None:
+            log_protocol_error(self.log, "error_answer", command=command,
+                               hop_by_hop=ev.hop_by_hop, result_code=ev.result_code,
+                               reason=ev.reason, **extra)
 
     # -- the one way out: bytes, close, timer --------------------------------------------------
 
@@ -321,6 +482,10 @@ class DiameterProtocol(asyncio.Protocol):
             transport.write(out)
         if self._closing and self._in_flight == 0 and transport is not None:
             transport.close()  # after the answers above: close() flushes the write buffer
+            if transport.get_write_buffer_size():
+                # ...unless the peer stopped reading (e.g. the watchdog declared it down):
+                # then the buffer never drains, and the connection is aborted after the grace.
+                self._arm_stall()
         deadline = conn.next_deadline()
         if deadline != self._timer_at or (self._timer is None and deadline is not None):
             if self._timer is not None:
@@ -353,3 +518,73 @@ class DiameterProtocol(asyncio.Protocol):
         self.log.warning("connection_aborted", reason=reason)
         if self.transport is not None:
             self.transport.abort()
+
+
+class TlsListener:
+    """The TLS listener: accepts in a loop and runs each handshake as its own task, so that a
+    failed or timed-out handshake is ours to count and log (rate-limited, with the peer address).
+    asyncio's own TLS server drops those silently. Looks like an asyncio.Server to the node."""
+
+    def __init__(self, node: DiameterNode, ctx: ssl_module.SSLContext, host: str, port: int,
+                 reuse_port: bool, sock: socket.socket | None) -> None:
+        if sock is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
+            sock.listen(1024)
+        sock.setblocking(False)
+        self.node = node
+        self.ctx = ctx
+        self.sockets = [sock]
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._task: asyncio.Task[None] | None = asyncio.ensure_future(self._accept(sock))
+
+    def is_serving(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for t in list(self._handshakes):
+            t.cancel()
+        for s in self.sockets:
+            s.close()
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _accept(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(lsock)
+            except OSError as e:  # EMFILE and the like: back off instead of spinning
+                self.node.log_limited(log, "accept_failed", "*", e.errno, reason=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._handshake(conn, addr[0]))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, address: str) -> None:
+        node = self.node
+        loop = asyncio.get_running_loop()
+        timeout = node.limits.tls_handshake_timeout
+        try:
+            await loop.connect_accepted_socket(lambda: DiameterProtocol(node), conn,
+                                               ssl=self.ctx, ssl_handshake_timeout=timeout)
+        except (TimeoutError, OSError, ssl_module.SSLError) as e:
+            node.metrics.cer["tls_handshake_failed"] += 1
+            text = str(e)
+            timed_out = isinstance(e, TimeoutError) or "taking longer" in text
+            reason = f"no handshake within {timeout:g} s" if timed_out else \
+                text or type(e).__name__
+            node.log_limited(log, "tls_handshake_failed", address, type(e).__name__,
+                             peer=address, reason=reason)
+            conn.close()

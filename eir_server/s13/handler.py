@@ -20,7 +20,7 @@ sends what it returns; see docs/design.md.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Protocol
 
 from ..diameter import errors
@@ -90,13 +90,15 @@ class Rejected:
 
 
 Outcome = bytes | PendingLookup | Rejected
+# (peer's CER Origin-Host, the ECR's Origin-Host bytes, refused?)
+OriginReport = Callable[[str, bytes, bool], None]
 
 
 class S13Handler:
     """One per worker, shared by all its connections."""
 
     __slots__ = ("eca", "service", "dedup", "answered_now", "_check", "_requests",
-                 "_protocol_errors", "_latency", "_shed")
+                 "_protocol_errors", "_latency", "_shed", "_origin_check", "_peer_names")
 
     def __init__(self, identity: Identity, dictionary: Dictionary, service: CheckService,
                  dedup: DuplicateCache[int], counters: S13Counters) -> None:
@@ -113,6 +115,15 @@ class S13Handler:
         self._protocol_errors = counters.protocol_errors
         self._latency = counters.latency_s13
         self._shed = counters.shed  # eir_requests_shed_total{interface, reason}
+        self._origin_check: tuple[bool, OriginReport] | None = None
+        self._peer_names: dict[str, bytes] = {}
+
+    def check_origin(self, refuse: bool, report: OriginReport) -> None:
+        """Compare each ECR's Origin-Host with the peer's CER Origin-Host (`peer` in `handle`).
+        A relay (DRA) in between makes them differ by design; a peer that speaks for another
+        MME too. `report(peer, origin, refused)` hears of each mismatch; with `refuse` the ECR
+        is answered 5003 DIAMETER_AUTHORIZATION_REJECTED."""
+        self._origin_check = (refuse, report)
 
     def handle(self, msg: Message, now: float, peer: str) -> Outcome:
         """Answer one validated S13 request received at `now` from `peer` (the name audited)."""
@@ -126,6 +137,21 @@ class S13Handler:
             return Rejected(parsed, ErrorAnswered(errors.MISSING_AVP, msg.code, msg.hop_by_hop,
                                                   "Terminal-Information without IMEI"))
         req, prefix, suffix, origin = parsed
+        if self._origin_check is not None:
+            names = self._peer_names
+            known = names.get(peer)
+            if known is None:
+                if len(names) >= 4096:  # peer names of closed connections: start over
+                    names.clear()
+                known = names[peer] = peer.lower().encode()
+            if origin != known and origin.lower() != known:
+                refuse, report = self._origin_check
+                report(peer, origin, refuse)
+                if refuse:
+                    reason = "Origin-Host differs from the peer's CER Origin-Host"
+                    return Rejected(eca.failure(msg, errors.AUTHORIZATION_REJECTED, reason),
+                                    ErrorAnswered(errors.AUTHORIZATION_REJECTED, msg.code,
+                                                  msg.hop_by_hop, reason))
         if msg.flags & FLAG_T:
             cached = self.dedup.get((origin, msg.end_to_end), now)
             if cached is not None:

@@ -397,7 +397,10 @@ async def start_server(config: PeerConfig | None = None,
 
 def pytest_asyncio_loop_factories(config: pytest.Config,
                                   item: pytest.Item) -> dict[str, Callable[[], Any]]:
-    """Every async test here runs on the stdlib loop and on uvloop (what `serve` uses)."""
+    """Every async test here runs on the stdlib loop and on uvloop (what `serve` uses), except
+    in modules that only drive a server process (`ONE_LOOP = True`)."""
+    if getattr(getattr(item, "module", None), "ONE_LOOP", False):
+        return {"asyncio": asyncio.SelectorEventLoop}
     import uvloop
     return {"asyncio": asyncio.SelectorEventLoop, "uvloop": uvloop.new_event_loop}
 

@@ -1,0 +1,61 @@
+"""3004 DIAMETER_TOO_BUSY from a request's raw bytes, for shedding under overload: a fraction of
+what a check costs, because nothing is decoded or validated.
+
+RFC 6733 7.2 answer-message with the E bit: the request's Session-Id (it is the first AVP in
+every command that has one), our Origin-Host and Origin-Realm, Result-Code 3004, DOIC AVPs for a
+peer that asked for them (RFC 7683: every answer carries the current report), and every
+Proxy-Info of the request in order (6.7.3). Proxy-Info is searched as bytes first (C speed);
+only a request where the four code bytes occur anywhere gets its AVP headers walked.
+"""
+
+from __future__ import annotations
+
+from .answers import PROXY_INFO, RESULT_CODE, SESSION_ID, Identity
+from .codec import FLAG_E, FLAG_P, HEADER, U32, VERSION, u32_avp
+from .errors import TOO_BUSY
+
+_PROXY_CODE = PROXY_INFO.to_bytes(4, "big")
+_AVP = U32.unpack_from
+
+
+class BusyAnswer:
+    __slots__ = ("_body",)
+
+    def __init__(self, identity: Identity) -> None:
+        self._body = identity.host_origin + u32_avp(RESULT_CODE, TOO_BUSY)
+
+    def answer(self, raw: bytes, doic: bytes = b"") -> bytes:
+        """The 3004 answer to the framed request `raw` (length already checked by framing);
+        `doic`: OC-Supported-Features + OC-OLR bytes for a DOIC peer."""
+        n = len(raw)
+        session = b""
+        if n >= 28 and _AVP(raw, 20)[0] == SESSION_ID:
+            end = 20 + (_AVP(raw, 24)[0] & 0xFFFFFF)
+            if end <= n and not raw[24] & 0x80:
+                session = raw[20:(end + 3) & ~3] if (end + 3) & ~3 <= n else raw[20:end]
+        proxies = b""
+        if raw.find(_PROXY_CODE, 20) >= 0:
+            proxies = _proxy_infos(raw, n)
+        body = session + self._body + doic + proxies
+        flags = (raw[4] & FLAG_P) | FLAG_E
+        return HEADER.pack((VERSION << 24) | (20 + len(body)), (flags << 24) | _AVP(raw, 4)[0]
+                           & 0xFFFFFF, _AVP(raw, 8)[0], _AVP(raw, 12)[0], _AVP(raw, 16)[0]) + body
+
+
+def _proxy_infos(raw: bytes, n: int) -> bytes:
+    """Top-level Proxy-Info AVPs in order; stops quietly at a malformed AVP header."""
+    out = []
+    pos = 20
+    while n - pos >= 8:
+        code, fl = _AVP(raw, pos)[0], _AVP(raw, pos + 4)[0]
+        length = fl & 0xFFFFFF
+        if length < 8:
+            break
+        end = pos + length
+        padded = (end + 3) & ~3
+        if end > n:
+            break
+        if code == PROXY_INFO and not fl & 0x80000000:
+            out.append(raw[pos:min(padded, n)])
+        pos = padded
+    return b"".join(out)

@@ -1,0 +1,182 @@
+"""Overload of one worker, measured and acted on. Pure and interface-neutral: time and the
+measurements are arguments; S13 answers 3004 (+ DOIC OC-OLR) from it, N5g-eir 503/429 with
+Retry-After, and neither is known here.
+
+A worker is behind when requests wait before it looks at them. A CPU-bound worker leaves them in
+kernel socket buffers where no in-process counter sees them, so the shell reports, once per tick,
+what it can observe:
+
+- loop lag: how late the tick's own timer fired (the loop's queue of ready work);
+- pending delay: bytes still in the kernel after a full read, over the rate it reads bytes;
+- the age of the oldest request still waiting for an answer (for the store, say).
+
+Their maximum is the queueing-delay estimate. Above `target` the signal sheds: every request
+source (a Diameter connection, an HTTP client) gets a fair share of an admission budget per tick
+(max-min: a source sending less than an equal share keeps what it sends), and requests beyond
+its share are refused cheaply by the interface. The budget follows the delay: it shrinks in
+proportion while the delay is above target and grows by a step while below; shedding ends once
+the budget covers what arrives and the delay is low. Counting requests that wait for the store
+(the previous gate) sheds the wrong thing: a slow store is not a busy worker.
+
+The DOIC report (RFC 7683 loss algorithm) is the same state seen from a reacting node: the
+reduction percentage is the share of the offered load that is shed, the offered load being what
+arrives scaled back up by the reduction the peers already apply; a new sequence number whenever
+the percentage changes, and a withdrawal (validity 0) for one validity period after shedding
+stops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OverloadConfig:
+    target: float = 0.05  # seconds of queueing delay above which requests are shed
+    tick: float = 0.1  # seconds between measurements (the shell's timer)
+    validity: int = 10  # OC-Validity-Duration of an OLR, seconds (RFC 7683 default 30)
+    min_budget: int = 20  # admissions per tick never go below this (the worker keeps serving)
+    step: int = 5  # reduction percentages are multiples of this (fewer sequence numbers)
+
+
+class Source:
+    """One request source's counters (a connection). `quota`: admissions left this tick."""
+
+    __slots__ = ("arrivals", "quota", "shed", "demand", "reacting")
+
+    def __init__(self) -> None:
+        self.reacting = False  # applies the reported reduction itself (a DOIC peer)
+        self.arrivals = 0
+        self.quota = 0
+        self.shed = 0
+        self.demand = 0.0  # arrivals per tick, smoothed
+
+
+class OverloadSignal:
+    """The overload state of one worker; see the module docstring."""
+
+    __slots__ = ("config", "shedding", "delay", "budget", "reduction", "sequence", "report",
+                 "sources", "shed_total", "_withdraw_until", "retry_after", "delay_before")
+
+    def __init__(self, config: OverloadConfig | None = None, now: float = 0.0,
+                 epoch: int = 0) -> None:
+        self.config = config or OverloadConfig()
+        self.shedding = False
+        self.delay = 0.0
+        self.delay_before = 0.0
+        self.budget = math.inf
+        self.reduction = 0  # percent of the offered load to shed, as DOIC reports it
+        # RFC 7683 5.5: sequence numbers only grow, across restarts too: start from a time.
+        self.sequence = max(int(epoch), 0)
+        # What to tell DOIC peers: (sequence, reduction %, validity s); validity 0 withdraws an
+        # earlier report (RFC 7683 5.5.3), sent for one validity period; None: nothing to say.
+        self.report: tuple[int, int, int] | None = None
+        self.sources: dict[object, Source] = {}
+        self.shed_total = 0
+        self.retry_after = 0  # seconds, for interfaces that say so (HTTP Retry-After)
+        self._withdraw_until = -math.inf
+
+    # -- sources -------------------------------------------------------------------------------
+
+    def source(self, key: object) -> Source:
+        src = self.sources.get(key)
+        if src is None:
+            src = self.sources[key] = Source()
+            src.quota = self.config.min_budget
+        return src
+
+    def forget(self, key: object) -> None:
+        self.sources.pop(key, None)
+
+    def admit(self, src: Source) -> bool:
+        """One request from `src`: True to serve it, False to refuse it now (cheaply)."""
+        src.arrivals += 1
+        if not self.shedding:
+            return True
+        if src.quota > 0:
+            src.quota -= 1
+            return True
+        src.shed += 1
+        self.shed_total += 1
+        return False
+
+    # -- the tick ------------------------------------------------------------------------------
+
+    def tick(self, now: float, lag: float, pending_delay: float = 0.0,
+             oldest_age: float = 0.0) -> None:
+        cfg = self.config
+        d = max(lag, pending_delay, oldest_age)
+        self.delay = d
+        srcs = list(self.sources.values())
+        arrivals = 0
+        shed = 0
+        reacting = 0
+        for s in srcs:
+            s.demand = s.arrivals if s.demand == 0 else 0.5 * s.demand + 0.5 * s.arrivals
+            arrivals += s.arrivals
+            shed += s.shed
+            if s.reacting:
+                reacting += s.arrivals
+        admitted = arrivals - shed
+        if d > cfg.target:
+            if not self.shedding:
+                self.shedding = True
+                self.budget = max(admitted, cfg.min_budget)
+            elif d >= 0.9 * self.delay_before:
+                # Not draining: admit less (multiplicative decrease).
+                self.budget = max(cfg.min_budget, min(self.budget, admitted) * 0.8)
+        elif self.shedding:
+            self.budget += max(cfg.min_budget, self.budget * 0.1)
+            if d < cfg.target / 2 and shed == 0 and self.budget > 1.5 * arrivals and \
+                    self.reduction <= cfg.step:
+                self.shedding = False
+                self.budget = math.inf
+        self.delay_before = d
+        if self.shedding:
+            self._share(srcs)
+        for s in srcs:
+            s.arrivals = 0
+            s.shed = 0
+        self._report(now, arrivals, reacting)
+
+    def _share(self, srcs: list[Source]) -> None:
+        """Max-min fair quotas: sources asking less than an equal share get what they ask
+        (and a little slack), the rest split what is left equally."""
+        left = self.budget
+        n = len(srcs)
+        for i, s in enumerate(sorted(srcs, key=lambda s: s.demand)):
+            share = left / (n - i)
+            want = s.demand * 1.2 + 1
+            q = want if want <= share else share
+            s.quota = max(1, int(q))
+            left -= q
+
+    def _report(self, now: float, arrivals: int, reacting: int) -> None:
+        cfg = self.config
+        if self.shedding:
+            pct = self.reduction or cfg.step
+            if arrivals:
+                # What peers would send without the reduction the reacting ones apply.
+                offered = arrivals - reacting + reacting / max(0.05, 1 - self.reduction / 100)
+                want = 100 * (1 - min(self.budget, offered) / offered)
+                # Move by at most two steps up or one down per tick: reacting peers answer
+                # a report a round trip later, and a jumpy percentage makes them oscillate.
+                want = min(want, self.reduction + 2 * cfg.step)
+                want = max(want, self.reduction - cfg.step)
+                pct = int(min(100, max(cfg.step, round(want / cfg.step) * cfg.step)))
+            self.retry_after = max(1, math.ceil(self.delay))
+        else:
+            pct = 0
+            self.retry_after = 0
+        if pct != self.reduction:
+            self.sequence += 1
+            self.reduction = pct
+            if pct == 0:
+                self._withdraw_until = now + cfg.validity
+        if pct:
+            self.report = (self.sequence, pct, cfg.validity)
+        elif now < self._withdraw_until:
+            self.report = (self.sequence, 0, 0)
+        else:
+            self.report = None

@@ -1,0 +1,123 @@
+"""The overload signal as pure code: a simulated worker (capacity in work units per tick, a
+refusal costing a tenth of a check) fed more than it can do. Behaviour under real processes is
+in tests/diameter_io/test_hostile.py; figures in benchmarks/bench_overload.py."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from eir_server.overload import OverloadConfig, OverloadSignal
+
+CFG = OverloadConfig(target=0.05, tick=0.1, validity=10, min_budget=5)
+CAPACITY = 1000  # checks per tick
+SHED_COST = 0.1
+
+
+class Worker:
+    """Requests wait in a FIFO (the kernel's socket buffers) until the worker reads them; each
+    tick it has CAPACITY work units: an admitted request costs 1, a refused one SHED_COST.
+    The delay it reports is the age of the oldest request still unread (pending delay)."""
+
+    def __init__(self, sig: OverloadSignal) -> None:
+        self.sig = sig
+        self.queue: deque[tuple[str, float]] = deque()
+        self.now = 0.0
+        self.served: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.latency: list[float] = []
+
+    def run_tick(self, offered: dict[str, int], reacting: bool = False) -> None:
+        sig = self.sig
+        for k in offered:
+            sig.source(k).reacting = reacting
+        # Arrivals spread over the tick, sources interleaved.
+        n = sum(offered.values())
+        left = dict(offered)
+        i = 0
+        while any(left.values()):
+            for k in left:
+                if left[k]:
+                    left[k] -= 1
+                    self.queue.append((k, self.now + CFG.tick * i / max(n, 1)))
+                    i += 1
+        units = float(CAPACITY)
+        end = self.now + CFG.tick
+        while self.queue and units > 0:
+            k, t = self.queue.popleft()
+            if sig.admit(sig.source(k)):
+                units -= 1
+                self.served[k] = self.served.get(k, 0) + 1
+                self.latency.append(end - t)
+            else:
+                units -= SHED_COST
+                self.refused[k] = self.refused.get(k, 0) + 1
+        self.now = end
+        pending = end - self.queue[0][1] if self.queue else 0.0
+        sig.tick(self.now, lag=0.0, pending_delay=pending)
+
+
+def test_below_capacity_nothing_is_shed() -> None:
+    w = Worker(OverloadSignal(CFG))
+    for _ in range(100):
+        w.run_tick({"a": 400, "b": 400})
+    assert w.refused == {} and not w.sig.shedding and w.sig.report is None
+
+
+def test_three_times_capacity_keeps_delay_bounded_and_sheds_fairly() -> None:
+    sig = OverloadSignal(CFG, epoch=1000)
+    w = Worker(sig)
+    for _ in range(20):
+        w.run_tick({"a": 400, "b": 400})
+    delays = []
+    for _ in range(300):  # 30 s at 3x: two big peers and a small one
+        w.served.clear()
+        w.refused.clear()
+        w.run_tick({"big1": 1450, "big2": 1450, "small": 100})
+        delays.append(sig.delay)
+    assert max(delays[50:]) <= 2 * CFG.target  # settled: the backlog stays small
+    assert w.refused.get("small", 0) == 0  # below its fair share: never shed
+    assert abs(w.served["big1"] - w.served["big2"]) <= 0.1 * w.served["big1"]  # equal shares
+    served = sum(w.served.values())
+    assert 0.5 * CAPACITY <= served <= CAPACITY  # still doing useful work near capacity
+    seq, pct, validity = sig.report  # type: ignore[misc]
+    assert seq > 1000 and 50 <= pct <= 90 and validity == 10
+    # Load goes back to normal: shedding stops, the report is withdrawn, then dropped.
+    for _ in range(50):
+        w.run_tick({"a": 300, "b": 300})
+    assert not sig.shedding
+    assert sig.report is not None and sig.report[1:] == (0, 0) and sig.report[0] > seq
+    for _ in range(120):
+        w.run_tick({"a": 300, "b": 300})
+    assert sig.report is None
+
+
+def test_sequence_numbers_only_grow_with_each_new_percentage() -> None:
+    sig = OverloadSignal(CFG, epoch=7)
+    w = Worker(sig)
+    seen: list[tuple[int, int, int]] = []
+    for load in [500] * 10 + [3000] * 60 + [1800] * 60 + [400] * 200:
+        w.run_tick({"a": load})
+        if sig.report is not None and (not seen or sig.report != seen[-1]):
+            seen.append(sig.report)
+    seqs = [s for s, _, _ in seen]
+    assert seqs == sorted(seqs)
+    by_seq: dict[int, int] = {}
+    for s, pct, _ in seen:
+        assert by_seq.setdefault(s, pct) == pct, "one sequence number, two percentages"
+    assert seen[-1][1:] == (0, 0)
+
+
+def test_a_reacting_client_lowers_what_it_offers() -> None:
+    sig = OverloadSignal(CFG)
+    w = Worker(sig)
+    demand = 3000
+    offered = []
+    for _ in range(200):
+        pct = sig.report[1] if sig.report else 0  # the loss algorithm: drop pct % up front
+        send = int(demand * (1 - pct / 100))
+        offered.append(send)
+        w.run_tick({"mme": send}, reacting=True)
+    assert sum(offered[-50:]) / 50 < 0.6 * demand
+    assert max(offered[-50:]) < 0.8 * demand
+    assert sig.delay < 2 * CFG.target
+    assert sum(w.refused.values()) < sum(w.served.values())
