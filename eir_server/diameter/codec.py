@@ -707,11 +707,18 @@ class Layout:
         fmt_t = ["!"]
         enum_checks: list[tuple[int, frozenset[int]]] = []
         pos_h = pos_t = 0
-        for a in _flatten(avps):
+        flat = _flatten(avps)
+        if len(flat) > MAX_LAYOUT_AVPS:
+            raise ValueError("too many AVPs to cache the layout")
+        for a in flat:
             start, vs, aend, d = a.start, a.vstart, a.vend, a.d
             fmt_h.append(f"{start - pos_h}x{'III' if a.flags & AVP_V else 'II'}")
             pos_h = vs
-            if d is None or a.children is not None:
+            if d is None:
+                # Unknown AVPs are a peer's to choose (codes, counts): a shape with them is
+                # never cached, so distinct shapes cannot fill the cache for everyone else.
+                raise ValueError("layouts with unknown AVPs are not cached")
+            if a.children is not None:
                 continue
             vc = VALUE_CHECKS.get(d.type)
             if vc is None:
@@ -751,11 +758,19 @@ def _flatten(avps: Sequence[Avp]) -> list[Avp]:
     return out
 
 
+# A layout costs memory and a struct format proportional to its AVPs; an ECR has about 15.
+MAX_LAYOUT_AVPS = 48
+# Layouts under one key (length, first header word) are tried in turn by `find`: keep few.
+MAX_LAYOUTS_PER_KEY = 4
+
+
 class LayoutCache:
     """Layouts keyed by message length and the first AVP's header word (for a request that is
     Session-Id's flags and length, which is what varies most between shapes of equal size).
     Bounded: beyond `max_layouts` the oldest key's layouts are evicted, so a peer sending
-    endlessly new shapes costs a fixed amount of memory (it still gets `decode_fast`).
+    endlessly new shapes costs a fixed amount of memory (it still gets `decode_fast`); at most
+    `MAX_LAYOUTS_PER_KEY` per key, so `find` stays a few struct reads; shapes with unknown AVPs
+    or more than `MAX_LAYOUT_AVPS` AVPs are never cached.
     `learned` and `evicted` count for the eir_diameter_layout_cache_* metrics."""
 
     __slots__ = ("_by_key", "_count", "max_layouts", "learned", "evicted")
@@ -793,7 +808,12 @@ class LayoutCache:
             self._count -= len(by_key.pop(oldest))
             self.evicted += 1
         key = (length << 32) | U32.unpack_from(data, 24)[0]
-        by_key[key] = by_key.pop(key, ()) + (lay,)  # re-inserted: the key is now the newest
+        same = by_key.pop(key, ())
+        if len(same) >= MAX_LAYOUTS_PER_KEY:  # shapes that differ only after the first AVP
+            same = same[1:]
+            self._count -= 1
+            self.evicted += 1
+        by_key[key] = same + (lay,)  # re-inserted: the key is now the newest
         self._count += 1
         self.learned += 1
 

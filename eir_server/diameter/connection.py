@@ -329,7 +329,8 @@ class Connection:
         """Frame and handle what arrived. At most `max_messages` messages are handled per
         call; the rest wait in `pending` for the next call (with or without new bytes), so one
         peer's burst cannot hold the shell's loop while other peers wait."""
-        if self.state is PeerState.DONE:
+        state = self.state  # a local: `_handle` changes self.state
+        if state is PeerState.DONE:
             return
         framer = self._framer
         msgs = framer.feed(data) if data else []

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 from ..checker import EquipmentChecker
 from ..diameter import errors
@@ -161,7 +161,7 @@ class DiameterNode:
             self.closed_peer_requests[host] = (self.closed_peer_requests.get(host, 0)
                                                + p.requests_seen)
 
-    def should_log(self, line: str, source: str, detail: object) -> dict[str, int] | None:
+    def should_log(self, line: str, source: str, detail: object) -> dict[str, Any] | None:
         """Rate limit for lines a peer can cause: None to skip this one (it is counted and
         summarised later), else extra fields for the line."""
         ok, suppressed = self.log_limiter.hit((line, source, detail), self.clock())
@@ -188,7 +188,7 @@ class DiameterNode:
         self._summary_timer = None
         lim = self.log_limiter
         for key, count in lim.flush() if final else lim.due(self.clock()):
-            line, source, detail = key  # type: ignore[misc]
+            line, source, detail = cast("tuple[str, str, object]", key)
             log.warning("lines_suppressed", line=line, peer=source, detail=detail, count=count,
                         period_s=lim.period)
         if len(lim) and not final:
@@ -207,7 +207,7 @@ class DiameterNode:
             self.metrics.cer["connection_refused"] += 1
             self.log_limited(log, "connection_refused", address, "limit", peer=address,
                              reason="connection limit reached", open_from_source=n)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return False
         return True
 
