@@ -332,17 +332,19 @@ class DiameterProtocol(asyncio.Protocol):
         self._flush()
         if conn.pending and not self._backlogged and not self._closing:
             # More framed messages than one turn handles: stop reading, let the other peers'
-            # reads run, continue with ours on the next loop iteration.
+            # reads run, continue with ours on the next loop iteration (or, if the peer does
+            # not read its answers, once it does: resume_writing).
             self._backlogged = True
             if self.transport is not None:
                 self.transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._continue)
+            if not self._paused:
+                asyncio.get_running_loop().call_soon(self._continue)
 
     def _continue(self) -> None:
-        self._backlogged = False
         t = self.transport
-        if t is None or t.is_closing():
+        if t is None or t.is_closing() or self._paused:
             return
+        self._backlogged = False
         self.data_received(b"")
         if not self._backlogged and not self._paused:
             t.resume_reading()
@@ -381,7 +383,9 @@ class DiameterProtocol(asyncio.Protocol):
             if self._stall is not None:
                 self._stall.cancel()
                 self._stall = None
-            if not self._backlogged:
+            if self._backlogged:
+                asyncio.get_running_loop().call_soon(self._continue)
+            else:
                 self.transport.resume_reading()
 
     def _arm_stall(self) -> None:
