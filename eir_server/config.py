@@ -77,6 +77,10 @@ class ServeConfig:
                                 "accept", metavar="N")
     max_connections_per_source: int = _opt(64, "Diameter connections per peer IP address (per "
                                            "worker); more are closed at accept", metavar="N")
+    overload_target_delay: float = _opt(
+        0.05, "queueing delay (seconds) above which a worker sheds load: excess ECRs get 3004 "
+        "at once, fairly per peer, and DOIC peers an OC-OLR; 0 disables shedding",
+        metavar="SECONDS")
     write_stall_timeout: float = _opt(10.0, "seconds a peer may leave its answers unread "
                                       "(512 KiB buffered, reading from it paused) before its "
                                       "connection is aborted", metavar="SECONDS")
@@ -189,7 +193,8 @@ class ServeConfig:
             except ValueError:
                 raise ValueError("nf_instance_id: not a UUID") from None
         if self.max_connections < 1 or self.max_connections_per_source < 1 or \
-                self.tls_handshake_timeout <= 0 or self.write_stall_timeout <= 0:
+                self.tls_handshake_timeout <= 0 or self.write_stall_timeout <= 0 or \
+                self.overload_target_delay < 0:
             raise ValueError("max_connections, max_connections_per_source, "
                              "tls_handshake_timeout and write_stall_timeout must be positive")
         if self.max_in_flight < 1:

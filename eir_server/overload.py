@@ -46,7 +46,8 @@ class Source:
     __slots__ = ("arrivals", "quota", "shed", "demand", "reacting")
 
     def __init__(self) -> None:
-        self.reacting = False  # applies the reported reduction itself (a DOIC peer)
+        # Applies the reported reduction itself (a DOIC peer); None: not known yet.
+        self.reacting: bool | None = None
         self.arrivals = 0
         self.quota = 0
         self.shed = 0
@@ -123,9 +124,9 @@ class OverloadSignal:
             if not self.shedding:
                 self.shedding = True
                 self.budget = max(admitted, cfg.min_budget)
-            elif d >= 0.9 * self.delay_before:
+            elif d >= self.delay_before:
                 # Not draining: admit less (multiplicative decrease).
-                self.budget = max(cfg.min_budget, min(self.budget, admitted) * 0.8)
+                self.budget = max(cfg.min_budget, min(self.budget, admitted) * 0.9)
         elif self.shedding:
             self.budget += max(cfg.min_budget, self.budget * 0.1)
             if d < cfg.target / 2 and shed == 0 and self.budget > 1.5 * arrivals and \
@@ -155,7 +156,10 @@ class OverloadSignal:
     def _report(self, now: float, arrivals: int, reacting: int) -> None:
         cfg = self.config
         if self.shedding:
-            pct = self.reduction or cfg.step
+            # Nothing arrived: nothing to compute from; below target, step down so that the
+            # report (and the shedding) can end.
+            pct = self.reduction - cfg.step if self.delay < cfg.target else self.reduction
+            pct = max(pct, cfg.step)
             if arrivals:
                 # What peers would send without the reduction the reacting ones apply.
                 offered = arrivals - reacting + reacting / max(0.05, 1 - self.reduction / 100)

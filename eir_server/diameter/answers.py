@@ -74,11 +74,13 @@ def frame(req: Message, body: bytes, error: bool = False) -> bytes:
 
 
 def error_answer(req: Message, problem: Problem, me: Identity,
-                 extra: bytes = b"") -> bytes:
+                 extra: bytes = b"", trailer: bytes = b"") -> bytes:
     """Answer `req` with a failure Result-Code.
 
     3xxx: RFC 6733 7.2 answer-message with the E bit. Other codes: the command's own answer,
     where `extra` carries the AVPs its grammar makes mandatory (e.g. Auth-Session-State).
+    `trailer`: AVPs every answer to this peer carries whatever the outcome (DOIC's
+    OC-Supported-Features and OC-OLR, RFC 7683 5.2/5.5), before the Proxy-Infos.
     """
     session, proxies = session_and_proxies(req)
     protocol = errors.is_protocol_error(problem.result_code)
@@ -89,5 +91,6 @@ def error_answer(req: Message, problem: Problem, me: Identity,
         parts.append(str_avp(ERROR_MESSAGE, problem.message[:200], mandatory=False))
     if problem.failed_avp is not None:
         parts.append(avp(FAILED_AVP, problem.failed_avp))
+    parts.append(trailer)
     parts.append(proxies)
     return frame(req, b"".join(parts), error=protocol)

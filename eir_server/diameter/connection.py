@@ -71,6 +71,7 @@ HOST_IP_ADDRESS = 257
 PRODUCT_NAME = 269
 FIRMWARE_REVISION = 267
 SUPPORTED_VENDOR_ID = 265
+OC_SUPPORTED_FEATURES = 621
 REBOOTING, BUSY, DO_NOT_WANT_TO_TALK_TO_YOU = 0, 1, 2
 DISCONNECT_CAUSES = {0: "REBOOTING", 1: "BUSY", 2: "DO_NOT_WANT_TO_TALK_TO_YOU"}
 # Messages handled per receive_data call: bounded work per read, so a peer that sends a burst
@@ -284,6 +285,14 @@ class Connection:
         self.origin_host = ""
         self.origin_realm = ""
         self._framer = Framer(config.max_message_length)
+        # AVPs an error answer adds for a DOIC peer (RFC 7683: every answer carries them); the
+        # shell points this at the current overload report.
+        self.doic: Callable[[], bytes] = _no_doic
+        # Overload shedding, set by the shell: `gate()` False refuses an application request
+        # with `refuse(raw)` (3004 from the raw bytes); `shed` counts them for the shell.
+        self.gate: Callable[[], bool] | None = None
+        self.refuse: Callable[[bytes], bytes] = _no_refuse
+        self.shed = 0
         self._pending: list[bytes] = []
         self.max_messages = MAX_MESSAGES_PER_CALL
         self._out: list[bytes] = []
@@ -469,8 +478,21 @@ class Connection:
             self._events.append(WatchdogChanged(old.value, nxt.value))
 
     def _handle(self, raw: bytes, now: float) -> None:
-        if self.state is PeerState.R_OPEN and self._fast_request(raw, now):
-            return
+        if self.state is PeerState.R_OPEN:
+            gate = self.gate
+            # An application request (R bit, not the base application) the overload gate turns
+            # away is answered from the raw bytes, before anything else is decoded.
+            if gate is not None and raw[4] & 0x80 and raw[8:12] != b"\0\0\0\0" and \
+                    not gate():
+                self._out.append(self.refuse(raw))
+                self.shed += 1
+                if self.watchdog is Watchdog.OKAY:
+                    self._last_rx = now
+                else:
+                    self._watchdog_event("message", now)
+                return
+            if self._fast_request(raw, now):
+                return
         msg = decode(raw, self.dictionary)
         state = self.state  # a local: the handlers below change self.state
         if state is PeerState.R_OPEN or state is PeerState.CLOSING:
@@ -531,7 +553,11 @@ class Connection:
         return u32_avp(RESULT_CODE, errors.SUCCESS) + self.config.identity.host_origin + self._osi
 
     def _answer_error(self, msg: Message, problem: Problem, extra: bytes = b"") -> None:
-        self._out.append(error_answer(msg, problem, self.config.identity, extra))
+        trailer = b""
+        if msg.application_id != BASE_APPLICATION and \
+                msg.find(OC_SUPPORTED_FEATURES) is not None:
+            trailer = self.doic()
+        self._out.append(error_answer(msg, problem, self.config.identity, extra, trailer))
         self._events.append(ErrorAnswered(problem.result_code, msg.code, msg.hop_by_hop,
                                           problem.message))
 
@@ -710,6 +736,14 @@ class Connection:
                                             f"host {msg.text(a)!r} is not this node"))
             return
         self._events.append(AppRequest(msg))
+
+
+def _no_doic() -> bytes:
+    return b""
+
+
+def _no_refuse(raw: bytes) -> bytes:
+    raise AssertionError("a gate without a refuse()")
 
 
 def identity_matches(host: str, names: tuple[str, ...]) -> bool:

@@ -122,7 +122,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
                             tls_handshake_timeout=cfg.tls_handshake_timeout,
                             tls_peer_identity=cfg.tls_peer_identity == "origin-host",
                             origin_host_check=cfg.origin_host_check,
-                            write_stall_timeout=cfg.write_stall_timeout))
+                            write_stall_timeout=cfg.write_stall_timeout,
+                            overload_target=cfg.overload_target_delay))
     if recorder is not None:
         recorder.start()
     if cfg.diameter_listen:  # empty: TLS only

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import socket
 import ssl as ssl_module
+import struct
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,9 +40,12 @@ from ..diameter.connection import (
 )
 from ..diameter.dedup import DuplicateCache
 from ..diameter.dictionary import Dictionary
+from ..diameter.doic import OlrBytes
+from ..diameter.shed import BusyAnswer
 from ..obs.logging import connection_logger, get_logger, log_protocol_error
 from ..obs.metrics import MAX_PEER_LABELS, OTHER_PEER, Metrics
 from ..obs.ratelimit import LogLimiter
+from ..overload import OverloadConfig, OverloadSignal, Source
 from ..policy.types import CheckRequest, Verdict
 from ..s13.handler import PendingLookup, Rejected, S13Handler
 from ..service import CheckService
@@ -48,6 +54,10 @@ log = get_logger("eir_server.diameter")
 
 COMMAND_NAMES = {257: "CER", 280: "DWR", 282: "DPR", 324: "ECR"}
 WRITE_HIGH_WATER = 512 * 1024  # then stop reading from that peer until it drains
+BIG_READ = 64 * 1024  # a read this large suggests more waits in the kernel: ask how much
+_INT = struct.Struct("i")
+_BUSY = ("s13", "ECR", str(errors.TOO_BUSY))
+_OC_SUPPORTED_CODE = (621).to_bytes(4, "big")  # OC-Supported-Features
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,9 @@ class NodeLimits:
     tls_peer_identity: bool = False  # CER Origin-Host must be a name of the TLS certificate
     origin_host_check: str = "log"  # ECR Origin-Host vs CER Origin-Host: off | log | refuse
     write_stall_timeout: float = 10.0  # seconds a full write buffer may stay full
+    # Seconds of queueing delay before shedding; 0: never shed (`serve` sets 0.05 by default:
+    # --overload-target-delay).
+    overload_target: float = 0.0
 
 
 def certificate_names(cert: dict | None) -> tuple[str, ...]:
@@ -89,6 +102,17 @@ class DiameterNode:
         # a summary count per period.
         self.log_limiter = LogLimiter(overflow=("*", "*", "*"))
         self._summary_timer: asyncio.TimerHandle | None = None
+        # Overload: measured once per tick, acted on per request (see eir_server.overload).
+        self.overload = OverloadSignal(
+            OverloadConfig(target=self.limits.overload_target or float("inf")),
+            epoch=int(time.time()))
+        self.busy = BusyAnswer(peer_config.identity)
+        self._olr = OlrBytes()
+        self.bytes_read = 0
+        self.waiting: dict[int, float] = {}  # id(pending lookup) -> when its request came
+        self._tick: asyncio.TimerHandle | None = None
+        self._tick_due = 0.0
+        self._tick_last = 0.0
         self.dictionary = dictionary
         self.checker = checker
         self.metrics = metrics or Metrics()
@@ -114,6 +138,7 @@ class DiameterNode:
         # requests of closed connections per Origin-Host, so per-peer counters never go back
         self.closed_peer_requests: dict[str, int] = {}
         m.set_gauge_callback("layouts", dictionary.compiled.layout_stats)
+        m.set_gauge_callback("overload", self.overload_stats)
 
     @property
     def in_flight(self) -> int:
@@ -211,6 +236,41 @@ class DiameterNode:
             return False
         return True
 
+    def overload_stats(self) -> dict[str, float]:
+        sig = self.overload
+        return {"shed": sig.shed_total, "delay": sig.delay, "reduction": sig.reduction,
+                "active": float(sig.shedding)}
+
+    def _start_ticks(self) -> None:
+        if self._tick is None:
+            loop = asyncio.get_running_loop()
+            self._tick_last = loop.time()
+            self._tick_due = self._tick_last + self.overload.config.tick
+            self._tick = loop.call_at(self._tick_due, self._on_tick)
+
+    def _on_tick(self) -> None:
+        """Measure how far behind the worker is and let the overload signal decide."""
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+        lag = max(0.0, t - self._tick_due)
+        rate = self.bytes_read / max(t - self._tick_last, 1e-3)
+        self.bytes_read = 0
+        pending = 0
+        for p in self.protocols:
+            pending += p.kernel_pending + p.conn.pending * 200
+        pending_delay = pending / rate if rate > 0 else (1.0 if pending else 0.0)
+        now = self.clock()
+        oldest = now - min(self.waiting.values()) if self.waiting else 0.0
+        sig = self.overload
+        sig.tick(now, lag, pending_delay, oldest)
+        self.s13.eca.doic = self._olr.get(sig.report)
+        self._tick_last = t
+        self._tick_due = t + sig.config.tick
+        self._tick = loop.call_at(self._tick_due, self._on_tick)
+
+    def doic_bytes(self) -> bytes:
+        return self.s13.eca.doic
+
     def peers_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {s.name.lower(): 0 for s in PeerState}
         for p in self.protocols:
@@ -235,6 +295,7 @@ class DiameterNode:
                 lambda: DiameterProtocol(self), host or None, port, reuse_port=reuse_port,
                 backlog=1024)
         self.servers.append(server)
+        self._start_ticks()
         if self.server is None:
             self.server = server
         return server
@@ -255,6 +316,9 @@ class DiameterNode:
             p.abort("shutdown deadline reached")
         for server in self.servers:
             await server.wait_closed()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         if self._summary_timer is not None:
             self._summary_timer.cancel()
         self._summaries(final=True)
@@ -263,7 +327,7 @@ class DiameterNode:
 class DiameterProtocol(asyncio.Protocol):
     __slots__ = ("node", "conn", "transport", "peer", "log", "_timer", "_timer_at", "_paused",
                  "_in_flight", "_closing", "_handler", "_clock", "_metrics", "requests_seen",
-                 "address", "_backlogged", "_stall")
+                 "address", "_backlogged", "_stall", "kernel_pending", "_fd", "_src")
 
     def __init__(self, node: DiameterNode) -> None:
         self.node = node
@@ -281,6 +345,9 @@ class DiameterProtocol(asyncio.Protocol):
         self.address = "?"
         self._backlogged = False  # reading paused until our pending messages had their turn
         self._stall: asyncio.TimerHandle | None = None
+        self.kernel_pending = 0  # bytes the kernel held for us after our last big read
+        self._fd = -1
+        self._src: Source = node.overload.source(self)
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -289,6 +356,7 @@ class DiameterProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._fd = sock.fileno()
         peername = transport.get_extra_info("peername")
         address = peername[0] if peername else None
         self.peer = f"{peername[0]}:{peername[1]}" if peername else "?"
@@ -309,17 +377,39 @@ class DiameterProtocol(asyncio.Protocol):
             identities = certificate_names(transport.get_extra_info("peercert"))
         self.conn = Connection(node.peer_config, node.dictionary, self._clock(), address,
                                tls_identities=identities)
+        self.conn.doic = node.doic_bytes
+        if node.limits.overload_target > 0:
+            self.conn.gate = partial(node.overload.admit, self._src)
+            self.conn.refuse = self._refuse
         self._flush()
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         now = self._clock()
+        node = self.node
+        n = len(data)
+        node.bytes_read += n
+        if n >= BIG_READ and self._fd >= 0:
+            # What the kernel still holds for us is queueing delay no counter of ours sees.
+            with contextlib.suppress(OSError):
+                self.kernel_pending = _INT.unpack(
+                    fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        elif n:
+            self.kernel_pending = 0
         conn.receive_data(data, now)
+        if conn.shed:
+            m = self._metrics
+            m.requests[_BUSY] += conn.shed
+            m.protocol_errors[errors.TOO_BUSY] += conn.shed
+            conn.shed = 0
         handler = self._handler
         peer = conn.origin_host or self.peer
+        src = self._src
         for ev in conn.events():
             if type(ev) is AppRequest:
                 self.requests_seen += 1
+                if src.reacting is None:  # its first request says whether it speaks DOIC
+                    src.reacting = handler.eca.wants_doic(ev.message)
                 out = handler.handle(ev.message, now, peer)
                 if type(out) is bytes:
                     conn.send(out)
@@ -340,6 +430,14 @@ class DiameterProtocol(asyncio.Protocol):
             if not self._paused:
                 asyncio.get_running_loop().call_soon(self._continue)
 
+    def _refuse(self, raw: bytes) -> bytes:
+        """Overloaded: 3004 from a template and the request's raw bytes, nothing decoded;
+        the MME retries on another EIR at once (a DOIC peer also reads the OC-OLR)."""
+        src = self._src
+        if src.reacting is None:  # shed before any request was decoded: look at the bytes
+            src.reacting = raw.find(_OC_SUPPORTED_CODE, 20) >= 0
+        return self.node.busy.answer(raw, self._handler.eca.doic if src.reacting else b"")
+
     def _continue(self) -> None:
         t = self.transport
         if t is None or t.is_closing() or self._paused:
@@ -352,6 +450,7 @@ class DiameterProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.conn.connection_lost()
         node = self.node
+        node.overload.forget(self)
         if self in node.protocols:
             node._connection_closed(self)
             node.protocols.discard(self)
@@ -412,6 +511,7 @@ class DiameterProtocol(asyncio.Protocol):
         match out:
             case PendingLookup():
                 self._in_flight += 1
+                self.node.waiting[id(out)] = out.received
                 lookup = cast("asyncio.Future[Verdict]", out.lookup)
                 lookup.add_done_callback(partial(self._looked_up, out))
             case Rejected():
@@ -422,6 +522,7 @@ class DiameterProtocol(asyncio.Protocol):
 
     def _looked_up(self, pending: PendingLookup, fut: asyncio.Future[Verdict]) -> None:
         self._in_flight -= 1
+        self.node.waiting.pop(id(pending), None)
         if fut.cancelled() or self.conn.state is PeerState.DONE and not self._closing:
             self._handler.abandon(pending)
             return

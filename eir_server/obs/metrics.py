@@ -164,6 +164,42 @@ SPECS: tuple[MetricSpec, ...] = (
         ("direction", "cause"),
     ),
     MetricSpec(
+        "eir_overload_shed_total",
+        "counter",
+        "Requests refused at once because the worker was overloaded (queueing delay above "
+        "--overload-target-delay): S13 3004 DIAMETER_TOO_BUSY from a template, before any "
+        "check. Also counted in eir_requests_total{result=\"3004\"}.",
+        (),
+        "sum",
+        "overload",
+    ),
+    MetricSpec(
+        "eir_overload_delay_seconds",
+        "gauge",
+        "The worker's queueing-delay estimate: the largest of loop lag, bytes waiting in the "
+        "kernel over the read rate, and the age of the oldest request waiting for the store.",
+        (),
+        "max",
+        "overload",
+    ),
+    MetricSpec(
+        "eir_overload_reduction_percent",
+        "gauge",
+        "The traffic reduction asked of DOIC peers (RFC 7683 OC-Reduction-Percentage); 0 "
+        "when not overloaded.",
+        (),
+        "max",
+        "overload",
+    ),
+    MetricSpec(
+        "eir_overload_shedding",
+        "gauge",
+        "1 while the worker sheds load (per worker; summed: workers shedding).",
+        (),
+        "sum",
+        "overload",
+    ),
+    MetricSpec(
         "eir_diameter_layout_cache_entries",
         "gauge",
         "Message shapes cached by the Diameter fast path (bounded per request command).",
@@ -595,6 +631,7 @@ class Metrics:
       "in_flight"   -> number
       "queue_depth" -> number
       "layouts"     -> mapping: entries, evictions (the Diameter fast path's layout caches)
+      "overload"    -> mapping: shed (monotonic), delay (s), reduction (%), active (0/1)
       "store"       -> the store's `stats` (StoreStats) or a mapping with any of
                        cache_hits, cache_misses, fetches, fetch_batches, cache_evictions,
                        redis_errors, unavailable_fetches (monotonic ints), redis_up (0/1);
@@ -672,6 +709,12 @@ class Metrics:
             s["eir_requests_in_flight"] = {(): float(cb["in_flight"]())}
         if "queue_depth" in cb:
             s["eir_request_queue_depth"] = {(): float(cb["queue_depth"]())}
+        if "overload" in cb:
+            ov = cb["overload"]()
+            s["eir_overload_shed_total"] = {(): float(ov["shed"])}
+            s["eir_overload_delay_seconds"] = {(): float(ov["delay"])}
+            s["eir_overload_reduction_percent"] = {(): float(ov["reduction"])}
+            s["eir_overload_shedding"] = {(): float(ov["active"])}
         if "layouts" in cb:
             layouts = cb["layouts"]()
             s["eir_diameter_layout_cache_entries"] = {(): float(layouts["entries"])}

@@ -74,7 +74,8 @@ Parsed = tuple[CheckRequest, bytes, bytes, bytes]
 class EcaBuilder:
     """Turns (ECR, verdict) into ECA bytes from templates fixed at start."""
 
-    __slots__ = ("identity", "_verdict_parts", "_unknown_part", "_auth_and_host", "_slots")
+    __slots__ = ("identity", "_verdict_parts", "_unknown_part", "_auth_and_host", "_slots",
+                 "doic")
 
     def __init__(self, identity: Identity, dictionary: Dictionary) -> None:
         self.identity = identity
@@ -86,6 +87,9 @@ class EcaBuilder:
         self._slots = tuple(index[n] for n in (
             "Terminal-Information", "User-Name", "Session-Id", "DRMP", "OC-Supported-Features",
             "Proxy-Info", "Origin-Host"))
+        # What every answer to a DOIC peer carries (RFC 7683): our OC-Supported-Features and,
+        # while we report overload, the OC-OLR. The shell replaces it when the report changes.
+        self.doic = _OC_SUPPORTED
         host = identity.host_origin
         self._auth_and_host = _AUTH_SESSION_STATE + host
         # TS 29.272 7.2.20 order: Result-Code, Auth-Session-State, Origin-*, Equipment-Status.
@@ -121,14 +125,15 @@ class EcaBuilder:
         if imei is None:
             return error_answer(msg, Problem(errors.MISSING_AVP, _MISSING_IMEI,
                                              "Terminal-Information without IMEI"),
-                                self.identity, _AUTH_SESSION_STATE)
+                                self.identity, _AUTH_SESSION_STATE,
+                                self.doic if slots[ocs] is not None else b"")
         a = slots[un]
         imsi = data[a[VSTART]:a[VEND]].decode() if a is not None else None
         prefix = data[session[START]:session[END]]
         a = slots[drmp]
         if a is not None:
             prefix += data[a[START]:a[END]]
-        suffix = _OC_SUPPORTED if slots[ocs] is not None else b""
+        suffix = self.doic if slots[ocs] is not None else b""
         if slots[pi] is not None:  # every one of them, in order (RFC 6733 6.7.3)
             suffix += b"".join(data[p[START]:p[END]] for p in msg.avps
                                if p[CODE] == PROXY_INFO and not p[VENDOR])
@@ -144,5 +149,11 @@ class EcaBuilder:
     def failure(self, msg: Message, result_code: int, reason: str) -> bytes:
         """An ECA for a failure of ours (e.g. 3004 when overloaded, 5012 unable to comply)."""
         return error_answer(msg, Problem(result_code, None, reason), self.identity,
-                            _AUTH_SESSION_STATE)
+                            _AUTH_SESSION_STATE, self.doic if self.wants_doic(msg) else b"")
+
+    def wants_doic(self, msg: Message) -> bool:
+        """The request carries OC-Supported-Features: its sender is a DOIC reacting node."""
+        if msg.slots is not None:
+            return msg.slots[self._slots[4]] is not None
+        return msg.find(OC_SUPPORTED_FEATURES) is not None
 

@@ -4,11 +4,22 @@ log lines, and that they never take the others down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import Callable
 
-from tests.diameter_io.conftest import IMEI_UNKNOWN, Peer, ServeProcess, cer, ecr, split
+from eir_server.diameter.codec import avp, grouped_avp
+from tests.diameter_io.conftest import (
+    IMEI_UNKNOWN,
+    E,
+    Msg,
+    Peer,
+    ServeProcess,
+    cer,
+    ecr,
+    split,
+)
 
 ONE_LOOP = True  # the server is a separate process: the client's loop flavour does not matter
 
@@ -25,7 +36,7 @@ def log_lines(proc: ServeProcess) -> list[dict]:
 
 async def test_error_answers_are_logged_once_per_peer_and_code_then_summarised(
         serve_process: Callable[..., ServeProcess]) -> None:
-    proc = serve_process()
+    proc = serve_process("--overload-target-delay", "0")  # every one answered 3003, not 3004
     wrong = await Peer.connect(proc.port)
     await wrong.open()
     n = 2000
@@ -91,7 +102,10 @@ async def test_non_reading_peers_are_dropped_and_never_starve_a_healthy_one(
             got: list = []
             while len(got) < 50:
                 got += split(await healthy.recv_raw(timeout=30))
-            assert [m.hbh for m in got] == [100_000 + k * 50 + i for i in range(50)]
+            # All answered (a 3004 refused at once under overload may overtake verdicts:
+            # answers are matched by hop-by-hop id, RFC 6733 6.2).
+            assert sorted(m.hbh for m in got) == [100_000 + k * 50 + i for i in range(50)]
+            assert {m.result_code for m in got} <= {2001, 3004}
         # A new peer's capabilities exchange is not stuck behind them either.
         newcomer = await Peer.connect(proc.port)
         await newcomer.open("late.test.example")
@@ -106,3 +120,124 @@ async def test_non_reading_peers_are_dropped_and_never_starve_a_healthy_one(
         healthy.close()
     aborted = [e for e in log_lines(proc) if e.get("event") == "connection_aborted"]
     assert aborted and aborted[0]["reason"] == "peer does not read its answers"
+
+
+OC_SUPPORTED, OC_OLR, OC_SEQ, OC_VALIDITY, OC_REDUCTION = 621, 623, 624, 625, 627
+DOIC_AVP = grouped_avp(OC_SUPPORTED, [avp(622, (1).to_bytes(8, "big"), mandatory=False)],
+                       mandatory=False)
+
+
+def olr(m: Msg) -> tuple[int, int, int] | None:
+    """(sequence, reduction %, validity s) of an answer's OC-OLR."""
+    a = m.get(OC_OLR)
+    if a is None:
+        return None
+    kids = {c.code: c.value for c in a.children}
+    return (int.from_bytes(kids[OC_SEQ], "big"), int.from_bytes(kids[OC_REDUCTION], "big"),
+            int.from_bytes(kids[OC_VALIDITY], "big"))
+
+
+async def _collect(peer: Peer, n: int, into: dict[int, Msg]) -> None:
+    while len(into) < n:
+        for m in split(await peer.recv_raw(timeout=60)):
+            assert m.hbh not in into, f"answered twice: {m.hbh}"
+            into[m.hbh] = m
+
+
+async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
+        serve_process: Callable[..., ServeProcess]) -> None:
+    # A 20 ms target: 60k pipelined ECRs wait in the kernel longer than that.
+    proc = serve_process("--overload-target-delay", "0.02")
+    doic, plain = await Peer.connect(proc.port), await Peer.connect(proc.port)
+    await doic.open()
+    await plain.open("mme2.test.example")
+    n = 30_000
+    got_doic: dict[int, Msg] = {}
+    got_plain: dict[int, Msg] = {}
+    readers = [asyncio.ensure_future(_collect(doic, n, got_doic)),
+               asyncio.ensure_future(_collect(plain, n, got_plain))]
+    for k in range(0, n, 1000):
+        await doic.send(b"".join(ecr(IMEI_UNKNOWN, n=i + 1, extra=[DOIC_AVP])
+                                 for i in range(k, k + 1000)))
+        await plain.send(b"".join(ecr(IMEI_UNKNOWN, n=i + 1) for i in range(k, k + 1000)))
+    await asyncio.wait_for(asyncio.gather(*readers), 180)
+    # Every request answered once: a verdict or 3004, nothing left to time out.
+    for got in (got_doic, got_plain):
+        assert sorted(got) == list(range(1, n + 1))
+        codes = {m.result_code for m in got.values()}
+        assert codes == {2001, 3004}, codes
+        busy = [m for m in got.values() if m.result_code == 3004]
+        assert all(m.flags & E for m in busy)
+    # The DOIC peer reads OC-Supported-Features in every answer and an OC-OLR while we shed,
+    # 3004 included; sequence numbers never go back and each names one percentage.
+    assert all(m.get(OC_SUPPORTED) is not None for m in got_doic.values())
+    reports = [r for i in range(1, n + 1) if (r := olr(got_doic[i])) is not None]
+    assert reports and any(pct > 0 and validity > 0 for _, pct, validity in reports)
+    assert any(olr(m) is not None for m in got_doic.values() if m.result_code == 3004)
+    seqs = [s for s, _, _ in reports]
+    assert seqs == sorted(seqs)
+    assert len({(s, p) for s, p, _ in reports}) == len(set(seqs))
+    # A peer without DOIC gets none of it.
+    assert all(m.get(OC_SUPPORTED) is None and m.get(OC_OLR) is None
+               for m in got_plain.values())
+    # Once the load is gone the report is withdrawn (validity 0) with a newer sequence number.
+    last_seq = seqs[-1]
+    withdrawn = None
+    for i in range(100):
+        await asyncio.sleep(0.1)
+        await doic.send(ecr(IMEI_UNKNOWN, n=n + 1 + i, extra=[DOIC_AVP]))
+        m = await doic.recv()
+        while m.code != 324:  # our watchdog's DWR may come first after the quiet
+            m = await doic.recv()
+        assert m.result_code == 2001
+        r = olr(m)
+        if r is not None and r[2] == 0:
+            withdrawn = r
+            break
+    assert withdrawn is not None and withdrawn[0] > last_seq and withdrawn[1] == 0
+    doic.close()
+    plain.close()
+
+
+async def test_a_reacting_client_offers_less_while_overloaded(
+        serve_process: Callable[..., ServeProcess]) -> None:
+    proc = serve_process("--overload-target-delay", "0.02")
+    mme, flood = await Peer.connect(proc.port), await Peer.connect(proc.port)
+    await mme.open()
+    await flood.open("flood.test.example")
+    flood_batch = b"".join(ecr(IMEI_UNKNOWN, n=i) for i in range(5000))
+
+    async def flooder() -> None:  # a peer without DOIC keeps the worker busy
+        for _ in range(40):
+            await flood.send(flood_batch)
+
+    async def drain_flood() -> None:
+        with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError):
+            while True:
+                await flood.recv_raw(timeout=30)
+
+    tasks = [asyncio.ensure_future(flooder()), asyncio.ensure_future(drain_flood())]
+    # The MME wants 500 ECRs per round and applies the loss algorithm: it sends
+    # (100 - reduction) % of them, the reduction being the latest OC-OLR it read.
+    want, offered, reduction, hbh = 500, [], 0, 0
+    try:
+        for _ in range(30):
+            send = want * (100 - reduction) // 100
+            offered.append(send)
+            await mme.send(b"".join(ecr(IMEI_UNKNOWN, n=hbh + i + 1, extra=[DOIC_AVP])
+                                    for i in range(send)))
+            got: list[Msg] = []
+            while len(got) < send:
+                got += split(await mme.recv_raw(timeout=60))
+            hbh += send
+            for m in got:
+                r = olr(m)
+                if r is not None:
+                    reduction = r[1] if r[2] else 0
+    finally:
+        for t in tasks:
+            t.cancel()
+        mme.close()
+        flood.close()
+    assert min(offered) < want, offered  # it was asked to send less, and did
+    assert sum(offered) < 30 * want
