@@ -57,6 +57,7 @@ WRITE_HIGH_WATER = 512 * 1024  # then stop reading from that peer until it drain
 BIG_READ = 64 * 1024  # a read this large suggests more waits in the kernel: ask how much
 _INT = struct.Struct("i")
 _BUSY = ("s13", "ECR", str(errors.TOO_BUSY))
+_SHED_OVERLOAD = ("s13", "overload")  # eir_requests_shed_total{interface, reason}
 _OC_SUPPORTED_CODE = (621).to_bytes(4, "big")  # OC-Supported-Features
 
 
@@ -238,8 +239,7 @@ class DiameterNode:
 
     def overload_stats(self) -> dict[str, float]:
         sig = self.overload
-        return {"shed": sig.shed_total, "delay": sig.delay, "reduction": sig.reduction,
-                "active": float(sig.shedding)}
+        return {"delay": sig.delay, "reduction": sig.reduction, "active": float(sig.shedding)}
 
     def _start_ticks(self) -> None:
         if self._tick is None:
@@ -401,6 +401,7 @@ class DiameterProtocol(asyncio.Protocol):
             m = self._metrics
             m.requests[_BUSY] += conn.shed
             m.protocol_errors[errors.TOO_BUSY] += conn.shed
+            m.shed[_SHED_OVERLOAD] += conn.shed
             conn.shed = 0
         handler = self._handler
         peer = conn.origin_host or self.peer

@@ -164,16 +164,6 @@ SPECS: tuple[MetricSpec, ...] = (
         ("direction", "cause"),
     ),
     MetricSpec(
-        "eir_overload_shed_total",
-        "counter",
-        "Requests refused at once because the worker was overloaded (queueing delay above "
-        "--overload-target-delay): S13 3004 DIAMETER_TOO_BUSY from a template, before any "
-        "check. Also counted in eir_requests_total{result=\"3004\"}.",
-        (),
-        "sum",
-        "overload",
-    ),
-    MetricSpec(
         "eir_overload_delay_seconds",
         "gauge",
         "The worker's queueing-delay estimate: the largest of loop lag, bytes waiting in the "
@@ -631,7 +621,7 @@ class Metrics:
       "in_flight"   -> number
       "queue_depth" -> number
       "layouts"     -> mapping: entries, evictions (the Diameter fast path's layout caches)
-      "overload"    -> mapping: shed (monotonic), delay (s), reduction (%), active (0/1)
+      "overload"    -> mapping: delay (s), reduction (%), active (0/1)
       "store"       -> the store's `stats` (StoreStats) or a mapping with any of
                        cache_hits, cache_misses, fetches, fetch_batches, cache_evictions,
                        redis_errors, unavailable_fetches (monotonic ints), redis_up (0/1);
@@ -711,7 +701,6 @@ class Metrics:
             s["eir_request_queue_depth"] = {(): float(cb["queue_depth"]())}
         if "overload" in cb:
             ov = cb["overload"]()
-            s["eir_overload_shed_total"] = {(): float(ov["shed"])}
             s["eir_overload_delay_seconds"] = {(): float(ov["delay"])}
             s["eir_overload_reduction_percent"] = {(): float(ov["reduction"])}
             s["eir_overload_shedding"] = {(): float(ov["active"])}
