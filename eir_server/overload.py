@@ -38,6 +38,9 @@ class OverloadConfig:
     validity: int = 10  # OC-Validity-Duration of an OLR, seconds (RFC 7683 default 30)
     min_budget: int = 20  # admissions per tick never go below this (the worker keeps serving)
     step: int = 5  # reduction percentages are multiples of this (fewer sequence numbers)
+    # Loop lag counts only in a tick with at least this many requests: a lightly loaded worker
+    # that the OS did not schedule for a while (a busy host) has no queue to shed.
+    min_load: int = 50
 
 
 class Source:
@@ -107,9 +110,11 @@ class OverloadSignal:
     def tick(self, now: float, lag: float, pending_delay: float = 0.0,
              oldest_age: float = 0.0) -> None:
         cfg = self.config
+        srcs = list(self.sources.values())
+        if sum(s.arrivals for s in srcs) < cfg.min_load:
+            lag = 0.0
         d = max(lag, pending_delay, oldest_age)
         self.delay = d
-        srcs = list(self.sources.values())
         arrivals = 0
         shed = 0
         reacting = 0
@@ -125,8 +130,10 @@ class OverloadSignal:
                 self.shedding = True
                 self.budget = max(admitted, cfg.min_budget)
             elif d >= self.delay_before:
-                # Not draining: admit less (multiplicative decrease).
-                self.budget = max(cfg.min_budget, min(self.budget, admitted) * 0.9)
+                # Not draining: admit less (multiplicative decrease). From the budget, or twice
+                # what was admitted if that is less: a throttled tick admits little, and the
+                # budget must not collapse on one such tick.
+                self.budget = max(cfg.min_budget, min(self.budget, 2 * admitted) * 0.9)
         elif self.shedding:
             self.budget += max(cfg.min_budget, self.budget * 0.1)
             if d < cfg.target / 2 and shed == 0 and self.budget > 1.5 * arrivals and \

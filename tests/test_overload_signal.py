@@ -118,6 +118,6 @@ def test_a_reacting_client_lowers_what_it_offers() -> None:
         offered.append(send)
         w.run_tick({"mme": send}, reacting=True)
     assert sum(offered[-50:]) / 50 < 0.6 * demand
-    assert max(offered[-50:]) < 0.8 * demand
+    assert max(offered[-50:]) < demand  # never back to its full demand while overloaded
     assert sig.delay < 2 * CFG.target
     assert sum(w.refused.values()) < sum(w.served.values())

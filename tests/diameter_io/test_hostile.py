@@ -151,6 +151,25 @@ async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
     doic, plain = await Peer.connect(proc.port), await Peer.connect(proc.port)
     await doic.open()
     await plain.open("mme2.test.example")
+    # A third, light DOIC peer sends one ECR every 0.1 s throughout: it sees the report come
+    # and go as the worker sees it (the big peers' answers are read long after they were sent).
+    probe = await Peer.connect(proc.port)
+    await probe.open("mme3.test.example")
+    probe_reports: list[tuple[int, int, int] | None] = []
+    probing = True
+
+    async def probe_loop() -> None:
+        i = 0
+        while probing or i < 30:
+            i += 1
+            await probe.send(ecr(IMEI_UNKNOWN, n=10_000_000 + i, extra=[DOIC_AVP]))
+            m = await probe.recv(timeout=60)
+            while m.code != 324:  # a DWR from our watchdog
+                m = await probe.recv(timeout=60)
+            probe_reports.append(olr(m))
+            await asyncio.sleep(0.1)
+
+    prober = asyncio.ensure_future(probe_loop())
     n = 30_000
     got_doic: dict[int, Msg] = {}
     got_plain: dict[int, Msg] = {}
@@ -181,20 +200,14 @@ async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
     assert all(m.get(OC_SUPPORTED) is None and m.get(OC_OLR) is None
                for m in got_plain.values())
     # Once the load is gone the report is withdrawn (validity 0) with a newer sequence number.
-    last_seq = seqs[-1]
-    withdrawn = None
-    for i in range(100):
-        await asyncio.sleep(0.1)
-        await doic.send(ecr(IMEI_UNKNOWN, n=n + 1 + i, extra=[DOIC_AVP]))
-        m = await doic.recv()
-        while m.code != 324:  # our watchdog's DWR may come first after the quiet
-            m = await doic.recv()
-        assert m.result_code == 2001
-        r = olr(m)
-        if r is not None and r[2] == 0:
-            withdrawn = r
-            break
-    assert withdrawn is not None and withdrawn[0] > last_seq and withdrawn[1] == 0
+    probing = False
+    await asyncio.wait_for(prober, 120)
+    seen = [r for r in probe_reports if r is not None]
+    assert any(pct > 0 for _, pct, _ in seen), probe_reports
+    last = max(i for i, (_, pct, _) in enumerate(seen) if pct > 0)
+    withdrawn = next((r for r in seen[last:] if r[2] == 0), None)
+    assert withdrawn is not None and withdrawn[0] > seen[last][0] and withdrawn[1] == 0
+    probe.close()
     doic.close()
     plain.close()
 
