@@ -71,8 +71,7 @@ class NodeLimits:
     tls_peer_identity: bool = False  # CER Origin-Host must be a name of the TLS certificate
     origin_host_check: str = "log"  # ECR Origin-Host vs CER Origin-Host: off | log | refuse
     write_stall_timeout: float = 10.0  # seconds a full write buffer may stay full
-    # Seconds of queueing delay before shedding; 0: never shed (`serve` sets 0.05 by default:
-    # --overload-target-delay).
+    # Seconds of queueing delay before shedding; 0: never shed (--overload-target-delay).
     overload_target: float = 0.0
 
 
