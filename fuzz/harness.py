@@ -123,7 +123,7 @@ def check_message(raw: bytes) -> None:
             assert check_frames(parsed) == 1
         else:
             for status in (None, *EquipmentStatus):
-                assert check_frames(ECA.answer(msg, parsed.prefix, parsed.suffix, status)) == 1
+                assert check_frames(ECA.answer(msg, parsed[1], parsed[2], status)) == 1
             assert check_frames(ECA.failure(msg, 3004, "busy")) == 1
 
 
@@ -161,7 +161,7 @@ def run_one(data: bytes) -> None:
                 if isinstance(parsed, bytes):
                     conn.send(parsed)
                 else:
-                    conn.send(ECA.answer(msg, parsed.prefix, parsed.suffix,
+                    conn.send(ECA.answer(msg, parsed[1], parsed[2],
                                          EquipmentStatus.WHITELISTED))
         check_frames(conn.data_to_send())
     deadline = conn.next_deadline()
