@@ -78,9 +78,9 @@ class ServeConfig:
     max_connections_per_source: int = _opt(64, "Diameter connections per peer IP address (per "
                                            "worker); more are closed at accept", metavar="N")
     overload_target_delay: float = _opt(
-        0.0, "queueing delay (seconds) above which a worker sheds load: excess ECRs get 3004 "
-        "at once, fairly per peer, and DOIC peers an OC-OLR; 0 (default) disables shedding; "
-        "0.05 suits a dedicated host",
+        0.05, "queueing delay (seconds) above which a worker sheds load: excess ECRs get 3004 "
+        "at once, fairly per peer, and DOIC peers an OC-OLR; N5g-eir requests 503 with "
+        "Retry-After; 0 disables shedding",
         metavar="SECONDS")
     write_stall_timeout: float = _opt(10.0, "seconds a peer may leave its answers unread "
                                       "(512 KiB buffered, reading from it paused) before its "

@@ -10,7 +10,10 @@ what it can observe:
 - pending delay: bytes still in the kernel after a full read, over the rate it reads bytes;
 - the age of the oldest request still waiting for an answer (for the store, say).
 
-Their maximum is the queueing-delay estimate. Above `target` the signal sheds: every request
+Loop lag counts only when the loop thread was busy for most of the tick: a worker that the OS
+did not run for a while (a host shared with other busy processes) was late without having a
+queue of its own. Their maximum is the queueing-delay estimate, and shedding starts once it has
+been above target for `confirm` ticks in a row: one late tick is a hiccup, not a backlog. Above `target` the signal sheds: every request
 source (a Diameter connection, an HTTP client) gets a fair share of an admission budget per tick
 (max-min: a source sending less than an equal share keeps what it sends), and requests beyond
 its share are refused cheaply by the interface. The budget follows the delay: it shrinks in
@@ -41,6 +44,8 @@ class OverloadConfig:
     # Loop lag counts only in a tick with at least this many requests: a lightly loaded worker
     # that the OS did not schedule for a while (a busy host) has no queue to shed.
     min_load: int = 50
+    min_busy: float = 0.5  # loop lag counts only if the loop thread ran this share of the tick
+    confirm: int = 2  # ticks in a row above target before shedding starts
 
 
 class Source:
@@ -61,7 +66,8 @@ class OverloadSignal:
     """The overload state of one worker; see the module docstring."""
 
     __slots__ = ("config", "shedding", "delay", "budget", "reduction", "sequence", "report",
-                 "sources", "shed_total", "_withdraw_until", "retry_after", "delay_before")
+                 "sources", "shed_total", "_withdraw_until", "retry_after", "delay_before",
+                 "_above")
 
     def __init__(self, config: OverloadConfig | None = None, now: float = 0.0,
                  epoch: int = 0) -> None:
@@ -80,6 +86,7 @@ class OverloadSignal:
         self.shed_total = 0
         self.retry_after = 0  # seconds, for interfaces that say so (HTTP Retry-After)
         self._withdraw_until = -math.inf
+        self._above = 0  # ticks in a row with the delay above target
 
     # -- sources -------------------------------------------------------------------------------
 
@@ -108,13 +115,16 @@ class OverloadSignal:
     # -- the tick ------------------------------------------------------------------------------
 
     def tick(self, now: float, lag: float, pending_delay: float = 0.0,
-             oldest_age: float = 0.0) -> None:
+             oldest_age: float = 0.0, busy: float = 1.0) -> None:
+        """`busy`: the share of the tick the loop thread spent running (its CPU time over
+        the tick's wall time)."""
         cfg = self.config
         srcs = list(self.sources.values())
-        if sum(s.arrivals for s in srcs) < cfg.min_load:
+        if busy < cfg.min_busy or sum(s.arrivals for s in srcs) < cfg.min_load:
             lag = 0.0
         d = max(lag, pending_delay, oldest_age)
         self.delay = d
+        self._above = self._above + 1 if d > cfg.target else 0
         arrivals = 0
         shed = 0
         reacting = 0
@@ -125,7 +135,7 @@ class OverloadSignal:
             if s.reacting:
                 reacting += s.arrivals
         admitted = arrivals - shed
-        if d > cfg.target:
+        if d > cfg.target and (self.shedding or self._above >= cfg.confirm):
             if not self.shedding:
                 self.shedding = True
                 self.budget = max(admitted, cfg.min_budget)

@@ -121,3 +121,30 @@ def test_a_reacting_client_lowers_what_it_offers() -> None:
     assert max(offered[-50:]) < demand  # never back to its full demand while overloaded
     assert sig.delay < 2 * CFG.target
     assert sum(w.refused.values()) < sum(w.served.values())
+
+
+def test_a_descheduled_worker_is_not_overloaded() -> None:
+    """Loop lag while the loop thread barely ran is the host's queue (other processes), not
+    ours: nothing is shed however late the ticks fire."""
+    sig = OverloadSignal(CFG)
+    for k in range(50):
+        src = sig.source("mme")
+        for _ in range(400):
+            assert sig.admit(src)
+        sig.tick(k * CFG.tick, lag=0.2, busy=0.1)
+    assert not sig.shedding and sig.report is None
+    for k in (50, 51):
+        for _ in range(400):
+            sig.admit(sig.source("mme"))
+        sig.tick(k * CFG.tick, lag=0.2, busy=0.9)
+    assert sig.shedding  # the same lag from a loop that was busy all along is a backlog
+
+
+def test_one_late_tick_is_a_hiccup_not_a_backlog() -> None:
+    sig = OverloadSignal(CFG)
+    for k in range(20):
+        src = sig.source("mme")
+        for _ in range(400):
+            sig.admit(src)
+        sig.tick(k * CFG.tick, lag=0.0, pending_delay=0.3 if k % 2 else 0.0)
+        assert not sig.shedding

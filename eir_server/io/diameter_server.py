@@ -113,6 +113,7 @@ class DiameterNode:
         self._tick: asyncio.TimerHandle | None = None
         self._tick_due = 0.0
         self._tick_last = 0.0
+        self._tick_cpu = 0.0  # the loop thread's CPU time at the last tick
         self.dictionary = dictionary
         self.checker = checker
         self.metrics = metrics or Metrics()
@@ -244,6 +245,7 @@ class DiameterNode:
         if self._tick is None:
             loop = asyncio.get_running_loop()
             self._tick_last = loop.time()
+            self._tick_cpu = time.thread_time()
             self._tick_due = self._tick_last + self.overload.config.tick
             self._tick = loop.call_at(self._tick_due, self._on_tick)
 
@@ -260,8 +262,11 @@ class DiameterNode:
         pending_delay = pending / rate if rate > 0 else (1.0 if pending else 0.0)
         now = self.clock()
         oldest = now - min(self.waiting.values()) if self.waiting else 0.0
+        cpu = time.thread_time()
+        busy = (cpu - self._tick_cpu) / max(t - self._tick_last, 1e-3)
+        self._tick_cpu = cpu
         sig = self.overload
-        sig.tick(now, lag, pending_delay, oldest)
+        sig.tick(now, lag, pending_delay, oldest, busy)
         self.s13.eca.doic = self._olr.get(sig.report)
         self._tick_last = t
         self._tick_due = t + sig.config.tick

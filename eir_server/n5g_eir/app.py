@@ -21,6 +21,7 @@ Answers follow TS 29.500 5.2.7 (ProblemDetails with `cause`, application/problem
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from importlib import resources
 from typing import Any, NamedTuple
@@ -92,15 +93,15 @@ _MISSING_PEI = problem(400, "Bad Request", "MANDATORY_QUERY_PARAM_MISSING",
 INTERNAL_ERROR = problem(500, "Internal Server Error", "SYSTEM_FAILURE")
 
 
-def overloaded(status: int, retry_after: int) -> Response:
+def overloaded(status: int, retry_after: int,
+               detail: str = "too many requests waiting for the store") -> Response:
     """503 NF_CONGESTION (this worker is overloaded) or 429 NF_CONGESTION_RISK (this consumer
     holds more than its share), with Retry-After in seconds (TS 29.500 6.4)."""
     if status == 429:
         return problem(429, "Too Many Requests", "NF_CONGESTION_RISK",
                        "too many requests from this consumer waiting for the store",
                        extra_headers=(("retry-after", str(retry_after)),))
-    return problem(503, "Service Unavailable", "NF_CONGESTION",
-                   "too many requests waiting for the store",
+    return problem(503, "Service Unavailable", "NF_CONGESTION", detail,
                    extra_headers=(("retry-after", str(retry_after)),))
 
 
@@ -176,6 +177,11 @@ def parse_gpsi(gpsi: str) -> str | None | PeiError:
     return PeiError("not msisdn- or extid-")
 
 
+# Accept values that need no parsing (what nghttp2-based AMFs and curl send).
+_PLAIN_ACCEPT = frozenset(("*/*", JSON, PROBLEM, "application/json, application/problem+json",
+                           "application/json,application/problem+json"))
+
+
 def accepts_json(accept: str | None) -> bool:
     """RFC 9110 12.5.1, enough for one JSON resource: any range that covers application/json
     or application/problem+json with q > 0."""
@@ -228,7 +234,7 @@ class N5gEirApp:
         if method != "GET":
             return _METHOD
         accept = header("accept")
-        if accept is not None and not accepts_json(accept):
+        if accept is not None and accept not in _PLAIN_ACCEPT and not accepts_json(accept):
             return _NOT_ACCEPTABLE
         if self.authorizer is not None:
             denied = self.authorizer.check(header("authorization"), now)
@@ -255,7 +261,28 @@ class N5gEirApp:
         return _UNKNOWN
 
 
+# What AMFs send nearly always: pei=imei-<15>|imeisv-<16>, then an optional supi=imsi-<5..15>.
+# One C-level match answers those; anything else takes the general parser below, which gives
+# the same result for them (tests/n5g_eir/test_app.py checks the agreement).
+_COMMON_QUERY = re.compile(
+    r"pei=(?:imei-([0-9]{15})|imeisv-([0-9]{16}))(?:&supi=imsi-([0-9]{5,15}))?")
+
+
 def parse_request(query: str) -> Response | Check:
+    m = _COMMON_QUERY.fullmatch(query)
+    if m is not None:
+        imei, sv, imsi = m.groups()
+        if imei is not None:
+            return _check(CheckRequest(imei, None, imsi))
+        return _check(CheckRequest(sv[:14], sv[14:], imsi))
+    return _parse_query(query)
+
+
+def _check(req: CheckRequest) -> Check:
+    return Check(req, req)
+
+
+def _parse_query(query: str) -> Response | Check:
     pei: str | None = None
     supi: str | None = None
     gpsi: str | None = None

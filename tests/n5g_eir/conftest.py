@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from eir_server.checker import EquipmentChecker
-from eir_server.io.diameter_server import DiameterNode
+from eir_server.io.diameter_server import DiameterNode, NodeLimits
 from eir_server.io.http_server import HttpListener, N5gEirService
 from eir_server.n5g_eir.app import N5gEirApp
 from eir_server.obs.metrics import Metrics
@@ -61,7 +61,7 @@ async def wait_listening(port: int, timeout: float = 10.0) -> None:
 async def start_eir(store: Any = None, policy: PolicyConfig | None = None,
                     max_in_flight: int = 10_000, tls: dict[str, str] | None = None,
                     authorizer: Any = None, audit: Callable[..., None] | None = None,
-                    fallback: Any = None) -> Eir:
+                    fallback: Any = None, overload_target: float = 0.0) -> Eir:
     if store is None:
         store = MemoryStore()
         for k, v in default_records().items():
@@ -72,9 +72,11 @@ async def start_eir(store: Any = None, policy: PolicyConfig | None = None,
                else EquipmentChecker(pol, store, fallback, today=lambda: "20250601"))
     metrics = Metrics()
     node = DiameterNode(peer_config(), DICTIONARY, checker, metrics, audit=audit,
-                        max_in_flight=max_in_flight)
+                        max_in_flight=max_in_flight,
+                        limits=NodeLimits(overload_target=overload_target))
     srv = await node.start("127.0.0.1", 0)
-    service = N5gEirService(N5gEirApp(authorizer), node.service, metrics)
+    service = N5gEirService(N5gEirApp(authorizer), node.service, metrics,
+                            overload=node.overload if overload_target > 0 else None)
     port = free_port()
     listeners = [HttpListener(service, "127.0.0.1", port)]
     tls_port = None

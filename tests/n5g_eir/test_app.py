@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import string
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from eir_server.n5g_eir.app import (
+    _PLAIN_ACCEPT,
     EQUIPMENT_STATUS_PATH,
     MAX_URI,
     Check,
     N5gEirApp,
     Response,
+    _parse_query,
     accepts_json,
     overloaded,
     parse_pei,
@@ -143,3 +145,23 @@ def test_well_formed_identities_are_accepted(imei: str, imsi: str) -> None:
 @given(st.text(max_size=30))
 def test_accept_header_parser_never_raises(accept: str) -> None:
     accepts_json(accept)
+
+
+_PART = st.sampled_from(["pei=imei-", "pei=imeisv-", "&supi=imsi-", "&supi=nai-", "&gpsi=msisdn-",
+                         "&", "=", "%30", "+", "x", "-", "pei=", "supi=imsi-"])
+_QUERY = st.lists(st.one_of(_PART, st.from_regex(r"\A[0-9]{0,17}\Z")), max_size=8).map("".join)
+
+
+@given(_QUERY)
+@example("pei=imei-352099001761481&supi=imsi-001010123456789")
+@example("pei=imeisv-3520990017614801&supi=imsi-00101")
+@example("pei=imeisv-3520990017614801")
+@example("pei=imei-352099001761481&supi=imsi-0010")
+@example("pei=imei-35209900176148&supi=imsi-00101")
+def test_fast_query_path_agrees_with_the_general_parser(query: str) -> None:
+    """The one-regex path for common queries gives exactly what the general parser gives."""
+    assert parse_request(query) == _parse_query(query)
+
+
+def test_plain_accept_values_are_acceptable() -> None:
+    assert all(accepts_json(a) for a in _PLAIN_ACCEPT)

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
+import time
 
 import pytest
 
@@ -80,3 +83,57 @@ async def test_store_error_fallback(eirs, redis_factory, dirbs, sync_dir, fallba
     assert ("retry-after" in head) == (status == 503)
     assert eir.metrics.verdicts[(fallback, STORE_ERROR)] == 1
     assert STORE_ERROR == checker.STORE_ERROR
+
+
+H2LOAD = shutil.which("h2load")
+
+
+@pytest.mark.skipif(H2LOAD is None, reason="h2load (nghttp2-client) not installed")
+async def test_overloaded_worker_answers_503_with_retry_after(eirs, tmp_path) -> None:
+    """The worker's own overload signal (the one S13 sheds 3004 from): while its loop thread is
+    kept busy past the target delay, N5g-eir requests beyond the fair share get 503
+    NF_CONGESTION with Retry-After at once, and every request is answered."""
+    from eir_server.policy.imei import luhn_check_digit
+
+    eir = await eirs(overload_target=0.05)
+    imei = "35209900176148"
+    urls = tmp_path / "urls"
+    urls.write_text(f"http://127.0.0.1:{eir.http_port}{PATH}?pei=imei-{imei}"
+                    f"{luhn_check_digit(imei)}\n")
+    loop = asyncio.get_running_loop()
+    busy = True
+
+    def hog() -> None:  # the loop thread works for 150 ms of every 200: a backlog builds
+        end = time.monotonic() + 0.15
+        while time.monotonic() < end:
+            pass
+        if busy:
+            loop.call_later(0.05, hog)
+
+    hog()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            H2LOAD, "-n", "6000", "-c", "2", "-m", "64", "-i", str(urls),
+            stdout=asyncio.subprocess.PIPE)
+        out = (await proc.communicate())[0].decode()
+    finally:
+        busy = False
+    m = re.search(r"status codes: (\d+) 2xx, \d+ 3xx, \d+ 4xx, (\d+) 5xx", out)
+    assert m, out
+    ok, busy_answers = int(m.group(1)), int(m.group(2))
+    assert ok + busy_answers == 6000, out  # nothing unanswered
+    assert ok > 0 and busy_answers > 0, out
+    assert eir.metrics.shed[("n5g_eir", "overload")] == busy_answers
+    assert eir.metrics.requests[("n5g_eir", "GET", "503")] == busy_answers
+    answer = eir.service._overloaded()  # what those 503s carried
+    assert answer.status == 503 and dict(answer.headers)["retry-after"].isdigit()
+    assert json.loads(answer.body)["cause"] == "NF_CONGESTION"
+    # After the storm the worker stops shedding and answers verdicts again.
+    for _ in range(100):
+        if not eir.node.overload.shedding:
+            break
+        await asyncio.sleep(0.1)
+    assert not eir.node.overload.shedding
+    c = H2Client(eir.http_port)
+    [(status, body, head)] = await asyncio.to_thread(c.collect, c.send([path(7)]))
+    assert status in (200, 404)
