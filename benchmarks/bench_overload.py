@@ -38,9 +38,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_s13_load import cer  # noqa: E402
 
 from eir_server.diameter.codec import (  # noqa: E402
     FLAG_P,
@@ -51,6 +48,7 @@ from eir_server.diameter.codec import (  # noqa: E402
     str_avp,
     u32_avp,
 )
+from eir_server.load.s13 import Identity, cer  # noqa: E402
 
 U32 = struct.Struct("!I")
 RESULT_CODE_HEAD = b"\x00\x00\x01\x0c"  # AVP code 268
@@ -215,7 +213,7 @@ class Client(asyncio.Protocol):
         self.t: asyncio.Transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.t.write(cer(self.idx))
+        self.t.write(cer(Identity(f"mme{self.idx}.bench", "bench", "localdomain")))
 
     def send(self, n: int) -> None:
         if self.closed or n <= 0:

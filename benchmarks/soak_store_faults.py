@@ -39,9 +39,6 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from bench_s13_load import cer  # noqa: E402
 
 from eir_server.diameter.codec import (  # noqa: E402
     FLAG_P,
@@ -51,6 +48,7 @@ from eir_server.diameter.codec import (  # noqa: E402
     str_avp,
     u32_avp,
 )
+from eir_server.load.s13 import Identity, cer  # noqa: E402
 
 U32 = struct.Struct("!I")
 AVP_HEAD = struct.Struct("!II")
@@ -261,7 +259,7 @@ class Client(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
-        transport.write(cer(0))  # type: ignore[attr-defined]
+        transport.write(cer(Identity("mme0.bench", "bench", "localdomain")))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data

@@ -6,6 +6,7 @@ import socket
 import struct
 import subprocess
 import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -41,3 +42,22 @@ def recv_message(sock: socket.socket) -> bytes:
         assert chunk, "connection closed"
         data += chunk
     return data
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: Path, ca_cn: str, server_cn: str, client_cn: str) -> Path:
+    """A test CA (ca.pem/ca.key) and server.pem/key, client.pem/key it signed, each with its
+    CN as DNS SAN and 127.0.0.1 as IP SAN; made with openssl in `d`."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            f"/CN={ca_cn}", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    for name, cn in (("server", server_cn), ("client", client_cn)):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                "-addext", f"subjectAltName=DNS:{cn},IP:127.0.0.1",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-copy_extensions", "copy",
+                "-out", f"{name}.pem", cwd=d)
+    return d

@@ -148,3 +148,15 @@ def test_one_late_tick_is_a_hiccup_not_a_backlog() -> None:
             sig.admit(src)
         sig.tick(k * CFG.tick, lag=0.0, pending_delay=0.3 if k % 2 else 0.0)
         assert not sig.shedding
+
+
+def test_a_backlog_that_drains_by_itself_is_not_shed() -> None:
+    """After the process was stopped for a while (SIGSTOP, a VM pause) its first tick sees
+    old requests; if the next one sees the backlog shrinking, nothing is shed."""
+    sig = OverloadSignal(CFG)
+    for k, delay in enumerate((0.0, 0.6, 0.3, 0.08, 0.0, 0.6, 0.2, 0.0)):
+        src = sig.source("mme")
+        for _ in range(400):
+            sig.admit(src)
+        sig.tick(k * CFG.tick, lag=0.0, oldest_age=delay)
+        assert not sig.shedding

@@ -27,28 +27,14 @@ from tests.diameter_io.conftest import (
     serve_process,  # noqa: F401 - the fixture
     start_server,
 )
-from tests.netutil import free_port, wait_for_port
+from tests.netutil import free_port, make_pki, wait_for_port
 
 EIR = [sys.executable, "-m", "eir_server.cli"]
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=test-ca", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    for name, cn in (("server", OUR_HOST), ("client", "mme1.epc.test")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                "-addext", f"subjectAltName=DNS:{cn},IP:127.0.0.1",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-copy_extensions", "copy",
-                "-out", f"{name}.pem", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), "test-ca", OUR_HOST, "mme1.epc.test")
 
 
 

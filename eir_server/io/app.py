@@ -84,6 +84,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     checker = EquipmentChecker(policy, store, store_fallback(cfg))
     metrics = Metrics()
     metrics.worker_label = str(index)
+    metrics.store_kind = getattr(store, "name", "")
     # The checker counts every fallback verdict (store unreachable, or a lookup that failed
     # otherwise); the store's own stats say the rest.
     metrics.set_gauge_callback(

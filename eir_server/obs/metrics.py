@@ -401,8 +401,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "eir_build_info",
         "gauge",
-        "1, labelled with the eir-server version and the Python version.",
-        ("version", "python"),
+        "1, labelled with the eir-server version, the Python version and the store kind.",
+        ("version", "python", "store"),
         "max",
         "process",
     ),
@@ -644,6 +644,7 @@ class Metrics:
         # overload: requests refused instead of processed, by (interface, reason)
         self.shed: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.worker_label = "0"  # process metrics label: the worker index
+        self.store_kind = ""  # eir_build_info's store label: "redis" or "memory"
         self.watchdog_failures = 0
         self.framing_errors = 0
         self.connections_accepted = 0
@@ -683,7 +684,7 @@ class Metrics:
         s["eir_requests_shed_total"] = {(i, r): float(v) for (i, r), v in self.shed.items()}
         if ready is not None:
             s["eir_ready"] = {(): 1.0 if ready[0] else 0.0}
-        add_process_samples(s, self.worker_label)
+        add_process_samples(s, self.worker_label, self.store_kind)
         self._read_callbacks(s)
         h = {
             "eir_request_duration_seconds": {
@@ -794,12 +795,13 @@ def process_stats() -> dict[str, float]:
     return out
 
 
-def add_process_samples(s: dict[str, dict[Labels, float]], worker: str) -> None:
+def add_process_samples(s: dict[str, dict[Labels, float]], worker: str,
+                        store: str = "") -> None:
     import platform
 
     from eir_server import __version__
 
-    s["eir_build_info"] = {(__version__, platform.python_version()): 1.0}
+    s["eir_build_info"] = {(__version__, platform.python_version(), store): 1.0}
     st = process_stats()
     for key, name in (("cpu", "eir_process_cpu_seconds_total"),
                       ("rss", "eir_process_resident_memory_bytes"),

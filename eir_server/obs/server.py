@@ -151,7 +151,10 @@ class MetricsAggregator:
         }
         merged.ready = (False, "; ".join(problems)) if problems else (True, "ready")
         merged.samples["eir_ready"] = {(): 1.0 if merged.ready[0] else 0.0}
-        add_process_samples(merged.samples, "parent")
+        # The workers know the store kind; the parent's own build_info keeps it.
+        store = next((k[2] for k in merged.samples.get("eir_build_info", {})
+                      if len(k) > 2 and k[2]), "")
+        add_process_samples(merged.samples, "parent", str(store))
         return merged
 
     async def readiness(self) -> ReadinessResult:

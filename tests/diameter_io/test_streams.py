@@ -109,14 +109,17 @@ async def test_peer_that_never_reads_is_paused_and_others_are_served(
     (proto,) = server.node.protocols
     task = asyncio.ensure_future(flood())
     try:
-        # Paused for writing (reading also pauses for a moment whenever a read brought more
-        # messages than one turn handles: that is the fair share, not backpressure).
+        # Held: its unread answers filled the kernel's send queue (or our write buffer).
+        # (Reading also pauses for a moment whenever a read brought more messages than one
+        # turn handles: that is the fair share, not backpressure.)
         for _ in range(2000):
-            if proto._paused:
+            if proto.held:
                 break
             await asyncio.sleep(0.005)
-        assert proto._paused and not proto.transport.is_reading(), \
+        assert proto.held and not proto.transport.is_reading(), \
             "server kept reading from a peer that reads nothing"
+        # Held early: at most ~UNREAD_HIGH of answers (plus one turn) went to this peer.
+        assert server.node.metrics.requests[("s13", "ECR", "2001")] < 4000
         assert not task.done(), "the flood must be blocked by TCP flow control"
         # What the server holds for this peer stays bounded (high water + one read's answers).
         assert proto.transport.get_write_buffer_size() < 4 * 1024 * 1024

@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.netutil import free_port, wait_for_port
-from tests.test_tls_overload import openssl
+from tests.netutil import free_port, make_pki, wait_for_port
 
 EIR = [sys.executable, "-m", "eir_server.cli"]
 PATH = "/n5g-eir-eic/v1/equipment-status"
@@ -24,17 +23,8 @@ STOLEN = "352099001761481"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("sbi-pki")
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-            "/CN=sbi-test-ca", "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    for name, cn in (("server", "eir.5gc.test"), ("client", "amf1.5gc.test")):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                "-addext", f"subjectAltName=DNS:{cn},IP:127.0.0.1",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-copy_extensions", "copy",
-                "-out", f"{name}.pem", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("sbi-pki"), "sbi-test-ca", "eir.5gc.test",
+                    "amf1.5gc.test")
 
 
 @pytest.fixture

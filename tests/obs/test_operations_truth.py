@@ -98,7 +98,8 @@ def test_sync_outcomes_per_peer_process_and_store_metrics(tmp_path: Path, dirbs,
         assert got[("eir_sync_last_run_failed", ())] == 0
         assert time.time() - got[("eir_sync_last_success_timestamp_seconds", ())] < 300
         assert got[("eir_ready", ())] == 1.0
-        assert got[("eir_build_info", (("python", got_python(got)), ("version", version())))] == 1
+        assert got[("eir_build_info", (("python", got_python(got)), ("store", "redis"),
+                                       ("version", version())))] == 1
         for worker in ("0", "1", "parent"):
             assert got[("eir_process_resident_memory_bytes", (("worker", worker),))] > 1e6
             assert got[("eir_process_open_fds", (("worker", worker),))] > 0
