@@ -90,6 +90,7 @@ class N5gEirService:
         # The worker's overload signal (S13 sheds from the same one); None: never shed.
         self.overload = overload
         self._sources: dict[str, Source] = {}  # overload sources by consumer IP address
+        self._by_client: dict[str, Source] = {}  # the same by connection ("ip:port")
         self._busy: dict[int, Response] = {}  # 503 answers by Retry-After
         self.service = service
         self.share = ConsumerShare(service)
@@ -103,9 +104,9 @@ class N5gEirService:
     async def __call__(self, scope: Any, proto: Any) -> None:
         t0 = self.clock()
         if self.overload is not None and not self._admit(scope.client):
-            r = self._overloaded()
-            proto.response_bytes(r.status, r.headers, r.body)
-            self._requests[(INTERFACE, "GET", r.result)] += 1
+            busy = self._overloaded()
+            proto.response_bytes(busy.status, busy.headers, busy.body)
+            self._requests[(INTERFACE, "GET", busy.result)] += 1
             self.metrics.shed[_SHED_OVERLOAD] += 1
             self._latency.observe(self.clock() - t0)
             return
@@ -130,13 +131,23 @@ class N5gEirService:
     def _admit(self, client: str) -> bool:
         """The overload signal's per-consumer fair share (by IP address: an AMF may open
         several connections)."""
+        src = self._by_client.get(client)
+        if src is None:
+            src = self._source(client)
+        return self.overload.admit(src)  # type: ignore[union-attr]
+
+    def _source(self, client: str) -> Source:
+        """The overload source of a connection ("ip:port"): its IP address's."""
+        if len(self._by_client) >= 4 * MAX_SOURCES:
+            self._by_client.clear()
         ip = client.rpartition(":")[0]
         src = self._sources.get(ip)
         if src is None:
             if len(self._sources) >= MAX_SOURCES:
                 self._prune()
             src = self._sources[ip] = self.overload.source(("http", ip))  # type: ignore[union-attr]
-        return self.overload.admit(src)  # type: ignore[union-attr]
+        self._by_client[client] = src
+        return src
 
     def _prune(self) -> None:
         """Forget consumers that sent nothing lately (their shares go to the others)."""
@@ -144,6 +155,7 @@ class N5gEirService:
             if src.demand < 1 and src.arrivals == 0:
                 del self._sources[ip]
                 self.overload.forget(("http", ip))  # type: ignore[union-attr]
+        self._by_client.clear()
 
     def _overloaded(self) -> Response:
         """503 NF_CONGESTION with the signal's Retry-After (TS 29.500 6.4)."""
@@ -240,7 +252,7 @@ def _forget_placeholder_tasks() -> bool:
     found = [t for t in list(asyncio.tasks._all_tasks)  # type: ignore[attr-defined]
              if type(t) is _CBSchedulerTask]
     for t in found:
-        asyncio.tasks._unregister_task(t)  # type: ignore[attr-defined]
+        asyncio.tasks._unregister_task(t)
     return bool(found)
 
 

@@ -268,6 +268,9 @@ def redact(key: str, value: Any) -> Any:
 _Item = tuple[float, CheckRequest, Verdict, str, str, bool]
 
 
+SLICE = 64  # observations handled between two yields to the event loop
+
+
 class AuditRecorder:
     """Non-blocking audit of checks. One per worker process.
 
@@ -366,11 +369,17 @@ class AuditRecorder:
     async def _write(self, items: Iterable[_Item]) -> int:
         det = self.detector
         rows: list[Row] = []
+        n = 0
         for when, req, verdict, peer, interface, keep in items:
             if det is not None:
                 det.observe(when, req.imei, req.imsi)
             if keep:
                 rows.append(observation(when, req, verdict, peer, interface))
+            n += 1
+            if n % SLICE == 0:
+                # A batch is milliseconds of work: let requests that arrived meanwhile be
+                # answered between slices rather than wait for all of it (the latency tail).
+                await asyncio.sleep(0)
         self._counts["queued"] += len(rows)
         if not rows or self.sink is None:
             return 0
