@@ -151,6 +151,10 @@ class _ImeiEntry:
         self.flagged_at = float("-inf")
 
 
+REFRESH = 60.0  # seconds: how stale the last-seen time of an unchanged pair may get
+_NONE: list[str] = []  # no signal (never appended to)
+
+
 class DeviceChangeDetector:
     """Counts and logs (event "device_signal"):
 
@@ -196,9 +200,17 @@ class DeviceChangeDetector:
     def observe(self, when: float, imei: str, imsi: str | None) -> list[str]:
         if not imsi:
             return []
-        signals: list[str] = []
         key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
         by_imei = self._by_imei
+        # The common case: the pair was seen together lately. Nothing to signal, and recency
+        # (the eviction order) is refreshed only every REFRESH seconds, a tiny fraction of the
+        # window.
+        e = by_imei.get(key)
+        if type(e) is tuple and e[0] == imsi and when - e[1] < REFRESH:
+            p = self._by_imsi.get(imsi)
+            if p is not None and p[0] == key and when - p[1] < REFRESH:
+                return _NONE
+        signals: list[str] = []
         # Nearly every IMEI is only ever seen with one IMSI: keep that as a plain (imsi, time)
         # tuple and build an _ImeiEntry only for the second one. pop + reinsert keeps recency.
         entry = by_imei.pop(key, None)
