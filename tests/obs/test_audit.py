@@ -182,6 +182,19 @@ def test_imsi_changing_imei_is_signalled_within_the_window() -> None:
     assert m.device_signals["imsi_imei_change"] == 1
 
 
+def test_an_unchanged_pair_is_refreshed_once_a_minute() -> None:
+    """Repeated sightings of the same IMEI and IMSI within a minute touch nothing (the hot
+    path); the last-seen time moves on after that, so a change is judged against it."""
+    det = DeviceChangeDetector(Metrics(), window=100, log_identities=True)
+    det.observe(0, "35000000000001", "001")
+    det.observe(30, "35000000000001", "001")
+    assert det._by_imsi["001"] == ("35000000000001", 0)  # within REFRESH: untouched
+    det.observe(61, "35000000000001", "001")
+    assert det._by_imsi["001"] == ("35000000000001", 61)
+    # 130 s after the first sighting but 69 s after the refreshed one: inside the window.
+    assert det.observe(130, "35000000000002", "001") == ["imsi_imei_change"]
+
+
 def test_detector_memory_is_bounded() -> None:
     det = DeviceChangeDetector(Metrics(), max_tracked=100, log_events=False)
     for i in range(1000):
