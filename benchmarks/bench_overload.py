@@ -9,7 +9,8 @@ peers get while the worker is pushed past what it can do. Not a test: numbers go
     .venv/bin/python benchmarks/bench_overload.py shapes --shapes 10000 --avps 16
 
 The CPU quota uses cgroup v2 (`cpu.max`) where /sys/fs/cgroup is a writable v2 hierarchy, else
-the v1 `cpu` controller (`cpu.cfs_quota_us`); both need root. Without either, `--cpu` fails and
+the v1 `cpu` controller (`cpu.cfs_quota_us`), with a 10 ms period (`--cpu-period`); both need
+root. Without either, `--cpu` fails and
 the storm has to be run with a generator that outruns the worker on its own (more client
 processes than server cores).
 
@@ -80,9 +81,10 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen[bytes], int]:
 
 
 @contextlib.contextmanager
-def cpu_quota(pid: int, fraction: float) -> Iterator[str]:
-    """Hold `pid` to `fraction` of one core with a cgroup (v2 cpu.max, else v1 cpu)."""
-    period = 100_000
+def cpu_quota(pid: int, fraction: float, period: int = 10_000) -> Iterator[str]:
+    """Hold `pid` to `fraction` of one core with a cgroup (v2 cpu.max, else v1 cpu).
+    `period` (µs): the kernel's default 100 ms lets the worker run 25 ms and then stops it for
+    75 ms, a stall no real machine has; 10 ms makes it a uniformly slower core."""
     quota = int(period * fraction)
     v2 = Path("/sys/fs/cgroup")
     if (v2 / "cgroup.controllers").exists():
@@ -473,6 +475,9 @@ def main() -> int:
     ap.add_argument("scenario", choices=("storm", "nonreading", "shapes"))
     ap.add_argument("--cpu", type=float, default=0.0,
                     help="hold the worker to this share of one core (cgroup); 0: no quota")
+    ap.add_argument("--cpu-period", type=float, default=10.0,
+                    help="cgroup CPU period, ms (the kernel default is 100: a 25%% quota then "
+                         "stops the worker for 75 ms at a time)")
     ap.add_argument("--server-args", default="", help="extra `eir-server serve` arguments")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--factor", type=float, default=3.0, help="storm: offered load / capacity")
@@ -494,7 +499,8 @@ def main() -> int:
         pass
     proc, port = start_server(args.server_args.split())
     try:
-        quota = cpu_quota(proc.pid, args.cpu) if args.cpu else contextlib.nullcontext("none")
+        quota = (cpu_quota(proc.pid, args.cpu, int(args.cpu_period * 1000)) if args.cpu
+                 else contextlib.nullcontext("none"))
         with quota as q:
             print(f"worker pid {proc.pid}, CPU quota: {q}; load average "
                   f"{os.getloadavg()[0]:.1f} (other work on the machine)")

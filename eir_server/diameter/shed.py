@@ -11,11 +11,14 @@ only a request where the four code bytes occur anywhere gets its AVP headers wal
 from __future__ import annotations
 
 from .answers import PROXY_INFO, RESULT_CODE, SESSION_ID, Identity
-from .codec import FLAG_E, FLAG_P, HEADER, U32, VERSION, u32_avp
+from .codec import FLAG_E, FLAG_P, U32, VERSION, u32_avp
 from .errors import TOO_BUSY
 
 _PROXY_CODE = PROXY_INFO.to_bytes(4, "big")
+_SESSION_CODE = SESSION_ID.to_bytes(4, "big")
 _AVP = U32.unpack_from
+_VERSION_LENGTH = U32.pack
+_FLAGS = {0: bytes((FLAG_E,)), FLAG_P: bytes((FLAG_P | FLAG_E,))}
 
 
 class BusyAnswer:
@@ -26,20 +29,24 @@ class BusyAnswer:
 
     def answer(self, raw: bytes, doic: bytes = b"") -> bytes:
         """The 3004 answer to the framed request `raw` (length already checked by framing);
-        `doic`: OC-Supported-Features + OC-OLR bytes for a DOIC peer."""
+        `doic`: OC-Supported-Features + OC-OLR bytes for a DOIC peer. Runs once per shed
+        request, so it stays a handful of C-level operations: its cost against a full check's
+        bounds how much of a storm a worker can still answer with verdicts."""
         n = len(raw)
         session = b""
-        if n >= 28 and _AVP(raw, 20)[0] == SESSION_ID:
+        if raw[20:24] == _SESSION_CODE and n >= 28 and not raw[24] & 0x80:
             end = 20 + (_AVP(raw, 24)[0] & 0xFFFFFF)
-            if end <= n and not raw[24] & 0x80:
-                session = raw[20:(end + 3) & ~3] if (end + 3) & ~3 <= n else raw[20:end]
-        proxies = b""
-        if raw.find(_PROXY_CODE, 20) >= 0:
-            proxies = _proxy_infos(raw, n)
-        body = session + self._body + doic + proxies
-        flags = (raw[4] & FLAG_P) | FLAG_E
-        return HEADER.pack((VERSION << 24) | (20 + len(body)), (flags << 24) | _AVP(raw, 4)[0]
-                           & 0xFFFFFF, _AVP(raw, 8)[0], _AVP(raw, 12)[0], _AVP(raw, 16)[0]) + body
+            if end <= n:
+                padded = (end + 3) & ~3
+                session = raw[20:padded if padded <= n else end]
+        proxies = _proxy_infos(raw, n) if raw.find(_PROXY_CODE, 20) >= 0 else b""
+        body = self._body
+        # The request's header with the R bit cleared and E set; command, application and
+        # both identifiers unchanged.
+        return b"".join((
+            _VERSION_LENGTH((VERSION << 24)
+                            | (20 + len(session) + len(body) + len(doic) + len(proxies))),
+            _FLAGS[raw[4] & FLAG_P], raw[5:20], session, body, doic, proxies))
 
 
 def _proxy_infos(raw: bytes, n: int) -> bytes:
