@@ -221,7 +221,7 @@ class BlacklistParser:
         self.bcd = cut > 9  # see layout: k <= 4 packs the field as BCD
         self.fpre = b"$%d\r\n" % ((cut + 1) // 2) if self.bcd else b"$%d\r\n1" % (cut + 1)
         self._pad = b"1" if cut % 2 else b""
-        self.groups: list[list[bytes]] = [[] for _ in range(10**k)]
+        self.groups: list[list[bytes]] = self._new_groups(k)
         self.tails: dict[bytes, bytes] = {}
         self.value_of = value_of
         self.extras = extras
@@ -249,9 +249,7 @@ class BlacklistParser:
         while pos < end:
             e = match(data, pos).end()
             if e > pos:
-                lines = data[pos : e - 1].split(b"\n")
-                self._run(lines, lineno)
-                lineno += len(lines)
+                lineno = self._plain(data, pos, e, lineno)
                 pos = e
                 if pos >= end:
                     break
@@ -261,6 +259,19 @@ class BlacklistParser:
             self._careful(data[pos:nl].decode("utf-8", errors="replace"), lineno)
             lineno += 1
             pos = nl + 1
+            if self._order is not None and pos < end:  # a header in another column order:
+                self._feed_quoted(lineno, data[pos:])  # the rest of the block the csv way
+                return
+
+    @staticmethod
+    def _new_groups(k: int) -> list[list[bytes]]:
+        return [[] for _ in range(10**k)]
+
+    def _plain(self, data: bytes, pos: int, end: int, lineno: int) -> int:
+        """`data[pos:end]`: whole lines that all match LINE_RE; -> the number of the next line."""
+        lines = data[pos : end - 1].split(b"\n")
+        self._run(lines, lineno)
+        return lineno + len(lines)
 
     def _feed_quoted(self, lineno: int, data: bytes) -> None:
         """A block with double quotes (or after a header in another column order): records
@@ -407,6 +418,10 @@ class BlacklistParser:
             self._extra_lines[imei] = lineno
             apply_row(listing, _BLACKLIST, "upsert", (date, reasons))
             return
+        self._keep(imei, date, reasons, lineno)
+
+    def _keep(self, imei: str, date: str, reasons: str, lineno: int) -> None:
+        """A good row of the csv way whose IMEI is on no other list."""
         cut = self.cut
         prefix = imei[:cut].encode()
         fld = unhexlify(self._pad + prefix) if self.bcd else prefix

@@ -46,6 +46,7 @@ from eir_server.store.register import (
 )
 
 from .blacklist import BlacklistParser, NeedGeneric, iter_blocks
+from .columnar import ColumnarParser, dedupe, restore_commands
 from .progress import BAD_ROWS, DUP_ROWS, IMEIS, Progress
 from .redis_db import BulkWriter, Current, RegisterDB, bulk
 from .source import Source, file_sha256, read_tac_text
@@ -61,6 +62,9 @@ class SyncOptions:
     flush_rows: int | None = None  # rows buffered per write round (None: from bucket count)
     max_records: int = 65_536  # distinct shared blacklist records per version
     read_block: int = 1 << 20  # bytes per read of the full blacklist (tests use tiny blocks)
+    # Write a full load's buckets as whole listpacks (RESTORE, see sync/listpack.py) when the
+    # server takes them (Redis >= 7.0); else with HSETs.
+    restore: bool = True
     grace: float = 2.0  # seconds between the switch and deleting the old version
     force_full: bool = False
     allow_missing_lists: bool = False
@@ -604,8 +608,12 @@ class SyncRun:
         """The 10M-row path (see sync/blacklist.py): bytes-level runs of plain lines, the csv
         module only for the lines that need it; buckets flushed as one HSET each per round.
         -> (good rows, distinct IMEIs)."""
-        report = CsvReport(f"{z.path.name}:{z.full_member}")
         k = buckets.k
+        if self.opts.restore and self.db.restore_works(
+            layout.overlay_key(buckets.ns, buckets.base)
+        ):
+            return self._write_blacklist_restore(z, buckets, writer, extras, table)
+        report = CsvReport(f"{z.path.name}:{z.full_member}")
         stored, value_of = self._value_of(table)
         parser = BlacklistParser(k, report, value_of, extras, self.opts.limits)
         keys = [f"{buckets.ns}:{buckets.base}:b:{i:0{k}d}" for i in range(10**k)]
@@ -647,6 +655,61 @@ class SyncRun:
         entries = self._resolve_duplicates(z, buckets, writer, sent, extras, stored, report)
         self.reports.append(report)
         return parser.rows, entries + parser.extra_entries
+
+    def _write_blacklist_restore(
+        self,
+        z: ListZip,
+        buckets: layout.Buckets,
+        writer: BulkWriter,
+        extras: dict[str, Listing],
+        table: dict[int, bytes],
+    ) -> tuple[int, int]:
+        """`_write_blacklist` with the rows parsed as columns (sync/columnar.py) and each
+        bucket written once, as a RESTOREd listpack, after the whole file is read and checked.
+        -> (good rows, distinct IMEIs)."""
+        report = CsvReport(f"{z.path.name}:{z.full_member}")
+        k = buckets.k
+        stored, _ = self._value_of(table)
+        parser = ColumnarParser(k, report, stored, extras, self.opts.limits)
+        self.progress.start(z.path.name, self._estimate_rows(z))
+        gc_was = gc.isenabled()
+        gc.disable()  # nothing cyclic is made here: skip the collector
+        try:
+            with zipfile.ZipFile(z.path) as zf, zf.open(z.full_member) as stream:
+                for lineno, data in iter_blocks(
+                    stream, report.source, self.opts.read_block, self.opts.limits.max_line
+                ):
+                    parser.feed(lineno, data)
+                    self.progress.update(parser.rows)
+                parser.finish()
+        except NeedGeneric:
+            return self._write_blacklist_generic(z, buckets, writer, extras, table)
+        finally:
+            if gc_was:
+                gc.enable()
+        report.rows = parser.rows
+        report.check(self.opts.max_bad_share)
+        self._check_not_empty(z, report)
+        self.progress.update(parser.rows)
+        self.progress.finish()
+        rows = dedupe(parser, report)
+        self._log_duplicates(report)
+        def key_of(i: int) -> str:
+            return layout.bucket_key(buckets.ns, buckets.base, i, k)
+
+        first = True
+        for cmds in restore_commands(rows, parser.values, k, key_of):
+            for key, head, body in cmds:
+                writer.raw_parts(key, head, body)
+            if first:
+                first = False
+                writer.flush()
+                self.opts.checkpoint("buckets-partial")
+        writer.flush()
+        # RESTORE replies +OK: count the fields it created like HSET's replies are counted.
+        writer.total += len(rows.key)
+        self.reports.append(report)
+        return parser.rows, len(rows.key) + parser.extra_entries
 
     @staticmethod
     def _flush_groups(

@@ -25,6 +25,8 @@ from eir_server.store import layout
 from eir_server.store.codec import Listing, decode_listing
 from eir_server.store.urls import RedisTarget, sync_client
 
+from . import listpack
+
 _CAS_SWITCH = """
 local cur = redis.call('GET', KEYS[1])
 if (cur or '') ~= ARGV[1] then return 0 end
@@ -448,6 +450,19 @@ class RegisterDB:
 
     def writer(self) -> BulkWriter:
         return BulkWriter(self.client, self.cluster)
+
+    def restore_works(self, key: str) -> bool:
+        """Whether the server takes the listpack RESTORE payloads a full load builds (Redis >=
+        7.0, RESTORE allowed): one is restored at `key` (a key GC deletes), read back, deleted."""
+        field, value = b"1000000000", b"1"
+        try:
+            self.client.restore(key, 0, listpack.payload([(field, value)]))
+            try:
+                return bool(self.client.hget(key, field) == value)
+            finally:
+                self.client.delete(key)
+        except ResponseError:  # DUMP payload version (Redis < 7), NOPERM, unknown command
+            return False
 
     def hash_limits(self) -> int:
         """hash-max-listpack-entries of the server (128 if CONFIG is not allowed)."""

@@ -31,6 +31,7 @@ from eir_server.store.register import (
     split_reasons,
 )
 from eir_server.sync.blacklist import BlacklistParser, BlockReader, NeedGeneric, quote_open
+from eir_server.sync.columnar import ColumnarParser, dedupe
 from eir_server.sync.redis_db import bulk
 
 GOOD = [
@@ -245,6 +246,18 @@ def test_header_in_another_order_is_matched_by_name():
     assert got == want
 
 
+@pytest.mark.parametrize("parser", ["bytes", "columnar"])
+def test_a_plain_looking_row_after_a_header_in_another_order_goes_by_the_header(parser):
+    data = b"block_date,reasons,imei\n35000000000001,20240101,x\n20240102,y,35000000000002\n"
+    if parser == "bytes":
+        got, report, rows = via_parser(data, 5, 1 << 20, {})
+    else:
+        got, report, rows, _ = via_columnar(data, 5, 1 << 20, {}, LIMITS)
+    want, want_report = via_csv(data, {})
+    assert got == want and rows == want_report.rows == 1
+    assert [b.line for b in report.samples] == [2]
+
+
 def test_header_with_other_columns_needs_the_generic_path():
     data = b"imei,block_date,reasons,source\n35000000000001,20240101,x,a\n"
     with pytest.raises(NeedGeneric):
@@ -304,3 +317,113 @@ def test_unterminated_quote_is_refused_like_the_csv_field_limit():
 )
 def test_quote_open_follows_csv(line, in_quotes, expected):
     assert quote_open(line, in_quotes) is expected
+
+
+# -- the columnar parser (sync/columnar.py): same rows, reports and duplicate resolution --------
+
+
+def via_columnar(data: bytes, k: int, block: int, extras: dict[str, Listing], limits=LIMITS):
+    """-> ({imei: [value of each row, in file order]}, report, rows, parser)."""
+    report = CsvReport("f")
+
+    def stored(date: str, raw: str) -> bytes:
+        return encode_blacklist(date, split_reasons(raw))
+
+    parser = ColumnarParser(k, report, stored, extras, limits)
+    with BlockReader(io.BytesIO(data), "f", block, limits.max_line) as reader:
+        for lineno, chunk in reader:
+            parser.feed(lineno, chunk)
+    parser.finish()
+    value = {v: s for s, v in parser._vid_of.items()}
+    keys, vids, lines = parser.columns()
+    got: dict[str, list[bytes]] = {}
+    cut = 14 - k
+    for key, vid, _ in sorted(zip(keys.tolist(), vids.tolist(), lines.tolist(), strict=True),
+                              key=lambda r: r[2]):
+        imei = f"{key % 10**cut:0{cut}d}{key // 10**cut:0{k}d}"
+        got.setdefault(imei, []).append(value[vid])
+    return got, report, parser.rows, parser
+
+
+def resolve_like_the_engine(data: bytes, extras: dict[str, Listing], report: CsvReport, limits):
+    """SyncRun._resolve_duplicates on the csv path: {imei: value kept}, duplicates reported."""
+    seen: dict[str, tuple[int, str, str]] = {}
+    for line, imei, (date, raw) in iter_rows_numbered(
+        ListKind.BLACKLIST, io.BytesIO(data), CsvReport("f"), limits
+    ):
+        if imei in extras:
+            continue
+        prev = seen.get(imei)
+        if prev is None:
+            seen[imei] = (line, date, raw)
+        elif date < prev[1]:
+            report.add_duplicate(imei, line, prev[0])
+            seen[imei] = (line, date, raw)
+        else:
+            report.add_duplicate(imei, prev[0], line)
+    return {i: encode_blacklist(d, split_reasons(r)) for i, (_, d, r) in seen.items()}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    body=lines,
+    bom=st.booleans(),
+    crlf=st.booleans(),
+    header=st.booleans(),
+    final_nl=st.booleans(),
+    k=st.sampled_from([2, 4, 5, 6]),
+    block=st.integers(1, 400),
+    with_extras=st.booleans(),
+    order=st.sampled_from(ORDERS),
+    limits=st.sampled_from([LIMITS, Limits()]),
+)
+def test_columnar_path_agrees_with_csv_path(
+    body, bom, crlf, header, final_nl, k, block, with_extras, order, limits
+):
+    if block > limits.max_line:  # (BlockReader may refuse a later line first: both paths do)
+        block = 1 + block % limits.max_line
+    data = build(body, bom, crlf, header, final_nl, order)
+    ex1 = {i: Listing() for i in EXTRA_IMEIS} if with_extras else {}
+    ex2 = {i: Listing() for i in EXTRA_IMEIS} if with_extras else {}
+    line1, fast = refused_at(via_columnar, data, k, block, ex1, limits)
+    line2, slow = refused_at(via_csv, data, ex2, limits)
+    assert line1 == line2
+    if line1 is not None:
+        return
+    got, report, rows, parser = fast
+    want, want_report = slow
+    assert got == want
+    assert ex1 == ex2
+    assert rows == want_report.rows
+    assert [(b.line, b.reason) for b in report.samples] == [
+        (b.line, b.reason) for b in want_report.samples
+    ]
+    assert report.bad == want_report.bad
+    assert report.dup_samples == want_report.dup_samples  # IMEIs also on other lists
+    # Duplicates in the buckets: kept and reported as the engine's HSET path does.
+    kept = resolve_like_the_engine(data, ex2, want_report, limits)
+    b = dedupe(parser, report)
+    value = {v: s for s, v in parser._vid_of.items()}
+    cut = 14 - k
+    assert {
+        f"{x % 10**cut:0{cut}d}{x // 10**cut:0{k}d}": value[v]
+        for x, v in zip(b.key.tolist(), b.vid.tolist(), strict=True)
+    } == kept
+    assert report.dup_samples == want_report.dup_samples
+    assert report.duplicates == want_report.duplicates
+
+
+def test_columnar_big_blocks_with_every_kind_of_line():
+    """Blocks of many plain lines with bad ones among them (the vectorised line check)."""
+    rows = [f"35{i:012d},2024{1 + i % 12:02d}{1 + i % 28:02d},r{i % 7}|x" for i in range(3000)]
+    for j, bad in enumerate(BAD + GOOD):
+        rows.insert(37 * j + 5, bad)
+    rows.insert(1000, rows[10].replace("r", "s"))  # a duplicate IMEI
+    for crlf in (False, True):
+        data = build(rows, False, crlf, True, True)
+        got, report, n, parser = via_columnar(data, 5, 1 << 16, {}, Limits())
+        want, want_report = via_csv(data, {}, Limits())
+        assert got == want and n == want_report.rows
+        assert [(b.line, b.reason) for b in report.samples] == [
+            (b.line, b.reason) for b in want_report.samples
+        ]

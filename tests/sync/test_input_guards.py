@@ -381,20 +381,22 @@ def test_lock_of_a_killed_sync_is_taken_over_at_once_a_live_one_is_not(redis_url
         assert json.loads(c.get(key)) == owner
         c.delete(key)
 
-    big_register(src, "20240101_000000", 150_000, "a")
+    # Big enough that the sync is still loading when it is killed (the load of 400k rows takes
+    # well over the 0.1 s waited here).
+    big_register(src, "20240101_000000", 400_000, "a")
     proc = subprocess.Popen(sync_cmd(src, redis_url, "--grace", "0"), stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not c.exists(key):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
-    time.sleep(0.3)
+    time.sleep(0.1)
     proc.kill()
     proc.wait()
     assert c.pttl(key) > 0  # the lock outlives its owner ...
     r = run_sync(src, redis_url)  # ... but the next sync takes it over at once
     assert r.returncode == 0, r.stdout + r.stderr
     assert "took over the lock of a sync that is gone" in r.stdout + r.stderr
-    assert cur(redis_url)[1]["count"] == "150000"
+    assert cur(redis_url)[1]["count"] == "400000"
     assert not c.exists(key)
     c.close()
 
