@@ -13,7 +13,7 @@ what it can observe:
 Loop lag counts only when the loop thread was busy for most of the tick: a worker that the OS
 did not run for a while (a host shared with other busy processes) was late without having a
 queue of its own. Their maximum is the queueing-delay estimate, and shedding starts once it has
-been above target and not draining (at least 80% of the tick before) for `confirm` ticks in a
+been above target and not draining (at least half the tick before) for `confirm` ticks in a
 row: one late tick is a hiccup, and a burst left by a paused process drains by itself. Above `target` the signal sheds: every request
 source (a Diameter connection, an HTTP client) gets a fair share of an admission budget per tick
 (max-min: a source sending less than an equal share keeps what it sends), and requests beyond
@@ -127,7 +127,7 @@ class OverloadSignal:
         self.delay = d
         # A backlog that is draining fast (a burst after a pause of the process) is not a
         # standing queue: only ticks above target and not well below the last one count.
-        if d > cfg.target and (self._above == 0 or d >= 0.8 * self.delay_before):
+        if d > cfg.target and (self._above == 0 or d >= 0.5 * self.delay_before):
             self._above += 1
         else:
             self._above = 0

@@ -103,12 +103,12 @@ async def test_overloaded_worker_answers_503_with_retry_after(eirs, tmp_path) ->
     loop = asyncio.get_running_loop()
     busy = True
 
-    def hog() -> None:  # the loop thread works for 150 ms of every 200: a backlog builds
-        end = time.monotonic() + 0.15
+    def hog() -> None:  # the loop thread works for 180 ms of every 200: a backlog builds
+        end = time.monotonic() + 0.18
         while time.monotonic() < end:
             pass
         if busy:
-            loop.call_later(0.05, hog)
+            loop.call_later(0.02, hog)
 
     hog()
     try:
