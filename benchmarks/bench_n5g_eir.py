@@ -40,10 +40,8 @@ class App:
         proto.response_bytes(200, [("content-type", "application/json")], b'{"status":"WHITELISTED"}')
 
 async def main():
-    # The task runner eir-server uses (Rust-stepped coroutines on Python < 3.12).
     srv = Server(App(), address="127.0.0.1", port=int(sys.argv[1]), interface=Interfaces.RSGI,
-                 log_enabled=False, websockets=False,
-                 task_impl=TaskImpl.rust if sys.version_info < (3, 12) else TaskImpl.asyncio)
+                 log_enabled=False, websockets=False, task_impl=TaskImpl.asyncio)
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: os._exit(0))
     await srv.serve()
 

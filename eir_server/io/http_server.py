@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,9 +39,6 @@ INTERFACE = "n5g_eir"  # the label value the metrics, audit trail and export alr
 RETRY_AFTER = 1  # seconds: requests waiting for the store drain within that in practice
 MAX_SOURCES = 256  # consumer addresses tracked for fair shedding before idle ones are dropped
 _SHED_OVERLOAD = (INTERFACE, "overload")  # eir_requests_shed_total{interface, reason}
-# granian steps each request's coroutine from Rust instead of wrapping it in an asyncio Task:
-# ~4 us less loop-thread CPU per request (README "Performance"). Python < 3.12 only.
-RUST_TASKS = sys.version_info < (3, 12)
 
 
 class ConsumerShare:
@@ -214,7 +210,10 @@ class HttpListener:
             # No keep-alive pings (they would close a connection whose peer is merely slow to
             # answer them); SBI connections carry many concurrent streams.
             http2_settings=HTTP2Settings(keep_alive_interval=None, max_concurrent_streams=1000),
-            task_impl=TaskImpl.rust if RUST_TASKS else TaskImpl.asyncio,
+            # Not TaskImpl.rust: ~4 us less loop-thread CPU per request, but requests that
+            # await the store leave reference cycles behind and gen-2 collections grew to
+            # 130 ms within 30 s (README "Performance").
+            task_impl=TaskImpl.asyncio,
             **tls)
         self.task: asyncio.Task[None] | None = None
 
@@ -223,11 +222,6 @@ class HttpListener:
         # serve() binds in its first step and spawns the listener task; a bind error ends it.
         for _ in range(3):
             await asyncio.sleep(0)
-        if RUST_TASKS:
-            for _ in range(100):
-                if self.task.done() or _forget_placeholder_tasks():
-                    break
-                await asyncio.sleep(0)
         if self.task.done():
             exc = self.task.exception()
             self.task = None
@@ -241,19 +235,6 @@ class HttpListener:
         with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
             await asyncio.wait_for(self.task, timeout)
         self.task = None
-
-
-def _forget_placeholder_tasks() -> bool:
-    """granian's Rust task runner registers one placeholder Task (never initialised as a
-    Future) in asyncio's set of all tasks, where `asyncio.all_tasks()` (and so the loop's
-    shutdown) would fail on it; take it out. True once one was found."""
-    from granian._futures import _CBSchedulerTask
-
-    found = [t for t in list(asyncio.tasks._all_tasks)  # type: ignore[attr-defined]
-             if type(t) is _CBSchedulerTask]
-    for t in found:
-        asyncio.tasks._unregister_task(t)
-    return bool(found)
 
 
 def _probe_bind(host: str, port: int) -> None:
