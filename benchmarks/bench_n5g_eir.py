@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,9 +145,15 @@ def main() -> None:
                                       "--appendonly", "no"], stdout=subprocess.DEVNULL)
             time.sleep(0.5)
             url = f"redis://127.0.0.1:{rport}/0"
-            subprocess.run([sys.executable, "-m", "eir_server.cli", "sync", "--source", str(reg),
-                            "--store", url, "--once", "--progress", "never"], check=True,
-                           capture_output=True)
+            # sync reads DIRBS zips (the embedded store above also takes the bare CSV).
+            src = work / "src"
+            src.mkdir()
+            with zipfile.ZipFile(src / "20260101_000000_blacklist.zip", "w") as zf:
+                zf.write(reg / "20260101_000000_blacklist.csv", "20260101_000000_blacklist.csv")
+            r = subprocess.run([sys.executable, "-m", "eir_server.cli", "sync", "--source",
+                                str(src), "--store", url, "--once", "--progress", "never"],
+                               check=True, capture_output=True, text=True)
+            assert '"mode": "full"' in r.stderr + r.stdout, r.stderr  # not a no-op
             store = ["--store", url]
         cmd = [sys.executable, "-m", "eir_server.cli", "serve", *store,
                "--diameter-listen", f"127.0.0.1:{port + 2000}", "--metrics-listen", "",

@@ -355,6 +355,11 @@ class RedisStore:
                 # Off the lookup's deadline: the refresh bounds its own round trips.
                 await self._refresh(st, cur, created)
                 continue
+            if cur is None:
+                # No register was ever loaded (serve started before the first sync, or Redis
+                # came back empty): an outage, answered with --store-fallback, never "listed
+                # nowhere" (that would whitelist every stolen device).
+                raise StoreUnavailable("no register version in the store")
             if st.buckets is None:
                 values = [None] * len(todo)
             cache = self._cache if self._state is st and st.version is not None else None

@@ -163,11 +163,15 @@ async def test_hung_redis_never_leaves_a_future_pending(redis_factory, dirbs, sy
         await s.close()
 
 
-async def test_store_without_any_register_answers_not_listed(redis_url):
+async def test_store_without_any_register_is_an_outage(redis_url):
+    """Reachable but never fed (serve started before the first sync, or Redis restarted
+    empty): lookups fail as unavailable, so they get --store-fallback and are counted and
+    logged as a fallback episode, never "listed nowhere" (which whitelists stolen devices)."""
     s = await started(redis_url)
     try:
         assert s.ready and s.version is None
-        assert await s.fetch(A) is None
+        with pytest.raises(StoreUnavailable):
+            await s.fetch(A)
     finally:
         await s.close()
 
