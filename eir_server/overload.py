@@ -145,10 +145,13 @@ class OverloadSignal:
             if not self.shedding:
                 self.shedding = True
                 self.budget = max(admitted, cfg.min_budget)
-            elif d >= self.delay_before:
-                # Not draining: admit less (multiplicative decrease). From the budget, or twice
-                # what was admitted if that is less: a throttled tick admits little, and the
-                # budget must not collapse on one such tick.
+            elif d >= self.delay_before or d > 2 * cfg.target:
+                # Not draining, or draining too slowly to get below target soon: admit less
+                # (multiplicative decrease). A worker saturated by reading and refusing alone
+                # sits at a queue that neither grows nor shrinks until the budget goes below
+                # what refusals leave for checks. From the budget, or twice what was admitted
+                # if that is less: a throttled tick admits little, and the budget must not
+                # collapse on one such tick.
                 self.budget = max(cfg.min_budget, min(self.budget, 2 * admitted) * 0.9)
         elif self.shedding:
             self.budget += max(cfg.min_budget, self.budget * 0.1)
