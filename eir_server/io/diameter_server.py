@@ -506,13 +506,17 @@ class DiameterProtocol(asyncio.Protocol):
             self._paused = False
             if self._held:  # the kernel still holds too much: _check_hold resumes
                 return
-            if self._stall is not None:
-                self._stall.cancel()
-                self._stall = None
-            if self._backlogged:
-                asyncio.get_running_loop().call_soon(self._continue)
-            else:
-                self.transport.resume_reading()
+            self._resume()
+
+    def _resume(self) -> None:
+        """Neither our buffer nor the kernel's holds too much any more: read again."""
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+        if self._backlogged:
+            asyncio.get_running_loop().call_soon(self._continue)
+        elif self.transport is not None:
+            self.transport.resume_reading()
 
     @property
     def held(self) -> bool:
@@ -551,15 +555,8 @@ class DiameterProtocol(asyncio.Protocol):
                 UNREAD_POLL, self._check_hold)
             return
         self._held = False
-        if self._paused:  # our own buffer is still full: resume_writing takes over
-            return
-        if self._stall is not None:
-            self._stall.cancel()
-            self._stall = None
-        if self._backlogged:
-            asyncio.get_running_loop().call_soon(self._continue)
-        else:
-            t.resume_reading()
+        if not self._paused:  # else our own buffer is still full: resume_writing takes over
+            self._resume()
 
     def _arm_stall(self) -> None:
         if self._stall is None:
