@@ -349,11 +349,26 @@ class Connection:
         if len(msgs) > self.max_messages:
             self._pending = msgs[self.max_messages:]
             msgs = msgs[:self.max_messages]
+        # An application request (R bit, not the base application) the overload gate turns
+        # away is answered from the raw bytes, before anything else is decoded, in this loop:
+        # a refusal's cost bounds how much of a storm still gets verdicts.
+        gate = self.gate
+        shed = self.shed
         for raw in msgs:
+            if gate is not None and raw[4] & 0x80 and raw[8:12] != _BASE_APP and \
+                    self.state is PeerState.R_OPEN and not gate():
+                self._out.append(self.refuse(raw))
+                self.shed += 1
+                continue
             self._handle(raw, now)
             if self.state is PeerState.DONE:
                 self._pending = []
                 return
+        if self.shed != shed:  # refused requests are traffic all the same (RFC 3539)
+            if self.watchdog is Watchdog.OKAY:
+                self._last_rx = now
+            else:
+                self._watchdog_event("message", now)
         if framer.error is not None and not self._pending:
             self._transition("framing-error")
             self._close(f"framing error: {framer.error}")
@@ -479,18 +494,6 @@ class Connection:
 
     def _handle(self, raw: bytes, now: float) -> None:
         if self.state is PeerState.R_OPEN:
-            gate = self.gate
-            # An application request (R bit, not the base application) the overload gate turns
-            # away is answered from the raw bytes, before anything else is decoded.
-            if gate is not None and raw[4] & 0x80 and raw[8:12] != b"\0\0\0\0" and \
-                    not gate():
-                self._out.append(self.refuse(raw))
-                self.shed += 1
-                if self.watchdog is Watchdog.OKAY:
-                    self._last_rx = now
-                else:
-                    self._watchdog_event("message", now)
-                return
             if self._fast_request(raw, now):
                 return
         msg = decode(raw, self.dictionary)
@@ -740,6 +743,9 @@ class Connection:
 
 def _no_doic() -> bytes:
     return b""
+
+
+_BASE_APP = b"\0\0\0\0"  # Application-Id 0: base protocol requests are never shed
 
 
 def _no_refuse(raw: bytes) -> bytes:
