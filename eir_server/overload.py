@@ -10,9 +10,10 @@ what it can observe:
 - pending delay: bytes still in the kernel after a full read, over the rate it reads bytes;
 - the age of the oldest request still waiting for an answer (for the store, say).
 
-Loop lag counts only when the loop thread was busy for most of the tick: a worker that the OS
-did not run for a while (a host shared with other busy processes) was late without having a
-queue of its own. Their maximum is the queueing-delay estimate, and shedding starts once it has
+Nothing counts unless the loop thread was busy for at least half of the tick (CPU time over
+the wall time it was allowed to run, a cgroup quota's throttling taken out): a worker that the
+OS did not run for a while (a host shared with other busy processes, a SIGSTOP) was late
+without having a queue of its own, and one with CPU to spare works off any backlog by itself. Their maximum is the queueing-delay estimate, and shedding starts once it has
 been above target and not draining (at least half the tick before) for `confirm` ticks in a
 row: one late tick is a hiccup, and a burst left by a paused process drains by itself. Above `target` the signal sheds: every request
 source (a Diameter connection, an HTTP client) gets a fair share of an admission budget per tick
@@ -45,7 +46,7 @@ class OverloadConfig:
     # Loop lag counts only in a tick with at least this many requests: a lightly loaded worker
     # that the OS did not schedule for a while (a busy host) has no queue to shed.
     min_load: int = 50
-    min_busy: float = 0.5  # loop lag counts only if the loop thread ran this share of the tick
+    min_busy: float = 0.5  # no shedding unless the loop thread ran this share of the tick
     confirm: int = 2  # ticks in a row above target before shedding starts
 
 
@@ -121,9 +122,13 @@ class OverloadSignal:
         the tick's wall time)."""
         cfg = self.config
         srcs = list(self.sources.values())
-        if busy < cfg.min_busy or sum(s.arrivals for s in srcs) < cfg.min_load:
+        if sum(s.arrivals for s in srcs) < cfg.min_load:
             lag = 0.0
         d = max(lag, pending_delay, oldest_age)
+        if busy < cfg.min_busy:
+            # The loop thread had CPU to spare (it was stopped, or the host ran others): any
+            # backlog drains by itself. Nothing to shed, however old the waiting requests.
+            d = 0.0
         self.delay = d
         # A backlog that is draining fast (a burst after a pause of the process) is not a
         # standing queue: only ticks above target and not well below the last one count.

@@ -161,3 +161,15 @@ def test_a_backlog_that_drains_by_itself_is_not_shed() -> None:
             sig.admit(src)
         sig.tick(k * CFG.tick, lag=0.0, oldest_age=delay)
         assert not sig.shedding
+
+
+def test_a_worker_with_cpu_to_spare_sheds_nothing() -> None:
+    """Old requests and bytes in the kernel while the loop thread ran less than half the tick
+    (a SIGSTOP, a busy host): the backlog drains by itself."""
+    sig = OverloadSignal(CFG)
+    for k in range(10):
+        src = sig.source("mme")
+        for _ in range(400):
+            sig.admit(src)
+        sig.tick(k * CFG.tick, lag=0.3, pending_delay=0.4, oldest_age=0.6, busy=0.2)
+        assert not sig.shedding

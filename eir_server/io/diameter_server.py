@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import socket
 import ssl as ssl_module
 import struct
@@ -96,6 +97,34 @@ def certificate_names(cert: dict | None) -> tuple[str, ...]:
                  if k == "commonName")
 
 
+def cgroup_throttled_seconds() -> float:
+    """Seconds this process's cgroup was held back by its CPU quota (cgroup v2 `cpu.stat`
+    throttled_usec, v1 `cpu.stat` throttled_time); 0 without a quota or where unreadable.
+    Read each tick: the process may be moved to another cgroup while it runs."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            names = controllers.split(",")
+            if controllers == "":
+                stat, key, scale = f"/sys/fs/cgroup{path}/cpu.stat", "throttled_usec", 1e-6
+            elif "cpu" in names:
+                base = "/sys/fs/cgroup/" + controllers
+                if not os.path.isdir(base):
+                    base = "/sys/fs/cgroup/cpu"
+                stat, key, scale = f"{base}{path}/cpu.stat", "throttled_time", 1e-9
+            else:
+                continue
+            with contextlib.suppress(OSError):
+                with open(stat) as f:
+                    for row in f:
+                        k, _, v = row.partition(" ")
+                        if k == key:
+                            return int(v) * scale
+    return 0.0
+
+
 class DiameterNode:
     """Everything the connections of one worker share."""
 
@@ -123,6 +152,7 @@ class DiameterNode:
         self._tick_due = 0.0
         self._tick_last = 0.0
         self._tick_cpu = 0.0  # the loop thread's CPU time at the last tick
+        self._tick_throttled = 0.0  # the cgroup's throttled time at the last tick
         self.dictionary = dictionary
         self.checker = checker
         self.metrics = metrics or Metrics()
@@ -255,6 +285,7 @@ class DiameterNode:
             loop = asyncio.get_running_loop()
             self._tick_last = loop.time()
             self._tick_cpu = time.thread_time()
+            self._tick_throttled = cgroup_throttled_seconds()
             self._tick_due = self._tick_last + self.overload.config.tick
             self._tick = loop.call_at(self._tick_due, self._on_tick)
 
@@ -276,8 +307,12 @@ class DiameterNode:
         now = self.clock()
         oldest = now - min(self.waiting.values()) if self.waiting else 0.0
         cpu = time.thread_time()
-        busy = (cpu - self._tick_cpu) / max(t - self._tick_last, 1e-3)
+        throttled = cgroup_throttled_seconds()
+        # Time a CPU quota held us back is time we could not have run: not idleness.
+        ran_for = (t - self._tick_last) - max(0.0, throttled - self._tick_throttled)
+        busy = (cpu - self._tick_cpu) / max(ran_for, 1e-3)
         self._tick_cpu = cpu
+        self._tick_throttled = throttled
         sig = self.overload
         sig.tick(now, lag, pending_delay, oldest, busy)
         self.s13.eca.doic = self._olr.get(sig.report)
