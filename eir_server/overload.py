@@ -10,15 +10,15 @@ what it can observe:
 - pending delay: bytes still in the kernel after a full read, over the rate it reads bytes;
 - the age of the oldest request still waiting for an answer (for the store, say).
 
-Nothing counts unless the loop thread was busy for at least half of the tick (CPU time over
-the wall time it was allowed to run, a cgroup quota's throttling taken out): a worker that the
-OS did not run for a while (a host shared with other busy processes, a SIGSTOP) was late
-without having a queue of its own, and one with CPU to spare works off any backlog by itself. Their maximum is the queueing-delay estimate, and shedding starts once it has
-been above target and not draining (at least half the tick before) for `confirm` ticks in a
-row: one late tick is a hiccup, and a burst left by a paused process drains by itself. Above `target` the signal sheds: every request
-source (a Diameter connection, an HTTP client) gets a fair share of an admission budget per tick
-(max-min: a source sending less than an equal share keeps what it sends), and requests beyond
-its share are refused cheaply by the interface. The budget follows the delay: it shrinks in
+Their maximum is the queueing-delay estimate. Nothing counts unless the loop thread was busy for
+at least half of the tick (CPU time over the wall time it was allowed to run, a cgroup quota's
+throttling taken out): a worker that the OS did not run for a while (a host shared with other
+busy processes, a SIGSTOP) was late without a queue of its own, and with CPU to spare it works
+any backlog off by itself. Shedding starts once the estimate has been above `target` and not
+draining (at least half the tick before) for `confirm` ticks in a row: one late tick is a
+hiccup. While it sheds, every request source (a Diameter connection, an HTTP client) gets a
+fair share of an admission budget per tick (max-min: a source sending less than an equal share
+keeps what it sends), and requests beyond its share are refused cheaply by the interface. The budget follows the delay: it shrinks in
 proportion while the delay is above target and grows by a step while below; shedding ends once
 the budget covers what arrives and the delay is low. Counting requests that wait for the store
 (the previous gate) sheds the wrong thing: a slow store is not a busy worker.

@@ -97,6 +97,13 @@ def certificate_names(cert: dict | None) -> tuple[str, ...]:
                  if k == "commonName")
 
 
+def _socket_count(fd: int, request: int) -> int:
+    """One int-valued socket ioctl (FIONREAD, TIOCOUTQ); 0 where it fails (a closed socket)."""
+    with contextlib.suppress(OSError):
+        return int(_INT.unpack(fcntl.ioctl(fd, request, b"\0\0\0\0"))[0])
+    return 0
+
+
 def cgroup_throttled_seconds() -> float:
     """Seconds this process's cgroup was held back by its CPU quota (cgroup v2 `cpu.stat`
     throttled_usec, v1 `cpu.stat` throttled_time); 0 without a quota or where unreadable.
@@ -447,9 +454,7 @@ class DiameterProtocol(asyncio.Protocol):
         node.bytes_read += n
         if n >= BIG_READ and self._fd >= 0:
             # What the kernel still holds for us is queueing delay no counter of ours sees.
-            with contextlib.suppress(OSError):
-                self.kernel_pending = _INT.unpack(
-                    fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+            self.kernel_pending = self.queued()
         elif n:
             self.kernel_pending = 0
         conn.receive_data(data, now)
@@ -560,14 +565,11 @@ class DiameterProtocol(asyncio.Protocol):
 
     def queued(self) -> int:
         """Bytes the kernel holds for us to read (FIONREAD)."""
-        with contextlib.suppress(OSError):
-            return int(_INT.unpack(fcntl.ioctl(self._fd, termios.FIONREAD, b"\0\0\0\0"))[0])
-        return 0
+        return _socket_count(self._fd, termios.FIONREAD)
 
     def _unread(self) -> int:
-        with contextlib.suppress(OSError):
-            return int(_INT.unpack(fcntl.ioctl(self._fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
-        return 0
+        """Bytes of our answers the peer has not acknowledged (TIOCOUTQ)."""
+        return _socket_count(self._fd, termios.TIOCOUTQ)
 
     def _hold(self) -> None:
         """Too many answers unread (UNREAD_HIGH): stop reading this peer, look again soon."""

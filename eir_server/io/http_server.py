@@ -99,19 +99,17 @@ class N5gEirService:
 
     async def __call__(self, scope: Any, proto: Any) -> None:
         t0 = self.clock()
-        if self.overload is not None and not self._admit(scope.client):
-            busy = self._overloaded()
-            proto.response_bytes(busy.status, busy.headers, busy.body)
-            self._requests[(INTERFACE, "GET", busy.result)] += 1
-            self.metrics.shed[_SHED_OVERLOAD] += 1
-            self._latency.observe(self.clock() - t0)
-            return
+        r: Response | Check
         try:
-            r = self.app.handle(scope.method, scope.path, scope.query_string,
-                                scope.headers.get,
-                                self.wall() if self.app.authorizer is not None else 0.0)
-            if type(r) is Check:
-                r = await self._check(r, scope.client)
+            if self.overload is not None and not self._admit(scope.client):
+                r = self._overloaded()
+                self.metrics.shed[_SHED_OVERLOAD] += 1
+            else:
+                r = self.app.handle(scope.method, scope.path, scope.query_string,
+                                    scope.headers.get,
+                                    self.wall() if self.app.authorizer is not None else 0.0)
+                if type(r) is Check:
+                    r = await self._check(r, scope.client)
         except Exception:
             # The consumer learns only that it failed; the log says why, at most once a second.
             now = self.clock()

@@ -381,13 +381,11 @@ class AuditRecorder:
     async def _write(self, items: Iterable[_Item]) -> int:
         det = self.detector
         rows: list[Row] = []
-        n = 0
-        for when, req, verdict, peer, interface, keep in items:
+        for n, (when, req, verdict, peer, interface, keep) in enumerate(items, 1):
             if det is not None:
                 det.observe(when, req.imei, req.imsi)
             if keep:
                 rows.append(observation(when, req, verdict, peer, interface))
-            n += 1
             if n % SLICE == 0:
                 # A batch is milliseconds of work: let requests that arrived meanwhile be
                 # answered between slices rather than wait for all of it (the latency tail).
