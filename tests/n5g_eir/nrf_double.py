@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +47,13 @@ class NrfDouble:
     def requests(self, method: str) -> list[Received]:
         return [r for r in self.received if r.method == method]
 
-    async def start(self, port: int = 0) -> NrfDouble:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+    async def start(self, port: int = 0, sock: socket.socket | None = None) -> NrfDouble:
+        """`sock`: a socket bound beforehand (refusing connections until now), so that the port
+        cannot be taken by another socket, or by a client's own connect to it, in between."""
+        if sock is not None:
+            self.server = await asyncio.start_server(self._serve, sock=sock)
+        else:
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

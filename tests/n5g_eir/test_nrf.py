@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -158,7 +159,11 @@ async def test_serve_registers_with_the_nrf(tmp_path: Path) -> None:
 
 
 async def test_unreachable_nrf_never_stops_answering(tmp_path: Path) -> None:
-    nrf_port, port = free_port(), free_port()
+    # Bound but not listening: connects are refused, and the port stays ours until the NRF comes
+    # up (a bare free_port() had been taken in between, once, in CI).
+    reserved = socket.socket()
+    reserved.bind(("127.0.0.1", 0))
+    nrf_port, port = reserved.getsockname()[1], free_port()
     proc = serve(f"http://127.0.0.1:{nrf_port}", tmp_path / "id", port)
     nrf = NrfDouble(heartbeat=1)
     try:
@@ -170,7 +175,7 @@ async def test_unreachable_nrf_never_stops_answering(tmp_path: Path) -> None:
                              "?pei=imei-352099001761481"],
             capture_output=True, text=True, timeout=20)
         assert r.stdout == '{"status":"WHITELISTED"}'
-        await nrf.start(nrf_port)  # the NRF comes up: the retry registers
+        await nrf.start(sock=reserved)  # the NRF comes up: the retry registers
         try:
             await nrf.wait_for("PUT", timeout=40)
         except TimeoutError:
@@ -183,6 +188,7 @@ async def test_unreachable_nrf_never_stops_answering(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         await nrf.stop()
+        reserved.close()
     log = proc.stdout.read()
     assert log.count(b'"event": "nrf_unreachable"') == 1, log  # loud once, not per retry
 
