@@ -1,0 +1,167 @@
+"""Latency tail of one worker in open loop, measured twice: by `eir-server load` (from each
+request's scheduled send time, so the generator's own lag counts) and from packet timestamps on
+the loopback interface (dumpcap; `wire_latency.py`), which is the server's own latency.
+
+    .venv/bin/python benchmarks/bench_tail.py --rate 20000 --duration 30 [--store redis]
+        [--imeis 1000000] [--json OUT]
+
+The worker is pinned to CPU 0 and the generator to CPU 1. `--store redis` starts a
+redis-server, syncs a generated register into it and sends IMEIs that are new to the worker
+(every lookup a cache miss); `--store otp` measures the Erlang/OTP reference EIR the same
+way. Before the run a busy loop on each CPU counts the stalls the platform itself causes (a VM's
+steal time, interrupts): no server's tail can be below them. Needs root (or capture rights) for dumpcap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.suite import EXE, HOST, Redis, Server, sync  # noqa: E402
+from benchmarks.wire_latency import analyse  # noqa: E402
+
+
+def capture(port: int, out: Path) -> subprocess.Popen[bytes]:
+    dumpcap = shutil.which("dumpcap")
+    if dumpcap is None:
+        raise SystemExit("dumpcap not found (Debian: wireshark-common, or tshark)")
+    # -B: a 256 MiB kernel buffer, so that a burst is not dropped while dumpcap is descheduled.
+    p = subprocess.Popen([dumpcap, "-q", "-P", "-i", "lo", "-B", "256", "-s", "0",
+                          "-f", f"tcp port {port}", "-w", str(out)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while not (out.exists() and out.stat().st_size >= 24):  # the pcap header: capture is on
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"dumpcap did not start: {p.stderr.read().decode()[-500:]}"
+                             if p.stderr else "dumpcap did not start")
+        time.sleep(0.05)
+    return p
+
+
+def platform_stalls(seconds: float = 3.0) -> dict[str, float]:
+    """The floor under any tail here: a busy loop on each CPU, nothing else running, counting
+    the gaps the hypervisor and the kernel take from it (a VM's steal, interrupts)."""
+    code = ("import os,sys,time\n"
+            "os.sched_setaffinity(0,{int(sys.argv[1])})\n"
+            "d=float(sys.argv[2]);t0=last=time.perf_counter();n1=0;mx=0.0\n"
+            "while last-t0<d:\n"
+            " now=time.perf_counter();g=now-last;last=now\n"
+            " if g>0.001: n1+=1\n"
+            " if g>mx: mx=g\n"
+            "print(n1/d,mx*1000)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(cpu), str(seconds)],
+                              stdout=subprocess.PIPE, text=True) for cpu in (0, 1)]
+    per_s, worst = 0.0, 0.0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 30)
+        a, b = out.split()
+        per_s, worst = per_s + float(a) / len(procs), max(worst, float(b))
+    return {"stalls_over_1ms_per_s_per_cpu": round(per_s, 1), "worst_stall_ms": round(worst, 2)}
+
+
+class _Otp:
+    """The Erlang/OTP diameter EIR of bench_otp_baseline.py (a fixed answer), as a reference
+    for what this machine allows."""
+
+    def __init__(self, work: Path) -> None:
+        from benchmarks import bench_otp_baseline as otp
+        from benchmarks.suite import free_port
+        ebin = work / "otp"
+        ebin.mkdir()
+        otp.compile_otp(ebin)
+        self.srv = otp.OtpServer(ebin, HOST, free_port(), 0, "1:1", [], True)
+        self.port = self.srv.port
+
+    def cpu(self) -> float:
+        from benchmarks.suite import tree_cpu
+        return tree_cpu(self.srv.pid)
+
+    def stop(self) -> None:
+        self.srv.stop()
+
+
+def run(rate: int, duration: float, store: str, imeis: int, work: Path,
+        extra: list[str]) -> dict[str, Any]:
+    redis = None
+    args = ["--workers", "1", *extra]
+    sent = "range:35209900000000:2000"
+    if store == "redis":
+        from benchmarks.bench_sync_load import make_zip
+        redis = Redis(work)
+        sync(redis.url, Path(make_zip(work / "registers", imeis, 1)))
+        args += ["--store", redis.url]
+        # More IMEIs than the run sends, each new: every lookup goes to Redis.
+        sent = f"range:35210000000000:{int(rate * (duration + 2)) + 1}"
+    server: Server | _Otp = _Otp(work) if store == "otp" else Server(*args, cpu=0)
+    pcap = work / "tail.pcap"
+    try:
+        cap = capture(server.port, pcap)
+        report = work / "load.json"
+        cmd = [EXE, "load", "--target", f"{HOST}:{server.port}", "--progress", "off",
+               "--json", str(report), "--rate", str(rate), "--duration", str(duration),
+               "--warmup", "0", "--connections", "4", "--imeis", sent, "--pin", "1"]
+        cpu0 = server.cpu()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+        cpu = server.cpu() - cpu0
+        time.sleep(0.5)
+        cap.send_signal(signal.SIGINT)
+        cap.wait(30)
+        r = json.loads(report.read_text())
+        if p.returncode not in (0, 4):
+            raise SystemExit(f"eir-server load exit {p.returncode}: {r.get('exit_reason')}")
+    finally:
+        server.stop()
+        if redis is not None:
+            redis.stop()
+    w = analyse(pcap, server.port)
+    pcap.unlink()
+    lat = r["latency_ms"]
+    worst = sorted(w.per_second.items(), key=lambda kv: -max(kv[1]))[:5]
+    return {
+        "server": "Erlang/OTP diameter, fixed answer" if store == "otp" else "eir-server",
+        "rate": rate, "store": store, "answers": r["answers"], "timeouts": r["timeouts"],
+        "server_cpu_us": cpu / max(r["answers"], 1) * 1e6,
+        "generator": {k: lat[k] for k in ("p50", "p99", "p99.9", "max") if k in lat}
+        | {"late_ms": r.get("generator", {}).get("open_loop_max_lag_ms")},
+        "wire": w.summary(),
+        "wire_worst_seconds": [(s, round(max(v) / 1000, 2)) for s, v in worst],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rate", type=int, default=20000)
+    ap.add_argument("--duration", type=float, default=30)
+    ap.add_argument("--store", choices=("memory", "redis", "otp"), default="memory",
+                    help="otp: the Erlang/OTP reference EIR instead of eir-server")
+    ap.add_argument("--imeis", type=int, default=1_000_000, help="register rows (redis)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("serve_args", nargs="*", help="after --: extra `eir-server serve` options")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("note: dumpcap needs root or capture rights", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="eir-tail-") as d:
+        floor = platform_stalls()
+        res = run(a.rate, a.duration, a.store, a.imeis, Path(d), a.serve_args)
+        res["platform"] = floor
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.json:
+        a.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
