@@ -188,9 +188,9 @@ def test_an_unchanged_pair_is_refreshed_once_a_minute() -> None:
     det = DeviceChangeDetector(Metrics(), window=100, log_identities=True)
     det.observe(0, "35000000000001", "001")
     det.observe(30, "35000000000001", "001")
-    assert det._by_imsi["001"] == ("35000000000001", 0)  # within REFRESH: untouched
+    assert det._by_imsi.get("001") == ("35000000000001", 0)  # within REFRESH: untouched
     det.observe(61, "35000000000001", "001")
-    assert det._by_imsi["001"] == ("35000000000001", 61)
+    assert det._by_imsi.get("001") == ("35000000000001", 61)
     # 130 s after the first sighting but 69 s after the refreshed one: inside the window.
     assert det.observe(130, "35000000000002", "001") == ["imsi_imei_change"]
 
@@ -199,8 +199,22 @@ def test_detector_memory_is_bounded() -> None:
     det = DeviceChangeDetector(Metrics(), max_tracked=100, log_events=False)
     for i in range(1000):
         det.observe(i, f"35{i:012d}", f"00101{i:010d}")
-    assert len(det._by_imei) == 100 and len(det._by_imsi) == 100
-    assert "35000000000999" in det._by_imei  # the most recent are kept
+    assert 50 <= len(det._by_imei) <= 100 and 50 <= len(det._by_imsi) <= 100
+    # The most recent half is always kept; the oldest are forgotten.
+    assert all(f"35{i:012d}" in det._by_imei for i in range(950, 1000))
+    assert f"35{0:012d}" not in det._by_imei and f"00101{0:010d}" not in det._by_imsi
+
+
+def test_a_device_seen_again_is_not_forgotten() -> None:
+    """Bounded by generations: a pair seen again while other devices churn through stays
+    tracked (a change of its IMEI is still signalled), however many others came and went."""
+    det = DeviceChangeDetector(Metrics(), max_tracked=100, window=1e9, log_events=False)
+    det.observe(0, "35999999999999", "001019999999999")
+    for i in range(1000):
+        det.observe(1 + i, f"35{i:012d}", f"00101{i:010d}")
+        if i % 40 == 0:  # seen again, past REFRESH: written again
+            det.observe(1 + i, "35999999999999", "001019999999999")
+    assert det.observe(2000, "35888888888888", "001019999999999") == ["imsi_imei_change"]
 
 
 async def test_jsonl_dir_sink_writes_daily_files(tmp_path: Path) -> None:
