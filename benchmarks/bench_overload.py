@@ -28,10 +28,13 @@ import array
 import asyncio
 import contextlib
 import os
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -324,6 +327,11 @@ async def storm(args: argparse.Namespace, pid: int, port: int) -> None:
               f"p99 {pct(st.lat, 99):.1f} ms")
     rate = cap * args.factor
     stats = Stats(1 << 24, args.timeout)
+    cap_proc = pcap = None
+    if args.capture:
+        from benchmarks.bench_tail import capture
+        pcap = Path(tempfile.mkdtemp(prefix="storm-")) / "storm.pcap"
+        cap_proc = capture(port, pcap)
     clients = [await connect(port, c, stats, doic=args.doic) for c in range(args.connections)]
     cpu0 = cpu_seconds(pid)
     with RssSampler(pid) as rss:
@@ -355,6 +363,9 @@ async def storm(args: argparse.Namespace, pid: int, port: int) -> None:
         refused_by_client = offered - sum(c.answers for c in clients) if args.doic else 0
         for c in clients:
             c.t.abort()
+        if cap_proc is not None:
+            cap_proc.send_signal(signal.SIGINT)
+            cap_proc.wait(30)
         buckets: list[int] = []
         after, _ = await closed_loop(port, 4, 64, args.recovery, buckets)
     unanswered = offered - got
@@ -368,6 +379,13 @@ async def storm(args: argparse.Namespace, pid: int, port: int) -> None:
     print(f"  unanswered             {unanswered - (refused_by_client if args.doic else 0):,}")
     print(f"  verdict latency        p50 {pct(stats.lat, 50):.1f} ms  p99 "
           f"{pct(stats.lat, 99):.1f} ms  max {pct(stats.lat, 100):.1f} ms")
+    if pcap is not None:
+        from benchmarks.wire_latency import analyse
+        w = analyse(pcap, port)
+        shutil.rmtree(pcap.parent, ignore_errors=True)
+        print(f"  on the wire (server)   verdict p50 {w.result_percentile((2001,), 50) / 1000:.1f}"
+              f" ms  p99 {w.result_percentile((2001,), 99) / 1000:.1f} ms; 3004 p99 "
+              f"{w.result_percentile((3004,), 99) / 1000:.1f} ms; capture gaps {w.gaps}")
     print(f"  server CPU during storm {storm_cpu / sent_s * 100:.0f} % of a core")
     print(f"  RSS                    {rss0:.0f} MiB before, peak {rss.peak:.0f}, "
           f"{rss_end:.0f} after")
@@ -486,6 +504,9 @@ def main() -> int:
     ap.add_argument("--recovery", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=5.0, help="the MME's answer timer")
     ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--capture", action="store_true",
+                    help="storm: also measure latency from packet timestamps (dumpcap, root): "
+                         "the server's own, without this generator's lag")
     ap.add_argument("--doic", action="store_true",
                     help="storm: advertise DOIC and reduce the offered load as told by OC-OLR")
     ap.add_argument("--peers", type=int, default=50)

@@ -52,6 +52,13 @@ class WireLatency:
     # generator stall: no request arriving for a while (then a burst, answered in turn).
     server_stalls_ms: list[float] = field(default_factory=list)
     sender_gaps_ms: list[float] = field(default_factory=list)
+    by_result: dict[int, list[float]] = field(default_factory=dict)  # Result-Code -> latencies
+
+    def result_percentile(self, codes: tuple[int, ...], p: float) -> float:
+        xs = sorted(x for c in codes for x in self.by_result.get(c, ()))
+        if not xs:
+            return float("nan")
+        return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]
 
     def percentile(self, p: float) -> float:
         xs = sorted(self.latencies_us)
@@ -107,6 +114,33 @@ def _packets(path: Path) -> Iterator[tuple[float, bytes]]:
             raise ValueError(f"link type {linktype} not handled")
         if ip:
             yield sec + frac * scale, ip
+
+
+def _result_code(buf: bytearray, pos: int, length: int) -> int:
+    """An answer's Result-Code (or the Experimental-Result-Code in Experimental-Result); 0 if
+    it has neither."""
+    i, end = pos + 20, pos + length
+    while i + 8 <= end:
+        code = int.from_bytes(buf[i:i + 4], "big")
+        flags = buf[i + 4]
+        alen = int.from_bytes(buf[i + 5:i + 8], "big")
+        if alen < 8:
+            return 0
+        head = 12 if flags & 0x80 else 8
+        if code == 268 and alen >= head + 4:
+            return int.from_bytes(buf[i + head:i + head + 4], "big")
+        if code == 297:  # grouped: Vendor-Id + Experimental-Result-Code
+            j, gend = i + head, i + alen
+            while j + 8 <= gend:
+                c2, l2 = int.from_bytes(buf[j:j + 4], "big"), int.from_bytes(buf[j + 5:j + 8],
+                                                                              "big")
+                if l2 < 8:
+                    break
+                if c2 == 298:
+                    return int.from_bytes(buf[j + 8:j + 12], "big")
+                j += (l2 + 3) & ~3
+        i += (alen + 3) & ~3
+    return 0
 
 
 def analyse(path: Path, server_port: int) -> WireLatency:
@@ -191,6 +225,7 @@ def analyse(path: Path, server_port: int) -> WireLatency:
                     res.answers += 1
                     lat = (ts - t0) * 1e6
                     res.latencies_us.append(lat)
+                    res.by_result.setdefault(_result_code(buf, pos, length), []).append(lat)
                     if res.first_ts is None:
                         res.first_ts = ts
                     res.last_ts = ts
@@ -210,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     r = analyse(a.pcap, a.port)
     out = r.summary()
     worst = sorted(r.per_second.items(), key=lambda kv: -max(kv[1]))[:a.worst]
+    out["by_result_code"] = {  # type: ignore[assignment]
+        str(c): {"answers": len(v), "p99_ms": r.result_percentile((c,), 99) / 1000}
+        for c, v in sorted(r.by_result.items())}
     out["worst_seconds"] = [(s, round(max(v) / 1000, 2), len(v)) for s, v in worst]  # type: ignore[assignment]
     json.dump(out, sys.stdout, indent=1)
     print()

@@ -12,11 +12,13 @@ from benchmarks.wire_latency import analyse
 SERVER, CLIENT = 3868, 40000
 
 
-def diameter(hbh: int, request: bool, size: int = 40) -> bytes:
+def diameter(hbh: int, request: bool, size: int = 40, result: int = 0) -> bytes:
     flags = 0x80 if request else 0
+    body = (268).to_bytes(4, "big") + b"\x40\x00\x00\x0c" + result.to_bytes(4, "big")
+    body = (body if result else b"") + bytes(size - 20 - (len(body) if result else 0))
     return (bytes([1]) + size.to_bytes(3, "big") + bytes([flags]) + (324).to_bytes(3, "big")
             + (16777252).to_bytes(4, "big") + hbh.to_bytes(4, "big") + hbh.to_bytes(4, "big")
-            + bytes(size - 20))
+            + body)
 
 
 def frame(sport: int, dport: int, seq: int, payload: bytes, syn: bool = False) -> bytes:
@@ -45,8 +47,9 @@ def test_pairs_requests_and_answers(tmp_path: Path) -> None:
         (10.101, frame(CLIENT, SERVER, c_seq + 80, r3[:25])),  # r3 split over two segments
         (10.101, frame(CLIENT, SERVER, c_seq, r1 + r2)),  # a retransmission: ignored
         (10.102, frame(CLIENT, SERVER, c_seq + 105, r3[25:])),
-        (10.1025, frame(SERVER, CLIENT, s_seq, diameter(2, False))),  # answers out of order
-        (10.1100, frame(SERVER, CLIENT, s_seq + 40, diameter(1, False) + diameter(3, False))),
+        (10.1025, frame(SERVER, CLIENT, s_seq, diameter(2, False, result=3004))),  # reordered
+        (10.1100, frame(SERVER, CLIENT, s_seq + 40, diameter(1, False, result=2001)
+                        + diameter(3, False, result=2001))),
     ]
     f = tmp_path / "c.pcap"
     pcap(f, pkts)
@@ -55,6 +58,8 @@ def test_pairs_requests_and_answers(tmp_path: Path) -> None:
     assert [round(x) for x in r.latencies_us] == [2500, 10000, 8000]
     # Requests waiting and nothing answered: 10.100 -> 10.1025, then 10.1025 -> 10.1100.
     assert [round(x, 1) for x in r.server_stalls_ms] == [2.5, 7.5]
+    assert {c: len(v) for c, v in r.by_result.items()} == {3004: 1, 2001: 2}
+    assert round(r.result_percentile((2001,), 99)) == 10000
     s = r.summary()
     assert round(s["max_ms"], 3) == 10.0 and round(s["p50_ms"], 3) == 8.0
 
