@@ -385,7 +385,12 @@ async def storm(args: argparse.Namespace, pid: int, port: int) -> None:
         shutil.rmtree(pcap.parent, ignore_errors=True)
         print(f"  on the wire (server)   verdict p50 {w.result_percentile((2001,), 50) / 1000:.1f}"
               f" ms  p99 {w.result_percentile((2001,), 99) / 1000:.1f} ms; 3004 p99 "
-              f"{w.result_percentile((3004,), 99) / 1000:.1f} ms; capture gaps {w.gaps}")
+              f"{w.result_percentile((3004,), 99) / 1000:.1f} ms; capture gaps {w.gaps}, "
+              f"TCP retransmissions {w.retransmitted}")
+        if os.environ.get("STORM_SECONDS"):  # per second: median and max latency, ms
+            print("  per second (p50/max ms)", " ".join(
+                f"{sorted(v)[len(v) // 2] / 1000:.0f}/{max(v) / 1000:.0f}"
+                for _, v in sorted(w.per_second.items())))
     print(f"  server CPU during storm {storm_cpu / sent_s * 100:.0f} % of a core")
     print(f"  RSS                    {rss0:.0f} MiB before, peak {rss.peak:.0f}, "
           f"{rss_end:.0f} after")

@@ -45,6 +45,7 @@ class WireLatency:
     answers: int = 0
     unmatched_answers: int = 0
     gaps: int = 0  # directions with bytes missing from the capture
+    retransmitted: int = 0  # segments carrying bytes sent before (the latency counts from the first)
     first_ts: float | None = None
     last_ts: float = 0.0
     per_second: dict[int, list[float]] = field(default_factory=dict)
@@ -76,6 +77,7 @@ class WireLatency:
                 "sender_gap_max_ms": round(max(gaps, default=0.0), 2),
                 "requests": self.requests, "answers": self.answers,
                 "unmatched_answers": self.unmatched_answers, "gaps": self.gaps,
+                "retransmitted_segments": self.retransmitted,
                 "p50_ms": self.percentile(50) / 1000, "p99_ms": self.percentile(99) / 1000,
                 "p99.9_ms": self.percentile(99.9) / 1000,
                 "max_ms": (max(xs) if xs else float("nan")) / 1000}
@@ -184,6 +186,7 @@ def analyse(path: Path, server_port: int) -> WireLatency:
         if d >= 0x80000000:  # (partly) a retransmission of bytes we have
             skip = (st.next_seq - seq) & 0xFFFFFFFF
             payload = payload[skip:]
+            res.retransmitted += 1
             if not payload:
                 continue
         elif d:

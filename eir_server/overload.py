@@ -18,9 +18,10 @@ any backlog off by itself. Shedding starts once the estimate has been above `tar
 draining (at least half the tick before) for `confirm` ticks in a row: one late tick is a
 hiccup. While it sheds, every request source (a Diameter connection, an HTTP client) gets a
 fair share of an admission budget per tick (max-min: a source sending less than an equal share
-keeps what it sends), and requests beyond its share are refused cheaply by the interface. The budget follows the delay: it shrinks in
-proportion while the delay is above target and grows by a step while below; shedding ends once
-the budget covers what arrives and the delay is low. Counting requests that wait for the store
+keeps what it sends), and requests beyond its share are refused cheaply by the interface.
+The budget follows the delay: cut while it is above target and not draining, the deeper the
+further above (x0.9 down to x0.5), held between half the target and the target, grown by a
+tenth below that; shedding ends once the budget covers what arrives and the delay is low. Counting requests that wait for the store
 (the previous gate) sheds the wrong thing: a slow store is not a busy worker.
 
 The DOIC report (RFC 7683 loss algorithm) is the same state seen from a reacting node: the
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class OverloadConfig:
     target: float = 0.05  # seconds of queueing delay above which requests are shed
-    tick: float = 0.1  # seconds between measurements (the shell's timer)
+    tick: float = 0.05  # seconds between measurements (the shell's timer)
     validity: int = 10  # OC-Validity-Duration of an OLR, seconds (RFC 7683 default 30)
     min_budget: int = 20  # admissions per tick never go below this (the worker keeps serving)
     step: int = 5  # reduction percentages are multiples of this (fewer sequence numbers)
@@ -147,9 +148,11 @@ class OverloadSignal:
                 reacting += s.arrivals
         admitted = arrivals - shed
         if d > cfg.target and (self.shedding or self._above >= cfg.confirm):
+            cut = min(0.9, max(0.5, cfg.target / d))
             if not self.shedding:
+                # Above target for `confirm` ticks already: what was admitted built the queue.
                 self.shedding = True
-                self.budget = max(admitted, cfg.min_budget)
+                self.budget = max(admitted * cut, cfg.min_budget)
             elif d >= self.delay_before or d > 2 * cfg.target:
                 # Not draining, or draining too slowly to get below target soon: admit less
                 # (multiplicative decrease). A worker saturated by reading and refusing alone
@@ -157,8 +160,13 @@ class OverloadSignal:
                 # what refusals leave for checks. From the budget, or twice what was admitted
                 # if that is less: a throttled tick admits little, and the budget must not
                 # collapse on one such tick.
-                self.budget = max(cfg.min_budget, min(self.budget, 2 * admitted) * 0.9)
-        elif self.shedding:
+                # The further above target, the deeper the cut (down to half): the queue drains
+                # only with the CPU that checks leave unused, and a storm's refusals alone take
+                # most of it, so a shallow cut leaves a standing queue for seconds.
+                self.budget = max(cfg.min_budget, min(self.budget, 2 * admitted) * cut)
+        elif self.shedding and d < cfg.target / 2:
+            # Grow only well below target: between half and all of it, hold (a dead band
+            # against the oscillation of cutting and growing around the target itself).
             self.budget += max(cfg.min_budget, self.budget * 0.1)
             if d < cfg.target / 2 and shed == 0 and self.budget > 1.5 * arrivals and \
                     self.reduction <= cfg.step:
