@@ -15,6 +15,7 @@ steal time, interrupts): no server's tail can be below them. Needs root (or capt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -100,7 +101,9 @@ def run(rate: int, duration: float, store: str, imeis: int, work: Path,
     if store == "redis":
         from benchmarks.bench_sync_load import make_zip
         redis = Redis(work)
-        sync(redis.url, Path(make_zip(work / "registers", imeis, 1)))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON report
+            src = Path(make_zip(work / "registers", imeis, 1))
+        sync(redis.url, src)
         args += ["--store", redis.url]
         # More IMEIs than the run sends, each new: every lookup goes to Redis.
         sent = f"range:35210000000000:{int(rate * (duration + 2)) + 1}"

@@ -23,11 +23,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol
 
 from eir_server.obs.logging import get_logger
 from eir_server.obs.metrics import Metrics
 from eir_server.policy.types import CheckRequest, EquipmentStatus, Verdict
+from eir_server.recent import MASK, RecentMap
 
 DEFAULT_STREAM = "eir:audit"
 FIELDS = ("t", "imei", "imeisv", "imsi", "msisdn", "peer", "interface", "verdict", "rule")
@@ -154,71 +155,7 @@ class _ImeiEntry:
 REFRESH = 60.0  # seconds: how stale the last-seen time of an unchanged pair may get
 _NONE: list[str] = []  # no signal (never appended to)
 
-_SHARDS = 64
-_MASK = _SHARDS - 1
 _MULTI = ""  # in place of an IMSI: this IMEI has several, see DeviceChangeDetector._multi
-V = TypeVar("V")
-
-
-class _Recent(Generic[V]):
-    """A map of at most `max_entries` keys to (V, last-seen time) that forgets the least
-    recently *written* first, in two generations: writes go to the young one; when it holds
-    half the bound, the old one is dropped and the young one becomes old. Reads see both; a key
-    read from the old one survives the next turn only if written again.
-
-    Why not one insertion-ordered dict evicting its first key (the former design): that costs
-    O(keys deleted since the dict's last rebuild) per eviction, as the deleted slots at its
-    front are scanned each time (77-350 us per observation once 200k devices were tracked,
-    growing, so a full detector saturated its worker), and a dict of a million entries
-    rehashes or frees all of them inside one request. Here each generation is `_SHARDS` small
-    dicts and a dropped one is freed a shard per write. Values and times sit in two dicts of
-    strings and floats, never tuples: such dicts are not tracked by the cyclic GC, which
-    otherwise walks every entry at each full collection (~100 ms per million entries)."""
-
-    __slots__ = ("half", "_young", "_young_t", "_old", "_old_t", "_count", "_dying")
-
-    def __init__(self, max_entries: int) -> None:
-        self.half = max(1, max_entries // 2)
-        self._young: list[dict[str, V]] = [{} for _ in range(_SHARDS)]
-        self._young_t: list[dict[str, float]] = [{} for _ in range(_SHARDS)]
-        self._old: list[dict[str, V]] = [{} for _ in range(_SHARDS)]
-        self._old_t: list[dict[str, float]] = [{} for _ in range(_SHARDS)]
-        self._count = 0  # keys written into the young generation
-        self._dying: list[dict[str, Any]] = []
-
-    def get(self, key: str) -> tuple[V, float] | None:
-        h = hash(key) & _MASK
-        v = self._young[h].get(key)
-        if v is not None:
-            return v, self._young_t[h][key]
-        v = self._old[h].get(key)
-        return None if v is None else (v, self._old_t[h][key])
-
-    def put(self, key: str, value: V, when: float) -> None:
-        h = hash(key) & _MASK
-        young = self._young[h]
-        if key not in young:
-            if self._count >= self.half:
-                # Leftovers of the previous turn (fewer writes than shards) are few: freed now.
-                self._dying = self._old + self._old_t
-                self._old, self._old_t = self._young, self._young_t
-                self._young = [{} for _ in range(_SHARDS)]
-                self._young_t = [{} for _ in range(_SHARDS)]
-                young = self._young[h]
-                self._count = 0
-            self._count += 1
-        young[key] = value
-        self._young_t[h][key] = when
-        if self._dying:
-            self._dying.pop()
-
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
-
-    def __len__(self) -> int:
-        """Distinct keys held (a key in both generations counts once)."""
-        young: set[str] = set().union(*self._young)
-        return len(young) + sum(1 for d in self._old for k in d if k not in young)
 
 
 class DeviceChangeDetector:
@@ -231,7 +168,7 @@ class DeviceChangeDetector:
       (a device change, or a SIM moved into a cloned/stolen device).
 
     State is bounded by `max_tracked` IMEIs and IMSIs (those not seen for longest forgotten
-    first, by generations: see _Recent) and is per worker process: a subscriber whose MME connections land on different workers is
+    first, by generations: see eir_server.recent) and is per worker process: a subscriber whose MME connections land on different workers is
     tracked by each separately.
     """
 
@@ -259,10 +196,11 @@ class DeviceChangeDetector:
         self._log_second = -1
         self._logged_this_second = 0
         self._suppressed = 0
-        self._by_imei: _Recent[str] = _Recent(max_tracked)  # IMEI -> its one IMSI, or _MULTI
-        self._by_imsi: _Recent[str] = _Recent(max_tracked)  # IMSI -> IMEI (14 digits)
+        # Stamped with the last-seen time. IMEI -> its one IMSI, or _MULTI; IMSI -> IMEI (14).
+        self._by_imei: RecentMap[str] = RecentMap(max_tracked, stamped=True)
+        self._by_imsi: RecentMap[str] = RecentMap(max_tracked, stamped=True)
         # IMEIs seen with several IMSIs: rare, but GC-tracked objects, so kept apart.
-        self._multi: dict[str, _ImeiEntry] = {}
+        self._multi: RecentMap[_ImeiEntry] = RecentMap(max_tracked)
         self._log = get_logger("eir_server.audit")
 
     def observe(self, when: float, imei: str, imsi: str | None) -> list[str]:
@@ -275,16 +213,16 @@ class DeviceChangeDetector:
         since = when - REFRESH
         # Both written lately with this pair, in the young generations: nothing to signal, and
         # no write (the common case, once per request; inlined, no tuple built).
-        h = hash(key) & _MASK
+        h = hash(key) & MASK
         if by_imei._young[h].get(key) == imsi and by_imei._young_t[h][key] >= since:
             by_imsi = self._by_imsi
-            h = hash(imsi) & _MASK
+            h = hash(imsi) & MASK
             if by_imsi._young[h].get(imsi) == key and by_imsi._young_t[h][imsi] >= since:
                 return _NONE
         signals: list[str] = []
         # Nearly every IMEI is only ever seen with one IMSI: keep that as a plain string and
         # build an _ImeiEntry only for the second one. Writing it again keeps it young.
-        got = by_imei.get(key)
+        got = by_imei.get_stamped(key)
         seen = None if got is None else got[0]
         entry = None if seen != _MULTI else self._multi.get(key)
         if seen is None or seen == imsi or (seen == _MULTI and entry is None):
@@ -293,10 +231,7 @@ class DeviceChangeDetector:
             if entry is None:
                 entry = _ImeiEntry()
                 entry.imsis[seen] = got[1]  # type: ignore[index]
-                multi = self._multi
-                multi[key] = entry
-                if len(multi) > self.max_tracked:  # bounded like the rest: oldest first
-                    del multi[next(iter(multi))]
+            self._multi.put(key, entry)  # (again): recently seen
             entry.imsis[imsi] = when
             if len(entry.imsis) > self.max_imsis:
                 horizon = when - self.window
@@ -309,7 +244,7 @@ class DeviceChangeDetector:
             by_imei.put(key, _MULTI, when)
 
         by_imsi = self._by_imsi
-        prev = by_imsi.get(imsi)
+        prev = by_imsi.get_stamped(imsi)
         by_imsi.put(imsi, key, when)
         if prev is not None and prev[0] != key and when - prev[1] <= self.window:
             signals.append("imsi_imei_change")

@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from eir_server.policy.types import ImeiRecord
+from eir_server.recent import RecentMap
 
 from . import layout, snapshot
 from .base import MISSING, StoreOverloaded, StoreStats, StoreUnavailable, _Missing
@@ -141,7 +142,10 @@ class RedisStore:
         self._snaps: dict[str, Snapshot] = {}  # open snapshots by path
         self.stats = StoreStats()
         self.ready = False
-        self._cache: dict[str, ImeiRecord | None] = {}
+        # IMEIs Redis said are not listed (nearly all of them: None values, a map the cyclic GC
+        # never walks) and the listed ones (records: objects), each bounded by cache_size.
+        self._cache: RecentMap[None] = RecentMap(cache_size)
+        self._listed: RecentMap[ImeiRecord] = RecentMap(cache_size)
         self._state = _State(None)
         self._pending: dict[str, list[asyncio.Future[ImeiRecord | None]]] = {}
         self._flush_scheduled = False
@@ -176,6 +180,8 @@ class RedisStore:
     def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
         r = self._cache.get(imei14, MISSING)
         if r is MISSING:
+            r = self._listed.get(imei14, MISSING)
+        if r is MISSING:
             st = self._state
             r = st.overlay.get(imei14, MISSING)
             if r is MISSING:
@@ -206,6 +212,8 @@ class RedisStore:
         fut: asyncio.Future[ImeiRecord | None] = loop.create_future()
         self.stats.fetches += 1
         r = self._cache.get(imei14, MISSING)
+        if r is MISSING:
+            r = self._listed.get(imei14, MISSING)
         if r is MISSING:
             st = self._state
             r = st.overlay.get(imei14, MISSING)
@@ -362,14 +370,16 @@ class RedisStore:
                 raise StoreUnavailable("no register version in the store")
             if st.buckets is None:
                 values = [None] * len(todo)
-            cache = self._cache if self._state is st and st.version is not None else None
+            cache = self._state is st and st.version is not None
             for i, v in zip(todo, values, strict=True):
                 rec = self._decode(st, v)
                 out[i] = rec
-                if cache is not None:
-                    cache[i] = rec
-            if cache is not None and len(cache) > self.cache_size:
-                self._evict()
+                if cache:
+                    if rec is None:
+                        self._cache.put(i, None)
+                    else:
+                        self._listed.put(i, rec)
+            self.stats.cache_evictions = self._cache.evicted + self._listed.evicted
             return out
         raise StoreUnavailable("register version kept changing during lookup")
 
@@ -401,13 +411,6 @@ class RedisStore:
                 raise StoreUnavailable(f"record id {v!r} not in table of {st.version}") from None
         return decode_record(v)
 
-    def _evict(self) -> None:
-        # FIFO by insertion order: cheap, and the hot IMEIs come straight back on the next miss.
-        n = max(1, self.cache_size // 8)
-        for k in list(islice(self._cache, n)):
-            del self._cache[k]
-        self.stats.cache_evictions += n
-
     # -- versions ------------------------------------------------------------------------------
     async def _refresh(self, seen: _State, cur: str | None, created: str | None) -> None:
         """Load everything for version `cur` and switch to it in one assignment. `created` is
@@ -428,10 +431,12 @@ class RedisStore:
             replaced = created != old.created
             if replaced or new.buckets != old.buckets or old.version is None:
                 self._cache.clear()
+                self._listed.clear()
             else:  # same full load plus a different overlay: drop only what changed
                 for k in old.overlay_raw.keys() | new.overlay_raw.keys():
                     if old.overlay_raw.get(k) != new.overlay_raw.get(k):
-                        self._cache.pop(k, None)
+                        self._cache.discard(k)
+                        self._listed.discard(k)
             self._state = new
             self._want_snapshot(new)
             self.stats.version_changes += 1
@@ -649,6 +654,6 @@ class RedisStore:
             "version": self.version,
             "ready": self.ready,
             "lists": json.loads(lists) if lists else {},
-            "cache_entries": len(self._cache),
+            "cache_entries": len(self._cache) + len(self._listed),
             "checked_at": time.time(),
         }

@@ -188,9 +188,9 @@ def test_an_unchanged_pair_is_refreshed_once_a_minute() -> None:
     det = DeviceChangeDetector(Metrics(), window=100, log_identities=True)
     det.observe(0, "35000000000001", "001")
     det.observe(30, "35000000000001", "001")
-    assert det._by_imsi.get("001") == ("35000000000001", 0)  # within REFRESH: untouched
+    assert det._by_imsi.get_stamped("001") == ("35000000000001", 0)  # within REFRESH: untouched
     det.observe(61, "35000000000001", "001")
-    assert det._by_imsi.get("001") == ("35000000000001", 61)
+    assert det._by_imsi.get_stamped("001") == ("35000000000001", 61)
     # 130 s after the first sighting but 69 s after the refreshed one: inside the window.
     assert det.observe(130, "35000000000002", "001") == ["imsi_imei_change"]
 

@@ -1,0 +1,54 @@
+"""RecentMap, the bounded map behind the Redis store's cache and the device-signal detector:
+never more than its bound, never a stale value, and the recently written always kept."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from eir_server.recent import RecentMap
+
+OPS = st.lists(st.tuples(st.sampled_from(["put", "discard"]), st.integers(0, 60),
+                         st.integers(0, 5)), max_size=400)
+
+
+@given(OPS, st.integers(2, 40))
+def test_against_a_model(ops: list[tuple[str, int, int]], bound: int) -> None:
+    m: RecentMap[int] = RecentMap(bound, stamped=True)
+    last: dict[int, int] = {}  # the model: last value written, for keys not discarded since
+    new_keys: list[int] = []  # keys in the order they entered the young generation
+    for i, (op, key, value) in enumerate(ops):
+        if op == "put":
+            m.put(key, value, float(i))
+            last[key] = value
+            new_keys.append(key)
+        else:
+            m.discard(key)
+            last.pop(key, None)
+        assert len(m) <= bound
+        for k in range(61):
+            got = m.get(k, None)
+            if got is not None:
+                assert k in last and got == last[k]  # never stale, never resurrected
+                assert m.get_stamped(k) is not None
+    # The keys written most recently (the last half-bound of them) are all still there.
+    recent = [k for k in reversed(new_keys) if k in last][: bound // 2]
+    for k in recent:
+        assert m.get(k) == last[k]
+
+
+def test_stamps_and_defaults() -> None:
+    m: RecentMap[str] = RecentMap(10, stamped=True)
+    m.put("a", "x", 1.0)
+    m.put("a", "y", 2.0)
+    assert m.get_stamped("a") == ("y", 2.0) and m.get("b", 7) == 7 and "a" in m
+    m.clear()
+    assert len(m) == 0 and m.get_stamped("a") is None
+
+
+def test_forgets_by_generations_and_counts_evictions() -> None:
+    m: RecentMap[None] = RecentMap(100)
+    for i in range(1000):
+        m.put(i, None)
+    assert len(m) <= 100 and m.evicted >= 800
+    assert all(i in m for i in range(950, 1000)) and 0 not in m
