@@ -387,7 +387,7 @@ class DiameterProtocol(asyncio.Protocol):
     __slots__ = ("node", "conn", "transport", "peer", "log", "_timer", "_timer_at", "_paused",
                  "_in_flight", "_closing", "_handler", "_clock", "_metrics", "requests_seen",
                  "address", "_backlogged", "_stall", "kernel_pending", "_fd", "_src", "_held",
-                 "_unchecked", "_hold_timer")
+                 "_unchecked", "_hold_timer", "_flush_due")
 
     def __init__(self, node: DiameterNode) -> None:
         self.node = node
@@ -411,6 +411,7 @@ class DiameterProtocol(asyncio.Protocol):
         self._held = False  # reading paused: too many of our answers unread in the kernel
         self._unchecked = 0  # bytes written since the last TIOCOUTQ look
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._flush_due = False  # a _deferred_flush is scheduled
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -636,6 +637,14 @@ class DiameterProtocol(asyncio.Protocol):
             self._handler.abandon(pending)
             return
         self.conn.send(self._handler.complete(pending, fut.result(), self._clock()))
+        # The other lookups of the same round trip complete in this same loop turn: one write
+        # for all of their answers, after them (a write per answer was a syscall each).
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._deferred_flush)
+
+    def _deferred_flush(self) -> None:
+        self._flush_due = False
         self._flush()
 
     # -- connection events --------------------------------------------------------------------
