@@ -8,8 +8,9 @@ the loopback interface (dumpcap; `wire_latency.py`), which is the server's own l
 The worker is pinned to CPU 0 and the generator to CPU 1. `--store redis` starts a
 redis-server, syncs a generated register into it and sends IMEIs that are new to the worker
 (every lookup a cache miss); `--store otp` measures the Erlang/OTP reference EIR the same
-way. Before the run a busy loop on each CPU counts the stalls the platform itself causes (a VM's
-steal time, interrupts): no server's tail can be below them. Needs root (or capture rights) for dumpcap.
+way. Before the run a busy loop on each CPU counts the stalls the platform itself causes (a
+VM's steal time, interrupts): no server's tail can be below them. dumpcap needs root (or
+capture rights).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class WireLatency:
     answers: int = 0
     unmatched_answers: int = 0
     gaps: int = 0  # directions with bytes missing from the capture
-    retransmitted: int = 0  # segments carrying bytes sent before (the latency counts from the first)
+    retransmitted: int = 0  # segments with bytes sent before (latency counts from the first)
     first_ts: float | None = None
     last_ts: float = 0.0
     per_second: dict[int, list[float]] = field(default_factory=dict)

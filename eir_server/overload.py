@@ -21,8 +21,9 @@ fair share of an admission budget per tick (max-min: a source sending less than 
 keeps what it sends), and requests beyond its share are refused cheaply by the interface.
 The budget follows the delay: cut while it is above target and not draining, the deeper the
 further above (x0.9 down to x0.5), held between half the target and the target, grown by a
-tenth below that; shedding ends once the budget covers what arrives and the delay is low. Counting requests that wait for the store
-(the previous gate) sheds the wrong thing: a slow store is not a busy worker.
+tenth below that; shedding ends once the budget covers what arrives and the delay is low.
+Counting requests that wait for the store (the previous gate) sheds the wrong thing: a slow
+store is not a busy worker.
 
 The DOIC report (RFC 7683 loss algorithm) is the same state seen from a reacting node: the
 reduction percentage is the share of the offered load that is shed, the offered load being what
@@ -168,8 +169,7 @@ class OverloadSignal:
             # Grow only well below target: between half and all of it, hold (a dead band
             # against the oscillation of cutting and growing around the target itself).
             self.budget += max(cfg.min_budget, self.budget * 0.1)
-            if d < cfg.target / 2 and shed == 0 and self.budget > 1.5 * arrivals and \
-                    self.reduction <= cfg.step:
+            if shed == 0 and self.budget > 1.5 * arrivals and self.reduction <= cfg.step:
                 self.shedding = False
                 self.budget = math.inf
         self.delay_before = d

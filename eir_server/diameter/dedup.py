@@ -59,12 +59,8 @@ class DuplicateCache(Generic[T]):
     def __len__(self) -> int:
         return sum(map(len, self._new)) + sum(map(len, self._old))
 
-    @staticmethod
-    def _key(key: tuple[bytes, int]) -> int:
-        return (hash(key[0]) & 0xFFFFFFFF) << 32 | key[1]
-
     def get(self, key: tuple[bytes, int], now: float) -> T | None:
-        k = (hash(key[0]) & 0xFFFFFFFF) << 32 | key[1]  # _key, inlined: once per T-flag ECR
+        k = (hash(key[0]) & 0xFFFFFFFF) << 32 | key[1]  # 32-bit host hash, End-to-End-Id
         v = self._new[k & _MASK].get(k)
         if v is None:
             v = self._old[k & _MASK].get(k)
@@ -90,5 +86,5 @@ class DuplicateCache(Generic[T]):
         self._new_count = n + 1
         if self._dying:
             self._dying.pop()
-        k = (hash(key[0]) & 0xFFFFFFFF) << 32 | key[1]  # _key, inlined: once per ECR
+        k = (hash(key[0]) & 0xFFFFFFFF) << 32 | key[1]  # as in get()
         self._new[k & _MASK][k] = int(now * 1000.0) << 8 | (int(outcome) & 0xFF)  # type: ignore[call-overload]

@@ -168,8 +168,8 @@ class DeviceChangeDetector:
       (a device change, or a SIM moved into a cloned/stolen device).
 
     State is bounded by `max_tracked` IMEIs and IMSIs (those not seen for longest forgotten
-    first, by generations: see eir_server.recent) and is per worker process: a subscriber whose MME connections land on different workers is
-    tracked by each separately.
+    first, by generations: see eir_server.recent) and is per worker process: a subscriber whose
+    MME connections land on different workers is tracked by each separately.
     """
 
     def __init__(
