@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import socket
 import struct
 import subprocess
@@ -13,6 +15,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_nothing_listens_on() -> int:
+    """A free port below the kernel's ephemeral range, for a server that comes up only later
+    while a client keeps connecting to it. A port from free_port() is an ephemeral one: a
+    connect to it can be given that very port as its source (a TCP self-connect), or another
+    socket can take it in between."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 8000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes] | None = None,

@@ -124,11 +124,9 @@ async def test_redis_down_serves_cache_fails_misses_fast_then_recovers(
 
 
 async def test_unreachable_at_start_then_appears(redis_factory, dirbs, sync_dir):
-    import socket
+    from tests.netutil import port_nothing_listens_on
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = port_nothing_listens_on()  # the store keeps connecting until redis-server binds it
     url = f"redis://127.0.0.1:{port}/0"
     s = await started(url, timeout=0.2, backoff_max=0.1)
     try:
