@@ -36,7 +36,7 @@ def _fresh() -> list[dict[Any, Any]]:
 class RecentMap(Generic[V]):
     """See the module docstring. `len()` counts a key written in both generations twice."""
 
-    __slots__ = ("half", "stamped", "_young", "_young_t", "_old", "_old_t", "_count", "_dying",
+    __slots__ = ("half", "stamped", "_young", "_young_t", "_old", "_old_t", "young", "_dying",
                  "evicted")
 
     def __init__(self, max_entries: int, stamped: bool = False) -> None:
@@ -46,7 +46,7 @@ class RecentMap(Generic[V]):
         self._old: list[dict[Any, V]] = _fresh()
         self._young_t: list[dict[Any, float]] = _fresh() if stamped else []
         self._old_t: list[dict[Any, float]] = _fresh() if stamped else []
-        self._count = 0  # keys written into the young generation
+        self.young = 0  # keys written into the young generation (read-only outside)
         self._dying: list[dict[Any, Any]] = []
         self.evicted = 0  # keys dropped with old generations
 
@@ -70,24 +70,26 @@ class RecentMap(Generic[V]):
         h = hash(key) & MASK
         young = self._young[h]
         if key not in young:
-            if self._count >= self.half:
-                self._turn()
+            if self.young >= self.half:
+                self.turn()
                 young = self._young[h]
-            self._count += 1
+            self.young += 1
         young[key] = value
         if self.stamped:
             self._young_t[h][key] = stamp
         if self._dying:
             self._dying.pop()
 
-    def _turn(self) -> None:
+    def turn(self) -> None:
+        """Start a new young generation now (also done when it holds half the bound); the old
+        one is dropped, a shard per write from here on."""
         self.evicted += sum(map(len, self._old))
         # Leftovers of the previous turn (fewer writes than shards since) are few: freed now.
         self._dying = self._old + self._old_t
         self._old, self._old_t = self._young, self._young_t
         self._young = _fresh()
         self._young_t = _fresh() if self.stamped else []
-        self._count = 0
+        self.young = 0
 
     def discard(self, key: Any) -> None:
         h = hash(key) & MASK
@@ -99,7 +101,7 @@ class RecentMap(Generic[V]):
         self._young, self._old = _fresh(), _fresh()
         self._young_t = _fresh() if self.stamped else []
         self._old_t = _fresh() if self.stamped else []
-        self._count = 0
+        self.young = 0
         self._dying = []
 
     def __contains__(self, key: Any) -> bool:

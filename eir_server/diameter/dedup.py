@@ -13,21 +13,18 @@ register changed in between). A hash collision between two Origin-Hosts with the
 End-to-End-Id inside the window would answer one with the other's outcome: one chance in 2^32
 per pair of peers.
 
-Two generations instead of an ordered map: new answers go to `_new`; when it holds half the
-capacity or is half a window old, it becomes `_old` and the former `_old` is dropped.
-No per-entry links, no sweep; an entry lives between half and a whole window (or capacity).
-Ints are untracked by the cyclic GC, so a full cache does not lengthen its collections. Hits are
-counted by the caller (eir_requests_total{result="duplicate"}).
-
-Each generation is `SHARDS` small dicts, not one big one, for the latency tail: a dict that
-doubles rehashes all its entries in one go (10 ms at 175k entries on a slow core, inside one
-request), and dropping a generation frees all its ints at once. Small shards grow in small steps,
-and a dropped generation is freed one shard per `put`.
+Kept in a `RecentMap` (eir_server.recent): two generations of small shards, no per-entry links
+and no sweep, a dropped generation freed a shard per write. A new generation also starts when
+the young one is half a window old, so an entry lives between half and a whole window (or
+capacity). Ints are untracked by the cyclic GC, so a full cache does not lengthen its
+collections. Hits are counted by the caller (eir_requests_total{result="duplicate"}).
 """
 
 from __future__ import annotations
 
 from typing import Generic, TypeVar
+
+from eir_server.recent import RecentMap
 
 T = TypeVar("T")
 
@@ -37,54 +34,34 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 ENTRY_BYTES = 120  # measured ~116 with tracemalloc: dict slot + index + int key + int entry
 
 
-SHARDS = 256  # a power of two: the shard is the key's low bits (End-to-End-Id bits, well spread)
-_MASK = SHARDS - 1
-
-
 class DuplicateCache(Generic[T]):
     """Outcomes are small ints (-128..127)."""
 
-    __slots__ = ("window", "capacity", "_new", "_old", "_new_count", "_new_since", "_dying")
+    __slots__ = ("window", "capacity", "_map", "_young_since")
 
     def __init__(self, window: float = DEFAULT_WINDOW, max_entries: int = DEFAULT_MAX_ENTRIES,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.window = window
         self.capacity = max(2, min(max_entries, max_bytes // ENTRY_BYTES))
-        self._new: list[dict[int, int]] = [{} for _ in range(SHARDS)]
-        self._old: list[dict[int, int]] = [{} for _ in range(SHARDS)]
-        self._new_count = 0  # puts into _new (a re-put counts twice: errs towards swapping early)
-        self._new_since = 0.0
-        self._dying: list[dict[int, int]] = []  # the generation being dropped, a shard at a time
+        # key: 32-bit hash of the Origin-Host, End-to-End-Id; value: answer time (ms), outcome
+        self._map: RecentMap[int] = RecentMap(self.capacity)
+        self._young_since = 0.0  # when the young generation took its first put
 
     def __len__(self) -> int:
-        return sum(map(len, self._new)) + sum(map(len, self._old))
+        return len(self._map)
 
     def get(self, key: tuple[bytes, int], now: float) -> T | None:
-        k = (hash(key[0]) & 0xFFFFFFFF) << 32 | key[1]  # 32-bit host hash, End-to-End-Id
-        v = self._new[k & _MASK].get(k)
-        if v is None:
-            v = self._old[k & _MASK].get(k)
-            if v is None:
-                return None
-        if now * 1000.0 - (v >> 8) > self.window * 1000.0:
+        v: int | None = self._map.get((hash(key[0]) & 0xFFFFFFFF) << 32 | key[1])
+        if v is None or now * 1000.0 - (v >> 8) > self.window * 1000.0:
             return None
         o = v & 0xFF
         return (o - 256 if o >= 128 else o)  # type: ignore[return-value]
 
     def put(self, key: tuple[bytes, int], outcome: T, now: float) -> None:
-        n = self._new_count
-        if not n:
-            self._new_since = now
-        elif n * 2 >= self.capacity or now - self._new_since >= self.window / 2:
-            # Leftovers of the previous drop (fewer puts than shards in half a window) are
-            # small: they go at once.
-            self._dying = self._old
-            self._old = self._new
-            self._new = [{} for _ in range(SHARDS)]
-            self._new_since = now
-            n = 0
-        self._new_count = n + 1
-        if self._dying:
-            self._dying.pop()
-        k = (hash(key[0]) & 0xFFFFFFFF) << 32 | key[1]  # as in get()
-        self._new[k & _MASK][k] = int(now * 1000.0) << 8 | (int(outcome) & 0xFF)  # type: ignore[call-overload]
+        m = self._map
+        if m.young and now - self._young_since >= self.window / 2:
+            m.turn()
+        m.put((hash(key[0]) & 0xFFFFFFFF) << 32 | key[1],
+              int(now * 1000.0) << 8 | (int(outcome) & 0xFF))  # type: ignore[call-overload]
+        if m.young == 1:  # this put began a generation (here, or as the bound turned it)
+            self._young_since = now
