@@ -6,8 +6,8 @@
     .venv/bin/python benchmarks/bench_n5g_eir.py --pin --store redis        # Redis, warm cache
     .venv/bin/python benchmarks/bench_n5g_eir.py --pin --app trivial        # the HTTP server alone
 
---app trivial serves a constant answer from granian's embedded server in the same way (RSGI in
-a uvloop loop): the floor that the verdict path adds to. h2load needs `apt-get install
+--app trivial serves a constant answer from the same HTTP/2 server on a uvloop loop: the floor
+that the verdict path adds to. h2load needs `apt-get install
 nghttp2-client`; --store redis needs redis-server.
 """
 
@@ -33,18 +33,23 @@ from eir_server.policy.imei import luhn_check_digit  # noqa: E402
 PATH = "/n5g-eir-eic/v1/equipment-status"
 TRIVIAL = """
 import asyncio, os, signal, sys, uvloop
-from granian.constants import Interfaces, TaskImpl
-from granian.server.embed import Server
+from eir_server.io.http_server import HttpListener
+from eir_server.n5g_eir.app import Response
+from eir_server.obs.metrics import Metrics
 
-class App:
-    async def __call__(self, scope, proto):
-        proto.response_bytes(200, [("content-type", "application/json")], b'{"status":"WHITELISTED"}')
+class Constant:
+    metrics = Metrics()
+    answer = Response(200, [("content-type", "application/json")],
+                      b'{"status":"WHITELISTED"}', "200")
+
+    def request(self, *args):
+        return self.answer
 
 async def main():
-    srv = Server(App(), address="127.0.0.1", port=int(sys.argv[1]), interface=Interfaces.RSGI,
-                 log_enabled=False, websockets=False, task_impl=TaskImpl.asyncio)
+    listener = HttpListener(Constant(), "127.0.0.1", int(sys.argv[1]))
+    await listener.start()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: os._exit(0))
-    await srv.serve()
+    await asyncio.Event().wait()
 
 uvloop.run(main())
 """
@@ -56,8 +61,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def thread_cpu(pid: int) -> tuple[float, float]:
-    """(CPU seconds of the event-loop thread, of all other threads): the Python side and
-    granian's Rust side (hyper, TLS, the GIL hand-off)."""
+    """(CPU seconds of the event-loop thread, of all other threads: the store client's and
+    the metrics server's)."""
     main = other = 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
         with contextlib.suppress(OSError):
@@ -122,7 +127,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=32, help="concurrent streams per connection")
     ap.add_argument("--imeis", type=int, default=10_000, help="distinct IMEIs asked")
     ap.add_argument("--pin", action="store_true", help="the server's event-loop thread on CPU 0 "
-                    "(granian's threads are left to the scheduler), h2load on CPU 1")
+                    "h2load on CPU 1")
     ap.add_argument("--rounds", type=int, default=3, help="measured runs (best is reported)")
     ap.add_argument("--server-args", default="", help="extra `serve` options, e.g. "
                     "'--device-signals off'")
@@ -184,13 +189,13 @@ def main() -> None:
             mus = (m1 - m0) / args.requests * 1e6
             ous = (o1 - o0) / args.requests * 1e6
             print(f"  {rate:,.0f} req/s, server CPU {us:.1f} us/request: loop thread {mus:.1f}, "
-                  f"granian threads {ous:.1f} ({ok.group(1)} 2xx, {ok.group(2)} 4xx)")
+                  f"other threads {ous:.1f} ({ok.group(1)} 2xx, {ok.group(2)} 4xx)")
             if best is None or rate > best[0]:
                 best = (rate, us, mus, ous)
         assert best is not None
         print(f"{args.app} store={args.store if args.app == 'eir' else '-'} "
               f"clients={args.clients} streams={args.streams}: best {best[0]:,.0f} req/s, "
-              f"{best[1]:.1f} us CPU/request (loop thread {best[2]:.1f}, granian threads "
+              f"{best[1]:.1f} us CPU/request (loop thread {best[2]:.1f}, other threads "
               f"{best[3]:.1f}; load {os.getloadavg()[0]:.1f})")
     finally:
         proc.terminate()

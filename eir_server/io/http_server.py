@@ -1,13 +1,13 @@
-"""asyncio shell of N5g-eir: granian's embedded RSGI server inside the worker's own event loop.
+"""asyncio shell of N5g-eir, on the worker's own event loop.
 
-granian (Rust: hyper + rustls) does HTTP/2 prior knowledge (h2c), HTTP/1.1 and TLS with
-optional client-certificate verification; this module only moves (method, path, query,
-headers) into the sans-I/O `N5gEirApp`, asks the shared `EquipmentChecker` and writes the
-answer, counting it in the worker's `Metrics`. Chosen with numbers (README "Performance"):
-one worker answered tens of thousands of h2c requests/s where hypercorn managed ~2.7k.
+HTTP/2 is the sans-I/O `n5g_eir.h2conn.H2Connection` (prior knowledge on the cleartext port,
+ALPN h2 over TLS, optional client certificates); HTTP/1.1 is tolerated through h11. This module
+moves bytes, hands (method, path, query, headers) to the sans-I/O `N5gEirApp`, asks the shared
+checker and writes the answer, counting it in the worker's `Metrics`. Chosen with numbers
+(README "Performance"): granian's embedded server, the previous shell, cost a thread hand-off
+and a task per request, and topped out below our own loop.
 
-Connections are never cut by count or short idle: hyper's HTTP/2 server has no request limit,
-and granian's keep-alive pings are off unless configured.
+Connections are never cut by count or idle time: an SBI consumer keeps its connection.
 """
 
 from __future__ import annotations
@@ -15,19 +15,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
-import socket
+import email.utils
+import functools
+import http
+import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import h11
 
 from ..config import ServeConfig, parse_hostport
-from ..n5g_eir.app import INTERNAL_ERROR, Check, N5gEirApp, Response, overloaded
+from ..n5g_eir.app import (
+    EQUIPMENT_STATUS_PATH,
+    INTERNAL_ERROR,
+    Check,
+    N5gEirApp,
+    Response,
+    overloaded,
+    problem,
+)
+from ..n5g_eir.h2conn import PREFACE, H2Connection, encode_head, literal
 from ..n5g_eir.nrf import NF_TYPE, load_nf_instance_id
 from ..n5g_eir.oauth import BearerAuthorizer
 from ..obs.logging import get_logger
 from ..obs.metrics import Metrics
+from ..obs.ratelimit import LogLimiter
 from ..overload import OverloadSignal, Source
 from ..policy.types import Verdict
 from ..service import STORE_ERROR, CheckService
@@ -75,8 +88,8 @@ class ConsumerShare:
 
 
 class N5gEirService:
-    """The RSGI application: one per worker, on the same `CheckService` (checker, in-flight
-    budget, verdict counters, audit) as the worker's S13 connections."""
+    """What one worker's N5g-eir connections call: one per worker, on the same `CheckService`
+    (checker, in-flight budget, verdict counters, audit) as the worker's S13 connections."""
 
     def __init__(self, app: N5gEirApp, service: CheckService, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic,
@@ -97,30 +110,38 @@ class N5gEirService:
         self._latency = metrics.latency_n5g
         self._last_error_log = float("-inf")
 
-    async def __call__(self, scope: Any, proto: Any) -> None:
+    def request(self, method: str, path: str, query: str,
+                header: Callable[[str], str | None], client: str,
+                later: Callable[[int, Response], None], token: int) -> Response | None:
+        """The answer now, or None when it waits for the store: then `later(token, answer)`
+        is called once the verdict is in (no task per request: a callback on the lookup)."""
         t0 = self.clock()
-        r: Response | Check
+        r: Response | Check | None
         try:
-            if self.overload is not None and not self._admit(scope.client):
+            if self.overload is not None and not self._admit(client):
                 r = self._overloaded()
                 self.metrics.shed[_SHED_OVERLOAD] += 1
             else:
-                r = self.app.handle(scope.method, scope.path, scope.query_string,
-                                    scope.headers.get,
+                r = self.app.handle(method, path, query, header,
                                     self.wall() if self.app.authorizer is not None else 0.0)
                 if type(r) is Check:
-                    r = await self._check(r, scope.client)
+                    r = self._check(r, client, method, t0, later, token)
+                    if r is None:
+                        return None
         except Exception:
-            # The consumer learns only that it failed; the log says why, at most once a second.
-            now = self.clock()
-            if now - self._last_error_log >= 1.0:
-                self._last_error_log = now
-                log.exception("n5g_eir_internal_error", path=scope.path)
-            r = INTERNAL_ERROR
+            r = self._internal_error(path)
         assert type(r) is Response
-        proto.response_bytes(r.status, r.headers, r.body)
-        self._requests[(INTERFACE, scope.method if r.status != 405 else "other", r.result)] += 1
+        self._requests[(INTERFACE, method if r.status != 405 else "other", r.result)] += 1
         self._latency.observe(self.clock() - t0)
+        return r
+
+    def _internal_error(self, path: str) -> Response:
+        """The consumer learns only that it failed; the log says why, at most once a second."""
+        now = self.clock()
+        if now - self._last_error_log >= 1.0:
+            self._last_error_log = now
+            log.exception("n5g_eir_internal_error", path=path[:256])
+        return INTERNAL_ERROR
 
     def _admit(self, client: str) -> bool:
         """The overload signal's per-consumer fair share (by IP address: an AMF may open
@@ -159,22 +180,36 @@ class N5gEirService:
             r = self._busy[retry] = overloaded(503, retry, "this NF is overloaded")
         return r
 
-    async def _check(self, c: Check, client: str) -> Response:
+    def _check(self, c: Check, client: str, method: str, t0: float,
+               later: Callable[[int, Response], None], token: int) -> Response | None:
         verdict = self.service.check(c.request)
-        if type(verdict) is not Verdict:
-            # Only a lookup that must wait for the store takes a slot of the budget: answers
-            # from the embedded store or the local cache are never refused.
-            refused = self.share.admit(client)
-            pending: asyncio.Future[Verdict] = verdict  # type: ignore[assignment]
-            if refused:
-                pending.cancel()
-                return overloaded(refused, RETRY_AFTER)
-            self.share.enter(client)
-            try:
-                verdict = await pending
-            finally:
-                self.share.leave(client)
-        v: Verdict = verdict
+        if type(verdict) is Verdict:
+            return self._answer(c, verdict, client)
+        # Only a lookup that must wait for the store takes a slot of the budget: answers
+        # from the embedded store or the local cache are never refused.
+        pending: asyncio.Future[Verdict] = verdict  # type: ignore[assignment]
+        refused = self.share.admit(client)
+        if refused:
+            pending.cancel()
+            return overloaded(refused, RETRY_AFTER)
+        self.share.enter(client)
+        pending.add_done_callback(
+            functools.partial(self._checked, c, client, method, t0, later, token))
+        return None
+
+    def _checked(self, c: Check, client: str, method: str, t0: float,
+                 later: Callable[[int, Response], None], token: int,
+                 pending: asyncio.Future[Verdict]) -> None:
+        self.share.leave(client)
+        try:
+            r = self._answer(c, pending.result(), client)
+        except Exception:  # CancelledError included: the worker is stopping
+            r = self._internal_error(EQUIPMENT_STATUS_PATH)
+        self._requests[(INTERFACE, method, r.result)] += 1
+        self._latency.observe(self.clock() - t0)
+        later(token, r)
+
+    def _answer(self, c: Check, v: Verdict, client: str) -> Response:
         if v.status is None and v.rule == STORE_ERROR:  # counted as S13 counts it
             self.service.counters.verdicts[(v.reasons[0], v.rule)] += 1
         else:
@@ -182,69 +217,343 @@ class N5gEirService:
         return self.app.answer(v)
 
 
+# --- wire -------------------------------------------------------------------------------------
+
+WRITE_HIGH_WATER = 256 * 1024  # answers a consumer leaves unread before we stop reading it
+_DATE: list[Any] = [0, b""]  # [unix second, HPACK date field]
+_HEADS: dict[int, tuple[Response, bytes, bytes, bytes, bytes]] = {}
+_MAX_HEADS = 512
+
+
+def _date_field() -> bytes:
+    """RFC 9110 6.6.1: an origin server with a clock sends Date; one encoding per second."""
+    now = int(time.time())
+    if now != _DATE[0]:
+        _DATE[0] = now
+        _DATE[1] = literal("date", email.utils.formatdate(now, usegmt=True))
+    return _DATE[1]  # type: ignore[no-any-return,unused-ignore]
+
+
+def _head(r: Response) -> bytes:
+    """The answer's HPACK header block. Answers are mostly shared objects (pre-rendered
+    verdicts and problems), so their block is kept by identity for the current second; the
+    entry holds the answer, so its id cannot be reused while cached."""
+    date = _date_field()
+    hit = _HEADS.get(id(r))
+    if hit is not None and hit[0] is r:
+        if hit[1] is date:
+            return hit[4]
+        status, rest = hit[2], hit[3]
+    else:
+        if len(_HEADS) >= _MAX_HEADS:
+            _HEADS.clear()
+        block = encode_head(r.status, r.headers, len(r.body))
+        n = 1 if block[0] & 0x80 else 2 + block[1]  # :status indexed, or a literal
+        status, rest = block[:n], block[n:]
+    head = status + date + rest
+    _HEADS[id(r)] = (r, date, status, rest, head)
+    return head
+
+
+class Listener:
+    """What a listener's connections share."""
+
+    def __init__(self, service: N5gEirService, tls: bool) -> None:
+        self.service = service
+        self.tls = tls
+        self.metrics = service.metrics
+        self.connections: set[HttpConnection] = set()
+        self.closing = False
+        self.limiter = LogLimiter()
+
+    def protocol_error(self, kind: str, client: str, reason: str) -> None:
+        """Counted always; logged once per consumer address and kind per minute."""
+        self.metrics.http_errors[kind] += 1
+        ip = client.rpartition(":")[0]
+        ok, suppressed = self.limiter.hit((ip, kind), time.monotonic())
+        if ok:
+            extra = {"suppressed_since_last": suppressed} if suppressed else {}
+            log.warning("n5g_eir_protocol_error", peer=client, error=kind, reason=reason[:200],
+                        **extra)
+
+
+_ERROR_NAMES = ("no_error", "protocol_error", "internal_error", "flow_control_error",
+                "settings_timeout", "stream_closed", "frame_size_error", "refused_stream",
+                "cancel", "compression_error", "connect_error", "enhance_your_calm")
+
+
+class HttpConnection(asyncio.Protocol):
+    """One consumer connection: HTTP/2 (prior knowledge, or ALPN h2 over TLS) on the sans-I/O
+    `H2Connection`, else HTTP/1.1 on h11. Answers that wait for the store go out together
+    once per loop turn."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.service = listener.service
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.h2: H2Connection | None = None
+        self.h1: _Http1 | None = None
+        self._later = self._answer_later
+        self._flush_due = False
+        self._paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but are ones
+        transport = self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.listener.connections.add(self)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            if ssl_object.selected_alpn_protocol() == "h2":
+                self._start_h2()
+            else:
+                self.h1 = _Http1(self)
+        if self.listener.closing:
+            self.shutdown()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        self.transport = None
+
+    def _start_h2(self) -> None:
+        self.h2 = H2Connection()
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        h2 = self.h2
+        if h2 is None:
+            if self.h1 is not None:
+                self.h1.receive(data)
+                return
+            if PREFACE.startswith(data[:24]):  # h2c with prior knowledge
+                self._start_h2()
+                h2 = self.h2
+                assert h2 is not None
+            else:
+                self.h1 = _Http1(self)
+                self.h1.receive(data)
+                return
+        requests = h2.receive(data)
+        if requests:
+            request = self.service.request
+            respond = h2.respond
+            client = self.client
+            later = self._later
+            for sid, method, path, query, headers in requests:
+                a = request(method, path, query, headers.get, client, later, sid)
+                if a is not None:
+                    respond(sid, _head(a), a.body)
+        elif h2.error:
+            self._h2_error(h2)
+        self._flush()
+
+    def _h2_error(self, h2: H2Connection) -> None:
+        reason, h2.error = h2.error, ""
+        code = int.from_bytes(h2.out[-8 - 4:-8], "big") if h2.closed else 0
+        kind = _ERROR_NAMES[code] if h2.closed and code < len(_ERROR_NAMES) else "stream_error"
+        self.listener.protocol_error(f"h2_{kind}", self.client, reason)
+
+    def _answer_later(self, sid: int, r: Response) -> None:
+        h2 = self.h2
+        if h2 is None:
+            if self.h1 is not None:
+                self.h1.respond(r)
+            return
+        if h2.respond(sid, _head(r), r.body) and not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        h2 = self.h2
+        t = self.transport
+        if h2 is None or t is None:
+            return
+        if h2.out:
+            out, h2.out = h2.out, bytearray()
+            t.write(out)
+        if h2.closed or (self.listener.closing and not h2.busy):
+            t.close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def shutdown(self) -> None:
+        """Graceful stop: HTTP/2 says GOAWAY and closes once its open streams are answered;
+        an idle HTTP/1.1 connection closes now, a busy one after its answer."""
+        if self.h2 is not None:
+            self.h2.goaway()
+            self._flush()
+        elif self.h1 is None or not self.h1.busy:
+            self.close()
+
+    def pause_writing(self) -> None:
+        # The consumer does not read its answers: stop reading its requests until it does.
+        if self.transport is not None and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+
+class _Http1:
+    """HTTP/1.1, tolerated (TS 29.500 mandates HTTP/2): h11, one request at a time."""
+
+    def __init__(self, conn: HttpConnection) -> None:
+        self.conn = conn
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        self.request: h11.Request | None = None
+        self.busy = False
+
+    def receive(self, data: bytes) -> None:
+        self.h11.receive_data(data)
+        self._next()
+
+    def _next(self) -> None:
+        while not self.busy:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as e:
+                self.conn.listener.protocol_error("http1_bad_request", self.conn.client, str(e))
+                self._send_error(e.error_status_hint)
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self.request = event
+            elif isinstance(event, h11.EndOfMessage):
+                self._dispatch()
+            elif isinstance(event, h11.ConnectionClosed):
+                self.conn.close()
+                return
+
+    def _dispatch(self) -> None:
+        req = self.request
+        assert req is not None
+        self.busy = True
+        target = req.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        fields: dict[str, str] = {}
+        for name, value in req.headers:
+            k = name.decode("latin-1")
+            v = value.decode("latin-1")
+            fields[k] = f"{fields[k]}, {v}" if k in fields else v
+        a = self.conn.service.request(req.method.decode("latin-1"), path, query, fields.get,
+                                      self.conn.client, self.conn._later, 0)
+        if a is not None:
+            self.respond(a)
+
+    def respond(self, r: Response) -> None:
+        headers = [*r.headers, ("content-length", str(len(r.body))),
+                   ("date", email.utils.formatdate(usegmt=True))]
+        try:
+            out = self.h11.send(h11.Response(status_code=r.status, headers=headers,
+                                             reason=_reason(r.status)))
+            out = (out or b"") + (self.h11.send(h11.Data(data=r.body)) or b"") + \
+                (self.h11.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:  # the consumer went away meanwhile
+            self.conn.close()
+            return
+        self.conn.write(out)
+        if self.h11.our_state is h11.MUST_CLOSE or self.conn.listener.closing:
+            self.conn.close()
+            return
+        try:
+            self.h11.start_next_cycle()
+        except h11.LocalProtocolError:
+            self.conn.close()
+            return
+        self.busy = False
+        self._next()
+
+    def _send_error(self, status: int) -> None:
+        r = problem(status, "Bad Request" if status == 400 else "Error",
+                    detail="the HTTP/1.1 request could not be parsed")
+        if self.h11.our_state is h11.SEND_RESPONSE or self.h11.our_state is h11.IDLE:
+            with contextlib.suppress(h11.LocalProtocolError):
+                headers = [*r.headers, ("content-length", str(len(r.body))),
+                           ("connection", "close")]
+                self.conn.write(self.h11.send(h11.Response(
+                    status_code=status, headers=headers, reason=_reason(status))) or b"")
+                self.conn.write(self.h11.send(h11.Data(data=r.body)) or b"")
+        self.conn.close()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 class HttpListener:
-    """One granian embedded server (h2c + HTTP/1.1, or TLS) run as a task of this loop."""
+    """One N5g-eir listener (h2c + HTTP/1.1 on one port, or TLS) on the worker's loop."""
 
     def __init__(self, service: N5gEirService, host: str, port: int, *,
-                 cert: str = "", key: str = "", ca: str = "", backlog: int = 1024) -> None:
-        from granian.constants import HTTPModes, Interfaces, TaskImpl
-        from granian.http import HTTP1Settings, HTTP2Settings
-        from granian.server.embed import Server
-
-        # granian logs "embedded server is experimental" and per-start chatter at INFO/WARNING
-        # through the stdlib logger; our own logs say what is listening.
-        logging.getLogger("_granian").setLevel(logging.ERROR)
-        tls: dict[str, Any] = {}
-        if cert:
-            tls = {"ssl_cert": Path(cert), "ssl_key": Path(key)}
-            if ca:
-                tls.update(ssl_ca=Path(ca), ssl_client_verify=True)
+                 cert: str = "", key: str = "", ca: str = "", backlog: int = 1024,
+                 reuse_port: bool = False, handshake_timeout: float = 10.0) -> None:
         self.tls = bool(cert)
         self.address = f"{host}:{port}"
-        self.server = Server(
-            service, address=host or "0.0.0.0", port=port, interface=Interfaces.RSGI,
-            http=HTTPModes.auto, websockets=False, backlog=backlog, log_enabled=False,
-            http1_settings=HTTP1Settings(keep_alive=True),
-            # No keep-alive pings (they would close a connection whose peer is merely slow to
-            # answer them); SBI connections carry many concurrent streams.
-            http2_settings=HTTP2Settings(keep_alive_interval=None, max_concurrent_streams=1000),
-            # Not TaskImpl.rust: ~4 us less loop-thread CPU per request, but requests that
-            # await the store leave reference cycles behind and gen-2 collections grew to
-            # 130 ms within 30 s (README "Performance").
-            task_impl=TaskImpl.asyncio,
-            **tls)
-        self.task: asyncio.Task[None] | None = None
+        self.host, self.port = host, port
+        self.backlog = backlog
+        self.reuse_port = reuse_port
+        self.handshake_timeout = handshake_timeout
+        self.context = tls_context(cert, key, ca) if cert else None
+        self.shared = Listener(service, self.tls)
+        self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self.task = asyncio.ensure_future(self.server.serve())
-        # serve() binds in its first step and spawns the listener task; a bind error ends it.
-        for _ in range(3):
-            await asyncio.sleep(0)
-        if self.task.done():
-            exc = self.task.exception()
-            self.task = None
-            first = str(exc).splitlines()[0] if exc else "stopped"
-            raise OSError(f"N5g-eir listen {self.address}: {first}")
+        loop = asyncio.get_running_loop()
+        shared = self.shared
+        try:
+            self.server = await loop.create_server(
+                lambda: HttpConnection(shared), self.host or None, self.port,
+                backlog=self.backlog, reuse_port=self.reuse_port or None, ssl=self.context,
+                ssl_handshake_timeout=self.handshake_timeout if self.context else None)
+        except OSError as e:
+            raise OSError(f"N5g-eir listen {self.address}: {e.strerror or e}") from None
 
     async def stop(self, timeout: float = 5.0) -> None:
-        if self.task is None:
+        """Stop accepting; let open streams be answered (GOAWAY) for up to `timeout`."""
+        if self.server is None:
             return
-        self.server.stop()
-        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-            await asyncio.wait_for(self.task, timeout)
-        self.task = None
+        self.server.close()
+        self.server = None
+        shared = self.shared
+        shared.closing = True
+        for c in list(shared.connections):
+            c.shutdown()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while shared.connections and loop.time() < end:
+            await asyncio.sleep(0.02)
+        for c in list(shared.connections):
+            if c.transport is not None:
+                c.transport.abort()
 
 
-def _probe_bind(host: str, port: int) -> None:
-    """granian binds with SO_REUSEPORT, so a second server on a busy port would silently share
-    it; a single worker checks first with a plain bind, which fails if anyone listens there."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host or "0.0.0.0", port))
-        except OSError as e:
-            raise OSError(f"N5g-eir listen {host}:{port}: {e.strerror}") from None
+def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
+    """TLS 1.2+ (TS 33.501 13.1: SBI uses TLS 1.2 or 1.3) offering h2 then http/1.1 by ALPN;
+    with `ca`, clients must present a certificate it signed (mTLS)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
 
 
 def resolve_nf_instance_id(cfg: ServeConfig) -> ServeConfig:
@@ -292,10 +601,9 @@ async def start_n5g_eir(cfg: ServeConfig, metrics: Metrics, node: Any, index: in
         if not addr:
             continue
         host, port = parse_hostport(addr, "http_tls_listen" if tls else "http_listen")
-        if cfg.workers == 1:
-            _probe_bind(host, port)
         listener = HttpListener(
-            service, host, port,
+            service, host, port, reuse_port=cfg.workers > 1,
+            handshake_timeout=node.limits.tls_handshake_timeout,
             cert=cfg.http_tls_cert_file if tls else "", key=cfg.http_tls_key_file if tls else "",
             ca=cfg.http_tls_ca_file if tls else "")
         await listener.start()

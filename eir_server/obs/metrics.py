@@ -153,6 +153,13 @@ SPECS: tuple[MetricSpec, ...] = (
         "Message-Length below 20 or above the maximum).",
     ),
     MetricSpec(
+        "eir_http_protocol_errors_total",
+        "counter",
+        "N5g-eir connection and stream errors by kind: h2_<RFC 9113 error code> for HTTP/2 "
+        "(h2_stream_error for streams reset), http1_bad_request for unparsable HTTP/1.1.",
+        ("error",),
+    ),
+    MetricSpec(
         "eir_diameter_watchdog_failures_total",
         "counter",
         "RFC 3539 watchdog expiries (peer went SUSPECT or DOWN).",
@@ -643,6 +650,7 @@ class Metrics:
         self.device_signals: defaultdict[str, int] = defaultdict(int)
         # overload: requests refused instead of processed, by (interface, reason)
         self.shed: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.http_errors: defaultdict[str, int] = defaultdict(int)  # N5g-eir, by kind
         self.worker_label = "0"  # process metrics label: the worker index
         self.store_kind = ""  # eir_build_info's store label: "redis" or "memory"
         self.watchdog_failures = 0
@@ -682,6 +690,7 @@ class Metrics:
         s["eir_audit_records_total"] = {(o,): float(v) for o, v in self.audit.items()}
         s["eir_device_signals_total"] = {(k,): float(v) for k, v in self.device_signals.items()}
         s["eir_requests_shed_total"] = {(i, r): float(v) for (i, r), v in self.shed.items()}
+        s["eir_http_protocol_errors_total"] = {(k,): float(v) for k, v in self.http_errors.items()}
         if ready is not None:
             s["eir_ready"] = {(): 1.0 if ready[0] else 0.0}
         add_process_samples(s, self.worker_label, self.store_kind)

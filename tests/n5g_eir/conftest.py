@@ -1,5 +1,5 @@
-"""A real worker's two interfaces in this process: S13 Diameter on TCP and N5g-eir on HTTP/2
-(granian), sharing one checker, store and metrics; clients are real (httpx/h2, curl)."""
+"""A real worker's two interfaces in this process: S13 Diameter on TCP and N5g-eir on HTTP/2,
+sharing one checker, store and metrics; clients are real (httpx/h2, curl)."""
 
 from __future__ import annotations
 

@@ -143,8 +143,8 @@ async def test_overloaded_worker_answers_503_with_retry_after(eirs, tmp_path) ->
 async def test_requests_waiting_for_the_store_leave_nothing_behind(
         eirs, redis_factory, dirbs, sync_dir) -> None:
     """Requests that wait for Redis leave no objects behind: the heap does not grow with the
-    number of requests (granian's Rust task runner did, and the cyclic collector's full passes
-    over the growing heap stalled the worker for up to 130 ms; it is not used)."""
+    number of requests (an earlier HTTP server's task runner did, and the cyclic collector's
+    full passes over the growing heap stalled the worker for up to 130 ms)."""
     import gc
 
     redis = redis_factory.start()
