@@ -32,18 +32,22 @@ from eir_server.policy.imei import luhn_check_digit  # noqa: E402
 
 PATH = "/n5g-eir-eic/v1/equipment-status"
 TRIVIAL = """
-import asyncio, os, signal, sys, uvloop
+import asyncio, os, signal, sys, time, uvloop
 from eir_server.io.http_server import HttpListener
 from eir_server.n5g_eir.app import Response
 from eir_server.obs.metrics import Metrics
 
 class Constant:
     metrics = Metrics()
+    clock = time.monotonic
     answer = Response(200, [("content-type", "application/json")],
                       b'{"status":"WHITELISTED"}', "200")
 
     def request(self, *args):
         return self.answer
+
+    def observe_latency(self, seconds):
+        pass
 
 async def main():
     listener = HttpListener(Constant(), "127.0.0.1", int(sys.argv[1]))

@@ -108,14 +108,17 @@ class N5gEirService:
         self.wall = wall
         self._requests = metrics.requests
         self._latency = metrics.latency_n5g
+        self.answered_now = 0  # answers given since the shell last timed them
         self._last_error_log = float("-inf")
 
     def request(self, method: str, path: str, query: str,
                 header: Callable[[str], str | None], client: str,
-                later: Callable[[int, Response], None], token: int) -> Response | None:
+                later: Callable[[int, Response], None], token: int,
+                t0: float) -> Response | None:
         """The answer now, or None when it waits for the store: then `later(token, answer)`
-        is called once the verdict is in (no task per request: a callback on the lookup)."""
-        t0 = self.clock()
+        is called once the verdict is in (no task per request: a callback on the lookup).
+        `t0` is when the request was read; answers given now are timed together by the
+        shell's `observe_latency` once their read is done."""
         r: Response | Check | None
         try:
             if self.overload is not None and not self._admit(client):
@@ -132,8 +135,14 @@ class N5gEirService:
             r = self._internal_error(path)
         assert type(r) is Response
         self._requests[(INTERFACE, method if r.status != 405 else "other", r.result)] += 1
-        self._latency.observe(self.clock() - t0)
+        self.answered_now += 1
         return r
+
+    def observe_latency(self, seconds: float) -> None:
+        """The shell queued the answers `request` gave now, `seconds` after reading them."""
+        if self.answered_now:
+            self._latency.observe_many(seconds, self.answered_now)
+            self.answered_now = 0
 
     def _internal_error(self, path: str) -> Response:
         """The consumer learns only that it failed; the log says why, at most once a second."""
@@ -234,11 +243,11 @@ def _date_field() -> bytes:
     return _DATE[1]  # type: ignore[no-any-return,unused-ignore]
 
 
-def _head(r: Response) -> bytes:
-    """The answer's HPACK header block. Answers are mostly shared objects (pre-rendered
-    verdicts and problems), so their block is kept by identity for the current second; the
-    entry holds the answer, so its id cannot be reused while cached."""
-    date = _date_field()
+def _head(r: Response, date: bytes) -> bytes:
+    """The answer's HPACK header block, with `date` (`_date_field()`). Answers are mostly
+    shared objects (pre-rendered verdicts and problems), so their block is kept by identity
+    for the current second; the entry holds the answer, so its id cannot be reused while
+    cached."""
     hit = _HEADS.get(id(r))
     if hit is not None and hit[0] is r:
         if hit[1] is date:
@@ -338,14 +347,18 @@ class HttpConnection(asyncio.Protocol):
                 return
         requests = h2.receive(data)
         if requests:
-            request = self.service.request
+            service = self.service
+            request = service.request
             respond = h2.respond
             client = self.client
             later = self._later
+            t0 = service.clock()
+            date = _date_field()
             for sid, method, path, query, headers in requests:
-                a = request(method, path, query, headers.get, client, later, sid)
+                a = request(method, path, query, headers.get, client, later, sid, t0)
                 if a is not None:
-                    respond(sid, _head(a), a.body)
+                    respond(sid, _head(a, date), a.body)
+            service.observe_latency(service.clock() - t0)
         elif h2.error:
             self._h2_error(h2)
         self._flush()
@@ -362,7 +375,7 @@ class HttpConnection(asyncio.Protocol):
             if self.h1 is not None:
                 self.h1.respond(r)
             return
-        if h2.respond(sid, _head(r), r.body) and not self._flush_due:
+        if h2.respond(sid, _head(r, _date_field()), r.body) and not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
 
@@ -449,10 +462,13 @@ class _Http1:
             k = name.decode("latin-1")
             v = value.decode("latin-1")
             fields[k] = f"{fields[k]}, {v}" if k in fields else v
-        a = self.conn.service.request(req.method.decode("latin-1"), path, query, fields.get,
-                                      self.conn.client, self.conn._later, 0)
+        service = self.conn.service
+        t0 = service.clock()
+        a = service.request(req.method.decode("latin-1"), path, query, fields.get,
+                            self.conn.client, self.conn._later, 0, t0)
         if a is not None:
             self.respond(a)
+            service.observe_latency(service.clock() - t0)
 
     def respond(self, r: Response) -> None:
         headers = [*r.headers, ("content-length", str(len(r.body))),

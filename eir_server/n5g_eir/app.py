@@ -272,14 +272,17 @@ def parse_request(query: str) -> Response | Check:
     m = _COMMON_QUERY.fullmatch(query)
     if m is not None:
         imei, sv, imsi = m.groups()
+        # tuple.__new__ with every field: NamedTuple's own __new__ is Python code, and this
+        # runs once per request
         if imei is not None:
-            return _check(CheckRequest(imei, None, imsi))
-        return _check(CheckRequest(sv[:14], sv[14:], imsi))
+            req = _new(CheckRequest, (imei, None, imsi, None))
+        else:
+            req = _new(CheckRequest, (sv[:14], sv[14:], imsi, None))
+        return _new(Check, (req, req))
     return _parse_query(query)
 
 
-def _check(req: CheckRequest) -> Check:
-    return Check(req, req)
+_new = tuple.__new__
 
 
 def _parse_query(query: str) -> Response | Check:
