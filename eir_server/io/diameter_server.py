@@ -50,6 +50,7 @@ from ..overload import OverloadConfig, OverloadSignal, Source
 from ..policy.types import CheckRequest, Verdict
 from ..s13.handler import PendingLookup, Rejected, S13Handler
 from ..service import CheckService
+from .tls import TlsListener
 
 log = get_logger("eir_server.diameter")
 
@@ -346,7 +347,9 @@ class DiameterNode:
         loop = asyncio.get_running_loop()
         server: asyncio.Server
         if ssl is not None:
-            server = TlsListener(self, ssl, host, port, reuse_port, sock)  # type: ignore[assignment]
+            server = TlsListener(  # type: ignore[assignment]
+                ssl, host, port, reuse_port, sock, lambda: DiameterProtocol(self),
+                self.limits.tls_handshake_timeout, self._tls_failed, self._accept_failed)
         elif sock is not None:
             server = await loop.create_server(lambda: DiameterProtocol(self), sock=sock)
         else:
@@ -358,6 +361,14 @@ class DiameterNode:
         if self.server is None:
             self.server = server
         return server
+
+    def _tls_failed(self, address: str, error: BaseException, reason: str) -> None:
+        self.metrics.cer["tls_handshake_failed"] += 1
+        self.log_limited(log, "tls_handshake_failed", address, type(error).__name__,
+                         peer=address, reason=reason)
+
+    def _accept_failed(self, error: OSError) -> None:
+        self.log_limited(log, "accept_failed", "*", error.errno, reason=str(error))
 
     async def shutdown(self, deadline: float = 10.0) -> None:
         """SIGTERM: stop accepting, send DPR(REBOOTING) to every peer, let in-flight answers
@@ -746,73 +757,3 @@ class DiameterProtocol(asyncio.Protocol):
         self.log.warning("connection_aborted", reason=reason)
         if self.transport is not None:
             self.transport.abort()
-
-
-class TlsListener:
-    """The TLS listener: accepts in a loop and runs each handshake as its own task, so that a
-    failed or timed-out handshake is ours to count and log (rate-limited, with the peer address).
-    asyncio's own TLS server drops those silently. Looks like an asyncio.Server to the node."""
-
-    def __init__(self, node: DiameterNode, ctx: ssl_module.SSLContext, host: str, port: int,
-                 reuse_port: bool, sock: socket.socket | None) -> None:
-        if sock is None:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port))
-            sock.listen(1024)
-        sock.setblocking(False)
-        self.node = node
-        self.ctx = ctx
-        self.sockets = [sock]
-        self._handshakes: set[asyncio.Task[None]] = set()
-        self._task: asyncio.Task[None] | None = asyncio.ensure_future(self._accept(sock))
-
-    def is_serving(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        for t in list(self._handshakes):
-            t.cancel()
-        for s in self.sockets:
-            s.close()
-
-    async def wait_closed(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _accept(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, addr = await loop.sock_accept(lsock)
-            except OSError as e:  # EMFILE and the like: back off instead of spinning
-                self.node.log_limited(log, "accept_failed", "*", e.errno, reason=str(e))
-                await asyncio.sleep(0.1)
-                continue
-            task = asyncio.ensure_future(self._handshake(conn, addr[0]))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    async def _handshake(self, conn: socket.socket, address: str) -> None:
-        node = self.node
-        loop = asyncio.get_running_loop()
-        timeout = node.limits.tls_handshake_timeout
-        try:
-            await loop.connect_accepted_socket(lambda: DiameterProtocol(node), conn,
-                                               ssl=self.ctx, ssl_handshake_timeout=timeout)
-        except (TimeoutError, OSError, ssl_module.SSLError) as e:
-            node.metrics.cer["tls_handshake_failed"] += 1
-            text = str(e)
-            timed_out = isinstance(e, TimeoutError) or "taking longer" in text
-            reason = f"no handshake within {timeout:g} s" if timed_out else \
-                text or type(e).__name__
-            node.log_limited(log, "tls_handshake_failed", address, type(e).__name__,
-                             peer=address, reason=reason)
-            conn.close()

@@ -45,6 +45,7 @@ from ..overload import OverloadSignal, Source
 from ..policy.types import Verdict
 from ..service import STORE_ERROR, CheckService
 from .nrf_client import NrfAgent
+from .tls import TlsListener
 
 log = get_logger("eir_server.n5g_eir")
 
@@ -284,6 +285,19 @@ class Listener:
             extra = {"suppressed_since_last": suppressed} if suppressed else {}
             log.warning("n5g_eir_protocol_error", peer=client, error=kind, reason=reason[:200],
                         **extra)
+
+    def tls_failed(self, address: str, error: BaseException, reason: str) -> None:
+        self.metrics.http_errors["tls_handshake_failed"] += 1
+        ok, suppressed = self.limiter.hit((address, type(error).__name__), time.monotonic())
+        if ok:
+            extra = {"suppressed_since_last": suppressed} if suppressed else {}
+            log.warning("n5g_eir_tls_handshake_failed", peer=address, reason=reason[:200],
+                        **extra)
+
+    def accept_failed(self, error: OSError) -> None:
+        ok, _ = self.limiter.hit(("*", "accept", error.errno), time.monotonic())
+        if ok:
+            log.warning("n5g_eir_accept_failed", reason=str(error))
 
 
 _ERROR_NAMES = ("no_error", "protocol_error", "internal_error", "flow_control_error",
@@ -533,10 +547,15 @@ class HttpListener:
         loop = asyncio.get_running_loop()
         shared = self.shared
         try:
-            self.server = await loop.create_server(
-                lambda: HttpConnection(shared), self.host or None, self.port,
-                backlog=self.backlog, reuse_port=self.reuse_port or None, ssl=self.context,
-                ssl_handshake_timeout=self.handshake_timeout if self.context else None)
+            if self.context is not None:  # our accept loop: failed handshakes are logged
+                self.server = TlsListener(  # type: ignore[assignment]
+                    self.context, self.host, self.port, self.reuse_port, None,
+                    lambda: HttpConnection(shared), self.handshake_timeout, shared.tls_failed,
+                    shared.accept_failed, self.backlog)
+            else:
+                self.server = await loop.create_server(
+                    lambda: HttpConnection(shared), self.host or None, self.port,
+                    backlog=self.backlog, reuse_port=self.reuse_port or None)
         except OSError as e:
             raise OSError(f"N5g-eir listen {self.address}: {e.strerror or e}") from None
 

@@ -156,7 +156,8 @@ SPECS: tuple[MetricSpec, ...] = (
         "eir_http_protocol_errors_total",
         "counter",
         "N5g-eir connection and stream errors by kind: h2_<RFC 9113 error code> for HTTP/2 "
-        "(h2_stream_error for streams reset), http1_bad_request for unparsable HTTP/1.1.",
+        "(h2_stream_error for streams reset), http1_bad_request for unparsable HTTP/1.1, "
+        "tls_handshake_failed.",
         ("error",),
     ),
     MetricSpec(
