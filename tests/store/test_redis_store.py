@@ -46,6 +46,26 @@ async def test_misses_in_one_tick_share_one_round_trip(redis_url, dirbs, sync_di
         await s.close()
 
 
+async def test_lookups_survive_a_flushed_script_cache(redis_url, dirbs, sync_dir):
+    """The lookup's EVALSHA is packed by the store itself; a Redis that lost its scripts
+    (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the lookup loads the script and goes on,
+    with no error and no outage."""
+    publish_bl(dirbs, "20240101_000000", [A])
+    sync_dir(redis_url, dirbs.root)
+    s = await started(redis_url)
+    try:
+        assert (await s.fetch(A)) is not None and (await s.fetch(B)) is None
+        redis.Redis.from_url(redis_url).script_flush()
+        got = await asyncio.gather(s.fetch(C), s.fetch(A[:-1] + "9"))
+        assert got == [None, None]
+        s._cache.clear()
+        s._listed.clear()
+        assert (await s.fetch(A)) is not None
+        assert s.stats.redis_errors == 0 and s.stats.unavailable_fetches == 0
+    finally:
+        await s.close()
+
+
 async def test_new_version_enforced_within_one_second(redis_url, dirbs, sync_dir):
     publish_bl(dirbs, "20240101_000000", [A])
     sync_dir(redis_url, dirbs.root)
