@@ -373,15 +373,18 @@ class HttpConnection(asyncio.Protocol):
                 if a is not None:
                     respond(sid, _head(a, date), a.body)
             service.observe_latency(service.clock() - t0)
-        elif h2.error:
-            self._h2_error(h2)
+        if h2.errors:
+            self._h2_errors(h2)
         self._flush()
 
-    def _h2_error(self, h2: H2Connection) -> None:
-        reason, h2.error = h2.error, ""
-        code = int.from_bytes(h2.out[-8 - 4:-8], "big") if h2.closed else 0
-        kind = _ERROR_NAMES[code] if h2.closed and code < len(_ERROR_NAMES) else "stream_error"
-        self.listener.protocol_error(f"h2_{kind}", self.client, reason)
+    def _h2_errors(self, h2: H2Connection) -> None:
+        for code, reason in h2.errors:
+            if code is None:
+                kind = "stream_error"
+            else:
+                kind = _ERROR_NAMES[code] if code < len(_ERROR_NAMES) else str(code)
+            self.listener.protocol_error(f"h2_{kind}", self.client, reason)
+        h2.errors.clear()
 
     def _answer_later(self, sid: int, r: Response) -> None:
         h2 = self.h2

@@ -8,7 +8,7 @@ accepted and discarded (N5g-eir has none). Responses use no HPACK dynamic table,
 header blocks are pre-encoded once per distinct answer and the encoder never holds state.
 
 Errors: a connection error queues GOAWAY and sets `closed` (the shell closes after flushing);
-a stream error queues RST_STREAM and forgets the stream. `error` names the last one, for logs.
+a stream error queues RST_STREAM and forgets the stream. Each is listed in `errors`, for logs.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class H2Connection:
     """One server connection. `receive(data)` returns the requests completed by `data`;
     `respond(...)` answers one; `out` holds the bytes to write (the shell empties it)."""
 
-    __slots__ = ("out", "closed", "error", "max_streams", "_buf", "_preface", "_settings",
+    __slots__ = ("out", "closed", "errors", "max_streams", "_buf", "_preface", "_settings",
                  "_decoder", "_last", "_open", "_receiving", "_pending", "_window",
                  "_initial", "_max_frame", "_cont", "_max_block", "_goaway", "remote_goaway")
 
@@ -112,7 +112,9 @@ class H2Connection:
                     + _SETTING.pack(ENABLE_PUSH, 0))
         self.out = bytearray(frame(SETTINGS, 0, 0, settings))  # the server preface
         self.closed = False  # a GOAWAY for an error is queued: close once it is written
-        self.error = ""
+        # (GOAWAY code, or None for a stream reset; reason) per error, for the shell to count
+        # and log; it empties the list
+        self.errors: list[tuple[int | None, str]] = []
         self.remote_goaway = False
         self._buf = b""
         self._preface = False
@@ -177,7 +179,7 @@ class H2Connection:
                         req = self._other(ftype, flags, sid, payload)
                 except _StreamError as e:
                     self._reset(e.stream_id, e.code)
-                    self.error = e.reason
+                    self.errors.append((None, e.reason))
                     continue
                 if req is not None:
                     requests.append(req)
@@ -482,7 +484,7 @@ class H2Connection:
 
     def fail(self, code: int, reason: str) -> None:
         """A connection error: GOAWAY, then the shell closes once it is written."""
-        self.error = reason
+        self.errors.append((code, reason))
         self._goaway = False  # a graceful GOAWAY may precede the error one
         self.goaway(code, reason)
         self.closed = True

@@ -241,7 +241,7 @@ HEADERS_BLOCK = hpack.Encoder().encode(GET)
 ])
 def test_connection_errors_end_with_goaway(frames_: list[bytes], code: int) -> None:
     s = raw_server(*frames_)
-    assert s.closed and goaway_code(s) == code
+    assert s.closed and goaway_code(s) == code and s.errors[-1][0] == code
     assert s.receive(frame(h2conn.PING, 0, 0, b"12345678")) == []  # nothing after
 
 
@@ -273,6 +273,7 @@ def test_stream_level_errors_reset_only_that_stream() -> None:
         i += 9 + n
     assert resets == [(1, h2conn.PROTOCOL_ERROR), (3, h2conn.FRAME_SIZE_ERROR),
                       (5, h2conn.PROTOCOL_ERROR)]
+    assert [code for code, _ in s.errors] == [None, None, None]  # stream errors, all listed
 
 
 def test_padded_priority_headers_and_concurrency_limit() -> None:

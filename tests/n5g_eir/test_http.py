@@ -142,3 +142,56 @@ async def test_openapi_document_is_served(eirs, path: str) -> None:
     s, h, b = await curl("--http2-prior-knowledge", eir.base + path)
     assert s == 200 and h["content-type"] == "application/yaml" and b.startswith("openapi:")
 
+
+
+async def test_protocol_errors_are_answered_counted_and_the_server_lives_on(eirs) -> None:
+    """What a broken or hostile consumer gets on the wire: GOAWAY with the RFC 9113 code for a
+    connection error, RST_STREAM for a malformed request (the connection stays), 400 for
+    unparsable HTTP/1.1; each counted by kind. A healthy client is served throughout."""
+    import struct
+
+    import hpack
+
+    eir = await eirs()
+
+    async def exchange(data: bytes) -> bytes:
+        r, w = await asyncio.open_connection("127.0.0.1", eir.http_port)
+        w.write(data)
+        out = b""
+        try:
+            while True:
+                chunk = await asyncio.wait_for(r.read(65536), 1.0)
+                if not chunk:
+                    break
+                out += chunk
+        except TimeoutError:
+            pass
+        w.close()
+        return out
+
+    def frames(data: bytes) -> list[tuple[int, int, bytes]]:
+        out, i = [], 0
+        while i + 9 <= len(data):
+            n = int.from_bytes(data[i:i + 3], "big")
+            out.append((data[i + 3], int.from_bytes(data[i + 5:i + 9], "big") & 0x7FFFFFFF,
+                        data[i + 9:i + 9 + n]))
+            i += 9 + n
+        return out
+
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    block = hpack.Encoder().encode([(":method", "GET"), (":scheme", "http"), (":path", "/x"),
+                                    ("Bad-Case", "1")])
+    got = frames(await exchange(
+        preface + struct.pack(">BHBBL", 0, len(block), 1, 5, 1) + block
+        + b"\x00\x00\x05\x01\x05\x00\x00\x00\x03\xff\xff\xff\xff\xff"))
+    rst = [f for f in got if f[0] == 3]
+    goaway = [f for f in got if f[0] == 7]
+    assert [(sid, struct.unpack(">L", p)[0]) for _, sid, p in rst] == [(1, 1)]  # PROTOCOL
+    # the last stream acted on is 1: stream 3 was never processed
+    assert len(goaway) == 1 and struct.unpack(">LL", goaway[0][2][:8]) == (1, 9)  # COMPRESSION
+    assert (await exchange(b"NOT HTTP AT ALL\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    async with eir.h2c() as c:
+        r = await c.get(PATH, params={"pei": pei(IMEI_BLACK)})
+        assert r.json() == {"status": "BLACKLISTED"}
+    assert dict(eir.metrics.http_errors) == {
+        "h2_stream_error": 1, "h2_compression_error": 1, "http1_bad_request": 1}
