@@ -37,14 +37,17 @@ bench: install system-deps
 	$(PY) -m benchmarks.suite --profile $(PROFILE) $(foreach s,$(SUITES),--suite $(s)) \
 		--out benchmarks/results/latest.json --readme $(BENCH_ARGS)
 
-## Coverage-guided fuzzing (atheris) of framing, decoders, connection and S13 parse; not in CI.
-## New inputs go to .fuzz/corpus, crashing inputs to .fuzz/crashes/ (exit status 1 then).
+## Coverage-guided fuzzing (atheris), not in CI: S13 (framing, decoders, connection, S13 parse)
+## and N5g-eir (HPACK, HTTP/2 connection, router), FUZZ_SECONDS each. New inputs go to
+## .fuzz/corpus and .fuzz/corpus-n5g, crashing inputs to .fuzz/crashes/ (exit status 1 then).
 FUZZ_SECONDS ?= 600
 fuzz: install
 	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q 'atheris>=2.3'
-	mkdir -p .fuzz/corpus .fuzz/crashes
+	mkdir -p .fuzz/corpus .fuzz/corpus-n5g .fuzz/crashes
 	$(PY) fuzz/fuzz_s13.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 		-artifact_prefix=.fuzz/crashes/ .fuzz/corpus fuzz/seeds
+	$(PY) fuzz/fuzz_n5g.py -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		-artifact_prefix=.fuzz/crashes/n5g- .fuzz/corpus-n5g fuzz/seeds_n5g
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .fuzz

@@ -1,0 +1,27 @@
+"""Coverage-guided fuzzing (atheris, libFuzzer) of what an N5g-eir consumer's bytes reach: HPACK,
+the HTTP/2 server connection, the request router. Invariants in `harness_n5g.py`.
+
+    make fuzz                                   # both targets, FUZZ_SECONDS each
+    .venv/bin/python fuzz/fuzz_n5g.py -max_total_time=60 .fuzz/corpus-n5g fuzz/seeds_n5g
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import atheris
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+with atheris.instrument_imports(include=["eir_server", "fuzz"]):
+    from fuzz.harness_n5g import run_one
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, run_one)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
