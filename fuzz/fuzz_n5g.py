@@ -10,18 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import atheris
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-with atheris.instrument_imports(include=["eir_server", "fuzz"]):
-    from fuzz.harness_n5g import run_one
-
-
-def main() -> None:
-    atheris.Setup(sys.argv, run_one)
-    atheris.Fuzz()
-
+from fuzz.target import fuzz  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    fuzz("fuzz.harness_n5g")

@@ -360,48 +360,7 @@ class Decoder:
                 else:
                     name, pos = _string(block, pos)
 
-                # The value: _string() inlined, Huffman included, as every request has one
-                # (:path). Keep in step with _string() and _huffman().
-                byte = block[pos]
-                pos += 1
-                length = byte & 0x7F
-                if length == 0x7F:
-                    length, pos = _integer(block, pos, 0x7F)
-                stop = pos + length
-                if stop > end:
-                    raise HpackError("truncated string literal")
-                if byte & 0x80:
-                    nxt = _NEXT
-                    emit = _EMIT
-                    parts: list[str] = []
-                    add = parts.append
-                    state = 0
-                    if length > _HEAD_LEN:
-                        mid = pos + _HEAD_LEN
-                        key = block[pos:mid]
-                        head = _head_cache.get(key)
-                        if head is None:
-                            for byte in key:
-                                i = state + byte
-                                add(emit[i])
-                                state = nxt[i]
-                            if len(_head_cache) >= _HEAD_CACHE_MAX:
-                                _head_cache.clear()
-                            _head_cache[key] = ("".join(parts), state)
-                        else:
-                            add(head[0])
-                            state = head[1]
-                        pos = mid
-                    for byte in block[pos:stop]:
-                        i = state + byte
-                        add(emit[i])
-                        state = nxt[i]
-                    if not _ACCEPT[state >> 8]:
-                        raise HpackError("invalid Huffman string: EOS, or bad padding")
-                    value = "".join(parts)
-                else:
-                    value = block[pos:stop].decode("latin-1")
-                pos = stop
+                value, pos = _string(block, pos)
 
                 entry_size = len(name) + len(value) + _ENTRY_OVERHEAD
                 budget -= entry_size
