@@ -88,6 +88,9 @@ class CountingTransport:
     def close(self) -> None:
         pass
 
+    def abort(self) -> None:
+        pass
+
 
 def setup(imeis: int) -> tuple[N5gEirService, AuditRecorder]:
     store = MemoryStore()
@@ -133,6 +136,7 @@ async def run(batch: int, n: int, imeis: int, profile: bool) -> float:
     k = 0
     for _ in range(rounds):
         if k == len(batches):
+            conn.connection_lost(None)
             conn = connect(service)
             k = 0
         t = conn.transport

@@ -71,12 +71,15 @@ class ServeConfig:
         "DNS names (subjectAltName, else CN), else CEA 3010. Needs --tls-ca",
         choices=("off", "origin-host"))
     tls_handshake_timeout: float = _opt(10.0, "seconds a TLS peer has to complete its "
-                                        "handshake; failures are logged with the peer address",
+                                        "handshake (failures are logged with the peer "
+                                        "address), and a new N5g-eir connection to send its "
+                                        "HTTP/2 preface or first HTTP/1.1 request",
                                         metavar="SECONDS")
-    max_connections: int = _opt(1024, "Diameter connections per worker; more are closed at "
-                                "accept", metavar="N")
-    max_connections_per_source: int = _opt(64, "Diameter connections per peer IP address (per "
-                                           "worker); more are closed at accept", metavar="N")
+    max_connections: int = _opt(1024, "connections per worker, for Diameter and for each "
+                                "N5g-eir listener; more are closed at accept", metavar="N")
+    max_connections_per_source: int = _opt(64, "connections per peer IP address (per worker), "
+                                           "for Diameter and for each N5g-eir listener; more "
+                                           "are closed at accept", metavar="N")
     overload_target_delay: float = _opt(
         0.05, "queueing delay (seconds) above which a worker sheds load: excess ECRs get 3004 "
         "at once, fairly per peer, and DOIC peers an OC-OLR; N5g-eir requests 503 with "

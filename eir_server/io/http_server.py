@@ -21,7 +21,7 @@ import http
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import h11
 
@@ -265,16 +265,52 @@ def _head(r: Response, date: bytes) -> bytes:
     return head
 
 
+class Limits(NamedTuple):
+    """Per worker, for each listener (the Diameter side has its own)."""
+
+    max_connections: int = 1024
+    max_per_source: int = 64  # per consumer IP address
+    # seconds a new connection has to send its HTTP/2 preface and SETTINGS, or its first
+    # HTTP/1.1 request; then it is closed (after that, idle connections stay)
+    first_request_timeout: float = 10.0
+
+
+DEFAULT_LIMITS = Limits()
+
+
 class Listener:
     """What a listener's connections share."""
 
-    def __init__(self, service: N5gEirService, tls: bool) -> None:
+    def __init__(self, service: N5gEirService, tls: bool, limits: Limits = DEFAULT_LIMITS) -> None:
         self.service = service
         self.tls = tls
+        self.limits = limits
         self.metrics = service.metrics
         self.connections: set[HttpConnection] = set()
+        self.by_source: dict[str, int] = {}
         self.closing = False
         self.limiter = LogLimiter()
+
+    def admit(self, conn: HttpConnection, ip: str) -> bool:
+        """Connection limits, checked before any work for the consumer is done."""
+        n = self.by_source.get(ip, 0)
+        lim = self.limits
+        if len(self.connections) >= lim.max_connections or n >= lim.max_per_source:
+            self.protocol_error("connection_refused", f"{ip}:0",
+                                f"connection limit reached ({n} open from this address)")
+            return False
+        self.connections.add(conn)
+        self.by_source[ip] = n + 1
+        return True
+
+    def release(self, conn: HttpConnection, ip: str) -> None:
+        if conn in self.connections:
+            self.connections.discard(conn)
+            n = self.by_source.get(ip, 1) - 1
+            if n > 0:
+                self.by_source[ip] = n
+            else:
+                self.by_source.pop(ip, None)
 
     def protocol_error(self, kind: str, client: str, reason: str) -> None:
         """Counted always; logged once per consumer address and kind per minute."""
@@ -315,19 +351,27 @@ class HttpConnection(asyncio.Protocol):
         self.service = listener.service
         self.transport: asyncio.Transport | None = None
         self.client = ""
+        self.ip = ""
         self.h2: H2Connection | None = None
         self.h1: _Http1 | None = None
         self._later = self._answer_later
         self._flush_due = False
         self._paused = False
+        self._first: asyncio.TimerHandle | None = None  # the first request's deadline
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but are ones
-        transport = self.transport = cast(asyncio.Transport, transport)
+        transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else "?"
         self.client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if not self.listener.admit(self, self.ip):
+            transport.abort()
+            return
+        self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-        self.listener.connections.add(self)
+        self._first = asyncio.get_running_loop().call_later(
+            self.listener.limits.first_request_timeout, self._no_first_request)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             if ssl_object.selected_alpn_protocol() == "h2":
@@ -338,8 +382,22 @@ class HttpConnection(asyncio.Protocol):
             self.shutdown()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.connections.discard(self)
+        self.listener.release(self, self.ip)
         self.transport = None
+        if self._first is not None:
+            self._first.cancel()
+            self._first = None
+
+    def _no_first_request(self) -> None:
+        self._first = None
+        h2, h1 = self.h2, self.h1
+        if (h2 is not None and h2.established) or (h1 is not None and h1.served):
+            return
+        self.listener.protocol_error("first_request_timeout", self.client,
+                                     "no HTTP/2 preface and SETTINGS, or HTTP/1.1 request, "
+                                     f"within {self.listener.limits.first_request_timeout:g} s")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _start_h2(self) -> None:
         self.h2 = H2Connection()
@@ -445,6 +503,7 @@ class _Http1:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         self.request: h11.Request | None = None
         self.busy = False
+        self.served = False  # a whole request came
 
     def receive(self, data: bytes) -> None:
         self.h11.receive_data(data)
@@ -472,6 +531,7 @@ class _Http1:
         req = self.request
         assert req is not None
         self.busy = True
+        self.served = True
         target = req.target.decode("latin-1")
         path, _, query = target.partition("?")
         fields: dict[str, str] = {}
@@ -535,7 +595,8 @@ class HttpListener:
 
     def __init__(self, service: N5gEirService, host: str, port: int, *,
                  cert: str = "", key: str = "", ca: str = "", backlog: int = 1024,
-                 reuse_port: bool = False, handshake_timeout: float = 10.0) -> None:
+                 reuse_port: bool = False, handshake_timeout: float = 10.0,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.tls = bool(cert)
         self.address = f"{host}:{port}"
         self.host, self.port = host, port
@@ -543,7 +604,7 @@ class HttpListener:
         self.reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout
         self.context = tls_context(cert, key, ca) if cert else None
-        self.shared = Listener(service, self.tls)
+        self.shared = Listener(service, self.tls, limits)
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -642,6 +703,8 @@ async def start_n5g_eir(cfg: ServeConfig, metrics: Metrics, node: Any, index: in
         listener = HttpListener(
             service, host, port, reuse_port=cfg.workers > 1,
             handshake_timeout=node.limits.tls_handshake_timeout,
+            limits=Limits(cfg.max_connections, cfg.max_connections_per_source,
+                          cfg.tls_handshake_timeout),
             cert=cfg.http_tls_cert_file if tls else "", key=cfg.http_tls_key_file if tls else "",
             ca=cfg.http_tls_ca_file if tls else "")
         await listener.start()

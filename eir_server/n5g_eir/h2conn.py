@@ -134,6 +134,11 @@ class H2Connection:
         self._goaway = False  # we sent GOAWAY (graceful or not): new streams are ignored
 
     @property
+    def established(self) -> bool:
+        """The peer's preface and first SETTINGS came."""
+        return self._settings
+
+    @property
     def busy(self) -> bool:
         """Streams are open or answers wait for flow control."""
         return bool(self._open or self._receiving or self._pending)

@@ -157,7 +157,7 @@ SPECS: tuple[MetricSpec, ...] = (
         "counter",
         "N5g-eir connection and stream errors by kind: h2_<RFC 9113 error code> for HTTP/2 "
         "(h2_stream_error for streams reset), http1_bad_request for unparsable HTTP/1.1, "
-        "tls_handshake_failed.",
+        "tls_handshake_failed, connection_refused (limits), first_request_timeout.",
         ("error",),
     ),
     MetricSpec(

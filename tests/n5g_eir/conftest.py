@@ -61,7 +61,8 @@ async def wait_listening(port: int, timeout: float = 10.0) -> None:
 async def start_eir(store: Any = None, policy: PolicyConfig | None = None,
                     max_in_flight: int = 10_000, tls: dict[str, str] | None = None,
                     authorizer: Any = None, audit: Callable[..., None] | None = None,
-                    fallback: Any = None, overload_target: float = 0.0) -> Eir:
+                    fallback: Any = None, overload_target: float = 0.0,
+                    http_limits: Any = None) -> Eir:
     if store is None:
         store = MemoryStore()
         for k, v in default_records().items():
@@ -78,11 +79,12 @@ async def start_eir(store: Any = None, policy: PolicyConfig | None = None,
     service = N5gEirService(N5gEirApp(authorizer), node.service, metrics,
                             overload=node.overload if overload_target > 0 else None)
     port = free_port()
-    listeners = [HttpListener(service, "127.0.0.1", port)]
+    limits = {"limits": http_limits} if http_limits is not None else {}
+    listeners = [HttpListener(service, "127.0.0.1", port, **limits)]
     tls_port = None
     if tls is not None:
         tls_port = free_port()
-        listeners.append(HttpListener(service, "127.0.0.1", tls_port, **tls))
+        listeners.append(HttpListener(service, "127.0.0.1", tls_port, **tls, **limits))
     for listener in listeners:
         await listener.start()
     await wait_listening(port)

@@ -195,3 +195,39 @@ async def test_protocol_errors_are_answered_counted_and_the_server_lives_on(eirs
         assert r.json() == {"status": "BLACKLISTED"}
     assert dict(eir.metrics.http_errors) == {
         "h2_stream_error": 1, "h2_compression_error": 1, "http1_bad_request": 1}
+
+
+async def test_connection_limits_and_the_first_request_deadline(eirs) -> None:
+    """Per consumer address, at most N connections; one that sends neither an HTTP/2 preface
+    nor an HTTP/1.1 request in time is closed; an idle HTTP/2 connection past its SETTINGS
+    stays (AMFs keep connections open between requests)."""
+    from eir_server.io.http_server import Limits
+
+    eir = await eirs(http_limits=Limits(max_connections=100, max_per_source=2,
+                                        first_request_timeout=0.3))
+    loop = asyncio.get_running_loop()
+
+    async def closed_within(r: asyncio.StreamReader, seconds: float) -> bool:
+        try:
+            return await asyncio.wait_for(r.read(65536), seconds) == b""
+        except TimeoutError:
+            return False
+
+    r1, w1 = await asyncio.open_connection("127.0.0.1", eir.http_port)
+    w1.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    r2, w2 = await asyncio.open_connection("127.0.0.1", eir.http_port)  # says nothing
+    r3, w3 = await asyncio.open_connection("127.0.0.1", eir.http_port)  # one too many
+    assert await closed_within(r3, 1.0)
+    t0 = loop.time()
+    assert await closed_within(r2, 2.0) and loop.time() - t0 < 1.5
+    await asyncio.sleep(0.3)
+    w1.write(b"\x00\x00\x08\x06\x00\x00\x00\x00\x0012345678")  # PING: still served
+    seen = b""
+    while b"12345678" not in seen:
+        chunk = await asyncio.wait_for(r1.read(65536), 2.0)
+        assert chunk, "the idle HTTP/2 connection was closed"
+        seen += chunk
+    for w in (w1, w2, w3):
+        w.close()
+    errors = eir.metrics.http_errors
+    assert errors["connection_refused"] == 1 and errors["first_request_timeout"] == 1
