@@ -107,7 +107,7 @@ def setup(imeis: int) -> tuple[N5gEirService, AuditRecorder]:
 
 
 def connect(service: N5gEirService) -> HttpConnection:
-    conn = HttpConnection(Listener(service, False))
+    conn = HttpConnection(Listener(service))
     conn.connection_made(CountingTransport())  # type: ignore[arg-type]
     # as h2load: a large stream window, and the connection window opened as answers arrive
     conn.data_received(PREFACE + frame(SETTINGS, 0, 0, struct.pack(">HL", 4, 0x3FFFFFFF)))

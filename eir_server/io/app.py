@@ -48,6 +48,7 @@ from ..policy import (
 from ..store import open_store
 from .diameter_server import DiameterNode, NodeLimits
 from .http_server import resolve_nf_instance_id, start_n5g_eir
+from .tls import server_context
 
 log = get_logger("eir_server.app")
 
@@ -362,15 +363,8 @@ def _settle_gc() -> None:
 
 
 def tls_context(cfg: ServeConfig) -> ssl.SSLContext:
-    """Server-side TLS for Diameter (RFC 6733 13.1): TLS 1.2+, our certificate, and peer
-    certificates verified against `tls_ca` when one is given."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    if cfg.tls_ca:
-        ctx.load_verify_locations(cfg.tls_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    """Server-side TLS for Diameter: peer certificates verified against `tls_ca` if given."""
+    return server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
 
 
 _REGISTER_TS = re.compile(r"(\d{8}_\d{6})")

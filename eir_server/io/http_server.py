@@ -18,7 +18,6 @@ import dataclasses
 import email.utils
 import functools
 import http
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
@@ -35,7 +34,7 @@ from ..n5g_eir.app import (
     overloaded,
     problem,
 )
-from ..n5g_eir.h2conn import PREFACE, H2Connection, encode_head, literal
+from ..n5g_eir.h2conn import PREFACE, H2Connection, encode_fields, encode_status, literal
 from ..n5g_eir.nrf import NF_TYPE, load_nf_instance_id
 from ..n5g_eir.oauth import BearerAuthorizer
 from ..obs.logging import get_logger
@@ -45,7 +44,7 @@ from ..overload import OverloadSignal, Source
 from ..policy.types import Verdict
 from ..service import STORE_ERROR, CheckService
 from .nrf_client import NrfAgent
-from .tls import TlsListener
+from .tls import TlsListener, server_context
 
 log = get_logger("eir_server.n5g_eir")
 
@@ -230,18 +229,23 @@ class N5gEirService:
 # --- wire -------------------------------------------------------------------------------------
 
 WRITE_HIGH_WATER = 256 * 1024  # answers a consumer leaves unread before we stop reading it
-_DATE: list[Any] = [0, b""]  # [unix second, HPACK date field]
 _HEADS: dict[int, tuple[Response, bytes, bytes, bytes, bytes]] = {}
 _MAX_HEADS = 512
+_date_now: tuple[int, str, bytes] = (0, "", b"")  # unix second, Date value, its HPACK field
+
+
+def _date() -> tuple[int, str, bytes]:
+    """RFC 9110 6.6.1: an origin server with a clock sends Date; formatted once a second."""
+    global _date_now
+    now = int(time.time())
+    if now != _date_now[0]:
+        text = email.utils.formatdate(now, usegmt=True)
+        _date_now = (now, text, literal("date", text))
+    return _date_now
 
 
 def _date_field() -> bytes:
-    """RFC 9110 6.6.1: an origin server with a clock sends Date; one encoding per second."""
-    now = int(time.time())
-    if now != _DATE[0]:
-        _DATE[0] = now
-        _DATE[1] = literal("date", email.utils.formatdate(now, usegmt=True))
-    return _DATE[1]  # type: ignore[no-any-return,unused-ignore]
+    return _date()[2]
 
 
 def _head(r: Response, date: bytes) -> bytes:
@@ -257,9 +261,7 @@ def _head(r: Response, date: bytes) -> bytes:
     else:
         if len(_HEADS) >= _MAX_HEADS:
             _HEADS.clear()
-        block = encode_head(r.status, r.headers, len(r.body))
-        n = 1 if block[0] & 0x80 else 2 + block[1]  # :status indexed, or a literal
-        status, rest = block[:n], block[n:]
+        status, rest = encode_status(r.status), encode_fields(r.headers, len(r.body))
     head = status + date + rest
     _HEADS[id(r)] = (r, date, status, rest, head)
     return head
@@ -281,9 +283,8 @@ DEFAULT_LIMITS = Limits()
 class Listener:
     """What a listener's connections share."""
 
-    def __init__(self, service: N5gEirService, tls: bool, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(self, service: N5gEirService, limits: Limits = DEFAULT_LIMITS) -> None:
         self.service = service
-        self.tls = tls
         self.limits = limits
         self.metrics = service.metrics
         self.connections: set[HttpConnection] = set()
@@ -547,14 +548,17 @@ class _Http1:
             self.respond(a)
             service.observe_latency(service.clock() - t0)
 
+    def _wire(self, r: Response, *extra: tuple[str, str]) -> bytes:
+        """The answer's bytes (h11 raises LocalProtocolError when none may be sent)."""
+        headers = [*r.headers, ("content-length", str(len(r.body))), ("date", _date()[1]),
+                   *extra]
+        return b"".join(self.h11.send(e) or b"" for e in (
+            h11.Response(status_code=r.status, headers=headers, reason=_reason(r.status)),
+            h11.Data(data=r.body), h11.EndOfMessage()))
+
     def respond(self, r: Response) -> None:
-        headers = [*r.headers, ("content-length", str(len(r.body))),
-                   ("date", email.utils.formatdate(usegmt=True))]
         try:
-            out = self.h11.send(h11.Response(status_code=r.status, headers=headers,
-                                             reason=_reason(r.status)))
-            out = (out or b"") + (self.h11.send(h11.Data(data=r.body)) or b"") + \
-                (self.h11.send(h11.EndOfMessage()) or b"")
+            out = self._wire(r)
         except h11.LocalProtocolError:  # the consumer went away meanwhile
             self.conn.close()
             return
@@ -575,11 +579,7 @@ class _Http1:
                     detail="the HTTP/1.1 request could not be parsed")
         if self.h11.our_state is h11.SEND_RESPONSE or self.h11.our_state is h11.IDLE:
             with contextlib.suppress(h11.LocalProtocolError):
-                headers = [*r.headers, ("content-length", str(len(r.body))),
-                           ("connection", "close")]
-                self.conn.write(self.h11.send(h11.Response(
-                    status_code=status, headers=headers, reason=_reason(status))) or b"")
-                self.conn.write(self.h11.send(h11.Data(data=r.body)) or b"")
+                self.conn.write(self._wire(r, ("connection", "close")))
         self.conn.close()
 
 
@@ -597,14 +597,13 @@ class HttpListener:
                  cert: str = "", key: str = "", ca: str = "", backlog: int = 1024,
                  reuse_port: bool = False, handshake_timeout: float = 10.0,
                  limits: Limits = DEFAULT_LIMITS) -> None:
-        self.tls = bool(cert)
         self.address = f"{host}:{port}"
         self.host, self.port = host, port
         self.backlog = backlog
         self.reuse_port = reuse_port
         self.handshake_timeout = handshake_timeout
-        self.context = tls_context(cert, key, ca) if cert else None
-        self.shared = Listener(service, self.tls, limits)
+        self.context = server_context(cert, key, ca, ["h2", "http/1.1"]) if cert else None
+        self.shared = Listener(service, limits)
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -640,19 +639,6 @@ class HttpListener:
         for c in list(shared.connections):
             if c.transport is not None:
                 c.transport.abort()
-
-
-def tls_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
-    """TLS 1.2+ (TS 33.501 13.1: SBI uses TLS 1.2 or 1.3) offering h2 then http/1.1 by ALPN;
-    with `ca`, clients must present a certificate it signed (mTLS)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    if ca:
-        ctx.load_verify_locations(ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
-    return ctx
 
 
 def resolve_nf_instance_id(cfg: ServeConfig) -> ServeConfig:

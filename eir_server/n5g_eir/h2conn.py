@@ -102,7 +102,7 @@ class H2Connection:
 
     __slots__ = ("out", "closed", "errors", "max_streams", "_buf", "_preface", "_settings",
                  "_decoder", "_last", "_open", "_receiving", "_pending", "_window",
-                 "_initial", "_max_frame", "_cont", "_max_block", "_goaway", "remote_goaway")
+                 "_initial", "_max_frame", "_cont", "_max_block", "_goaway")
 
     def __init__(self, max_concurrent_streams: int = 1000,
                  max_header_list_size: int = 16384) -> None:
@@ -115,7 +115,6 @@ class H2Connection:
         # (GOAWAY code, or None for a stream reset; reason) per error, for the shell to count
         # and log; it empties the list
         self.errors: list[tuple[int | None, str]] = []
-        self.remote_goaway = False
         self._buf = b""
         self._preface = False
         self._settings = False  # the peer's first SETTINGS seen
@@ -307,7 +306,7 @@ class H2Connection:
                 raise _ConnectionError(PROTOCOL_ERROR, "GOAWAY on a stream")
             if len(payload) < 8:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "GOAWAY too short")
-            self.remote_goaway = True
+            # The peer opens no more streams; those open are still answered.
         elif ftype == CONTINUATION:
             raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
         elif ftype == PUSH_PROMISE:
@@ -589,15 +588,20 @@ def literal(name: str, value: str) -> bytes:
     return b"\x00" + _string(name.encode("latin-1")) + v
 
 
-def encode_head(status: int, headers: list[tuple[str, str]], content_length: int) -> bytes:
-    """The header block of an answer, without the date (`literal("date", ...)`, added per
-    second by the shell)."""
+def encode_status(status: int) -> bytes:
+    """:status, first in every answer's header block."""
     index = _STATUS_INDEX.get(status)
     if index:
-        block = bytearray((0x80 | index,))
-    else:  # literal with the name of static entry 8 (:status)
-        block = bytearray(_int(8, 4, 0) + _string(str(status).encode()))
-    for name, value in headers:
-        block += literal(name, value)
-    block += literal("content-length", str(content_length))
-    return bytes(block)
+        return bytes((0x80 | index,))
+    return _int(8, 4, 0) + _string(str(status).encode())  # the name of static entry 8
+
+
+def encode_fields(headers: list[tuple[str, str]], content_length: int) -> bytes:
+    """An answer's header fields after :status (the shell puts the Date field between)."""
+    return b"".join([*[literal(n, v) for n, v in headers],
+                     literal("content-length", str(content_length))])
+
+
+def encode_head(status: int, headers: list[tuple[str, str]], content_length: int) -> bytes:
+    """The header block of an answer, without a Date field."""
+    return encode_status(status) + encode_fields(headers, content_length)

@@ -65,13 +65,13 @@ _ERRORS = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
 # Errors after which the same round trip on a fresh connection may well succeed.
 _CONNECTION_ERRORS = (RedisConnectionError, OSError)
 
+HEARTBEAT = 0.02  # seconds between loop-lag samples
+HARD_TIMEOUT_FACTOR = 10  # wall-time bound on a round trip, in units of `timeout`
+
 
 def _pack(parts: list[bytes]) -> bytes:
     """One RESP command (an array of bulk strings)."""
     return b"".join([b"*%d\r\n" % len(parts), *[b"$%d\r\n%b\r\n" % (len(p), p) for p in parts]])
-
-HEARTBEAT = 0.02  # seconds between loop-lag samples
-HARD_TIMEOUT_FACTOR = 10  # wall-time bound on a round trip, in units of `timeout`
 
 
 class LoopLag:
