@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fuzz.harness import run_one
 from fuzz.make_corpus import seeds
+from tests.mutations import mutated
 
 SEEDS = seeds()
 SEED_DIR = Path(__file__).resolve().parents[2] / "fuzz" / "seeds"
@@ -28,18 +29,10 @@ def test_every_seed_passes() -> None:
         run_one(data)
 
 
-edits = st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=6)
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(sorted(SEEDS)), edits, st.integers(0, 700), st.sampled_from(sorted(SEEDS)))
-def test_mutated_frames(name: str, changes: list[tuple[int, int]], cut: int,
-                        tail: str) -> None:
-    frame = bytearray(SEEDS[name])
-    for i, v in changes:
-        if i < len(frame):
-            frame[i] = v
-    run_one(bytes(frame[:cut]) if cut < len(frame) else bytes(frame) + SEEDS[tail])
+@given(mutated(SEEDS, 600))
+def test_mutated_frames(data: bytes) -> None:
+    run_one(data)
 
 
 @settings(max_examples=200, deadline=None)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from fuzz.harness_n5g import run_one
 from fuzz.make_corpus import n5g_seeds
+from tests.mutations import mutated
 
 SEEDS = n5g_seeds()
 SEED_DIR = Path(__file__).resolve().parents[2] / "fuzz" / "seeds_n5g"
@@ -26,17 +27,10 @@ def test_every_seed_is_served() -> None:
         run_one(data)
 
 
-edits = st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6)
-
-
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(sorted(SEEDS)), edits, st.integers(0, 500), st.sampled_from(sorted(SEEDS)))
-def test_mutated_frames(name: str, changes: list[tuple[int, int]], cut: int, tail: str) -> None:
-    data = bytearray(SEEDS[name])
-    for i, v in changes:
-        if i < len(data):
-            data[i] = v
-    run_one(bytes(data[:cut]) if cut < len(data) else bytes(data) + SEEDS[tail])
+@given(mutated(SEEDS, 400))
+def test_mutated_frames(data: bytes) -> None:
+    run_one(data)
 
 
 @settings(max_examples=300, deadline=None)
