@@ -414,8 +414,11 @@ def test_head_cache_is_bounded() -> None:
 
 
 def test_huffman_tables_are_complete() -> None:
-    assert len(hpack._NEXT) == len(hpack._EMIT) == 257 * 256
-    assert sum(hpack._ACCEPT) == 8  # the root and 1..7 one-bits
+    rows = hpack._ROWS
+    assert len(rows) == 257 and all(len(row) == 257 for row in rows)
+    ids = {id(row) for row in rows}
+    assert all(id(nxt) in ids for row in rows for _, nxt in row[:256])
+    assert sum(row[256] for row in rows) == 8  # the root and 1..7 one-bits
 
 
 # --- Hostile input ---------------------------------------------------------------------------

@@ -115,6 +115,7 @@ _raw = st.one_of(
     bodies.map(lambda b: b + luhn_ref(b)),
     bodies.map(lambda b: "00" + b[2:]),
     bodies.map(lambda b: "imei-" + b + luhn_ref(b)),
+    bodies.map(lambda b: b + "0"),
 )
 
 
@@ -125,6 +126,21 @@ def test_imei_key_fast_path_agrees_with_normalize(raw: str) -> None:
         p = Policy(cfg)
         r = p.normalize(raw)
         assert p.imei_key(raw) == (r.imei14 if isinstance(r, NormalizedImei) else None)
+
+
+@given(_raw)
+def test_identify_agrees_with_normalize(raw: str) -> None:
+    """Policy.identify inlines parse_imei's 15-digit case: same body, SVN and reason."""
+    for cfg in (PolicyConfig(), PolicyConfig(check_luhn=False, test_tacs=()),
+                PolicyConfig(accept_zero_spare_digit=True, test_tacs=("35", "4901"))):
+        p = Policy(cfg)
+        r = p.normalize(raw)
+        body, svn, bad = p.identify(raw)
+        if isinstance(r, NormalizedImei):
+            assert (body, svn, bad) == (r.imei14, r.svn, None)
+        else:
+            assert body == r.imei14 and bad is not None
+            assert bad.reasons[0].startswith(f"{r.reason}: ")
 
 
 def test_policy_normalize_applies_test_tacs() -> None:
