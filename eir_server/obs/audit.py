@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from eir_server.obs.logging import get_logger
 from eir_server.obs.metrics import Metrics
 from eir_server.policy.types import CheckRequest, EquipmentStatus, Verdict
-from eir_server.recent import MASK, RecentMap
+from eir_server.recent import RecentMap
 
 DEFAULT_STREAM = "eir:audit"
 FIELDS = ("t", "imei", "imeisv", "imsi", "msisdn", "peer", "interface", "verdict", "rule")
@@ -153,6 +153,7 @@ class _ImeiEntry:
 
 
 REFRESH = 60.0  # seconds: how stale the last-seen time of an unchanged pair may get
+FRESH_MAX = 65_536  # pairs the hot path can skip within one REFRESH period (then forgotten)
 _NONE: list[str] = []  # no signal (never appended to)
 
 _MULTI = ""  # in place of an IMSI: this IMEI has several, see DeviceChangeDetector._multi
@@ -201,33 +202,39 @@ class DeviceChangeDetector:
         self._by_imsi: RecentMap[str] = RecentMap(max_tracked, stamped=True)
         # IMEIs seen with several IMSIs: rare, but GC-tracked objects, so kept apart.
         self._multi: RecentMap[_ImeiEntry] = RecentMap(max_tracked)
+        # IMSI -> IMEI body of the pairs written in this REFRESH period whose state is exactly
+        # "this IMEI has only this IMSI, this IMSI last had this IMEI": seeing them again has
+        # nothing to signal and nothing to write, so it costs one lookup (here, and before
+        # queuing in AuditRecorder.record). Entries leave when either side changes, all of
+        # them when the period ends. Strings only (already held by the maps): not GC-tracked.
+        self.fresh: dict[str, str] = {}
+        self.fresh_until = float("-inf")
         self._log = get_logger("eir_server.audit")
 
     def observe(self, when: float, imei: str, imsi: str | None) -> list[str]:
         if not imsi:
             return []
+        fresh = self.fresh
+        known = fresh.get(imsi)
+        if known is not None and when < self.fresh_until and imei.startswith(known):
+            return _NONE  # an unchanged pair, written this period (the common case)
+        if not self.fresh_until - REFRESH <= when < self.fresh_until:  # (or the clock jumped)
+            fresh.clear()
+            self.fresh_until = when + REFRESH
         key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
         by_imei = self._by_imei
-        # Recency (what is forgotten last) is refreshed only every REFRESH seconds, a tiny
-        # fraction of the window.
-        since = when - REFRESH
-        # Both written lately with this pair, in the young generations: nothing to signal, and
-        # no write (the common case, once per request; inlined, no tuple built).
-        h = hash(key) & MASK
-        if by_imei._young[h].get(key) == imsi and by_imei._young_t[h][key] >= since:
-            by_imsi = self._by_imsi
-            h = hash(imsi) & MASK
-            if by_imsi._young[h].get(imsi) == key and by_imsi._young_t[h][imsi] >= since:
-                return _NONE
         signals: list[str] = []
         # Nearly every IMEI is only ever seen with one IMSI: keep that as a plain string and
         # build an _ImeiEntry only for the second one. Writing it again keeps it young.
         got = by_imei.get_stamped(key)
         seen = None if got is None else got[0]
         entry = None if seen != _MULTI else self._multi.get(key)
-        if seen is None or seen == imsi or (seen == _MULTI and entry is None):
+        single = seen is None or seen == imsi or (seen == _MULTI and entry is None)
+        if single:
             by_imei.put(key, imsi, when)
         else:
+            if seen != _MULTI:
+                fresh.pop(seen, None)  # type: ignore[arg-type]  # its IMEI is no longer its alone
             if entry is None:
                 entry = _ImeiEntry()
                 entry.imsis[seen] = got[1]  # type: ignore[index]
@@ -249,6 +256,12 @@ class DeviceChangeDetector:
         if prev is not None and prev[0] != key and when - prev[1] <= self.window:
             signals.append("imsi_imei_change")
             self._signal(when, "imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev[0])
+        if single and len(key) == 14:  # 14: `startswith` above then means "same body"
+            if len(fresh) >= FRESH_MAX:
+                fresh.clear()
+            fresh[imsi] = key
+        else:
+            fresh.pop(imsi, None)
         return signals
 
     def _signal(self, when: float, kind: str, **context: Any) -> None:
@@ -353,8 +366,13 @@ class AuditRecorder:
             keep = True
         else:
             keep = self._sampling and self._rng() < self.sample
-            if not keep and self.detector is None:
-                return
+            if not keep:
+                det = self.detector
+                if det is None or not req.imsi:
+                    return
+                known = det.fresh.get(req.imsi)
+                if known is not None and when < det.fresh_until and req.imei.startswith(known):
+                    return  # the detector would skip it too (see observe): no need to queue
         buf = self._buf
         n = len(buf)
         if n >= self.capacity:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eir_server.obs.audit import (
     AuditRecorder,
@@ -193,6 +195,50 @@ def test_an_unchanged_pair_is_refreshed_once_a_minute() -> None:
     assert det._by_imsi.get_stamped("001") == ("35000000000001", 61)
     # 130 s after the first sighting but 69 s after the refreshed one: inside the window.
     assert det.observe(130, "35000000000002", "001") == ["imsi_imei_change"]
+
+
+# (seconds since the last sighting, IMEI, IMSI): two devices and three SIMs, so that pairs
+# repeat, change and collide; IMEIs in 14-, 15- and 16-digit forms of the same two bodies.
+_sightings = st.lists(st.tuples(
+    st.sampled_from([0.0, 0.5, 20.0, 61.0]),
+    st.sampled_from(["35000000000001", "350000000000015", "35000000000002", "3500000000000223"]),
+    st.sampled_from(["001", "002", "003", None])), max_size=40)
+
+
+@given(_sightings)
+@settings(max_examples=300, deadline=None)
+def test_skipping_fresh_pairs_signals_what_checking_every_sighting_signals(
+        sightings: list[tuple[float, str, str | None]]) -> None:
+    """The hot path skips pairs written this period; a detector that checks every sighting in
+    full (its fresh pairs forgotten before each) signals exactly the same. A window far longer
+    than REFRESH: the skipped refreshes of last-seen times then cannot move a decision."""
+    fast = DeviceChangeDetector(Metrics(), max_imsis=2, window=1e7, log_events=False)
+    full = DeviceChangeDetector(Metrics(), max_imsis=2, window=1e7, log_events=False)
+    when = DAY
+    for gap, imei, imsi in sightings:
+        when += gap
+        full.fresh.clear()
+        assert fast.observe(when, imei, imsi) == full.observe(when, imei, imsi)
+    assert fast.metrics.device_signals == full.metrics.device_signals
+
+
+@given(_sightings)
+@settings(max_examples=100, deadline=None)
+async def test_recorder_skips_only_what_the_detector_would(
+        sightings: list[tuple[float, str, str | None]]) -> None:
+    """AuditRecorder.record drops fresh pairs before queuing them: the signals are the ones
+    the detector gives when it sees every sighting."""
+    m = Metrics()
+    rec = AuditRecorder(m, None, detector=DeviceChangeDetector(m, max_imsis=2, window=1e7,
+                                                                log_events=False))
+    full = DeviceChangeDetector(Metrics(), max_imsis=2, window=1e7, log_events=False)
+    when = DAY
+    for gap, imei, imsi in sightings:
+        when += gap
+        rec.record(when, CheckRequest(imei=imei, imsi=imsi), WHITE, "mme")
+        await rec.flush()  # as the drain task would between reads
+        full.observe(when, imei, imsi)
+    assert m.device_signals == full.metrics.device_signals
 
 
 def test_detector_memory_is_bounded() -> None:
