@@ -31,6 +31,7 @@ STORE_OPTIONS: dict[str, type] = {
     "backoff_max": float,
     "sentinel_password": str,
     "snapshot_dir": str,
+    "lookup_client": str,
 }
 
 
