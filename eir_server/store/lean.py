@@ -64,9 +64,9 @@ class BucketPacker:
         """One HGET per IMEI (a Cluster node's share of a lookup), concatenated."""
         cut, kh, hget = self.cut, self._kh, self._hget
         if self._bcd:
-            fh = bytes.fromhex(self._fh)
+            fh, pad = b"$%d\r\n" % ((cut + 1) // 2), "1" if cut % 2 else ""
             return b"".join([(hget + kh + i[cut:] + "\r\n").encode()
-                             + fh + bytes.fromhex(i[:cut]) + b"\r\n" for i in imeis])
+                             + fh + bytes.fromhex(pad + i[:cut]) + b"\r\n" for i in imeis])
         fh = self._fh
         return "".join([hget + kh + i[cut:] + "\r\n" + fh + i[:cut] + "\r\n"
                         for i in imeis]).encode()

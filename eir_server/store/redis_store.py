@@ -1007,6 +1007,11 @@ class RedisStore:
         except Exception as e:  # noqa: BLE001 - start serving anyway, from the fallback
             self.stats.redis_errors += 1
             self._set_up(False, e)
+        if self._lean is not None and self._up:
+            # The first lookups already take the lean path (it would otherwise open these).
+            names = [""] if self.target.mode != "cluster" else [
+                n.name for n in self._client.nodes_manager.get_nodes_by_server_type("primary")]
+            await asyncio.gather(*(self._lean_connect(n) for n in names))
         self._want_snapshot(self._state)
         self._poller = asyncio.ensure_future(self._poll_forever())
 
