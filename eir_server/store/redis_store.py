@@ -329,9 +329,7 @@ class RedisStore:
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[ImeiRecord | None] = loop.create_future()
         self.stats.fetches += 1
-        r = self._cache.get(imei14, MISSING)
-        if r is MISSING:
-            r = self._listed.get(imei14, MISSING)
+        r = self._cache.get_or(self._listed, imei14, MISSING)
         if r is MISSING:
             st = self._state
             r = st.overlay.get(imei14, MISSING)
@@ -481,15 +479,18 @@ class RedisStore:
         except Exception as e:  # noqa: BLE001 - a record id not in the table, a bad value
             self._spawn(self._batch_failed(chunk, e))
             return
-        if self._state is st:
-            cput, lput = self._cache.put, self._listed.put
-            for i, rec in zip(imeis, recs, strict=True):
-                if rec is None:
-                    cput(i, None)
-                else:
-                    lput(i, rec)
-            self.stats.cache_evictions = self._cache.evicted + self._listed.evicted
         listed = len(recs) - recs.count(None)
+        if self._state is st:
+            if listed:
+                lput = self._listed.put
+                for i, rec in zip(imeis, recs, strict=True):
+                    if rec is not None:
+                        lput(i, rec)
+                self._cache.put_many([i for i, rec in zip(imeis, recs, strict=True)
+                                      if rec is None], None)
+            else:  # the common case: nothing listed
+                self._cache.put_many(imeis, None)
+            self.stats.cache_evictions = self._cache.evicted + self._listed.evicted
         self.stats.redis_hits += listed
         self.stats.redis_misses += len(recs) - listed
         for i, rec in zip(imeis, recs, strict=True):
