@@ -26,7 +26,7 @@ class BucketPacker:
     """RESP pieces for the bucket keys and fields of a full load (see layout.py)."""
 
     __slots__ = ("buckets", "cut", "_kh", "_ksep", "_fh", "_fsep", "_bcd", "_hget",
-                 "_slots")
+                 "_slots", "_heads")
 
     def __init__(self, buckets: Buckets) -> None:
         self.buckets = buckets
@@ -46,6 +46,7 @@ class BucketPacker:
             self._fsep = "\r\n" + self._fh
         self._hget = "*3\r\n$4\r\nHGET\r\n"
         self._slots: dict[str, int] = {}  # bucket suffix -> cluster slot
+        self._heads: dict[str, bytes] = {}  # bucket suffix -> HGET key + field length
 
     def keys(self, imeis: list[str]) -> bytes:
         """The bulk strings of the bucket keys of `imeis`, concatenated."""
@@ -62,14 +63,29 @@ class BucketPacker:
 
     def hgets(self, imeis: list[str]) -> bytes:
         """One HGET per IMEI (a Cluster node's share of a lookup), concatenated."""
-        cut, kh, hget = self.cut, self._kh, self._hget
+        cut, heads = self.cut, self._heads
+        out = []
         if self._bcd:
-            fh, pad = b"$%d\r\n" % ((cut + 1) // 2), "1" if cut % 2 else ""
-            return b"".join([(hget + kh + i[cut:] + "\r\n").encode()
-                             + fh + bytes.fromhex(pad + i[:cut]) + b"\r\n" for i in imeis])
-        fh = self._fh
-        return "".join([hget + kh + i[cut:] + "\r\n" + fh + i[:cut] + "\r\n"
-                        for i in imeis]).encode()
+            pad = "1" if cut % 2 else ""
+            for i in imeis:
+                sfx = i[cut:]
+                h = heads.get(sfx) or self._head(sfx)
+                out.append(h + bytes.fromhex(pad + i[:cut]) + b"\r\n")
+        else:
+            for i in imeis:
+                sfx = i[cut:]
+                h = heads.get(sfx) or self._head(sfx)
+                out.append(h + ("1" + i[:cut] + "\r\n").encode())
+        return b"".join(out)
+
+    def _head(self, sfx: str) -> bytes:
+        """`HGET <bucket key>` and the field's length line: the same for a whole bucket, so
+        kept by bucket suffix (at most 10^k)."""
+        cut = self.cut
+        flen = (cut + 1) // 2 if self._bcd else cut + 1
+        h = self._heads[sfx] = (self._hget + self._kh + sfx + "\r\n").encode() + (
+            b"$%d\r\n" % flen)
+        return h
 
     def slot(self, imei: str) -> int:
         """Cluster slot of the IMEI's bucket key (cached by bucket: at most 10^k)."""
