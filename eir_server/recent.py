@@ -20,6 +20,7 @@ What it replaces, and why (each measured on the request path of a worker):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
 V = TypeVar("V")
@@ -57,6 +58,19 @@ class RecentMap(Generic[V]):
             return self._old[h].get(key, default)
         return v
 
+    def get_or(self, other: RecentMap[Any], key: Any, default: Any = None) -> Any:
+        """`self.get(key)`, else `other.get(key, default)`, in one call and one hash (a store
+        probes its two caches on every miss)."""
+        h = hash(key) & MASK
+        v = self._young[h].get(key, _ABSENT)
+        if v is _ABSENT:
+            v = self._old[h].get(key, _ABSENT)
+            if v is _ABSENT:
+                v = other._young[h].get(key, _ABSENT)
+                if v is _ABSENT:
+                    return other._old[h].get(key, default)
+        return v
+
     def get_stamped(self, key: Any) -> tuple[V, float] | None:
         """(value, stamp) of a stamped map, or None."""
         h = hash(key) & MASK
@@ -79,6 +93,22 @@ class RecentMap(Generic[V]):
             self._young_t[h][key] = stamp
         if self._dying:
             self._dying.pop()
+
+    def put_many(self, keys: Iterable[Any], value: V) -> None:
+        """`put(key, value)` for each key, in one call (an unstamped map: the store caches a
+        batch of "not listed" answers at once)."""
+        assert not self.stamped
+        for key in keys:
+            h = hash(key) & MASK
+            young = self._young[h]
+            if key not in young:
+                if self.young >= self.half:
+                    self.turn()
+                    young = self._young[h]
+                self.young += 1
+            young[key] = value
+            if self._dying:
+                self._dying.pop()
 
     def turn(self) -> None:
         """Start a new young generation now (also done when it holds half the bound); the old

@@ -112,10 +112,9 @@ def redis_factory(tmp_path: Path) -> Iterator[type]:
         p.stop()
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A 3-master Redis Cluster (no replicas); yields a redis+cluster:// URL."""
-    base = tmp_path_factory.mktemp("cluster")
+@contextlib.contextmanager
+def cluster_nodes(base: Path) -> Iterator[list[RedisProc]]:
+    """A 3-master Redis Cluster (no replicas) under `base`; yields its nodes."""
     nodes = []
     bus_ports = []
     for i in range(3):
@@ -148,10 +147,21 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     time.sleep(0.05)
         # All nodes must also agree on the slot map before clients rely on MOVED-free routing.
         time.sleep(0.5)
-        yield "redis+cluster://" + ",".join(f"127.0.0.1:{p.port}" for p in nodes)
+        yield nodes
     finally:
         for p in nodes:
             p.stop()
+
+
+def cluster_url(nodes: list[RedisProc]) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{p.port}" for p in nodes)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 3-master Redis Cluster (no replicas); yields a redis+cluster:// URL."""
+    with cluster_nodes(tmp_path_factory.mktemp("cluster")) as nodes:
+        yield cluster_url(nodes)
 
 
 @pytest.fixture

@@ -52,3 +52,32 @@ def test_forgets_by_generations_and_counts_evictions() -> None:
         m.put(i, None)
     assert len(m) <= 100 and m.evicted >= 800
     assert all(i in m for i in range(950, 1000)) and 0 not in m
+
+
+@given(OPS, OPS, st.integers(2, 40))
+def test_get_or_is_get_then_get(a_ops: list[tuple[str, int, int]],
+                                b_ops: list[tuple[str, int, int]], bound: int) -> None:
+    a: RecentMap[int] = RecentMap(bound)
+    b: RecentMap[int] = RecentMap(bound)
+    for m, ops in ((a, a_ops), (b, b_ops)):
+        for op, key, value in ops:
+            if op == "put":
+                m.put(key, value)
+            else:
+                m.discard(key)
+    for k in range(61):
+        want = a.get(k, "absent")
+        if want == "absent":
+            want = b.get(k, "absent")
+        assert a.get_or(b, k, "absent") == want
+
+
+@given(st.lists(st.integers(0, 60), max_size=300), st.integers(2, 40))
+def test_put_many_is_put_each(keys: list[int], bound: int) -> None:
+    a: RecentMap[None] = RecentMap(bound)
+    b: RecentMap[None] = RecentMap(bound)
+    for k in keys:
+        a.put(k, None)
+    b.put_many(keys, None)
+    assert [k in a for k in range(61)] == [k in b for k in range(61)]
+    assert (a.young, a.evicted, len(a)) == (b.young, b.evicted, len(b))

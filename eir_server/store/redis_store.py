@@ -23,6 +23,15 @@ What counts as "down" (a wrong call answers the fallback verdict from a healthy 
   or re-fed): answering "not listed" from an empty store would whitelist every device.
 Version switches load outside any lookup's deadline: a lookup that meets a new version waits for
 the shared refresh, whose own round trips are bounded one by one.
+
+Lookup client (`lookup_client`, default "lean"): the misses of a loop tick go out on the lean
+RESP connection (resp.py, lean.py) straight from the flush callback, and their reply resolves
+the futures from the connection's own callback: no task, coroutine or redis-py machinery per
+round trip. Anything unusual takes the general path (`_lookup_batch`, a coroutine): no
+connection yet, a version change, NOSCRIPT, a lost connection (retried there once, on a fresh
+connection), a Cluster redirection (MOVED/ASK: the Cluster's general path is redis-py's
+pipeline, which follows it and updates the slot map the lean path routes by).
+"lookup_client=redis-py" keeps every lookup on redis-py (the previous path).
 """
 
 from __future__ import annotations
@@ -32,15 +41,19 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import structlog
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from eir_server.policy.types import ImeiRecord
 from eir_server.recent import RecentMap
@@ -48,6 +61,8 @@ from eir_server.recent import RecentMap
 from . import layout, snapshot
 from .base import MISSING, StoreOverloaded, StoreStats, StoreUnavailable, _Missing
 from .codec import decode_record
+from .lean import BucketPacker, LeanLinks, bulk
+from .resp import HARD_TIMEOUT_FACTOR, RespConnectionError, RespTimeout
 from .snapshot import Snapshot
 from .urls import RedisTarget, async_client
 
@@ -66,7 +81,7 @@ _ERRORS = (RedisError, OSError, TimeoutError, asyncio.TimeoutError)
 _CONNECTION_ERRORS = (RedisConnectionError, OSError)
 
 HEARTBEAT = 0.02  # seconds between loop-lag samples
-HARD_TIMEOUT_FACTOR = 10  # wall-time bound on a round trip, in units of `timeout`
+LOOKUP_CLIENTS = ("lean", "redis-py")
 
 
 def _pack(parts: list[bytes]) -> bytes:
@@ -100,6 +115,98 @@ class LoopLag:
         self._handle.cancel()
 
 
+class _Slots:
+    """The bound on concurrent lookup round trips (`max_inflight`), shared by the lean path
+    (callbacks: `try_take` or `when_free`) and the general path (`await take()`)."""
+
+    __slots__ = ("free", "_waiters")
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: deque[asyncio.Future[None] | Callable[[], None]] = deque()
+
+    def try_take(self) -> bool:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return True
+        return False
+
+    def when_free(self, cb: Callable[[], None]) -> None:
+        """Call `cb` holding a slot as soon as one is free."""
+        if self.try_take():
+            cb()
+        else:
+            self._waiters.append(cb)
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.give()  # handed a slot just as it was cancelled: pass it on
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if isinstance(w, asyncio.Future):
+                if w.done():
+                    continue
+                w.set_result(None)
+            else:
+                w()
+            return
+        self.free += 1
+
+
+class _Fast:
+    """What the lean path needs per register version, built once per version."""
+
+    __slots__ = ("st", "ver", "created", "packer", "cmd", "keys2", "cur_key", "meta_key",
+                 "cur_slot", "meta_slot")
+
+    def __init__(self, st: _State, ns: str, cur_key: str, sha: str) -> None:
+        assert st.version is not None and st.buckets is not None
+        self.st = st
+        self.ver = st.version.encode()
+        self.created = st.created.encode() if st.created is not None else None
+        self.packer = BucketPacker(st.buckets)
+        self.cur_key = cur_key
+        self.meta_key = layout.meta_key(ns, st.version)
+        self.cmd = b"$7\r\nEVALSHA\r\n" + bulk(sha)
+        self.keys2 = bulk(cur_key) + bulk(self.meta_key)  # KEYS[1], KEYS[2] of the script
+        self.cur_slot = int(key_slot(cur_key.encode()))
+        self.meta_slot = int(key_slot(self.meta_key.encode()))
+
+    def evalsha(self, imeis: list[str]) -> bytes:
+        """The lookup script's EVALSHA for `imeis` (what _evalsha packs, byte for byte)."""
+        n = len(imeis)
+        p = self.packer
+        return b"".join((b"*%d\r\n" % (2 * n + 5), self.cmd, bulk(str(n + 2)), self.keys2,
+                         p.keys(imeis), p.fields(imeis)))
+
+
+class _ClusterBatch:
+    """One lean Cluster lookup in flight: a pipeline per node, joined here."""
+
+    __slots__ = ("chunk", "imeis", "fast", "left", "cur", "created", "values", "done")
+
+    def __init__(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                 imeis: list[str], fast: _Fast, parts: int) -> None:
+        self.chunk = chunk
+        self.imeis = imeis
+        self.fast = fast
+        self.left = parts
+        self.cur: Any = None
+        self.created: Any = None
+        self.values: dict[str, Any] = {}
+        self.done = False
+
+
 @dataclass(slots=True)
 class _State:
     """Everything needed to answer for one register version; replaced as a whole."""
@@ -131,8 +238,12 @@ class RedisStore:
         backoff_min: float = 0.05,
         backoff_max: float = 0.5,
         snapshot_dir: str = "",
+        lookup_client: str = "lean",
         **_ignored: Any,
     ) -> None:
+        if lookup_client not in LOOKUP_CLIENTS:
+            raise ValueError(f"lookup_client must be one of {LOOKUP_CLIENTS}")
+        self.lookup_client = lookup_client
         self.target = target
         self.ns = namespace
         self.cache_size = cache_size
@@ -155,10 +266,12 @@ class RedisStore:
         self._pending: dict[str, list[asyncio.Future[ImeiRecord | None]]] = {}
         self._flush_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._inflight = asyncio.Semaphore(max_inflight)
+        self._slots = _Slots(max_inflight)
         self._refresh_lock = asyncio.Lock()
         self._client: Any = None
         self._script: Any = None
+        self._lean: LeanLinks | None = None
+        self._fast: _Fast | None = None
         self._poller: asyncio.Task[None] | None = None
         self._up: bool | None = None  # None until the first contact either way
         self._down_reason = ""
@@ -216,9 +329,7 @@ class RedisStore:
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[ImeiRecord | None] = loop.create_future()
         self.stats.fetches += 1
-        r = self._cache.get(imei14, MISSING)
-        if r is MISSING:
-            r = self._listed.get(imei14, MISSING)
+        r = self._cache.get_or(self._listed, imei14, MISSING)
         if r is MISSING:
             st = self._state
             r = st.overlay.get(imei14, MISSING)
@@ -245,33 +356,250 @@ class RedisStore:
         self._flush_scheduled = False
         pending, self._pending = self._pending, {}
         it = iter(pending.items())
+        lean = self._lean is not None
         while chunk := dict(islice(it, self.batch_max)):
-            task = asyncio.ensure_future(self._lookup_batch(chunk))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.stats.fetch_batches += 1
+            self.stats.fetch_keys += len(chunk)
+            if lean:
+                self._slots.when_free(partial(self._lean_send, chunk))
+            else:
+                self._spawn(self._lookup_batch(chunk))
 
-    async def _lookup_batch(
-        self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]]
-    ) -> None:
-        self.stats.fetch_batches += 1
-        self.stats.fetch_keys += len(chunk)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the lean path: callbacks only, holding a slot of self._slots ---------------------------
+    def _fast_for(self, st: _State) -> _Fast | None:
+        f = self._fast
+        if f is not None and f.st is st:
+            return f
+        if st.version is None or st.buckets is None:
+            return None  # no register, or no full load: the general path says what to do
+        sha = self._script.sha if self._script is not None else ""
+        f = self._fast = _Fast(st, self.ns, self._cur_key, sha)
+        return f
+
+    def _lean_send(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]]) -> None:
+        """Send one batch on the lean connection(s); called holding a slot."""
+        if self._closed:
+            self._to_general(chunk)  # fails it
+            return
         try:
-            async with self._inflight:
-                if not self._up:  # went down while this batch waited for a slot
-                    raise StoreUnavailable("redis unavailable")
-                results = await self._lookup(list(chunk))
+            if not self._up:  # went down while this batch waited for a slot
+                raise StoreUnavailable("redis unavailable")
+            st = self._state
+            fast = self._fast_for(st)
+            if fast is None:
+                self._to_general(chunk)
+                return
+            imeis = list(chunk)
+            if st.overlay:  # IMEIs changed by deltas are answered by the overlay
+                overlay = st.overlay
+                todo = [i for i in imeis if i not in overlay]
+                if len(todo) < len(imeis):
+                    for i in imeis:
+                        if i in overlay:
+                            self._resolve_one(chunk[i], overlay[i])
+                    if not todo:
+                        self._slots.give()
+                        return
+                    imeis = todo
+            if self._script is not None:
+                self._lean_send_single(chunk, imeis, fast)
+            else:
+                self._lean_send_cluster(chunk, imeis, fast)
+        except ValueError:  # an IMEI the packer cannot take: the general path says why
+            self._to_general(chunk)
         except BaseException as e:  # noqa: BLE001 - every waiter must be released, always
-            if isinstance(e, _ERRORS):
-                self.stats.redis_errors += 1
-                await self._mark_down(e)
-            elif not isinstance(e, asyncio.CancelledError | StoreUnavailable):
-                self.stats.redis_errors += 1
-                log.error("store lookup failed", error=repr(e))
-            exc = e if isinstance(e, StoreUnavailable) else StoreUnavailable(repr(e))
+            self._slots.give()
+            self._spawn(self._batch_failed(chunk, e))
+
+    def _to_general(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                    retry: bool = True) -> None:
+        self._slots.give()
+        if self._closed:  # a task now might be cancelled before it ran: fail them here
+            exc = StoreUnavailable("store closed")
             for futs in chunk.values():
                 for f in futs:
                     if not f.done():
                         f.set_exception(exc)
+            return
+        self._spawn(self._lookup_batch(chunk, retry))
+
+    def _lean_send_single(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                          imeis: list[str], fast: _Fast) -> None:
+        assert self._lean is not None
+        conn = self._lean.get()
+        if conn is None:  # not connected (yet, or since a failure): the general path connects
+            self._to_general(chunk)
+            return
+        conn.send(fast.evalsha(imeis), 1, partial(self._lean_reply, chunk, imeis, fast))
+
+    def _lean_reply(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                    imeis: list[str], fast: _Fast, res: Any) -> None:
+        if (type(res) is list and len(res) == len(imeis) + 2 and res[0] == fast.ver
+                and res[1] == fast.created):
+            self._slots.give()
+            self._lean_resolve(chunk, imeis, fast.st, res, 2)
+        else:
+            self._lean_trouble(chunk, res)
+
+    def _lean_trouble(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                      res: Any) -> None:
+        """A lean round trip that did not simply answer (called holding the batch's slot)."""
+        if type(res) is list or (isinstance(res, hiredis.ReplyError)
+                                 and str(res).startswith(("NOSCRIPT", "MOVED", "ASK"))):
+            # Another version (the general path switches to it), a script to load again, a
+            # Cluster redirection (redis-py's pipeline follows it and fixes the slot map).
+            self._to_general(chunk)
+        elif isinstance(res, RespConnectionError):
+            # The connection broke: one more try, on a fresh connection.
+            self._to_general(chunk, retry=False)
+        else:
+            if isinstance(res, hiredis.ReplyError):
+                res = ResponseError(str(res))
+            elif not isinstance(res, BaseException):
+                res = RespConnectionError(f"unexpected reply {res!r:.100}")
+            self._slots.give()
+            self._spawn(self._batch_failed(chunk, res))
+
+    def _resolve_one(self, futs: list[asyncio.Future[ImeiRecord | None]],
+                     rec: ImeiRecord | None) -> None:
+        for f in futs:
+            if not f.done():
+                f.set_result(rec)
+
+    def _lean_resolve(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                      imeis: list[str], st: _State, values: list[Any], at: int) -> None:
+        """values[at:] answer imeis, in order: decode, cache, resolve the futures."""
+        try:
+            recs = [None if not v else self._decode(st, v) for v in values[at:]]
+        except Exception as e:  # noqa: BLE001 - a record id not in the table, a bad value
+            self._spawn(self._batch_failed(chunk, e))
+            return
+        listed = len(recs) - recs.count(None)
+        if self._state is st:
+            if listed:
+                lput = self._listed.put
+                for i, rec in zip(imeis, recs, strict=True):
+                    if rec is not None:
+                        lput(i, rec)
+                self._cache.put_many([i for i, rec in zip(imeis, recs, strict=True)
+                                      if rec is None], None)
+            else:  # the common case: nothing listed
+                self._cache.put_many(imeis, None)
+            self.stats.cache_evictions = self._cache.evicted + self._listed.evicted
+        self.stats.redis_hits += listed
+        self.stats.redis_misses += len(recs) - listed
+        for i, rec in zip(imeis, recs, strict=True):
+            for f in chunk[i]:
+                if not f.done():
+                    f.set_result(rec)
+
+    def _lean_send_cluster(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                           imeis: list[str], fast: _Fast) -> None:
+        """One pipeline per Cluster primary (by redis-py's slot map): GET N:cur and HGET of
+        the meta's `created` on the nodes holding them, HGET of each bucket field."""
+        assert self._lean is not None
+        slots = self._client.nodes_manager.slots_cache
+        slot_of = fast.packer.slot
+        groups: dict[str, list[str]] = {}
+        try:
+            for i in imeis:
+                name = slots[slot_of(i)][0].name
+                g = groups.get(name)
+                if g is None:
+                    groups[name] = [i]
+                else:
+                    g.append(i)
+            cur_node = slots[fast.cur_slot][0].name
+            meta_node = slots[fast.meta_slot][0].name
+        except (KeyError, IndexError):  # slot map incomplete: redis-py's path fixes it
+            self._to_general(chunk)
+            return
+        groups.setdefault(cur_node, [])
+        groups.setdefault(meta_node, [])
+        conns = {name: self._lean.get(name) for name in groups}
+        missing = [name for name, c in conns.items() if c is None]
+        if missing:
+            for name in missing:  # open them for the next batches; this one goes via redis-py
+                self._spawn(self._lean_connect(name))
+            self._to_general(chunk)
+            return
+        batch = _ClusterBatch(chunk, imeis, fast, len(groups))
+        for name, part in groups.items():
+            head = []
+            if name == cur_node:
+                head.append(b"*2\r\n$3\r\nGET\r\n" + bulk(fast.cur_key))
+            if name == meta_node:
+                head.append(b"*3\r\n$4\r\nHGET\r\n" + bulk(fast.meta_key) + bulk("created"))
+            n = len(head) + len(part)
+            conns[name].send(  # type: ignore[union-attr]
+                b"".join(head) + fast.packer.hgets(part), n,
+                partial(self._cluster_part, batch, part, name == cur_node,
+                        name == meta_node, n))
+
+    async def _lean_connect(self, name: str) -> None:
+        with contextlib.suppress(Exception):
+            async with self._bounded():
+                assert self._lean is not None
+                await self._lean.connect(name)
+
+    def _cluster_part(self, batch: _ClusterBatch, part: list[str], has_cur: bool,
+                      has_meta: bool, n: int, res: Any) -> None:
+        if batch.done:
+            return
+        if n == 1 and not isinstance(res, RespConnectionError | RespTimeout | StoreOverloaded):
+            res = [res]
+        if type(res) is not list:
+            batch.done = True
+            self._lean_trouble(batch.chunk, res)
+            return
+        for r in res:
+            if isinstance(r, hiredis.ReplyError):
+                batch.done = True
+                self._lean_trouble(batch.chunk, r)
+                return
+        at = 0
+        if has_cur:
+            batch.cur = res[0]
+            at = 1
+        if has_meta:
+            batch.created = res[at]
+            at += 1
+        values = batch.values
+        for i, v in zip(part, islice(res, at, None), strict=True):
+            values[i] = v
+        batch.left -= 1
+        if batch.left:
+            return
+        batch.done = True
+        fast = batch.fast
+        if batch.cur != fast.ver or batch.created != fast.created:
+            self._lean_trouble(batch.chunk, [])  # another version: the general path switches
+            return
+        self._slots.give()
+        self._lean_resolve(batch.chunk, batch.imeis, fast.st, [values[i] for i in batch.imeis],
+                           0)
+
+    # -- the general path ----------------------------------------------------------------------
+    async def _lookup_batch(
+        self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]], retry: bool = True
+    ) -> None:
+        """`retry`: whether a connection error on the first round trip may be retried on a
+        fresh connection (False: the lean path's try was that first attempt)."""
+        try:
+            await self._slots.take()
+            try:
+                if not self._up:  # went down while this batch waited for a slot
+                    raise StoreUnavailable("redis unavailable")
+                results = await self._lookup(list(chunk), retry)
+            finally:
+                self._slots.give()
+        except BaseException as e:  # noqa: BLE001 - every waiter must be released, always
+            await self._batch_failed(chunk, e)
             if isinstance(e, asyncio.CancelledError):
                 raise
             return
@@ -283,6 +611,23 @@ class RedisStore:
             for f in futs:
                 if not f.done():
                     f.set_result(rec)
+
+    async def _batch_failed(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                            e: BaseException) -> None:
+        """Count, maybe mark Redis down, and fail every waiter of the batch."""
+        try:
+            if isinstance(e, _ERRORS):
+                self.stats.redis_errors += 1
+                await self._mark_down(e)
+            elif not isinstance(e, asyncio.CancelledError | StoreUnavailable):
+                self.stats.redis_errors += 1
+                log.error("store lookup failed", error=repr(e))
+        finally:
+            exc = e if isinstance(e, StoreUnavailable) else StoreUnavailable(repr(e))
+            for futs in chunk.values():
+                for f in futs:
+                    if not f.done():
+                        f.set_exception(exc)
 
     # -- bounded round trips -------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -320,21 +665,26 @@ class RedisStore:
                 raise StoreOverloaded("event loop too busy to read redis") from None
             raise
 
-    async def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
+    async def _call(self, fn: Any, *args: Any, _retry: bool = True, **kw: Any) -> Any:
         """One bounded round trip; a connection error is retried once on a fresh connection
-        (after a Redis restart every pooled connection is stale, and that is not an outage)."""
-        try:
-            async with self._bounded():
-                return await fn(*args, **kw)
-        except _CONNECTION_ERRORS as e:
-            if isinstance(e, TimeoutError):  # redis-py's TimeoutError is not a connection error
-                raise
-            await self._drop_connections()
+        (after a Redis restart every pooled connection is stale, and that is not an outage).
+        `_retry=False`: this is already the retry (the lean path made the first attempt)."""
+        if _retry:
+            try:
+                async with self._bounded():
+                    return await fn(*args, **kw)
+            except _CONNECTION_ERRORS as e:
+                if isinstance(e, TimeoutError):  # redis-py's TimeoutError is not a connection error
+                    raise
+                await self._drop_connections(lean=False)  # a broken lean one is gone already
         async with self._bounded():
             return await fn(*args, **kw)
 
-    async def _drop_connections(self) -> None:
-        """Close every idle pooled connection: they were opened before whatever just failed."""
+    async def _drop_connections(self, lean: bool = True) -> None:
+        """Close every idle pooled connection: they were opened before whatever just failed;
+        with `lean`, the lean connections too (what is in flight on them fails)."""
+        if lean and self._lean is not None:
+            self._lean.close_all()
         with contextlib.suppress(Exception):
             pool = getattr(self._client, "connection_pool", None)
             if pool is not None:
@@ -344,9 +694,10 @@ class RedisStore:
                     await node.disconnect()
 
     # -- lookups -------------------------------------------------------------------------------
-    async def _lookup(self, imeis: list[str]) -> dict[str, ImeiRecord | None]:
+    async def _lookup(self, imeis: list[str], retry: bool = True
+                      ) -> dict[str, ImeiRecord | None]:
         out: dict[str, ImeiRecord | None] = {}
-        for _attempt in range(3):
+        for attempt in range(3):
             st = self._state
             todo = [i for i in imeis if i not in out]
             for i in todo:  # the overlay may have changed under a new version
@@ -363,7 +714,8 @@ class RedisStore:
                     k, f = st.buckets.locate(i)
                     keys.append(k)
                     fields.append(f)
-            cur, created, values = await self._call(self._round_trip, st, keys, fields)
+            cur, created, values = await self._call(self._round_trip, st, keys, fields,
+                                                    lean=True, _retry=retry or attempt > 0)
             if cur != st.version or created != st.created:
                 # Off the lookup's deadline: the refresh bounds its own round trips.
                 await self._refresh(st, cur, created)
@@ -389,12 +741,17 @@ class RedisStore:
         raise StoreUnavailable("register version kept changing during lookup")
 
     async def _round_trip(
-        self, st: _State, keys: list[str], fields: list[str]
+        self, st: _State, keys: list[Any], fields: list[Any], lean: bool = False
     ) -> tuple[str | None, str | None, list[Any]]:
-        """N:cur, the served version's `created`, and the bucket values, in one round trip."""
+        """N:cur, the served version's `created`, and the bucket values, in one round trip.
+        `lean`: a lookup, sent on the lean connection when there is one (a Cluster's general
+        path stays on redis-py's pipeline, which follows redirections)."""
         meta_key = layout.meta_key(self.ns, st.version or "none")
         if self._script is not None:
-            res = await self._evalsha([self._cur_key, meta_key, *keys], fields)
+            if lean and self._lean is not None:
+                res = await self._lean_evalsha([self._cur_key, meta_key, *keys], fields)
+            else:
+                res = await self._evalsha([self._cur_key, meta_key, *keys], fields)
         else:
             pipe = self._client.pipeline()
             pipe.get(self._cur_key)
@@ -431,6 +788,22 @@ class RedisStore:
         if res is None:
             return await script(keys=keys, args=args)
         return res
+
+    async def _lean_evalsha(self, keys: list[Any], args: list[Any]) -> Any:
+        """The lookup script's EVALSHA on the lean connection (opened here if needed)."""
+        assert self._lean is not None
+        script = self._script
+        packed = _pack([b"EVALSHA", script.sha.encode(), b"%d" % len(keys),
+                        *[k if type(k) is bytes else k.encode() for k in keys],
+                        *[a if type(a) is bytes else a.encode() for a in args]])
+        conn = await self._lean.connect()
+        try:
+            return await conn.request(packed, 1)
+        except hiredis.ReplyError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise ResponseError(str(e)) from None
+        # A restarted or flushed Redis: redis-py's Script loads it again.
+        return await script(keys=keys, args=args)
 
     @staticmethod
     def _decode(st: _State, v: bytes | None) -> ImeiRecord | None:
@@ -628,11 +1001,18 @@ class RedisStore:
         self._client = async_client(self.target, self.timeout)
         if self.target.mode != "cluster":
             self._script = self._client.register_script(_LOOKUP_LUA)
+        if self.lookup_client == "lean":
+            self._lean = LeanLinks(self._client, self.target.mode, self.timeout, self._lag)
         try:
             await self._poll_once()
         except Exception as e:  # noqa: BLE001 - start serving anyway, from the fallback
             self.stats.redis_errors += 1
             self._set_up(False, e)
+        if self._lean is not None and self._up:
+            # The first lookups already take the lean path (it would otherwise open these).
+            names = [""] if self.target.mode != "cluster" else [
+                n.name for n in self._client.nodes_manager.get_nodes_by_server_type("primary")]
+            await asyncio.gather(*(self._lean_connect(n) for n in names))
         self._want_snapshot(self._state)
         self._poller = asyncio.ensure_future(self._poll_forever())
 
@@ -644,6 +1024,8 @@ class RedisStore:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._lean is not None:
+            await self._lean.aclose()  # what was in flight on it fails now, before the tasks go
         for t in list(self._tasks):
             t.cancel()
         if self._tasks:

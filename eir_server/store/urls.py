@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 # Store options that may appear in a URL query, with the type to convert them to.
 STORE_OPTIONS: dict[str, type] = {
@@ -31,6 +31,7 @@ STORE_OPTIONS: dict[str, type] = {
     "backoff_max": float,
     "sentinel_password": str,
     "snapshot_dir": str,
+    "lookup_client": str,
 }
 
 
@@ -77,7 +78,10 @@ def parse_store_url(url: str) -> RedisTarget:
         username = unquote(user) or None
         password = unquote(pw) if sep else None
     if scheme in ("redis", "rediss", "unix"):
-        clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+        # Not urlunsplit: it drops the empty host of unix:///path ("unix:/path"), which
+        # redis-py then refuses.
+        q = urlencode(query)
+        clean = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{q}" if q else "")
         return RedisTarget("single", clean, options=options, ssl=scheme == "rediss")
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         path = [p for p in parts.path.split("/") if p]
