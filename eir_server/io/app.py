@@ -204,20 +204,21 @@ def prepare_register(cfg: ServeConfig) -> bool:
     options = register_options(cfg)
     if options.get("snapshot_dir") is None:
         return True
+    structlog.contextvars.bind_contextvars(worker=-1)  # the parent's lines, as in Supervisor
     store = MemoryStore(cfg.register, **options)
     started = time.monotonic()
     try:
         path = store.prepare_snapshot()
     except SnapshotUnavailable as e:
         log.warning("register snapshot unavailable: every worker loads the register itself "
-                    "(memory per worker)", worker=-1, snapshot_dir=str(options["snapshot_dir"]),
+                    "(memory per worker)", snapshot_dir=str(options["snapshot_dir"]),
                     error=str(e))
         return False
     except (OSError, RegisterError) as e:
         # The workers load it and fail the same way, as without a snapshot.
-        log.error("register not loaded", worker=-1, path=cfg.register, error=str(e))
+        log.error("register not loaded", path=cfg.register, error=str(e))
         return True
-    log.info("register snapshot ready", worker=-1, snapshot=str(path),
+    log.info("register snapshot ready", snapshot=str(path),
              seconds=round(time.monotonic() - started, 2))
     return True
 

@@ -42,6 +42,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from eir_server import __version__
 from eir_server.policy.types import ImeiRecord
 
@@ -55,6 +57,8 @@ from .register import (
     read_full_lists,
 )
 from .snapshot import EXTRA, Snapshot, Writer
+
+log = structlog.get_logger("eir.store")
 
 FORMAT = "eir-register-snapshot-1"
 # Builder exit codes (anything else: the snapshot could not be built, the worker loads itself).
@@ -214,6 +218,7 @@ def ensure(register_dir: Path, directory: Path, max_bad_share: float) -> Path:
         with _locked(lock):
             if path.exists():  # built by the process we waited for
                 return path
+            started = time.monotonic()
             proc = subprocess.run(
                 [sys.executable, "-m", "eir_server.store.register_snapshot", "--register",
                  str(register_dir), "--out", str(path), "--key", key, "--max-bad-share",
@@ -224,6 +229,8 @@ def ensure(register_dir: Path, directory: Path, max_bad_share: float) -> Path:
             # The file, not the exit code, says it worked (a parent reaping every child
             # could take the exit status).
             if path.exists():
+                log.info("register snapshot built", snapshot=str(path),
+                         seconds=round(time.monotonic() - started, 2))
                 return path
         if REFUSED_PREFIX in err:
             raise RegisterError(err.split(REFUSED_PREFIX, 1)[1].strip())
