@@ -192,7 +192,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
 def register_options(cfg: ServeConfig, snapshot: bool = True) -> dict[str, Any]:
     """Store options for the embedded register: where its node-shared snapshot is kept
     (`snapshot` False: nowhere, the register is loaded into this process)."""
-    if cfg.store != "memory://" or not cfg.register:
+    if cfg.store.strip() not in ("", "memory://", "memory:") or not cfg.register:
         return {}
     return {"snapshot_dir": resolve_dir(cfg.register_snapshot_dir) if snapshot else None}
 

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ from .snapshot import EXTRA, Snapshot, Writer
 log = structlog.get_logger("eir.store")
 
 FORMAT = "eir-register-snapshot-1"
+INDEX_STRIDE = 128
 # Builder exit codes (anything else: the snapshot could not be built, the worker loads itself).
 EXIT_REFUSED = 3  # the register was refused (RegisterError / unreadable): the same as loading it
 EXIT_CHANGED = 4  # the register's files changed while it was read: try again
@@ -145,7 +147,8 @@ class RegisterView:
     (as MemoryStore shares them); records with notifications or exceptions, one IMEI each, are
     decoded per lookup rather than kept."""
 
-    __slots__ = ("path", "meta", "version", "reports", "lists", "_snap", "_shared")
+    __slots__ = ("path", "meta", "version", "reports", "lists", "_snap", "_shared", "_keys",
+                 "_vals", "_n", "_index")
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -162,17 +165,32 @@ class RegisterView:
         self.lists: dict[str, str] = dict(meta.get("lists") or {})
         self.reports = [_report(r) for r in meta.get("reports") or ()]
         self._shared: dict[int, ImeiRecord] = {}
+        snap = self._snap
+        self._keys, self._vals, self._n = snap._keys, snap._vals, snap.n
+        # Every INDEX_STRIDE-th key, in this process: a binary search over the mapped array
+        # reads an item per step (~60 ns: a Python int each time); over a list it compares ints
+        # it already has, leaving log2(INDEX_STRIDE) = 7 steps in one page of the map; ~0.3 bytes
+        # per IMEI (3 MB per worker for 10M).
+        self._index: list[int] = self._keys[::INDEX_STRIDE].tolist()
 
     def __len__(self) -> int:
-        return self._snap.n
+        return self._n
 
     def get(self, imei14: str) -> ImeiRecord | None:
         try:
-            v = self._snap.find(imei14)
+            key = int(imei14)
         except ValueError:  # not digits: not a key the register can hold
             return None
-        if v is None:
+        i = bisect_right(self._index, key) - 1
+        if i < 0:
             return None
+        lo = i * INDEX_STRIDE
+        hi = min(lo + INDEX_STRIDE, self._n)
+        keys = self._keys
+        pos = bisect_left(keys, key, lo, hi)
+        if pos == hi or keys[pos] != key:
+            return None
+        v = self._vals[pos]
         rec = self._shared.get(v)
         if rec is None:
             rec = decode_record(self._snap.extra(v & ~EXTRA))
@@ -182,6 +200,7 @@ class RegisterView:
         return rec
 
     def close(self) -> None:
+        self._keys = self._vals = None  # type: ignore[assignment]
         self._snap.close()
 
 

@@ -265,3 +265,24 @@ def test_an_empty_register_directory_is_an_empty_register(tmp_path: Path) -> Non
     view = RegisterView(s.snapshot_path)
     assert view.meta["imeis"] == 0
     view.close()
+
+
+def test_many_imeis_every_one_and_its_neighbours(tmp_path: Path) -> None:
+    # Enough keys for many index strides (register_snapshot.INDEX_STRIDE): every listed IMEI,
+    # the ones next to it, and the first and last keys are answered as the dict answers them.
+    import random
+
+    rnd = random.Random(5)
+    imeis = sorted({f"{rnd.randrange(10**13, 10**14):014d}" for _ in range(3000)}
+                   | {"00000000000000", "99999999999999"})
+    rows = [[i, rnd.choice(DATES), rnd.choice(REASONS)] for i in imeis]
+    notes = [[i, IMSIS[0], "", DATES[0], "x", "True"] for i in imeis[::97]]
+    reg = write_register(tmp_path / "reg", {"blacklist": rows, "notifications_op1": notes})
+    plain, shared = MemoryStore(), MemoryStore(snapshot_dir=tmp_path / "snap")
+    plain.load_register_dir(reg)
+    shared.load_register_dir(reg)
+    for i in imeis:
+        n = int(i)
+        for probe in {max(n - 1, 0), n, min(n + 1, 10**14 - 1)}:
+            key = f"{probe:014d}"
+            assert shared.get_nowait(key) == plain.get_nowait(key), key
