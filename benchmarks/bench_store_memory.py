@@ -9,7 +9,7 @@ and private pages; VmHWM: the peak), after start-up and after a lookup pass that
 register (`eir-server load`, listed and unlisted IMEIs). Start-up is the time from launching the
 command to /readyz 200; the node's peak is the largest sum of RSS over its whole process tree
 (builder included), sampled every 0.2 s while it starts.
-    .venv/bin/python benchmarks/bench_store_memory.py --workers 1 2 4 --imeis 10000000
+    .venv/bin/python benchmarks/bench_store_memory.py --workers 1 2 4 --imeis 10000000 --cold
     .venv/bin/python benchmarks/bench_store_memory.py --workers 2 --snapshot-dir off   # per worker
     # the code before the shared snapshot, from another checkout:
     .venv/bin/python benchmarks/bench_store_memory.py --workers 1 2 --code /path/to/old/checkout
@@ -86,11 +86,15 @@ def free_port() -> int:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
+    """Child processes of every thread of `pid` (a builder started from a worker thread is a
+    child of that thread only)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
 
 
 def tree(pid: int) -> list[int]:
@@ -229,6 +233,9 @@ def main() -> None:
     ap.add_argument("--code", type=Path, default=ROOT, help="eir-server checkout to run")
     ap.add_argument("--snapshot-dir", help="EIR_REGISTER_SNAPSHOT_DIR for the node ('off': "
                     "every worker loads the register itself)")
+    ap.add_argument("--cold", action="store_true", help="delete the register's snapshot files "
+                    "before each start (a first start, or a changed register); without: a "
+                    "restart with the snapshot of an earlier run already there")
     ap.add_argument("--lookups", type=int, default=50_000)
     ap.add_argument("--json", type=Path, help="also write the results here")
     a = ap.parse_args()
@@ -245,6 +252,12 @@ def main() -> None:
         sample_listed(register, 100_000, listed)
     results = []
     for n in a.workers:
+        if a.cold and a.snapshot_dir != "off":
+            from eir_server.store.register_snapshot import dir_tag, resolve_dir
+            private = resolve_dir(a.snapshot_dir or "")
+            assert private is not None
+            for f in private.glob(f"register-{dir_tag(register)}-*.snap"):
+                f.unlink()
         r = measure_node(n, register, a.code, a.snapshot_dir, listed, a.lookups)
         report(r)
         results.append(r)
