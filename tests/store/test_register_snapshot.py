@@ -286,3 +286,25 @@ def test_many_imeis_every_one_and_its_neighbours(tmp_path: Path) -> None:
         for probe in {max(n - 1, 0), n, min(n + 1, 10**14 - 1)}:
             key = f"{probe:014d}"
             assert shared.get_nowait(key) == plain.get_nowait(key), key
+
+
+def test_a_file_that_cannot_be_written_falls_back_to_the_process(tmp_path: Path) -> None:
+    # A full disk, as a file size limit (EFBIG instead of ENOSPC: no filesystem to fill): the
+    # builder gives up, leaves nothing behind, and the register is loaded in the process.
+    rows = [[f"35{i:012d}", "20200101", "stolen"] for i in range(20_000)]
+    reg = write_register(tmp_path / "reg", {"blacklist": rows})
+    snap = tmp_path / "snap"
+    code = f"""
+import resource
+from eir_server.store import MemoryStore
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+s = MemoryStore(snapshot_dir={str(snap)!r})
+s.load_register_dir({str(reg)!r})
+print("RESULT", s.snapshot_path, len(s), s.get_nowait("35000000000007") is not None)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert r.returncode == 0, r.stderr
+    assert "RESULT None 20000 True" in r.stdout, r.stdout
+    assert r.stdout.count("register snapshot unavailable") == 1 and "snapshot not written" in r.stdout
+    assert [p.name for p in snap.iterdir()] == [p.name for p in snap.glob("*.lock")]
