@@ -71,22 +71,18 @@ class Snapshot:
         self._extras = mv[off + n * 12:]
 
     def get(self, imei14: str) -> int | bytes | None:
-        v = self.find(imei14)
-        if v is None:
-            return None
-        if v & EXTRA:
-            return self.extra(v & ~EXTRA)
-        return v
-
-    def find(self, imei14: str) -> int | None:
-        """The raw 32-bit value stored for the IMEI (EXTRA flag included), or None."""
         cut = self._cut
         key = int(imei14[cut:] + imei14[:cut])
         keys = self._keys
         pos = bisect_left(keys, key)
         if pos == self.n or keys[pos] != key:
             return None
-        return int(self._vals[pos])
+        v = self._vals[pos]
+        if v & EXTRA:
+            off = v & ~EXTRA
+            length = int.from_bytes(self._extras[off:off + 4], "little")
+            return bytes(self._extras[off + 4:off + 4 + length])
+        return v
 
     def extra(self, off: int) -> bytes:
         """The extras blob entry at `off` (a value's offset without the EXTRA flag)."""
