@@ -105,6 +105,11 @@ class ServeConfig:
                       "(redis://, rediss://, redis+sentinel://, redis+cluster://)", metavar="URL")
     register: str = _opt("", "directory of national-register files (DIRBS zips/CSVs) loaded "
                          "into the embedded store at start", metavar="DIR")
+    register_snapshot_dir: str = _opt(
+        "", "where the embedded register's snapshot file is kept (in a private subdirectory "
+        "eir-register-<uid>): built once per node and register, mapped by every worker; empty: "
+        "the system temp directory; off: every worker loads the register itself",
+        metavar="DIR")
     store_fallback: str = _opt(
         "whitelisted", "answer when the store cannot (Redis down, IMEI not cached): a status "
         "(whitelisted fails open; greylisted/blacklisted fail closed), or an error answer: "

@@ -45,7 +45,9 @@ from ..policy import (
     load_policy,
     parse_status,
 )
-from ..store import open_store
+from ..store import MemoryStore, open_store
+from ..store.register import RegisterError
+from ..store.register_snapshot import SnapshotUnavailable, resolve_dir
 from .diameter_server import DiameterNode, NodeLimits
 from .http_server import resolve_nf_instance_id, start_n5g_eir
 from .tls import server_context
@@ -67,10 +69,12 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
                      started: asyncio.Event | None = None,
                      stop: asyncio.Event | None = None,
                      policy: Any = None,
-                     reload: Callable[[], ServeConfig] | None = None) -> DiameterNode:
+                     reload: Callable[[], ServeConfig] | None = None,
+                     register_snapshot: bool = True) -> DiameterNode:
     """Run one full node until SIGTERM/SIGINT (or `stop` is set); returns the stopped node.
     `policy`: one already built from `cfg` (else it is built here). SIGHUP reloads the policy
-    (from `reload()`, the configuration read again) and the embedded register."""
+    (from `reload()`, the configuration read again) and the embedded register.
+    `register_snapshot` False: the parent found no place for the register's snapshot file."""
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,7 +83,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     structlog.contextvars.bind_contextvars(worker=index)
     if policy is None:
         policy = build_policy(cfg)
-    store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None)
+    store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None,
+                       **register_options(cfg, register_snapshot))
     await store.start()
     started_at = time.time()
     checker = EquipmentChecker(policy, store, store_fallback(cfg))
@@ -182,6 +187,40 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     await store.close()
     log.info("stopped", worker=index)
     return node
+
+
+def register_options(cfg: ServeConfig, snapshot: bool = True) -> dict[str, Any]:
+    """Store options for the embedded register: where its node-shared snapshot is kept
+    (`snapshot` False: nowhere, the register is loaded into this process)."""
+    if cfg.store.strip() not in ("", "memory://", "memory:") or not cfg.register:
+        return {}
+    return {"snapshot_dir": resolve_dir(cfg.register_snapshot_dir) if snapshot else None}
+
+
+def prepare_register(cfg: ServeConfig) -> bool:
+    """Before the workers fork: build the embedded register's snapshot once, so that no worker
+    parses the register (they map this file). False when it cannot be had: said once here, and
+    each worker then loads the register itself, as without a snapshot."""
+    options = register_options(cfg)
+    if options.get("snapshot_dir") is None:
+        return True
+    structlog.contextvars.bind_contextvars(worker=-1)  # the parent's lines, as in Supervisor
+    store = MemoryStore(cfg.register, **options)
+    started = time.monotonic()
+    try:
+        path = store.prepare_snapshot()
+    except SnapshotUnavailable as e:
+        log.warning("register snapshot unavailable: every worker loads the register itself "
+                    "(memory per worker)", snapshot_dir=str(options["snapshot_dir"]),
+                    error=str(e))
+        return False
+    except (OSError, RegisterError) as e:
+        # The workers load it and fail the same way, as without a snapshot.
+        log.error("register not loaded", path=cfg.register, error=str(e))
+        return True
+    log.info("register snapshot ready", snapshot=str(path),
+             seconds=round(time.monotonic() - started, 2))
+    return True
 
 
 def store_fallback(cfg: ServeConfig) -> Any:
@@ -465,7 +504,7 @@ def serve(cfg: ServeConfig, reload: Callable[[], ServeConfig] | None = None) -> 
     if cfg.workers == 1:
         asyncio.run(run_worker(cfg, policy=policy, reload=reload))
         return 0
-    return Supervisor(cfg, reload).run()
+    return Supervisor(cfg, reload, register_snapshot=prepare_register(cfg)).run()
 
 
 # Restart policy for crashed workers: a worker that lived less than WORKER_STABLE_AFTER seconds
@@ -535,9 +574,11 @@ class Supervisor:
     serves the node's /metrics, /healthz, /readyz, /status, forwards SIGHUP (reload) and
     SIGTERM (drain), and makes its workers exit when it dies."""
 
-    def __init__(self, cfg: ServeConfig, reload: Callable[[], ServeConfig] | None = None) -> None:
+    def __init__(self, cfg: ServeConfig, reload: Callable[[], ServeConfig] | None = None,
+                 register_snapshot: bool = True) -> None:
         self.cfg = cfg
         self.reload = reload
+        self.register_snapshot = register_snapshot
         self.runtime_dir = tempfile.mkdtemp(prefix="eir-")
         self.osi = int(time.time())  # one Origin-State-Id: the workers are one node
         self.slots = [WorkerSlot(i) for i in range(cfg.workers)]
@@ -555,7 +596,8 @@ class Supervisor:
             try:
                 _die_with_parent(self.pid)
                 asyncio.run(run_worker(self.cfg, slot.index, self.runtime_dir, self.osi,
-                                       reload=self.reload))
+                                       reload=self.reload,
+                                       register_snapshot=self.register_snapshot))
             except BaseException as e:  # noqa: BLE001 - one line, then the parent decides
                 if first_failure:
                     log.exception("worker_crashed", worker=slot.index, error=repr(e))

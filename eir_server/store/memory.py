@@ -1,9 +1,14 @@
-"""Embedded in-process store: a dict, for single-node use and tests (no Redis)."""
+"""Embedded store (no Redis): the register from a directory of list files, in-process.
+
+With a snapshot directory (`eir-server serve` sets one unless `--register-snapshot-dir off`)
+the register is one memory-mapped file shared by the node's workers (register_snapshot.py);
+without one, or when that file cannot be had, a dict in this process, as before.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import structlog
@@ -13,45 +18,62 @@ from eir_server.policy.types import ImeiRecord
 from .base import MISSING, StoreStats, _Missing
 from .codec import Listing
 from .register import CsvReport, latest_full_lists, read_full_lists
+from .register_snapshot import RegisterView, SnapshotUnavailable, ensure, open_view
 
 log = structlog.get_logger("eir.store")
 
 
 class MemoryStore:
-    """Holds every listed IMEI in one dict; a lookup is one dict probe (~50 ns).
+    """Holds every listed IMEI in one dict (a lookup is one dict probe, ~50 ns), or maps the
+    node's register snapshot (a binary search in shared pages, ~1-2 µs; `snapshot_dir`).
 
-    Loading builds a new dict and swaps it in with one assignment, so a reader never sees a
-    half-loaded register. Blacklist-only records with the same date and reasons share one
-    ImeiRecord object, which keeps 10M IMEIs at roughly the cost of the dict itself.
+    Loading builds a new dict (or maps a new file) and swaps it in with one assignment, so a
+    reader never sees a half-loaded register. Blacklist-only records with the same date and
+    reasons share one ImeiRecord object, which keeps 10M IMEIs at roughly the cost of the dict
+    itself.
     """
 
     name = "memory"
     queue_depth = 0  # answers synchronously: nothing ever waits
 
     def __init__(
-        self, register_dir: str | Path | None = None, *, max_bad_share: float = 0.01
+        self,
+        register_dir: str | Path | None = None,
+        *,
+        max_bad_share: float = 0.01,
+        snapshot_dir: str | Path | None = None,
     ) -> None:
         self._records: dict[str, ImeiRecord] = {}
+        self._view: RegisterView | None = None
+        # The hot path's lookup: the dict's get, or the mapped snapshot's; swapped as one.
+        self._get: Callable[[str], ImeiRecord | None] = self._records.get
         self._register_dir = Path(register_dir) if register_dir is not None else None
         self.max_bad_share = max_bad_share
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
+        self._snapshot_warned = False
         self.version: str | None = None
         self.ready = register_dir is None
         self.stats = StoreStats()
         self.stats.redis_up = 1  # nothing to be down; keeps dashboards uniform
         self.reports: list[CsvReport] = []
 
+    @property
+    def snapshot_path(self) -> Path | None:
+        """The snapshot file served, None when the register is a dict in this process."""
+        return self._view.path if self._view is not None else None
+
     def __len__(self) -> int:
-        return len(self._records)
+        return len(self._view) if self._view is not None else len(self._records)
 
     # -- hot path ------------------------------------------------------------------------------
     def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
         self.stats.cache_hits += 1
-        return self._records.get(imei14)
+        return self._get(imei14)
 
     def fetch(self, imei14: str) -> asyncio.Future[ImeiRecord | None]:
         fut: asyncio.Future[ImeiRecord | None] = asyncio.get_running_loop().create_future()
         self.stats.fetches += 1
-        fut.set_result(self._records.get(imei14))
+        fut.set_result(self._get(imei14))
         return fut
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -68,6 +90,8 @@ class MemoryStore:
     def put(self, imei14: str, record: ImeiRecord | None) -> None:
         """Set (or with None, delete) one record. For tests and tooling."""
         _check_key(imei14)
+        if self._view is not None:
+            raise RuntimeError("the register is a mapped snapshot: use replace_all")
         if self.version is None:
             self.version = "local"  # records put by hand, not from a register run
         if record is None:
@@ -85,6 +109,8 @@ class MemoryStore:
     def replace_all(self, records: dict[str, ImeiRecord], version: str | None = None) -> None:
         """Swap in a whole register at once (readers see the old or the new one, never a mix)."""
         self._records = records
+        self._get = records.get
+        self._view = None  # unmapped once no lookup holds it (reference counting)
         self.version = version
         self.stats.version_changes += 1
 
@@ -93,6 +119,16 @@ class MemoryStore:
 
         Raises `register.RegisterError` if a file is refused; the current records then stay.
         """
+        if self.snapshot_dir is not None:
+            try:
+                self._load_snapshot(Path(path), self.snapshot_dir)
+                return
+            except SnapshotUnavailable as e:
+                if not self._snapshot_warned:  # once: the cause stays until someone fixes it
+                    self._snapshot_warned = True
+                    log.warning("register snapshot unavailable: this process loads the "
+                                "register itself (memory per worker)", path=str(path),
+                                snapshot_dir=str(self.snapshot_dir), error=str(e))
         sources = latest_full_lists(Path(path))
         reports: list[CsvReport] = []
         merged = read_full_lists(sources, self.max_bad_share, reports)
@@ -110,6 +146,36 @@ class MemoryStore:
             lists={str(k): v.run_id for k, v in sources.items()},
             bad_rows=sum(r.bad for r in reports),
             version=version,
+        )
+
+    def prepare_snapshot(self) -> Path:
+        """Build the register's snapshot file if it has none (e.g. in the parent before the
+        workers fork, so that none of them parses the register). Raises SnapshotUnavailable."""
+        if self._register_dir is None or self.snapshot_dir is None:
+            raise SnapshotUnavailable("no register or no snapshot directory")
+        return ensure(self._register_dir, self.snapshot_dir, self.max_bad_share)
+
+    def _load_snapshot(self, path: Path, directory: Path) -> None:
+        view = open_view(path, directory, self.max_bad_share, self._view)
+        if view is self._view:
+            log.info("register unchanged", path=str(path), snapshot=str(view.path),
+                     version=view.version)
+            return
+        self.reports = view.reports
+        self._records = {}
+        # One assignment switches every lookup; the old mapping goes with its last reference.
+        self._get = view.get
+        self._view = view
+        self.version = view.version
+        self.stats.version_changes += 1
+        log.info(
+            "register loaded",
+            path=str(path),
+            imeis=len(view),
+            lists=view.lists,
+            bad_rows=sum(r.bad for r in view.reports),
+            version=view.version,
+            snapshot=str(view.path),
         )
 
 

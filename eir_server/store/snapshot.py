@@ -13,7 +13,8 @@ n uint32 values (a record-table id, or 0x80000000 | offset of an encoded listing
 blob); extras blob of (uint32 length, bytes) entries. A key is the IMEI's 14 digits rotated so
 that the bucket suffix (last k digits) comes first: reading the buckets in suffix order and
 sorting each small bucket then yields the whole file in order, so a 10M-IMEI build never sorts
-(or holds) more than one bucket in Python objects.
+(or holds) more than one bucket in Python objects. k = 0 (no rotation: the key is the IMEI) is
+what the embedded register's snapshot uses (register_snapshot.py), built from files, not buckets.
 
 The file is built by `python -m eir_server.store.snapshot` (a separate process: the decoding
 loop over millions of entries would stall the serving loop), named after the full load's version
@@ -59,7 +60,7 @@ class Snapshot:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         magic, n, extras_len, k = HEADER.unpack_from(self._mm, 0)
         if (magic != MAGIC or len(self._mm) != HEADER.size + n * 12 + extras_len
-                or not 1 <= k <= 13):
+                or not 0 <= k <= 13):
             self._mm.close()
             raise ValueError(f"{self.path}: not a complete register snapshot")
         self.n, self.k, self._cut = n, k, 14 - k
@@ -83,6 +84,11 @@ class Snapshot:
             return bytes(self._extras[off + 4:off + 4 + length])
         return v
 
+    def extra(self, off: int) -> bytes:
+        """The extras blob entry at `off` (a value's offset without the EXTRA flag)."""
+        length = int.from_bytes(self._extras[off:off + 4], "little")
+        return bytes(self._extras[off + 4:off + 4 + length])
+
     def close(self) -> None:
         # Views first: an mmap with exported buffers cannot close (it then closes with us).
         for v in (self._keys, self._vals, self._extras):
@@ -105,8 +111,15 @@ class Writer:
         if isinstance(value, int):
             self.vals.append(value)
         else:
-            self.vals.append(EXTRA | len(self.extras))
-            self.extras += len(value).to_bytes(4, "little") + value
+            self.vals.append(EXTRA | self.add_extra(value))
+
+    def add_extra(self, value: bytes) -> int:
+        """Append one extras entry; its offset (a value is EXTRA | offset)."""
+        off = len(self.extras)
+        if off + 4 + len(value) >= EXTRA:
+            raise OverflowError("snapshot extras blob over 2 GiB")
+        self.extras += len(value).to_bytes(4, "little") + value
+        return off
 
     def finish(self, path: Path) -> None:
         keys, vals = self.keys, self.vals
@@ -114,12 +127,20 @@ class Writer:
             keys.byteswap()
             vals.byteswap()
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, len(keys), len(self.extras), self.k))
-            f.write(keys.tobytes())
-            f.write(vals.tobytes())
-            f.write(self.extras)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(HEADER.pack(MAGIC, len(keys), len(self.extras), self.k))
+                f.write(keys.tobytes())
+                f.write(vals.tobytes())
+                f.write(self.extras)
+                # On disk before the name: after a power cut the name never points at a hole.
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # e.g. disk full: no half file left behind
+            raise
 
 
 def write(path: Path, items: dict[str, int | bytes], k: int) -> None:

@@ -60,13 +60,17 @@ def publish(dirbs, records: dict[str, ImeiRecord], ts: str = "20240101_000000") 
     return dirbs.root
 
 
-@pytest.fixture(params=["memory", "memory-dir", "redis", "cluster", "sentinel"])
-async def store(request, dirbs, sync_dir):
+@pytest.fixture(params=["memory", "memory-dir", "memory-snapshot", "redis", "cluster",
+                        "sentinel"])
+async def store(request, dirbs, sync_dir, tmp_path):
     if request.param == "memory":
         s: RecordStore = MemoryStore()
         s.put_many(RECORDS)
     elif request.param == "memory-dir":
         s = open_store(None, register_dir=str(publish(dirbs, RECORDS)))
+    elif request.param == "memory-snapshot":  # the node-shared snapshot file, mapped
+        s = open_store(None, register_dir=str(publish(dirbs, RECORDS)),
+                       snapshot_dir=tmp_path / "snap")
     else:
         url = {
             "redis": lambda: request.getfixturevalue("redis_url"),
