@@ -23,6 +23,11 @@ from .register_snapshot import RegisterView, SnapshotUnavailable, ensure, open_v
 log = structlog.get_logger("eir.store")
 
 
+# Registers of at most this many IMEIs are also copied into a dict in each worker: the shared
+# file then serves only its build-once and reload bookkeeping, and lookups stay dict-fast.
+SMALL_REGISTER = 65_536
+
+
 class MemoryStore:
     """Holds every listed IMEI in one dict (a lookup is one dict probe, ~50 ns), or maps the
     node's register snapshot (a binary search in shared pages, ~1-2 µs; `snapshot_dir`).
@@ -162,9 +167,15 @@ class MemoryStore:
                      version=view.version)
             return
         self.reports = view.reports
-        self._records = {}
         # One assignment switches every lookup; the old mapping goes with its last reference.
-        self._get = view.get
+        if len(view) <= SMALL_REGISTER:
+            # A dict lookup costs ~1/8 of the mapped binary search (~1.2k against ~9.9k
+            # instructions), and so few records cost each worker little (<= ~35 MB).
+            self._records = view.records()
+            self._get = self._records.get
+        else:
+            self._records = {}
+            self._get = view.get
         self._view = view
         self.version = view.version
         self.stats.version_changes += 1

@@ -199,6 +199,16 @@ class RegisterView:
             self._shared[v] = rec
         return rec
 
+    def records(self) -> dict[str, ImeiRecord]:
+        """Every record, as MemoryStore's dict holds them (blacklist-only records shared)."""
+        out: dict[str, ImeiRecord] = {}
+        for key in self._keys:
+            imei = f"{key:014d}"
+            rec = self.get(imei)
+            if rec is not None:
+                out[imei] = rec
+        return out
+
     def close(self) -> None:
         self._keys = self._vals = None  # type: ignore[assignment]
         self._snap.close()

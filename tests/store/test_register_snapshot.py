@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from eir_server.policy import PolicyConfig, load_policy
 from eir_server.policy.types import CheckRequest
-from eir_server.store import MemoryStore
+from eir_server.store import MemoryStore, memory
 from eir_server.store.register import RegisterError
 from eir_server.store.register_snapshot import (
     RegisterView,
@@ -47,6 +47,13 @@ REASONS = ["stolen", "lost|stolen", " lost | stolen ", "", "x||y", "counterfeit"
 imei_text = st.sampled_from(POOL).flatmap(
     lambda i: st.sampled_from([i, i + "7", i + "01"]))
 bad_field = st.sampled_from(["", "abc", "2020-01-01", "1" * 20])
+
+
+@pytest.fixture(autouse=True)
+def _mapped_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These registers are small: without this, MemoryStore would copy them into a dict and
+    the tests would compare a dict with a dict. Here every lookup reads the mapped file."""
+    monkeypatch.setattr(memory, "SMALL_REGISTER", 0)
 
 
 def _row(*fields: st.SearchStrategy[str]) -> st.SearchStrategy[list[str]]:
@@ -313,3 +320,23 @@ print("RESULT", s.snapshot_path, len(s), s.get_nowait("35000000000007") is not N
     assert "RESULT None 20000 True" in r.stdout, r.stdout
     assert r.stdout.count("register snapshot unavailable") == 1 and "snapshot not written" in r.stdout
     assert [p.name for p in snap.iterdir()] == [p.name for p in snap.glob("*.lock")]
+
+
+def test_a_small_register_is_looked_up_in_a_dict_with_the_same_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    (reg / "20260101_000000_blacklist.csv").write_text(
+        "imei,block_date,reasons\n" + "".join(f"{35000000000000 + i * 7},20200101,stolen\n"
+                                              for i in range(500)))
+    mapped = MemoryStore(reg, snapshot_dir=tmp_path / "snap")
+    mapped.load_register_dir(reg)
+    monkeypatch.setattr(memory, "SMALL_REGISTER", 500)
+    small = MemoryStore(reg, snapshot_dir=tmp_path / "snap")
+    small.load_register_dir(reg)
+    assert small.snapshot_path == mapped.snapshot_path  # one file, built once
+    assert type(small._get.__self__) is dict  # type: ignore[attr-defined]
+    assert type(mapped._get.__self__) is not dict  # type: ignore[attr-defined]
+    for i in range(3600):
+        imei = f"{35000000000000 + i:014d}"
+        assert small.get_nowait(imei) == mapped.get_nowait(imei)
