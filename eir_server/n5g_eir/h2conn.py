@@ -511,40 +511,41 @@ def _unpad(payload: bytes, flags: int) -> bytes:
 def _request(sid: int, fields: list[tuple[str, str]]) -> Request:
     """RFC 9113 8.3.1: the pseudo-header fields first, each once; lower-case token names; no
     connection-specific fields. A malformed request is a stream error."""
-    pseudo: list[str | None] = [None, None, None, None]  # by _PSEUDO index
-    n = len(fields)
-    i = 0
-    while i < n:
-        name, value = fields[i]
-        k = _PSEUDO.get(name)
-        if k is None:
-            break
-        if pseudo[k] is not None:
-            raise _StreamError(sid, PROTOCOL_ERROR, f"bad pseudo-header {name[:32]!r}")
-        pseudo[k] = value
-        i += 1
+    method = path = scheme = None
     headers: dict[str, str] = {}
-    while i < n:
-        name, value = fields[i]
-        i += 1
+    pseudo = True
+    for name, value in fields:
+        if pseudo and name[:1] == ":":
+            if name == ":path" and path is None:
+                path = value
+            elif name == ":method" and method is None:
+                method = value
+            elif name == ":scheme" and scheme is None:
+                scheme = value
+            elif name != ":authority" or ":authority" in headers:
+                raise _StreamError(sid, PROTOCOL_ERROR, f"bad pseudo-header {name[:32]!r}")
+            else:
+                headers[name] = value  # removed below; marks it as seen
+            continue
+        if pseudo:
+            pseudo = False
+            headers.pop(":authority", None)
         if name not in _VALID_NAMES:
-            # an unknown or misplaced pseudo-header fails the token check (":" is not in it)
             if _TOKEN.fullmatch(name) is None or name in _CONNECTION_SPECIFIC or (
                     name == "te" and value != "trailers"):
-                what = "pseudo-header" if name[:1] == ":" else "header field"
-                raise _StreamError(sid, PROTOCOL_ERROR, f"bad {what} {name[:32]!r}")
+                raise _StreamError(sid, PROTOCOL_ERROR, f"bad header field {name[:32]!r}")
             if len(_VALID_NAMES) < 1024 and name != "te":
                 _VALID_NAMES.add(name)
         old = headers.get(name)
         headers[name] = value if old is None else f"{old}, {value}"
-    method, scheme, path, _ = pseudo
+    if pseudo:
+        headers.pop(":authority", None)
     if not method or not scheme or not path:
         raise _StreamError(sid, PROTOCOL_ERROR, "missing :method, :scheme or :path")
     p, _, q = path.partition("?")
     return _new_request(Request, (sid, method, p, q, headers))
 
 
-_PSEUDO = {":method": 0, ":scheme": 1, ":path": 2, ":authority": 3}  # the request's (8.3.1)
 # RFC 9110 5.6.2 token, lower case only (RFC 9113 8.2.1)
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 _VALID_NAMES: set[str] = set()  # names that passed the checks (bounded; not "te")
