@@ -175,10 +175,15 @@ async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
     got_plain: dict[int, Msg] = {}
     readers = [asyncio.ensure_future(_collect(doic, n, got_doic)),
                asyncio.ensure_future(_collect(plain, n, got_plain))]
-    for k in range(0, n, 1000):
-        await doic.send(b"".join(ecr(IMEI_UNKNOWN, n=i + 1, extra=[DOIC_AVP])
-                                 for i in range(k, k + 1000)))
-        await plain.send(b"".join(ecr(IMEI_UNKNOWN, n=i + 1) for i in range(k, k + 1000)))
+    # Encoded before the first is sent: the burst must outrun the worker however slow this
+    # process is (encoding as it went, a starved client once paced itself below the target).
+    doic_batches = [b"".join(ecr(IMEI_UNKNOWN, n=i + 1, extra=[DOIC_AVP])
+                             for i in range(k, k + 1000)) for k in range(0, n, 1000)]
+    plain_batches = [b"".join(ecr(IMEI_UNKNOWN, n=i + 1) for i in range(k, k + 1000))
+                     for k in range(0, n, 1000)]
+    for d, p in zip(doic_batches, plain_batches, strict=True):
+        await doic.send(d)
+        await plain.send(p)
     await asyncio.wait_for(asyncio.gather(*readers), 180)
     # Every request answered once: a verdict or 3004, nothing left to time out.
     for got in (got_doic, got_plain):
