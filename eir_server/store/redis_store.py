@@ -296,9 +296,7 @@ class RedisStore:
 
     # -- hot path ------------------------------------------------------------------------------
     def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
-        r = self._cache.get(imei14, MISSING)
-        if r is MISSING:
-            r = self._listed.get(imei14, MISSING)
+        r = self._cache.get_or(self._listed, imei14, MISSING)
         if r is MISSING:
             st = self._state
             r = st.overlay.get(imei14, MISSING)
