@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,24 @@ def count_general(store: Any) -> list[int]:
 async def check_all(store: Any, imeis: list[str]) -> None:
     got = await asyncio.gather(*(store.fetch(i) for i in imeis))
     assert [g is not None for g in got] == [i in LISTED_SET for i in imeis]
+
+
+@contextlib.asynccontextmanager
+async def lean_store(url: str, dirbs: Any, sync_dir: Any,
+                     imeis: list[str] | None = None) -> AsyncIterator[Any]:
+    """The register synced to `url`, a started store on it, and `imeis` (400 by default) all
+    answered right on the lean path alone; closed on exit."""
+    publish(dirbs)
+    sync_dir(url, dirbs.root)
+    s = open_store(url)
+    await s.start()
+    try:
+        general = count_general(s)
+        await check_all(s, imeis if imeis is not None else [f"350000{i:08d}" for i in range(400)])
+        assert general[0] == 0
+        yield s
+    finally:
+        await s.close()
 
 
 # -- sans-I/O -----------------------------------------------------------------------------------
@@ -219,16 +238,8 @@ async def test_auth_and_db(tmp_path, dirbs, sync_dir, auth) -> None:
         await asyncio.to_thread(_start_authenticated, srv, auth)
         creds = ":s3cret@" if auth == "password" else "eir:pw2@"
         url = f"redis://{creds}127.0.0.1:{srv.port}/3"
-        publish(dirbs)
-        sync_dir(url, dirbs.root)
-        s = open_store(url)
-        await s.start()
-        try:
-            general = count_general(s)
-            await check_all(s, [f"350000{i:08d}" for i in range(400)])
-            assert general[0] == 0 and s._lean.get() is not None
-        finally:
-            await s.close()
+        async with lean_store(url, dirbs, sync_dir) as s:
+            assert s._lean.get() is not None
         # The register is in db 3, nowhere else.
         c = redis.Redis(port=srv.port, username="eir" if auth == "acl_user" else None,
                         password="s3cret" if auth == "password" else "pw2")
@@ -282,18 +293,9 @@ async def test_tls(tmp_path, dirbs, sync_dir) -> None:
         "--tls-auth-clients", "no")).start()
     try:
         url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={pki / 'ca.pem'}"
-        publish(dirbs)
-        sync_dir(url, dirbs.root)
-        s = open_store(url)
-        await s.start()
-        try:
-            general = count_general(s)
-            await check_all(s, [f"350000{i:08d}" for i in range(400)])
-            assert general[0] == 0
+        async with lean_store(url, dirbs, sync_dir) as s:
             conn = s._lean.get()
             assert conn is not None and conn.transport.get_extra_info("ssl_object") is not None
-        finally:
-            await s.close()
         # A client that does not trust the CA gets nothing (the lean path neither).
         s = open_store(f"rediss://localhost:{tls_port}/0")
         await s.start()
@@ -317,17 +319,8 @@ async def test_unix_socket(tmp_path, dirbs, sync_dir) -> None:
     srv = RedisProc(tmp_path / "redis", extra=("--unixsocket", str(sock))).start()
     try:
         url = f"unix://{sock}?db=2"
-        publish(dirbs)
-        sync_dir(url, dirbs.root)
-        s = open_store(url)
-        await s.start()
-        try:
-            general = count_general(s)
-            await check_all(s, [f"350000{i:08d}" for i in range(400)])
-            assert general[0] == 0
+        async with lean_store(url, dirbs, sync_dir) as s:
             assert s._lean.get().transport.get_extra_info("peername") == str(sock)
-        finally:
-            await s.close()
     finally:
         srv.stop()
 
@@ -341,14 +334,10 @@ async def test_cluster_slot_moved_under_the_lean_path(tmp_path: Path, dirbs, syn
 
     with cluster_nodes(tmp_path / "cluster") as nodes:
         url = cluster_url(nodes)
-        publish(dirbs)
-        sync_dir(url, dirbs.root)
-        s = open_store(url)
-        await s.start()
-        try:
-            general = count_general(s)
-            await check_all(s, [f"350000{i:08d}" for i in range(0, 3000, 2)])
-            assert general[0] == 0 and len(s._lean.conns) == 3, (general, list(s._lean.conns))
+        first = [f"350000{i:08d}" for i in range(0, 3000, 2)]
+        async with lean_store(url, dirbs, sync_dir, first) as s:
+            assert len(s._lean.conns) == 3, list(s._lean.conns)
+            general = count_general(s)  # from here on
             target = LISTED[100]
             key = s._state.buckets.locate(target)[0]
             slot = key_slot(key.encode())
@@ -369,8 +358,6 @@ async def test_cluster_slot_moved_under_the_lean_path(tmp_path: Path, dirbs, syn
             await check_all(s, same)
             assert general[0] == 1  # lean again, to the new owner
             assert s.stats.redis_errors == 0 and s.ready
-        finally:
-            await s.close()
 
 
 def _move_slot(slot: int, src: RedisProc, dst: RedisProc, nodes: list[RedisProc]) -> None:
