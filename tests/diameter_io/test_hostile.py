@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import urllib.request
 from collections.abc import Callable
 
 from eir_server.diameter.codec import avp, grouped_avp
@@ -18,6 +19,7 @@ from tests.diameter_io.conftest import (
     ServeProcess,
     cer,
     ecr,
+    free_port,
     split,
 )
 
@@ -120,6 +122,42 @@ async def test_non_reading_peers_are_dropped_and_never_starve_a_healthy_one(
         healthy.close()
     aborted = [e for e in log_lines(proc) if e.get("event") == "connection_aborted"]
     assert aborted and aborted[0]["reason"] == "peer does not read its answers"
+
+
+def _ecr_requests(metrics_port: int) -> int:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in body.decode().splitlines()
+               if line.startswith("eir_requests_total{") and 'command="ECR"' in line)
+
+
+async def test_a_peer_whose_window_is_shut_is_held_early_and_served_once_it_reads(
+        serve_process: Callable[..., ServeProcess]) -> None:
+    """Answers the peer's kernel will not take (its receive window is shut) are not even sent:
+    after a few hundred of them the peer is no longer read from, long before its 192 KiB of
+    unacknowledged answers (~1,300), each a check the other peers wait for. Once it reads again
+    it is read from again and every request is answered."""
+    mport = free_port()
+    proc = serve_process("--metrics-listen", f"127.0.0.1:{mport}")
+    reader, writer = await _non_reading_peer(proc.port, 1)
+    n = 3000
+    writer.write(b"".join(ecr(IMEI_UNKNOWN, n=i + 1) for i in range(n)))
+    await writer.drain()
+    await asyncio.sleep(1.0)
+    served = await asyncio.to_thread(_ecr_requests, mport)
+    assert 0 < served < 700, served
+    await asyncio.sleep(0.5)
+    assert await asyncio.to_thread(_ecr_requests, mport) == served  # held, not read from
+    writer.transport.resume_reading()  # type: ignore[attr-defined]
+    got: dict[int, Msg] = {}
+    buf = b""
+    while len(got) < n + 1:  # the CEA and every answer
+        buf += await asyncio.wait_for(reader.read(1 << 16), 30)
+        while len(buf) >= 20 and len(buf) >= (size := int.from_bytes(buf[1:4], "big")):
+            m = split(buf[:size])[0]
+            buf = buf[size:]
+            got[m.hbh if m.code == 324 else -1] = m
+    assert sorted(k for k in got if k > 0) == list(range(1, n + 1))
+    writer.close()
 
 
 OC_SUPPORTED, OC_OLR, OC_SEQ, OC_VALIDITY, OC_REDUCTION = 621, 623, 624, 625, 627
