@@ -50,12 +50,16 @@ class OverloadConfig:
     min_load: int = 50
     min_busy: float = 0.5  # no shedding unless the loop thread ran this share of the tick
     confirm: int = 2  # ticks in a row above target before shedding starts
+    # A source held to its fair share gets it in this many slices per tick (`refill`): all at
+    # once, a tick's admissions are checked first and the rest of what arrives waits behind
+    # them, up to a tick of delay for every request read after them.
+    slices: int = 1
 
 
 class Source:
     """One request source's counters (a connection). `quota`: admissions left this tick."""
 
-    __slots__ = ("arrivals", "quota", "shed", "demand", "reacting")
+    __slots__ = ("arrivals", "quota", "shed", "demand", "reacting", "slice", "credit")
 
     def __init__(self) -> None:
         # Applies the reported reduction itself (a DOIC peer); None: not known yet.
@@ -64,6 +68,8 @@ class Source:
         self.quota = 0
         self.shed = 0
         self.demand = 0.0  # arrivals per tick, smoothed
+        self.slice = 0.0  # admissions added to `quota` per slice of a tick; 0: all at the tick
+        self.credit = 0.0  # the fraction of an admission not yet handed out
 
 
 class OverloadSignal:
@@ -71,7 +77,7 @@ class OverloadSignal:
 
     __slots__ = ("config", "shedding", "delay", "budget", "reduction", "sequence", "report",
                  "sources", "shed_total", "_withdraw_until", "retry_after", "delay_before",
-                 "_above")
+                 "_above", "_drain")
 
     def __init__(self, config: OverloadConfig | None = None, now: float = 0.0,
                  epoch: int = 0) -> None:
@@ -91,6 +97,7 @@ class OverloadSignal:
         self.retry_after = 0  # seconds, for interfaces that say so (HTTP Retry-After)
         self._withdraw_until = -math.inf
         self._above = 0  # ticks in a row with the delay above target
+        self._drain = False  # this tick admits nothing from share-limited sources
 
     # -- sources -------------------------------------------------------------------------------
 
@@ -115,6 +122,13 @@ class OverloadSignal:
         src.shed += 1
         self.shed_total += 1
         return False
+
+    def refused(self, src: Source, n: int) -> None:
+        """`n` more requests from `src` after one `admit` refused: refused too (its quota is
+        spent until the next tick), counted without a call each."""
+        src.arrivals += n
+        src.shed += n
+        self.shed_total += n
 
     # -- the tick ------------------------------------------------------------------------------
 
@@ -168,11 +182,20 @@ class OverloadSignal:
         elif self.shedding and d < cfg.target / 2:
             # Grow only well below target: between half and all of it, hold (a dead band
             # against the oscillation of cutting and growing around the target itself).
-            self.budget += max(cfg.min_budget, self.budget * 0.1)
+            # Never far beyond what was admitted: a budget the sources did not use says nothing
+            # about what the worker could do, and grown on, lets a burst admit more than it can.
+            self.budget = min(self.budget + max(cfg.min_budget, self.budget * 0.1),
+                              max(self.budget, 1.5 * admitted + cfg.min_budget))
             if shed == 0 and self.budget > 1.5 * arrivals and self.reduction <= cfg.step:
                 self.shedding = False
                 self.budget = math.inf
         self.delay_before = d
+        # A backlog more than twice the target old (the queue that built up before shedding
+        # started, or after a stall): what is read first is that old already, and a verdict
+        # that late is worth less than a 3004 the MME retries elsewhere at once. For one tick
+        # the sources held to a share get nothing: refused at a fraction of a check's cost,
+        # the backlog is gone within the tick, and later verdicts wait behind none of it.
+        self._drain = self.shedding and d > 2 * cfg.target
         if self.shedding:
             self._share(srcs)
         for s in srcs:
@@ -182,15 +205,43 @@ class OverloadSignal:
 
     def _share(self, srcs: list[Source]) -> None:
         """Max-min fair quotas: sources asking less than an equal share get what they ask
-        (and a little slack), the rest split what is left equally."""
+        (and a little slack) at once, so a burst of theirs is not cut; the rest split what is
+        left equally, handed out in `slices` per tick."""
         left = self.budget
         n = len(srcs)
+        k = self.config.slices
         for i, s in enumerate(sorted(srcs, key=lambda s: s.demand)):
             share = left / (n - i)
             want = s.demand * 1.2 + 1
-            q = want if want <= share else share
-            s.quota = max(1, int(q))
+            if want <= share or k == 1:
+                q = want if want <= share else share
+                s.quota = max(1, int(q))
+                s.slice = 0.0
+            else:
+                q = share
+                s.slice = max(q, 1) / k
+                s.quota = 0
             left -= q
+        self.refill()
+
+    def refill(self) -> None:
+        """The next slice of each share-limited source's quota (the shell calls this
+        `slices - 1` times between two ticks, evenly spaced; the tick hands out the first).
+        Unused quota is kept for one slice only: kept longer, it piles up while the worker is
+        held (a throttled CPU, a long read) and comes back as a burst of checks that the next
+        reads wait behind; dropped at once, a slice that falls while the worker is held is lost
+        and the budget is not admitted."""
+        if not self.shedding:
+            return
+        drain = self._drain
+        for s in self.sources.values():
+            if s.slice and drain:
+                s.quota = 0
+            elif s.slice:
+                c = s.credit + s.slice
+                q = int(c)
+                s.credit = c - q
+                s.quota = min(s.quota + q, 2 * q)
 
     def _report(self, now: float, arrivals: int, reacting: int) -> None:
         cfg = self.config

@@ -190,3 +190,76 @@ def test_a_worker_with_cpu_to_spare_sheds_nothing() -> None:
             sig.admit(src)
         sig.tick(k * CFG.tick, lag=0.3, pending_delay=0.4, oldest_age=0.6, busy=0.2)
         assert not sig.shedding
+
+
+def _shedding(cfg: OverloadConfig, load: dict[str, int]) -> OverloadSignal:
+    """A signal that has just started shedding, with `load` arriving per tick."""
+    sig = OverloadSignal(cfg)
+    for k in range(3):
+        for name, n in load.items():
+            src = sig.source(name)
+            for _ in range(n):
+                sig.admit(src)
+        sig.tick(k * cfg.tick, lag=0.0, pending_delay=0.08)
+    assert sig.shedding
+    return sig
+
+
+def _admitted(sig: OverloadSignal, name: str, n: int) -> int:
+    src = sig.source(name)
+    return sum(sig.admit(src) for _ in range(n))
+
+
+def test_a_share_is_handed_out_in_slices_and_a_light_source_gets_its_own_at_once() -> None:
+    """A tick's admissions all at once are checked first, and everything read after them waits
+    behind them: a share-limited source gets its share in slices through the tick (unused
+    quota kept for one slice only); a source below an equal share gets its quota whole, so a
+    burst of its own is never cut."""
+    cfg = OverloadConfig(target=0.05, tick=0.1, min_budget=5, slices=5)
+    sig = _shedding(cfg, {"big": 3000, "small": 20})
+    share = sig.budget - sig.sources["small"].quota
+    first = _admitted(sig, "big", 3000)
+    assert 0 < first <= share / 5 + 1
+    assert _admitted(sig, "small", 20) == 20  # all of its burst, at the start of the tick
+    sig.refill()
+    assert _admitted(sig, "big", 3000) <= share / 5 + 1
+    sig.refill()
+    sig.refill()  # two slices unused: only one is kept
+    assert _admitted(sig, "big", 3000) <= 2 * (share / 5) + 1
+
+
+def test_a_backlog_twice_the_target_old_is_refused_for_a_tick() -> None:
+    """What was read first in a tick that finds the backlog more than twice the target old is
+    older than that already: share-limited sources get no admission for that tick (3004, the
+    MME retries elsewhere); a light source keeps its quota; the next tick admits again."""
+    cfg = OverloadConfig(target=0.05, tick=0.1, min_budget=5, slices=5)
+    sig = _shedding(cfg, {"big": 3000, "small": 20})
+    for name, n in (("big", 3000), ("small", 20)):
+        _admitted(sig, name, n)
+    sig.tick(0.4, lag=0.0, pending_delay=0.2)
+    assert _admitted(sig, "big", 3000) == 0
+    sig.refill()
+    assert _admitted(sig, "big", 3000) == 0
+    assert _admitted(sig, "small", 20) == 20
+    sig.tick(0.5, lag=0.0, pending_delay=0.03)
+    assert _admitted(sig, "big", 3000) > 0
+
+
+def test_an_unused_budget_does_not_grow() -> None:
+    """Below target the budget grows, but not past what the sources used by much: grown on
+    while unused, it would let the next burst admit far more than the worker can check."""
+    cfg = OverloadConfig(target=0.05, tick=0.1, min_budget=5)
+    sig = _shedding(cfg, {"a": 3000})
+    start = sig.budget
+    assert start > 2 * 200
+    for k in range(40):
+        _admitted(sig, "a", 200)  # a fraction of the budget, and quota left over
+        sig.source("a").quota = 0
+        for _ in range(2000):  # the rest refused: still shedding
+            sig.admit(sig.source("a"))
+        sig.tick(1 + k * cfg.tick, lag=0.0, pending_delay=0.0)
+    assert sig.budget == start  # held: 200 admitted a tick is far below it
+    for k in range(40):  # a source that uses its quota lets it grow again
+        _admitted(sig, "a", 3000)
+        sig.tick(5 + k * cfg.tick, lag=0.0, pending_delay=0.0)
+    assert sig.budget > start

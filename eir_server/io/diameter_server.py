@@ -64,7 +64,13 @@ BIG_READ = 64 * 1024  # a read this large suggests more waits in the kernel: ask
 # reading peer 20 ms away at 50k answers/s has ~150 KB in flight.
 UNREAD_HIGH = 192 * 1024
 UNREAD_LOW = 64 * 1024
-UNREAD_CHECK = 32 * 1024  # bytes written between two TIOCOUTQ looks
+# Of those, bytes not even sent (SIOCOUTQNSD): the peer's receive window is shut, so it has not
+# read what it was sent. A reading peer's answers leave at once whatever its distance (they
+# wait in flight, not here), so this holds a non-reading peer after a few hundred answers
+# instead of the ~1,300 that UNREAD_HIGH takes, each of them a full check other peers wait for.
+UNSENT_HIGH = 32 * 1024
+UNREAD_CHECK = 16 * 1024  # bytes written between two looks
+SIOCOUTQNSD = 0x894B  # Linux; elsewhere the ioctl fails and only UNREAD_HIGH holds
 UNREAD_POLL = 0.02  # seconds between looks while a peer is held
 _INT = struct.Struct("i")
 _BUSY = ("s13", "ECR", str(errors.TOO_BUSY))
@@ -150,13 +156,15 @@ class DiameterNode:
         self._summary_timer: asyncio.TimerHandle | None = None
         # Overload: measured once per tick, acted on per request (see eir_server.overload).
         self.overload = OverloadSignal(
-            OverloadConfig(target=self.limits.overload_target or float("inf")),
+            OverloadConfig(target=self.limits.overload_target or float("inf"), slices=5),
             epoch=int(time.time()))
         self.busy = BusyAnswer(peer_config.identity)
         self._olr = OlrBytes()
         self.bytes_read = 0
         self.waiting: dict[int, float] = {}  # id(pending lookup) -> when its request came
         self._tick: asyncio.TimerHandle | None = None
+        self._slice: asyncio.TimerHandle | None = None
+        self._slice_due = 0.0
         self._tick_due = 0.0
         self._tick_last = 0.0
         self._tick_cpu = 0.0  # the loop thread's CPU time at the last tick
@@ -327,6 +335,21 @@ class DiameterNode:
         self._tick_last = t
         self._tick_due = t + sig.config.tick
         self._tick = loop.call_at(self._tick_due, self._on_tick)
+        if sig.shedding and sig.config.slices > 1 and self._slice is None:
+            self._slice_due = t + sig.config.tick / sig.config.slices
+            self._slice = loop.call_at(self._slice_due, self._on_slice)
+
+    def _on_slice(self) -> None:
+        """The next slice of the shares of the tick (see OverloadConfig.slices). Due at fixed
+        times from the tick: one that fires late (a throttled CPU, a long turn) does not push
+        the later ones past the next tick; they follow at once, up to the cap of `refill`."""
+        self._slice = None
+        sig = self.overload
+        sig.refill()
+        step = sig.config.tick / sig.config.slices
+        self._slice_due += step
+        if sig.shedding and self._slice_due < self._tick_due - step / 2:
+            self._slice = asyncio.get_running_loop().call_at(self._slice_due, self._on_slice)
 
     def doic_bytes(self) -> bytes:
         return self.s13.eca.doic
@@ -389,6 +412,9 @@ class DiameterNode:
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
+        if self._slice is not None:
+            self._slice.cancel()
+            self._slice = None
         if self._summary_timer is not None:
             self._summary_timer.cancel()
         self._summaries(final=True)
@@ -455,7 +481,7 @@ class DiameterProtocol(asyncio.Protocol):
         self.conn.doic = node.doic_bytes
         if node.limits.overload_target > 0:
             self.conn.gate = partial(node.overload.admit, self._src)
-            self.conn.refuse = self._refuse
+            self.conn.refuse_run = self._refuse_run
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -504,13 +530,17 @@ class DiameterProtocol(asyncio.Protocol):
             if not (self._paused or self._held):
                 asyncio.get_running_loop().call_soon(self._continue)
 
-    def _refuse(self, raw: bytes) -> bytes:
-        """Overloaded: 3004 from a template and the request's raw bytes, nothing decoded;
-        the MME retries on another EIR at once (a DOIC peer also reads the OC-OLR)."""
+    def _refuse_run(self, msgs: list[bytes], start: int, stop: int, out: list[bytes]) -> int:
+        """Overloaded: 3004 from a template and each request's raw bytes, nothing decoded, for
+        the run of requests from msgs[start] (the gate refused it, and refuses the rest of this
+        tick's); the MME retries on another EIR at once (a DOIC peer also reads the OC-OLR)."""
         src = self._src
         if src.reacting is None:  # shed before any request was decoded: look at the bytes
-            src.reacting = raw.find(_OC_SUPPORTED_CODE, 20) >= 0
-        return self.node.busy.answer(raw, self._handler.eca.doic if src.reacting else b"")
+            src.reacting = msgs[start].find(_OC_SUPPORTED_CODE, 20) >= 0
+        end = self.node.busy.answer_run(
+            msgs, start, stop, self._handler.eca.doic if src.reacting else b"", out)
+        self.node.overload.refused(src, end - start - 1)
+        return end
 
     def _continue(self) -> None:
         t = self.transport
@@ -584,7 +614,8 @@ class DiameterProtocol(asyncio.Protocol):
         return _socket_count(self._fd, termios.TIOCOUTQ)
 
     def _hold(self) -> None:
-        """Too many answers unread (UNREAD_HIGH): stop reading this peer, look again soon."""
+        """Too many answers unread (UNREAD_HIGH, or UNSENT_HIGH not even sent): stop reading
+        this peer, look again soon."""
         t = self.transport
         if t is None or self._held:
             return
@@ -599,7 +630,8 @@ class DiameterProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing() or not self._held:
             return
-        if self._unread() > UNREAD_LOW:
+        if self._unread() > UNREAD_LOW or \
+                _socket_count(self._fd, SIOCOUTQNSD) > UNSENT_HIGH // 4:
             self._hold_timer = asyncio.get_running_loop().call_later(
                 UNREAD_POLL, self._check_hold)
             return
@@ -717,7 +749,8 @@ class DiameterProtocol(asyncio.Protocol):
             self._unchecked += len(out)
             if self._unchecked >= UNREAD_CHECK and self._fd >= 0:
                 self._unchecked = 0
-                if self._unread() >= UNREAD_HIGH:
+                if _socket_count(self._fd, SIOCOUTQNSD) >= UNSENT_HIGH or \
+                        self._unread() >= UNREAD_HIGH:
                     self._hold()
         if self._closing and self._in_flight == 0 and transport is not None:
             transport.close()  # after the answers above: close() flushes the write buffer

@@ -56,3 +56,54 @@ def test_busy_answer_never_raises_on_framed_garbage(body: bytes) -> None:
     if len(raw) >= 20:
         out = BUSY.answer(raw)
         assert out[0] == 1 and int.from_bytes(out[1:4], "big") == len(out)
+
+
+_KINDS = st.sampled_from(["plain", "proxied", "unproxiable", "no_session", "odd_session",
+                          "answer", "base_request"])
+
+
+def _message(kind: str, i: int) -> bytes:
+    from eir_server.diameter.codec import FLAG_R, message
+    from tests.diameter.builders import ecr_avps, proxy_info
+    if kind == "proxied":
+        return ecr(hbh=i, proxies=[proxy_info("dra.test", b"s%d" % i)])
+    if kind == "unproxiable":
+        return ecr(hbh=i, flags=FLAG_R)
+    if kind == "no_session":  # Session-Id not first: walked by answer()
+        avps = ecr_avps()
+        return message(FLAG_R | FLAG_P, 324, 16777252, i, i, avps[1:] + avps[:1])
+    if kind == "odd_session":  # a Session-Id whose padding the request omits at its end
+        sid = b"x;%d" % i
+        sid += b"y" * (len(sid) % 4 == 0)  # never a multiple of 4: padding due, and missing
+        unpadded = (263).to_bytes(4, "big") + (0x40000000 | 8 + len(sid)).to_bytes(4, "big")
+        return message(FLAG_R | FLAG_P, 324, 16777252, i, i, [])[:20] + unpadded + sid
+    if kind == "answer":
+        return ecr(hbh=i, flags=FLAG_P)
+    if kind == "base_request":
+        return ecr(hbh=i, app=0, code=280)
+    return ecr(hbh=i, session=f"mme1.epc.test;{i};{'x' * (i % 7)}")
+
+
+@given(st.lists(_KINDS, min_size=1, max_size=12), st.integers(0, 11), st.booleans())
+def test_a_run_of_refusals_is_each_request_refused_alone(kinds: list[str], start: int,
+                                                         doic: bool) -> None:
+    """`answer_run` (a shed run of requests, one pass) answers byte for byte what `answer`
+    answers each request, and stops before the first message that is not an application
+    request: the connection handles that one in order."""
+    msgs = []
+    for i, kind in enumerate(kinds):
+        raw = bytearray(_message(kind, i + 1))
+        raw[1:4] = len(raw).to_bytes(3, "big")
+        msgs.append(bytes(raw))
+    start = min(start, len(msgs) - 1)
+    tail = b"\0\0\x02\x6d\0\0\0\x0c\0\0\0\x01" if doic else b""
+    out: list[bytes] = []
+    stop = BUSY.answer_run(msgs, start, len(msgs), tail, out)
+    expected = start
+    while expected < len(msgs) and kinds[expected] not in ("answer", "base_request"):
+        expected += 1
+    assert stop == expected
+    assert b"".join(out) == b"".join(BUSY.answer(m, tail) for m in msgs[start:stop])
+    # A bound below the run's end is respected.
+    out2: list[bytes] = []
+    assert BUSY.answer_run(msgs, start, start, tail, out2) == start and out2 == []

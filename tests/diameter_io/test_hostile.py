@@ -4,8 +4,11 @@ log lines, and that they never take the others down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import threading
+import urllib.request
 from collections.abc import Callable
 
 from eir_server.diameter.codec import avp, grouped_avp
@@ -17,6 +20,7 @@ from tests.diameter_io.conftest import (
     ServeProcess,
     cer,
     ecr,
+    free_port,
     split,
 )
 
@@ -119,6 +123,42 @@ async def test_non_reading_peers_are_dropped_and_never_starve_a_healthy_one(
         healthy.close()
     aborted = [e for e in log_lines(proc) if e.get("event") == "connection_aborted"]
     assert aborted and aborted[0]["reason"] == "peer does not read its answers"
+
+
+def _ecr_requests(metrics_port: int) -> int:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in body.decode().splitlines()
+               if line.startswith("eir_requests_total{") and 'command="ECR"' in line)
+
+
+async def test_a_peer_whose_window_is_shut_is_held_early_and_served_once_it_reads(
+        serve_process: Callable[..., ServeProcess]) -> None:
+    """Answers the peer's kernel will not take (its receive window is shut) are not even sent:
+    after a few hundred of them the peer is no longer read from, long before its 192 KiB of
+    unacknowledged answers (~1,300), each a check the other peers wait for. Once it reads again
+    it is read from again and every request is answered."""
+    mport = free_port()
+    proc = serve_process("--metrics-listen", f"127.0.0.1:{mport}")
+    reader, writer = await _non_reading_peer(proc.port, 1)
+    n = 3000
+    writer.write(b"".join(ecr(IMEI_UNKNOWN, n=i + 1) for i in range(n)))
+    await writer.drain()
+    await asyncio.sleep(1.0)
+    served = await asyncio.to_thread(_ecr_requests, mport)
+    assert 0 < served < 700, served
+    await asyncio.sleep(0.5)
+    assert await asyncio.to_thread(_ecr_requests, mport) == served  # held, not read from
+    writer.transport.resume_reading()  # type: ignore[attr-defined]
+    got: dict[int, Msg] = {}
+    buf = b""
+    while len(got) < n + 1:  # the CEA and every answer
+        buf += await asyncio.wait_for(reader.read(1 << 16), 30)
+        while len(buf) >= 20 and len(buf) >= (size := int.from_bytes(buf[1:4], "big")):
+            m = split(buf[:size])[0]
+            buf = buf[size:]
+            got[m.hbh if m.code == 324 else -1] = m
+    assert sorted(k for k in got if k > 0) == list(range(1, n + 1))
+    writer.close()
 
 
 OC_SUPPORTED, OC_OLR, OC_SEQ, OC_VALIDITY, OC_REDUCTION = 621, 623, 624, 625, 627
@@ -233,22 +273,28 @@ async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
 async def test_a_reacting_client_offers_less_while_overloaded(
         serve_process: Callable[..., ServeProcess]) -> None:
     proc = serve_process("--overload-target-delay", "0.02")
-    mme, flood = await Peer.connect(proc.port), await Peer.connect(proc.port)
+    mme = await Peer.connect(proc.port)
     await mme.open()
-    await flood.open("flood.test.example")
     flood_batch = b"".join(ecr(IMEI_UNKNOWN, n=i) for i in range(5000))
+    # A peer without DOIC keeps the worker busy. Its own threads write and read: answers it
+    # left unread while this loop builds the MME's rounds would shut its window, and the
+    # worker stops reading a peer whose answers it cannot even send (no overload then).
+    flood = socket.create_connection(("127.0.0.1", proc.port))
+    flood.sendall(cer("flood.test.example"))
 
-    async def flooder() -> None:  # a peer without DOIC keeps the worker busy
-        for _ in range(40):
-            await flood.send(flood_batch)
+    def flooder() -> None:
+        with contextlib.suppress(OSError):
+            for _ in range(40):
+                flood.sendall(flood_batch)
 
-    async def drain_flood() -> None:
-        # Raw chunks, not a message per read: read that slowly, the flood's answers backed up
-        # and the worker paused reading the flood (fair I/O) instead of being overloaded by it.
-        while await flood.reader.read(1 << 16):
-            pass
+    def drain_flood() -> None:
+        with contextlib.suppress(OSError):
+            while flood.recv(1 << 20):
+                pass
 
-    tasks = [asyncio.ensure_future(flooder()), asyncio.ensure_future(drain_flood())]
+    threads = [threading.Thread(target=f, daemon=True) for f in (flooder, drain_flood)]
+    for t in threads:
+        t.start()
     # The MME wants 500 ECRs per round and applies the loss algorithm: it sends
     # (100 - reduction) % of them, the reduction being the latest OC-OLR it read.
     want, offered, reduction, hbh = 500, [], 0, 0
@@ -267,9 +313,11 @@ async def test_a_reacting_client_offers_less_while_overloaded(
                 if r is not None:
                     reduction = r[1] if r[2] else 0
     finally:
-        for t in tasks:
-            t.cancel()
-        mme.close()
+        with contextlib.suppress(OSError):
+            flood.shutdown(socket.SHUT_RDWR)
         flood.close()
+        for t in threads:
+            t.join(30)
+        mme.close()
     assert min(offered) < want, offered  # it was asked to send less, and did
     assert sum(offered) < 30 * want
