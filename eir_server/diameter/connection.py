@@ -52,6 +52,7 @@ from .codec import (
     validate,
 )
 from .dictionary import Dictionary, Grammar
+from .shed import BASE_APP
 
 CER, DWR, DPR = 257, 280, 282
 BASE_APPLICATION = 0
@@ -366,7 +367,7 @@ class Connection:
         limit = self.max_messages * REFUSALS_PER_CHECK
         while i < n and work < limit:
             raw = msgs[i]
-            if gate is not None and raw[4] & 0x80 and raw[8:12] != _BASE_APP and \
+            if gate is not None and raw[4] & 0x80 and raw[8:12] != BASE_APP and \
                     self.state is PeerState.R_OPEN and not gate():
                 stop = self.refuse_run(msgs, i, min(n, i + limit - work), self._out)
                 work += stop - i
@@ -761,7 +762,6 @@ def _no_doic() -> bytes:
     return b""
 
 
-_BASE_APP = b"\0\0\0\0"  # Application-Id 0: base protocol requests are never shed
 
 
 def _no_refuse(msgs: list[bytes], start: int, stop: int, out: list[bytes]) -> int:

@@ -21,7 +21,7 @@ _VERSION_LENGTH = U32.pack
 _FLAGS = {0: bytes((FLAG_E,)), FLAG_P: bytes((FLAG_P | FLAG_E,))}
 
 
-_BASE_APP = b"\0\0\0\0"  # Application-Id 0: base protocol requests are never shed
+BASE_APP = b"\0\0\0\0"  # Application-Id 0: base protocol requests are never shed
 _MAX_HEADS = 4096
 
 
@@ -51,7 +51,7 @@ class BusyAnswer:
         i = start
         while i < stop:
             raw = msgs[i]
-            if not raw[4] & 0x80 or raw[8:12] == _BASE_APP:
+            if not raw[4] & 0x80 or raw[8:12] == BASE_APP:
                 break
             i += 1
             n = len(raw)

@@ -108,14 +108,6 @@ def parse_imei(raw: str, check_luhn: bool = True, accept_zero_spare: bool = Fals
     """The one IMEI/IMEISV parser (every other entry point wraps it): a plain tuple, because
     it runs once per request. See `normalize_imei` for the rules."""
     s = raw
-    n = len(s)
-    if n == 15 and s.isascii() and s.isdigit():  # nearly every request: IMEI + check digit
-        body = s[:14]
-        cd = s[14]
-        if (check_luhn and cd != _check_digit(body)
-                and not (accept_zero_spare and cd == "0")):
-            return ("bad_check_digit", body, cd, None)
-        return ("zero_tac" if body.startswith(ZERO_TAC) else None, body, cd, None)
     want = _ANY_LENGTH
     if s[:1] == "i":  # TS 29.571 PEI prefixes, as N5g-eir carries them
         if s.startswith("imeisv-"):

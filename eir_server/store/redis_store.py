@@ -477,8 +477,19 @@ class RedisStore:
         except Exception as e:  # noqa: BLE001 - a record id not in the table, a bad value
             self._spawn(self._batch_failed(chunk, e))
             return
+        listed = self._remember(st, imeis, recs)
+        self.stats.redis_hits += listed
+        self.stats.redis_misses += len(recs) - listed
+        for i, rec in zip(imeis, recs, strict=True):
+            for f in chunk[i]:
+                if not f.done():
+                    f.set_result(rec)
+
+    def _remember(self, st: _State, imeis: list[str], recs: list[ImeiRecord | None]) -> int:
+        """Cache what Redis answered for `imeis` (unless another version is served by now);
+        returns how many are listed."""
         listed = len(recs) - recs.count(None)
-        if self._state is st:
+        if self._state is st and st.version is not None:
             if listed:
                 lput = self._listed.put
                 for i, rec in zip(imeis, recs, strict=True):
@@ -489,12 +500,7 @@ class RedisStore:
             else:  # the common case: nothing listed
                 self._cache.put_many(imeis, None)
             self.stats.cache_evictions = self._cache.evicted + self._listed.evicted
-        self.stats.redis_hits += listed
-        self.stats.redis_misses += len(recs) - listed
-        for i, rec in zip(imeis, recs, strict=True):
-            for f in chunk[i]:
-                if not f.done():
-                    f.set_result(rec)
+        return listed
 
     def _lean_send_cluster(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
                            imeis: list[str], fast: _Fast) -> None:
@@ -725,16 +731,9 @@ class RedisStore:
                 raise StoreUnavailable("no register version in the store")
             if st.buckets is None:
                 values = [None] * len(todo)
-            cache = self._state is st and st.version is not None
-            for i, v in zip(todo, values, strict=True):
-                rec = self._decode(st, v)
-                out[i] = rec
-                if cache:
-                    if rec is None:
-                        self._cache.put(i, None)
-                    else:
-                        self._listed.put(i, rec)
-            self.stats.cache_evictions = self._cache.evicted + self._listed.evicted
+            recs = [self._decode(st, v) for v in values]
+            out.update(zip(todo, recs, strict=True))
+            self._remember(st, todo, recs)
             return out
         raise StoreUnavailable("register version kept changing during lookup")
 

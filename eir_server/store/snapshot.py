@@ -79,9 +79,7 @@ class Snapshot:
             return None
         v = self._vals[pos]
         if v & EXTRA:
-            off = v & ~EXTRA
-            length = int.from_bytes(self._extras[off:off + 4], "little")
-            return bytes(self._extras[off + 4:off + 4 + length])
+            return self.extra(v & ~EXTRA)
         return v
 
     def extra(self, off: int) -> bytes:
