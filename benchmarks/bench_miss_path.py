@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_sync_load import make_zip, start_redis  # noqa: E402
+from bench_sync_load import make_zip, start_redis, wait_ping  # noqa: E402
 
 from eir_server.store import MISSING, open_store  # noqa: E402
 
@@ -102,12 +102,7 @@ def local_cluster(tmp: Path) -> Iterator[str]:
             ports.append((port, bus))
         clients = [redis.Redis(port=p) for p, _ in ports]
         for c in clients:
-            for _ in range(200):
-                try:
-                    c.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.02)
+            wait_ping(c)
         step = 16384 // 3
         for i, c in enumerate(clients):
             c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step,

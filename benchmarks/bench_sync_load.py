@@ -117,14 +117,18 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen, int]:
         ],
         stdout=subprocess.DEVNULL,
     )
-    c = redis.Redis(port=port)
+    wait_ping(redis.Redis(port=port))
+    return p, port
+
+
+def wait_ping(c: redis.Redis) -> None:
+    """Until a just-started redis-server answers (up to ~4 s)."""
     for _ in range(200):
         try:
             c.ping()
-            break
+            return
         except redis.ConnectionError:
             time.sleep(0.02)
-    return p, port
 
 
 def cpu_self() -> float:
