@@ -101,8 +101,7 @@ def setup(imeis: int) -> tuple[N5gEirService, AuditRecorder]:
     checker = EquipmentChecker(Policy(PolicyConfig()), store, today=lambda: "20260101")
     audit = AuditRecorder(metrics, None, detector=DeviceChangeDetector(metrics))
     audit.start()
-    service = CheckService(checker, metrics,
-                           lambda req, v, peer, i: audit.record(time.time(), req, v, peer, i))
+    service = CheckService(checker, metrics, audit.record_now)
     return N5gEirService(N5gEirApp(), service, metrics), audit
 
 

@@ -127,8 +127,9 @@ class EquipmentChecker:
         if record is not MISSING:
             if self._episode_start is not None and self.store.ready:
                 self._episode_over()  # e.g. a snapshot now answers what Redis could not
+            # The date matters only to a listed IMEI (block dates); most are not listed.
             return policy.decide_identified(req, identified, record,  # type: ignore[arg-type]
-                                            self.today())
+                                            self.today() if record is not None else "")
         pending = self.store.fetch(key)
         result: asyncio.Future[Verdict] = pending.get_loop().create_future()
 

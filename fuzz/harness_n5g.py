@@ -51,14 +51,14 @@ def run_one(data: bytes) -> None:
         requests = conn.receive(data[i:i + step])
         if conn.closed:
             assert not requests
-        for r in requests:
-            assert r.method and r.path is not None
-            answer = APP.handle(r.method, r.path, r.query, r.headers.get, 0.0)
+        for sid, method, path, query, headers in requests:
+            assert method and path is not None
+            answer = APP.handle(method, path, query, headers.get, 0.0)
             if type(answer) is Response:
-                conn.respond(r.stream_id, encode_head(answer.status, answer.headers,
-                                                      len(answer.body)), answer.body)
+                conn.respond(sid, encode_head(answer.status, answer.headers,
+                                              len(answer.body)), answer.body)
             else:
-                conn.respond(r.stream_id, VERDICT, b'{"status":"WHITELISTED"}')
+                conn.respond(sid, VERDICT, b'{"status":"WHITELISTED"}')
         check_frames(bytes(conn.out))
         conn.out.clear()
         conn.errors.clear()

@@ -121,7 +121,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     node = DiameterNode(peer_cfg, load_dictionary(), checker, metrics,
                         DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries,
                                        cfg.duplicate_max_bytes),
-                        audit=recorder.record if recorder is not None else None,
+                        audit=recorder.record_now if recorder is not None else None,
                         max_in_flight=cfg.max_in_flight,
                         limits=NodeLimits(
                             max_connections=cfg.max_connections,

@@ -47,9 +47,9 @@ from ..obs.logging import connection_logger, get_logger, log_protocol_error
 from ..obs.metrics import MAX_PEER_LABELS, OTHER_PEER, Metrics
 from ..obs.ratelimit import LogLimiter
 from ..overload import OverloadConfig, OverloadSignal, Source
-from ..policy.types import CheckRequest, Verdict
+from ..policy.types import Verdict
 from ..s13.handler import PendingLookup, Rejected, S13Handler
-from ..service import CheckService
+from ..service import Audit, CheckService
 from .tls import TlsListener
 
 log = get_logger("eir_server.diameter")
@@ -111,10 +111,9 @@ def _socket_count(fd: int, request: int) -> int:
     return 0
 
 
-def cgroup_throttled_seconds() -> float:
-    """Seconds this process's cgroup was held back by its CPU quota (cgroup v2 `cpu.stat`
-    throttled_usec, v1 `cpu.stat` throttled_time); 0 without a quota or where unreadable.
-    Read each tick: the process may be moved to another cgroup while it runs."""
+def _cgroup_cpu_stat() -> tuple[str, bytes, float] | None:
+    """This process's cgroup `cpu.stat` file, the throttled-time key in it and the key's unit
+    in seconds (v2 throttled_usec, v1 throttled_time); None without a CPU controller."""
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/self/cgroup") as f:
             lines = f.read().splitlines()
@@ -122,21 +121,58 @@ def cgroup_throttled_seconds() -> float:
             _, controllers, path = line.split(":", 2)
             names = controllers.split(",")
             if controllers == "":
-                stat, key, scale = f"/sys/fs/cgroup{path}/cpu.stat", "throttled_usec", 1e-6
-            elif "cpu" in names:
+                return f"/sys/fs/cgroup{path}/cpu.stat", b"throttled_usec", 1e-6
+            if "cpu" in names:
                 base = "/sys/fs/cgroup/" + controllers
                 if not os.path.isdir(base):
                     base = "/sys/fs/cgroup/cpu"
-                stat, key, scale = f"{base}{path}/cpu.stat", "throttled_time", 1e-9
-            else:
-                continue
+                return f"{base}{path}/cpu.stat", b"throttled_time", 1e-9
+    return None
+
+
+class CgroupThrottle:
+    """Seconds this process's cgroup was held back by its CPU quota; 0 without a quota or
+    where unreadable. Read every overload tick, so the file stays open and is read with
+    pread; which file is looked up again every RESOLVE_EVERY seconds (the process may be
+    moved to another cgroup while it runs)."""
+
+    RESOLVE_EVERY = 5.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 locate: Callable[[], tuple[str, bytes, float] | None] = _cgroup_cpu_stat
+                 ) -> None:
+        self.clock = clock
+        self.locate = locate
+        self._fd = -1
+        self._key = b""
+        self._scale = 0.0
+        self._resolve_at = float("-inf")
+
+    def seconds(self) -> float:
+        now = self.clock()
+        if now >= self._resolve_at:
+            self._resolve_at = now + self.RESOLVE_EVERY
+            self.close()
+            found = self.locate()
+            if found is not None:
+                with contextlib.suppress(OSError):
+                    self._fd = os.open(found[0], os.O_RDONLY | os.O_CLOEXEC)
+                    self._key, self._scale = b"\n" + found[1] + b" ", found[2]
+        if self._fd < 0:
+            return 0.0
+        with contextlib.suppress(OSError, ValueError):
+            data = b"\n" + os.pread(self._fd, 4096, 0)
+            i = data.find(self._key)  # the key with a newline before it and a space after
+            if i >= 0:
+                start = i + len(self._key)
+                return int(data[start:data.index(b"\n", start)]) * self._scale
+        return 0.0
+
+    def close(self) -> None:
+        if self._fd >= 0:
             with contextlib.suppress(OSError):
-                with open(stat) as f:
-                    for row in f:
-                        k, _, v = row.partition(" ")
-                        if k == key:
-                            return int(v) * scale
-    return 0.0
+                os.close(self._fd)
+            self._fd = -1
 
 
 class DiameterNode:
@@ -144,7 +180,7 @@ class DiameterNode:
 
     def __init__(self, peer_config: PeerConfig, dictionary: Dictionary, checker: EquipmentChecker,
                  metrics: Metrics | None = None, dedup: DuplicateCache[int] | None = None,
-                 audit: Callable[[float, CheckRequest, Verdict, str, str], None] | None = None,
+                 audit: Audit | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  max_in_flight: int = 10_000, limits: NodeLimits | None = None) -> None:
         self.peer_config = peer_config
@@ -169,15 +205,13 @@ class DiameterNode:
         self._tick_last = 0.0
         self._tick_cpu = 0.0  # the loop thread's CPU time at the last tick
         self._tick_throttled = 0.0  # the cgroup's throttled time at the last tick
+        self._throttle = CgroupThrottle()
         self.dictionary = dictionary
         self.checker = checker
         self.metrics = metrics or Metrics()
         self.dedup = dedup if dedup is not None else DuplicateCache()
-        # The core is clock-free; the audit stamps its records with the wall-clock time here.
-        stamped = None if audit is None else (
-            lambda req, verdict, peer, interface: audit(time.time(), req, verdict, peer,
-                                                        interface))
-        self.service = CheckService(checker, self.metrics, stamped, max_in_flight)
+        # The core is clock-free; the audit (AuditRecorder.record_now) stamps its records.
+        self.service = CheckService(checker, self.metrics, audit, max_in_flight)
         self.s13 = S13Handler(peer_config.identity, dictionary, self.service, self.dedup,
                               self.metrics)
         if self.limits.origin_host_check != "off":
@@ -301,7 +335,7 @@ class DiameterNode:
             loop = asyncio.get_running_loop()
             self._tick_last = loop.time()
             self._tick_cpu = time.thread_time()
-            self._tick_throttled = cgroup_throttled_seconds()
+            self._tick_throttled = self._throttle.seconds()
             self._tick_due = self._tick_last + self.overload.config.tick
             self._tick = loop.call_at(self._tick_due, self._on_tick)
 
@@ -323,7 +357,7 @@ class DiameterNode:
         now = self.clock()
         oldest = now - min(self.waiting.values()) if self.waiting else 0.0
         cpu = time.thread_time()
-        throttled = cgroup_throttled_seconds()
+        throttled = self._throttle.seconds()
         # Time a CPU quota held us back is time we could not have run: not idleness.
         ran_for = (t - self._tick_last) - max(0.0, throttled - self._tick_throttled)
         busy = (cpu - self._tick_cpu) / max(ran_for, 1e-3)
@@ -412,6 +446,7 @@ class DiameterNode:
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
+        self._throttle.close()
         if self._slice is not None:
             self._slice.cancel()
             self._slice = None

@@ -41,7 +41,7 @@ from ..obs.logging import get_logger
 from ..obs.metrics import Metrics
 from ..obs.ratelimit import LogLimiter
 from ..overload import OverloadSignal, Source
-from ..policy.types import Verdict
+from ..policy.types import CheckRequest, Verdict
 from ..service import STORE_ERROR, CheckService
 from .nrf_client import NrfAgent
 from .tls import TlsListener, server_context
@@ -120,7 +120,7 @@ class N5gEirService:
         is called once the verdict is in (no task per request: a callback on the lookup).
         `t0` is when the request was read; answers given now are timed together by the
         shell's `observe_latency` once their read is done."""
-        r: Response | Check | None
+        r: Response | CheckRequest | Check | None
         try:
             if self.overload is not None and not self._admit(client):
                 r = self._overloaded()
@@ -128,8 +128,12 @@ class N5gEirService:
             else:
                 r = self.app.handle(method, path, query, header,
                                     self.wall() if self.app.authorizer is not None else 0.0)
-                if type(r) is Check:
-                    r = self._check(r, client, method, t0, later, token)
+                if type(r) is CheckRequest:
+                    r = self._check(r, r, client, method, t0, later, token)
+                    if r is None:
+                        return None
+                elif type(r) is Check:
+                    r = self._check(r.request, r.audit, client, method, t0, later, token)
                     if r is None:
                         return None
         except Exception:
@@ -190,11 +194,12 @@ class N5gEirService:
             r = self._busy[retry] = overloaded(503, retry, "this NF is overloaded")
         return r
 
-    def _check(self, c: Check, client: str, method: str, t0: float,
-               later: Callable[[int, Response], None], token: int) -> Response | None:
-        verdict = self._checker(c.request)
+    def _check(self, req: CheckRequest, audit: CheckRequest, client: str, method: str,
+               t0: float, later: Callable[[int, Response], None],
+               token: int) -> Response | None:
+        verdict = self._checker(req)
         if type(verdict) is Verdict:
-            return self._answer(c, verdict, client)
+            return self._answer(audit, verdict, client)
         # Only a lookup that must wait for the store takes a slot of the budget: answers
         # from the embedded store or the local cache are never refused.
         pending: asyncio.Future[Verdict] = verdict  # type: ignore[assignment]
@@ -204,26 +209,26 @@ class N5gEirService:
             return overloaded(refused, RETRY_AFTER)
         self.share.enter(client)
         pending.add_done_callback(
-            functools.partial(self._checked, c, client, method, t0, later, token))
+            functools.partial(self._checked, audit, client, method, t0, later, token))
         return None
 
-    def _checked(self, c: Check, client: str, method: str, t0: float,
+    def _checked(self, audit: CheckRequest, client: str, method: str, t0: float,
                  later: Callable[[int, Response], None], token: int,
                  pending: asyncio.Future[Verdict]) -> None:
         self.share.leave(client)
         try:
-            r = self._answer(c, pending.result(), client)
+            r = self._answer(audit, pending.result(), client)
         except Exception:  # CancelledError included: the worker is stopping
             r = self._internal_error(EQUIPMENT_STATUS_PATH)
         self._requests[(INTERFACE, method, r.result)] += 1
         self._latency.observe(self.clock() - t0)
         later(token, r)
 
-    def _answer(self, c: Check, v: Verdict, client: str) -> Response:
+    def _answer(self, audit: CheckRequest, v: Verdict, client: str) -> Response:
         if v.status is None and v.rule == STORE_ERROR:  # counted as S13 counts it
             self.service.counters.verdicts[(v.reasons[0], v.rule)] += 1
         else:
-            self.service.record(c.audit, v, client, INTERFACE)
+            self.service.record(audit, v, client, INTERFACE)
         return self.app.answer(v)
 
 

@@ -1,8 +1,9 @@
 """N5g-eir EquipmentIdentityCheck (TS 29.511 5.2.2.2, 6.1): GET equipment-status. Pure code.
 
 The shell hands over what it read (method, path, query string, a header getter) and gets back
-either a finished `Response` or a `Check` to put to the verdict checker (the one call S13 makes
-too), whose `Verdict` `answer()` turns into the response. No sockets, clocks or asyncio here:
+either a finished `Response` or the request to put to the verdict checker (the one call S13
+makes too): a `CheckRequest`, or a `Check` when the audit trail records more than the checker is
+asked (a GPSI). `answer()` turns the `Verdict` into the response. No sockets, clocks or asyncio here:
 overload and authorisation are decided by the shell's objects and only rendered here.
 
 Answers follow TS 29.500 5.2.7 (ProblemDetails with `cause`, application/problem+json):
@@ -51,8 +52,9 @@ class Response(NamedTuple):
 
 
 class Check(NamedTuple):
-    """A well-formed request: ask the checker about `request` (what S13 would ask for the same
-    identities), record `audit` (the same plus the GPSI's MSISDN)."""
+    """A well-formed request whose audit differs: ask the checker about `request` (what S13
+    would ask for the same identities), record `audit` (the same plus the GPSI's MSISDN).
+    Without a GPSI the app returns the `CheckRequest` alone (one object less per request)."""
 
     request: CheckRequest
     audit: CheckRequest
@@ -224,7 +226,8 @@ class N5gEirApp:
         self.documents = documents if documents is not None else load_documents()
 
     def handle(self, method: str, path: str, query: str,
-               header: Callable[[str], str | None], now: float) -> Response | Check:
+               header: Callable[[str], str | None], now: float
+               ) -> Response | CheckRequest | Check:
         """Everything up to the verdict. `header(name)` reads one request header (lower-case
         name); `now` (unix seconds) is for token expiry."""
         if len(path) + len(query) > MAX_URI:
@@ -268,24 +271,22 @@ _COMMON_QUERY = re.compile(
     r"pei=(?:imei-([0-9]{15})|imeisv-([0-9]{16}))(?:&supi=imsi-([0-9]{5,15}))?")
 
 
-def parse_request(query: str) -> Response | Check:
+def parse_request(query: str) -> Response | CheckRequest | Check:
     m = _COMMON_QUERY.fullmatch(query)
     if m is not None:
         imei, sv, imsi = m.groups()
         # tuple.__new__ with every field: NamedTuple's own __new__ is Python code, and this
         # runs once per request
         if imei is not None:
-            req = _new(CheckRequest, (imei, None, imsi, None))
-        else:
-            req = _new(CheckRequest, (sv[:14], sv[14:], imsi, None))
-        return _new(Check, (req, req))
+            return _new(CheckRequest, (imei, None, imsi, None))
+        return _new(CheckRequest, (sv[:14], sv[14:], imsi, None))
     return _parse_query(query)
 
 
 _new = tuple.__new__
 
 
-def _parse_query(query: str) -> Response | Check:
+def _parse_query(query: str) -> Response | CheckRequest | Check:
     pei: str | None = None
     supi: str | None = None
     gpsi: str | None = None
@@ -335,7 +336,7 @@ def _parse_query(query: str) -> Response | Check:
     # S13 carries no MSISDN, so the GPSI goes to the audit trail only: the verdict stays the
     # one S13 gives for the same IMEI, SVN and IMSI.
     req = CheckRequest(imei, svn, imsi)
-    return Check(req, req if msisdn is None else req._replace(msisdn=msisdn))
+    return req if msisdn is None else Check(req, req._replace(msisdn=msisdn))
 
 
 def _bad_param(name: str, reason: str, mandatory: bool = False) -> Response:

@@ -218,9 +218,7 @@ class DeviceChangeDetector:
         known = fresh.get(imsi)
         if known is not None and when < self.fresh_until and imei.startswith(known):
             return _NONE  # an unchanged pair, written this period (the common case)
-        if not self.fresh_until - REFRESH <= when < self.fresh_until:  # (or the clock jumped)
-            fresh.clear()
-            self.fresh_until = when + REFRESH
+        self.expire(when)
         key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
         by_imei = self._by_imei
         signals: list[str] = []
@@ -263,6 +261,12 @@ class DeviceChangeDetector:
         else:
             fresh.pop(imsi, None)
         return signals
+
+    def expire(self, now: float) -> None:
+        """End the REFRESH period of `fresh` once `now` is past it (or the clock jumped back)."""
+        if not self.fresh_until - REFRESH <= now < self.fresh_until:
+            self.fresh.clear()
+            self.fresh_until = now + REFRESH
 
     def _signal(self, when: float, kind: str, **context: Any) -> None:
         self.metrics.device_signals[kind] += 1
@@ -329,6 +333,7 @@ class AuditRecorder:
         flush_interval: float = 0.25,
         detector: DeviceChangeDetector | None = None,
         rng: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not 0.0 <= sample <= 1.0:
             raise ValueError("audit sample must be between 0 and 1")
@@ -341,7 +346,10 @@ class AuditRecorder:
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.detector = detector
+        # nothing is written (no sink, or sample 0): only the detector wants the checks
+        self._detect_only = detector if self.sample == 0.0 else None
         self._rng = rng
+        self._clock = clock  # wall-clock time: record_now's stamp, the end of `fresh` periods
         self._buf: deque[_Item] = deque()
         self._counts = metrics.audit
         self._wake = asyncio.Event()
@@ -382,6 +390,19 @@ class AuditRecorder:
         if n + 1 == self.batch_size:
             self._wake.set()
 
+    def record_now(self, req: CheckRequest, verdict: Verdict, peer: str,
+                   interface: str) -> None:
+        """`record` stamped with the wall-clock time, for the service's hot path: an unchanged
+        pair the detector has already seen this period (nearly every check when auditing is
+        off or sampled) returns after one lookup, before reading the clock. The period's end
+        is enforced by the flush task (`_run`), which empties `fresh` then."""
+        det = self._detect_only
+        if det is not None and req.imsi:
+            known = det.fresh.get(req.imsi)
+            if known is not None and req.imei.startswith(known):
+                return
+        self.record(self._clock(), req, verdict, peer, interface)
+
     def start(self) -> asyncio.Task[None]:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-flush")
@@ -393,6 +414,9 @@ class AuditRecorder:
                 async with asyncio.timeout(self.flush_interval):
                     await self._wake.wait()
             self._wake.clear()
+            det = self.detector
+            if det is not None:
+                det.expire(self._clock())  # record_now trusts `fresh` without reading the clock
             await self.flush()
 
     async def flush(self) -> int:

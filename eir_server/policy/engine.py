@@ -73,6 +73,9 @@ def _local_verdict(e: LocalEntry) -> Verdict:
     return Verdict(status, rule, (e.describe(),))
 
 
+BLACKLIST_VERDICTS_MAX = 4096
+
+
 class Policy:
     """Immutable compiled policy. Build once per configuration/list load; swap the reference
     to reload. Everything derivable ahead of time (verdict objects, lookup tables) is built
@@ -84,7 +87,7 @@ class Policy:
         "_v_malformed", "_v_default", "_v_unalloc", "_v_pair",
         "_local_exact", "_seg_starts", "_seg_ends", "_seg_verdicts", "_ranges_everywhere",
         "_tac_index", "_unalloc_on",
-        "_grace_status", "_blocked_status", "_notif_imsi",
+        "_grace_status", "_blocked_status", "_notif_imsi", "_v_blacklist",
     )
 
     def __init__(
@@ -112,6 +115,10 @@ class Policy:
         self._grace_status = cfg.notification_grace
         self._blocked_status = cfg.notification_blocked
         self._notif_imsi = cfg.notification_match_imsi
+        # Blacklist verdicts by (block date, reasons): a register has few distinct ones, and a
+        # frozen dataclass costs ~1 µs to build, once per blacklisted request otherwise. A memo
+        # (emptied when full), so decide stays a function of its inputs.
+        self._v_blacklist: dict[tuple[str, tuple[str, ...]], Verdict] = {}
 
         # Operator-local lists: exact IMEI -> Verdict, and disjoint range segments for bisect.
         self._local_exact: dict[str, Verdict] = {}
@@ -214,7 +221,8 @@ class Policy:
 
     def decide(self, req: CheckRequest, record: ImeiRecord | None, today: str) -> Verdict:
         """Verdict for `req`, given the register's record for `imei_key(req.imei)` (None if
-        unlisted) and today's date as YYYYMMDD. Pure: same inputs, same (often shared) Verdict."""
+        unlisted) and today's date as YYYYMMDD (read only when there is a record: callers may
+        pass "" without one). Pure: same inputs, same (often shared) Verdict."""
         return self.decide_identified(req, self.identify(req.imei), record, today)
 
     def decide_identified(self, req: CheckRequest, identified: Identified,
@@ -273,7 +281,14 @@ class Policy:
     def _national(self, req: CheckRequest, record: ImeiRecord, today: str) -> Verdict | None:
         bl = record.blacklist
         if bl is not None and bl.block_date <= today:
-            return Verdict(_B, R.NATIONAL_BLACKLIST, (f"block_date {bl.block_date}", *bl.reasons))
+            key = (bl.block_date, bl.reasons)
+            v = self._v_blacklist.get(key)
+            if v is None:
+                if len(self._v_blacklist) >= BLACKLIST_VERDICTS_MAX:
+                    self._v_blacklist.clear()
+                v = self._v_blacklist[key] = Verdict(
+                    _B, R.NATIONAL_BLACKLIST, (f"block_date {bl.block_date}", *bl.reasons))
+            return v
         if not record.notifications:
             return None
         first: NotificationEntry | None = None

@@ -31,27 +31,21 @@ BODY_KNOWN: Final = frozenset({"bad_check_digit", "zero_tac", "test_tac"})
 ZERO_TAC: Final = "00000000"
 
 
-# Luhn over the 14-digit body as an int, split by divmod into digits 0-3, 4-8 and 9-13, each
-# chunk's partial sum read from a list: no string slices and no str hashing (an int chunk and
-# a list index cost about a third of a 4-character slice and a dict lookup). Digits at odd
-# offsets of the body are doubled (they sit at even positions counted from the right once the
-# check digit is appended). The lists hold small cached ints: ~1.7 MB of pointers.
-_PLAIN_DIGIT = tuple(range(10))
-_DOUBLED_DIGIT = tuple(2 * d - 9 if d > 4 else 2 * d for d in range(10))
-_PAIR = [_PLAIN_DIGIT[i // 10] + _DOUBLED_DIGIT[i % 10] for i in range(100)]  # even offset
-_LUHN_4: Final[list[int]] = [_PAIR[i // 100] + _PAIR[i % 100] for i in range(10_000)]  # 0-3
-_LUHN_5_EVEN: Final[list[int]] = [_LUHN_4[i // 10] + i % 10 for i in range(100_000)]  # 4-8
-_LUHN_5_ODD: Final[list[int]] = [  # 9-13
-    _DOUBLED_DIGIT[i // 10_000] + _LUHN_4[i % 10_000] for i in range(100_000)]
+# Luhn over the 14-digit body's bytes: digits at even offsets count as they are, those at odd
+# offsets doubled (they sit at even positions counted from the right once the check digit is
+# appended), both summed in C. No large tables: the previous version read 1.7 MB of lists at
+# random, and the cache misses cost more on the request path than the arithmetic saved.
+_DOUBLED: Final[bytes] = bytes.maketrans(  # "d" -> the digit sum of 2*d, as a byte value
+    b"0123456789", bytes(2 * d - 9 if d > 4 else 2 * d for d in range(10)))
 # Check digit by partial sum (max 126): indexing beats `(10 - s % 10) % 10`.
 _CHECK_BY_SUM: Final[str] = "".join(str((10 - s % 10) % 10) for s in range(127))
+_ZEROS_AT_EVEN_OFFSETS: Final = 7 * ord("0")
 
 
 def _check_digit(body: str) -> str:
     """Luhn check digit of a 14-digit body already known to be ASCII digits."""
-    high, low = divmod(int(body), 100_000)
-    high, mid = divmod(high, 100_000)
-    return _CHECK_BY_SUM[_LUHN_4[high] + _LUHN_5_EVEN[mid] + _LUHN_5_ODD[low]]
+    b = body.encode()
+    return _CHECK_BY_SUM[sum(b[0::2]) - _ZEROS_AT_EVEN_OFFSETS + sum(b[1::2].translate(_DOUBLED))]
 
 
 def luhn_check_digit(imei14: str) -> str:

@@ -83,9 +83,9 @@ def answer(pair: Pair, sid: int, status: int = 200, body: bytes = b'{"status":"W
 def test_requests_and_answers_round_trip_with_an_independent_client() -> None:
     p = Pair()
     sids = [p.get() for _ in range(3)]
-    assert [r.stream_id for r in p.requests] == sids
+    assert [r[0] for r in p.requests] == sids
     r = p.requests[0]
-    assert (r.method, r.path, r.query) == (
+    assert r[1:4] == (
         "GET", "/n5g-eir-eic/v1/equipment-status", "pei=imei-352099001761481")
     for status, sid in zip((200, 404, 405), sids, strict=True):
         assert answer(p, sid, status, headers=[("content-type", "application/problem+json"),
@@ -164,7 +164,7 @@ def test_request_with_a_body_and_continuation_frames() -> None:
     p.client.send_data(sid, b"x" * 15000)
     p.client.send_data(sid, b"x" * 15000, end_stream=True)
     p.pump()
-    assert len(p.requests) == 1 and p.requests[0].headers["x-big"] == "v" * 20000
+    assert len(p.requests) == 1 and p.requests[0][4]["x-big"] == "v" * 20000
     # every DATA octet given back to the connection window
     assert p.client.outbound_flow_control_window == 65535
     assert answer(p, sid)
@@ -285,7 +285,7 @@ def test_padded_priority_headers_and_concurrency_limit() -> None:
                     + frame(h2conn.HEADERS, 0x2D, 1, padded)
                     + frame(h2conn.HEADERS, 0x5, 3, enc.encode(GET))
                     + frame(h2conn.HEADERS, 0x5, 5, enc.encode(GET)))
-    assert [r.stream_id for r in got] == [1, 3]
+    assert [r[0] for r in got] == [1, 3]
     assert bytes(s.out).endswith(frame(h2conn.RST_STREAM, 0, 5, struct.pack(">L", 7)))
     assert not s.closed
 
@@ -316,7 +316,7 @@ def test_any_split_of_the_input_gives_the_same_requests(cuts: list[int]) -> None
         got += s.receive(data[pos:pos + c])
         pos += c
     got += s.receive(data[pos:])
-    assert [(r.stream_id, r.path, r.query) for r in got] == [
+    assert [(r[0], r[2], r[3]) for r in got] == [
         (1 + 2 * i, f"/p{i}", f"q={i}") for i in range(5)]
 
 
@@ -334,7 +334,7 @@ def test_answers_held_by_flow_control_count_as_open_streams() -> None:
     enc = hpack.Encoder()
     s.receive(PREFACE + frame(h2conn.SETTINGS, 0, 0, struct.pack(">HL", 4, 0)))
     for sid in (1, 3):
-        assert [r.stream_id for r in s.receive(
+        assert [r[0] for r in s.receive(
             frame(h2conn.HEADERS, 0x5, sid, enc.encode(GET)))] == [sid]
         assert s.respond(sid, encode_head(200, [], 2), b"{}")
     s.out.clear()
@@ -344,5 +344,31 @@ def test_answers_held_by_flow_control_count_as_open_streams() -> None:
     s.out.clear()
     s.receive(frame(h2conn.WINDOW_UPDATE, 0, 1, struct.pack(">L", 2)))  # one answer goes out
     assert bytes(s.out) == frame(h2conn.DATA, h2conn.END_STREAM, 1, b"{}")
-    assert [r.stream_id for r in s.receive(
+    assert [r[0] for r in s.receive(
         frame(h2conn.HEADERS, 0x5, 7, enc.encode(GET)))] == [7]
+
+
+_BASE = [(":method", "GET"), (":scheme", "http"), (":path", "/x?q")]
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ([*_BASE, ("", "v")], "bad header field ''"),
+    ([*_BASE, ("a", "1"), (":authority", "h")], "bad header field ':authority'"),
+    ([*_BASE, (":foo", "1")], "bad header field ':foo'"),
+    ([*_BASE, (":method", "GET")], "bad pseudo-header ':method'"),
+    ([*_BASE, ("Upper", "1")], "bad header field 'Upper'"),
+    ([*_BASE, ("connection", "close")], "bad header field 'connection'"),
+    ([*_BASE, ("te", "gzip")], "bad header field 'te'"),
+    (_BASE[:2], "missing :method, :scheme or :path"),
+    ([(":method", "GET"), (":path", "/")], "missing :method, :scheme or :path"),
+])
+def test_malformed_requests_are_stream_errors(fields: list[tuple[str, str]], reason: str) -> None:
+    with pytest.raises(h2conn._StreamError) as e:
+        h2conn._request(1, fields)
+    assert e.value.reason == reason
+
+
+def test_a_well_formed_request_keeps_its_fields() -> None:
+    r = h2conn._request(3, [*_BASE, (":authority", "h"), ("a", "1"), ("te", "trailers"),
+                            ("a", "2")])
+    assert r == (3, "GET", "/x", "q", {"a": "1, 2", "te": "trailers"})

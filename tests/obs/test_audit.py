@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eir_server.obs.audit import (
+    REFRESH,
     AuditRecorder,
     DeviceChangeDetector,
     JsonlDirSink,
@@ -239,6 +240,51 @@ async def test_recorder_skips_only_what_the_detector_would(
         await rec.flush()  # as the drain task would between reads
         full.observe(when, imei, imsi)
     assert m.device_signals == full.metrics.device_signals
+
+
+@given(_sightings)
+@settings(max_examples=100, deadline=None)
+async def test_record_now_skips_only_what_the_detector_would(
+        sightings: list[tuple[float, str, str | None]]) -> None:
+    """record_now (the service's hot path) trusts `fresh` without reading the clock; the flush
+    task ends the period. With that task's step between sightings, the signals are the ones
+    the detector gives when it sees every sighting."""
+    m = Metrics()
+    now = [DAY]
+    rec = AuditRecorder(m, None, detector=DeviceChangeDetector(m, max_imsis=2, window=1e7,
+                                                                log_events=False),
+                        clock=lambda: now[0])
+    det = rec.detector
+    assert det is not None
+    full = DeviceChangeDetector(Metrics(), max_imsis=2, window=1e7, log_events=False)
+    for gap, imei, imsi in sightings:
+        now[0] += gap
+        det.expire(now[0])  # what _run does before each flush
+        rec.record_now(CheckRequest(imei=imei, imsi=imsi), WHITE, "mme", "s13")
+        await rec.flush()
+        full.observe(now[0], imei, imsi)
+    assert m.device_signals == full.metrics.device_signals
+
+
+async def test_the_flush_task_ends_a_fresh_period() -> None:
+    """Without a flush task stepping in, a pair written once would be skipped forever by
+    record_now; the task empties `fresh` when REFRESH has passed."""
+    m = Metrics()
+    now = [DAY]
+    rec = AuditRecorder(m, None, detector=DeviceChangeDetector(m, log_events=False),
+                        clock=lambda: now[0], flush_interval=0.01)
+    det = rec.detector
+    assert det is not None
+    rec.record_now(req(1, imsi="001"), WHITE, "mme", "s13")
+    await rec.flush()
+    assert det.fresh == {"001": req(1).imei[:14]}
+    rec.start()
+    await asyncio.sleep(0.05)
+    assert det.fresh  # still within the period
+    now[0] += REFRESH
+    await asyncio.sleep(0.05)
+    assert not det.fresh
+    await rec.close()
 
 
 def test_detector_memory_is_bounded() -> None:

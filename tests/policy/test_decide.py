@@ -25,6 +25,8 @@ from eir_server.policy import (
     TacDatabase,
     luhn_check_digit,
 )
+from eir_server.policy.engine import BLACKLIST_VERDICTS_MAX
+from eir_server.policy.types import Verdict
 
 W, G, B = EquipmentStatus.WHITELISTED, EquipmentStatus.GREYLISTED, EquipmentStatus.BLACKLISTED
 TODAY = "20250615"
@@ -299,3 +301,26 @@ def test_all_forms_of_one_device_get_one_verdict(tac, snr, svn, record, imsi) ->
     assert len(verdicts) == 1, verdicts
     key = _PROP_POLICY.imei_key(body + cd)
     assert key in (body, None)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["20200101", "20250614", TODAY, "20990101"]),
+                          st.lists(st.sampled_from(["stolen", "lost", "fraud"]), max_size=2)),
+                max_size=30))
+def test_blacklist_verdicts_are_memoized_by_value(entries: list[tuple[str, list[str]]]) -> None:
+    """The memo of blacklist verdicts gives what building each one would, and stays bounded."""
+    policy = Policy(PolicyConfig())
+    for date, reasons in entries:
+        rec = ImeiRecord(blacklist=BlacklistEntry(date, tuple(reasons)))
+        got = policy.decide(CheckRequest("35209900176148"), rec, TODAY)
+        if date <= TODAY:
+            assert got == Verdict(B, "national_blacklist", (f"block_date {date}", *reasons))
+        else:
+            assert got.rule != "national_blacklist"
+
+
+def test_blacklist_verdict_memo_is_bounded() -> None:
+    policy = Policy(PolicyConfig())
+    for i in range(BLACKLIST_VERDICTS_MAX + 10):
+        rec = ImeiRecord(blacklist=BlacklistEntry("20200101", (f"case {i}",)))
+        assert policy.decide(CheckRequest("35209900176148"), rec, TODAY).reasons[1] == f"case {i}"
+    assert len(policy._v_blacklist) <= BLACKLIST_VERDICTS_MAX
