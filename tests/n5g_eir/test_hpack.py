@@ -48,14 +48,19 @@ def without_indexing(name: bytes | int, value: bytes, huffman: bool = True) -> b
 
 
 def huffman_string(data: bytes) -> str:
-    """Our Huffman decoder on a whole buffer (the name path: _huffman)."""
+    """Our Huffman decoder on a whole buffer (ls-qpack for long strings, else the tables)."""
     return hpack._huffman(data, 0, len(data))
+
+
+def huffman_table(data: bytes) -> str:
+    """The table decoder on its own, whatever the length."""
+    return hpack._huffman_table(data, 0, len(data))
 
 
 def huffman_value(data: bytes) -> str:
     """Our Huffman decoder through decode() (the inlined value path)."""
     block = b"\x01" + integer(len(data), 7, 0x80) + data  # :authority, literal w/o indexing
-    ((name, value),) = Decoder().decode(block)
+    ((name, value),) = Decoder(max_header_list_size=1 << 20).decode(block)
     assert name == ":authority"
     return value
 
@@ -207,24 +212,13 @@ def test_nghttp2_requests() -> None:
     assert blocks[1][:2] == b"\x82\x86"
 
 
-def test_nghttp2_requests_with_a_cold_head_cache() -> None:
-    """The same blocks decode the same whether the :path head is cached or not."""
-    blocks, expected = nghttp2_requests(5, seed=3)
-    for clear in (True, False):
-        decoder = Decoder()
-        for block, headers in zip(blocks, expected, strict=True):
-            if clear:
-                hpack._head_cache.clear()
-            assert decoder.decode(block) == headers
-
-
 # --- Round trips through the hpack library's encoder -----------------------------------------
 
 NAMES = [b":path", b":authority", b"user-agent", b"accept", b"x-request-id", b"cookie", b"a"]
 LONG_HEADS = [PATH_HEAD.encode(), b"Bearer eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.", b"\xff" * 40]
 
 names = st.one_of(st.sampled_from(NAMES), st.binary(max_size=20))
-# Values: short random ones, and long ones sharing a head (so Huffman head cache hits and misses).
+# Values: short random ones (the table decoder), and long ones (ls-qpack) sharing a head.
 values = st.one_of(
     st.binary(max_size=40),
     st.builds(lambda head, tail: head + tail, st.sampled_from(LONG_HEADS), st.binary(max_size=30)),
@@ -243,13 +237,10 @@ blocks_strategy = st.lists(
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(blocks_strategy, st.booleans())
+@given(blocks_strategy)
 def test_round_trip_through_hpack_encoder(
     blocks: list[tuple[list[tuple[bytes, bytes, str, int]], bool, int | None]],
-    clear_head_cache: bool,
 ) -> None:
-    if clear_head_cache:
-        hpack._head_cache.clear()
     encoder = hpack_lib.Encoder()
     decoder = Decoder()
     static_names = [n.encode() for n, _ in hpack._STATIC]
@@ -295,10 +286,8 @@ def test_huffman_agrees_with_hpack_on_encoded_strings(raw: bytes, long_head: boo
     coded = HUFFMAN.encode(raw)
     expected = decode_huffman(coded).decode("latin-1")
     assert expected == raw.decode("latin-1")
-    assert huffman_string(coded) == expected  # head cache miss, or hit for long heads
-    assert huffman_string(coded) == expected  # hit when longer than the head
-    assert huffman_value(coded) == expected
-    hpack._head_cache.clear()
+    assert huffman_string(coded) == expected
+    assert huffman_table(coded) == expected
     assert huffman_value(coded) == expected
 
 
@@ -318,7 +307,11 @@ def ours(data: bytes) -> str | None:
         value = huffman_value(data)
     except HpackError:
         value = None
-    assert value == string_
+    try:
+        table = huffman_table(data)
+    except HpackError:
+        table = None
+    assert value == string_ == table
     return string_
 
 
@@ -332,7 +325,7 @@ def test_huffman_agrees_with_hpack_on_arbitrary_bytes(data: bytes) -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.binary(min_size=1, max_size=60), st.integers(0, 1000), st.sampled_from(LONG_HEADS))
 def test_huffman_agrees_with_hpack_on_damaged_strings(raw: bytes, where: int, head: bytes) -> None:
-    """Valid strings with one byte changed or cut short, with and without a cached head."""
+    """Valid strings with one byte changed or cut short, long and short."""
     coded = bytearray(HUFFMAN.encode(head + raw))
     coded[where % len(coded)] ^= 1 + where % 255
     for data in (bytes(coded), bytes(coded[: where % len(coded)])):
@@ -375,42 +368,41 @@ def test_huffman_padding_and_eos() -> None:
     assert huffman_string(b"") == ""
 
 
-def test_huffman_bad_string_with_a_cached_head_is_still_rejected() -> None:
-    good = HUFFMAN.encode(PATH_HEAD.encode() + b"352099001761481")
-    hpack._head_cache.clear()
-    assert huffman_string(good) == PATH_HEAD + "352099001761481"
-    assert good[: hpack._HEAD_LEN] in hpack._head_cache
-    with pytest.raises(HpackError):
-        huffman_string(good + b"\xff")  # same head, cache hit, then too much padding
-    # A head that already failed (EOS inside it) is cached in the error state.
-    bad_head = b"\xff\xff\xff\xff" + bytes(hpack._HEAD_LEN)
-    for _ in range(2):
-        with pytest.raises(HpackError):
-            huffman_string(bad_head)
-
-
-def test_head_cache_is_used() -> None:
-    """A planted entry shows that both decoding paths take the head from the cache."""
+def test_long_strings_go_to_the_c_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
     coded = HUFFMAN.encode(PATH_HEAD.encode() + b"352099001761481")
-    hpack._head_cache.clear()
-    huffman_string(coded)
-    key = coded[: hpack._HEAD_LEN]
-    head, state = hpack._head_cache[key]
-    assert PATH_HEAD.startswith(head)
-    hpack._head_cache[key] = ("planted", state)
-    try:
-        assert huffman_string(coded).startswith("planted")
-        assert huffman_value(coded).startswith("planted")
-    finally:
-        hpack._head_cache.clear()
+    assert hpack._C_MIN <= len(coded) <= hpack._C_MAX
+
+    def table_not_used(data: bytes, start: int, stop: int) -> str:
+        raise AssertionError("table decoder used")
+
+    monkeypatch.setattr(hpack, "_huffman_table", table_not_used)
+    assert huffman_string(coded) == PATH_HEAD + "352099001761481"
+    assert huffman_value(coded) == PATH_HEAD + "352099001761481"
+    with pytest.raises(HpackError):
+        huffman_string(coded + b"\xff")  # too much padding
+    with pytest.raises(HpackError):
+        huffman_string(b"\xff\xff\xff\xff" + bytes(20))  # EOS inside
 
 
-def test_head_cache_is_bounded() -> None:
-    rng = random.Random(5)
-    for _ in range(3 * hpack._HEAD_CACHE_MAX):
-        raw = bytes(rng.randrange(256) for _ in range(60))
-        assert huffman_string(HUFFMAN.encode(raw)) == raw.decode("latin-1")
-        assert len(hpack._head_cache) <= hpack._HEAD_CACHE_MAX
+def coded_of_length(n: int) -> tuple[bytes, bytes]:
+    """A string whose Huffman code is exactly n octets: digits "0" (5 bits) and "%" (6 bits)
+    make any bit count from 40 up, padded to a byte with at most 7 bits."""
+    bits = 8 * n - 3  # 3 bits of padding
+    sixes = bits % 5  # 5a + 6b = bits with b = bits mod 5 (bits >= 20)
+    raw = b"%" * sixes + b"0" * ((bits - 6 * sixes) // 5)
+    coded = HUFFMAN.encode(raw)
+    assert len(coded) == n
+    return raw, coded
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 126, 127, 128, 255, 16383, 16384, 16385, 40000])
+def test_huffman_at_the_decoders_bounds(n: int) -> None:
+    """Coded lengths around where the C decoder takes over, its 1-byte length prefix ends
+    and it hands back to the tables: valid, too much padding, EOS at the end."""
+    raw, coded = coded_of_length(n)
+    assert huffman_string(coded) == raw.decode() == huffman_value(coded) == huffman_table(coded)
+    for bad in (coded + b"\xff", coded[:-1] + b"\xff\xff\xff\xff"):
+        assert ours(bad) is None and oracle(bad) is None
 
 
 def test_huffman_tables_are_complete() -> None:
