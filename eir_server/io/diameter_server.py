@@ -121,12 +121,16 @@ def _cgroup_cpu_stat() -> tuple[str, bytes, float] | None:
             _, controllers, path = line.split(":", 2)
             names = controllers.split(",")
             if controllers == "":
-                return f"/sys/fs/cgroup{path}/cpu.stat", b"throttled_usec", 1e-6
-            if "cpu" in names:
+                stat, key, scale = f"/sys/fs/cgroup{path}/cpu.stat", b"throttled_usec", 1e-6
+            elif "cpu" in names:
                 base = "/sys/fs/cgroup/" + controllers
                 if not os.path.isdir(base):
                     base = "/sys/fs/cgroup/cpu"
-                return f"{base}{path}/cpu.stat", b"throttled_time", 1e-9
+                stat, key, scale = f"{base}{path}/cpu.stat", b"throttled_time", 1e-9
+            else:
+                continue
+            if os.path.exists(stat):  # hybrid hierarchies: the unified one may lack cpu.stat
+                return stat, key, scale
     return None
 
 

@@ -1,6 +1,6 @@
 """Audit trail of checks (what the EIR saw) and device-change / clone signals.
 
-The hot path calls `AuditRecorder.record(...)`: a sampling decision and one deque append, no
+The hot path calls `AuditRecorder.record_now(...)`: a sampling decision and one deque append, no
 I/O, no formatting. A background task (`start()`) drains the buffer in batches: it feeds the
 `DeviceChangeDetector` and writes the sampled observations to a sink, a bounded Redis Stream
 (pipelined `XADD ... MAXLEN ~`), daily JSON-lines files, or a bounded in-memory deque. When the
@@ -314,7 +314,7 @@ class AuditRecorder:
 
     Wiring (worker): `rec = AuditRecorder(metrics, make_sink(cfg.store, redis=client),
     sample=cfg.audit_sample, detector=DeviceChangeDetector(metrics))`; `rec.start()` once the
-    loop runs; `rec.record(time.time(), req, verdict, peer_name, "s13")` after each answer;
+    loop runs; `rec.record_now(req, verdict, peer_name, "s13")` after each answer;
     `await rec.close()` on shutdown (flushes what is buffered). With `--audit off` pass
     `sink=None`: the detector (if any) still sees every check, nothing is written.
 
@@ -392,10 +392,10 @@ class AuditRecorder:
 
     def record_now(self, req: CheckRequest, verdict: Verdict, peer: str,
                    interface: str) -> None:
-        """`record` stamped with the wall-clock time, for the service's hot path: an unchanged
-        pair the detector has already seen this period (nearly every check when auditing is
-        off or sampled) returns after one lookup, before reading the clock. The period's end
-        is enforced by the flush task (`_run`), which empties `fresh` then."""
+        """`record` stamped with the wall-clock time: the service's audit hook. With auditing
+        off, an unchanged pair the detector has already seen this period (nearly every check)
+        returns after one lookup, before reading the clock; the period's end is then enforced
+        by the flush task (`_run`), which empties `fresh`."""
         det = self._detect_only
         if det is not None and req.imsi:
             known = det.fresh.get(req.imsi)
