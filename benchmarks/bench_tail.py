@@ -136,7 +136,8 @@ def run(rate: int, duration: float, store: str, imeis: int, work: Path,
     return {
         "server": "Erlang/OTP diameter, fixed answer" if store == "otp" else "eir-server",
         "rate": rate, "store": store, "answers": r["answers"], "timeouts": r["timeouts"],
-        "server_cpu_us": cpu / max(r["answers"], 1) * 1e6,
+        # the server's CPU covers the warm-up too
+        "server_cpu_us": cpu / max(r["answers"] + r["warmup_answers"], 1) * 1e6,
         "generator": {k: lat[k] for k in ("p50", "p99", "p99.9", "max") if k in lat}
         | {"late_ms": r.get("generator", {}).get("open_loop_max_lag_ms")},
         "wire": w.summary(),

@@ -311,7 +311,8 @@ def _ecr_row(ctx: Ctx, f: Figures, server: Server, name: str, label: str, worker
              cpu=1 if workers == 1 else None)
     cpu = server.cpu() - cpu0
     lat = r["latency_ms"]
-    n = max(r["answers"], 1)
+    # the server's CPU covers the warm-up too: so must the answers it is divided by
+    n = max(r["answers"] + r["warmup_answers"], 1)
     f.add(f"{name}.answers_per_s", r["throughput_per_s"], "/s", "higher", f"{label}: answers/s")
     for p in ("p50", "p99", "p99.9"):
         f.add(f"{name}.{p}_ms", lat[p], "ms", "lower", f"{label}: latency {p}")
@@ -386,7 +387,8 @@ def suite_otp(ctx: Ctx, f: Figures) -> None:
         f.add(f"{name}.answers_per_s", r["throughput_per_s"], "/s", "higher",
               f"{label}, one core, 4 x 64 in flight: answers/s")
         f.add(f"{name}.p99_ms", r["latency_ms"]["p99"], "ms", "lower", f"{label}: latency p99")
-        f.add(f"{name}.server_cpu_us", cpu / max(r["answers"], 1) * 1e6, "µs", "lower",
+        answered = r["answers"] + r["warmup_answers"]  # the CPU covers the warm-up too
+        f.add(f"{name}.server_cpu_us", cpu / max(answered, 1) * 1e6, "µs", "lower",
               f"{label}: server CPU per answer")
         f.add(f"{name}.generator_cpu_us", r["generator"]["cpu_us_per_request"], "µs",
               "lower", f"{label} run: generator CPU per request")
