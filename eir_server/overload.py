@@ -123,9 +123,14 @@ class OverloadSignal:
         self.shed_total += 1
         return False
 
+    def left(self, src: Source) -> int:
+        """How many more requests `admit` lets through from `src` now; -1: no limit."""
+        return src.quota if self.shedding else -1
+
     def refused(self, src: Source, n: int) -> None:
-        """`n` more requests from `src` after one `admit` refused: refused too (its quota is
-        spent until the next tick), counted without a call each."""
+        """`n` more requests from `src` refused without a call to `admit` each (after one it
+        refused: its quota is spent until the next slice; or the older head of a read that the
+        quota does not cover)."""
         src.arrivals += n
         src.shed += n
         self.shed_total += n

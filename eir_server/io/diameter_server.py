@@ -557,6 +557,7 @@ class DiameterProtocol(asyncio.Protocol):
         if node.limits.overload_target > 0:
             self.conn.gate = partial(node.overload.admit, self._src)
             self.conn.refuse_run = self._refuse_run
+            self.conn.quota = partial(node.overload.left, self._src)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -605,16 +606,19 @@ class DiameterProtocol(asyncio.Protocol):
             if not (self._paused or self._held):
                 asyncio.get_running_loop().call_soon(self._continue)
 
-    def _refuse_run(self, msgs: list[bytes], start: int, stop: int, out: list[bytes]) -> int:
+    def _refuse_run(self, msgs: list[bytes], start: int, stop: int, out: list[bytes],
+                    counted: int) -> int:
         """Overloaded: 3004 from a template and each request's raw bytes, nothing decoded, for
-        the run of requests from msgs[start] (the gate refused it, and refuses the rest of this
-        tick's); the MME retries on another EIR at once (a DOIC peer also reads the OC-OLR)."""
+        the run of requests from msgs[start] (`counted`: the gate refused msgs[start] already,
+        and refuses the rest of this tick's; else they are the older head of a read, refused
+        so that the quota admits the younger tail); the MME retries on another EIR at once (a
+        DOIC peer also reads the OC-OLR)."""
         src = self._src
         if src.reacting is None:  # shed before any request was decoded: look at the bytes
             src.reacting = msgs[start].find(_OC_SUPPORTED_CODE, 20) >= 0
         end = self.node.busy.answer_run(
             msgs, start, stop, self._handler.eca.doic if src.reacting else b"", out)
-        self.node.overload.refused(src, end - start - 1)
+        self.node.overload.refused(src, end - start - counted)
         return end
 
     def _continue(self) -> None:
