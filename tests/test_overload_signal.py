@@ -263,3 +263,33 @@ def test_an_unused_budget_does_not_grow() -> None:
         _admitted(sig, "a", 3000)
         sig.tick(5 + k * cfg.tick, lag=0.0, pending_delay=0.0)
     assert sig.budget > start
+
+
+def test_the_budget_is_held_between_a_quarter_and_half_the_target() -> None:
+    """While shedding, a delay above half the target that does not drain is cut (the peaks,
+    not the median, are to stay below the target), between a quarter and half it is held,
+    below a quarter it grows."""
+    cfg = OverloadConfig(target=0.05, tick=0.1, min_budget=5)
+    sig = _shedding(cfg, {"a": 3000})
+    t = 1.0
+    # (0.08 the tick before: the first 0.03 is draining fast enough, held)
+    for delay, change in ((0.03, "held"), (0.03, "cut"), (0.035, "cut"), (0.02, "held"),
+                          (0.015, "held"), (0.01, "grown")):
+        before = sig.budget
+        _admitted(sig, "a", 3000)
+        sig.tick(t, lag=0.0, pending_delay=delay)
+        t += cfg.tick
+        assert sig.shedding
+        got = "cut" if sig.budget < before else "grown" if sig.budget > before else "held"
+        assert got == change, (delay, before, sig.budget)
+
+
+def test_a_delay_rising_through_the_target_from_above_the_band_sheds_at_once() -> None:
+    """A storm's onset: the delay already above half the target and rising past it is the
+    second tick of evidence; from below half the target, a single tick above it is not."""
+    for before, shed in ((0.03, True), (0.02, False)):
+        sig = OverloadSignal(CFG)
+        for k, delay in enumerate((0.0, before, 0.07)):
+            _admitted(sig, "mme", 400)
+            sig.tick(k * CFG.tick, lag=0.0, pending_delay=delay)
+        assert sig.shedding is shed, before
