@@ -22,8 +22,6 @@ keeps what it sends), and requests beyond its share are refused cheaply by the i
 The budget follows the delay: cut while it is above target and not draining, the deeper the
 further above (x0.9 down to x0.5), held between half the target and the target, grown by a
 tenth below that; shedding ends once the budget covers what arrives and the delay is low.
-A delay that rises past the target from a tick already above half of it starts shedding at
-once (a storm's onset).
 Counting requests that wait for the store (the previous gate) sheds the wrong thing: a slow
 store is not a busy worker.
 
@@ -157,11 +155,6 @@ class OverloadSignal:
         # standing queue: only ticks above target and not well below the last one count.
         if d > cfg.target and (self._above == 0 or d >= 0.5 * self.delay_before):
             self._above += 1
-            if self.delay_before > cfg.target / 2 and d > self.delay_before:
-                # Rising past the target from a tick above half of it: that tick was
-                # the first of the `confirm` (a storm's onset: waiting for another tick let the
-                # backlog reach 121 ms and its verdicts 167 ms, target 50 ms, before shedding).
-                self._above = max(self._above, cfg.confirm)
         else:
             self._above = 0
         arrivals = 0
@@ -196,8 +189,8 @@ class OverloadSignal:
             # against the oscillation of cutting and growing around the target itself).
             # Not lower: a client that keeps a window of requests outstanding (an MME, the
             # bench's closed loop: 256 at capacity, ~30 ms) holds a queue of its own making;
-            # a band below it (a quarter to half of 50 ms was tried) never lets shedding end,
-            # and 32-46 % of that client's answers after a storm were 3004.
+            # a band below it (a quarter to half of 50 ms was tried) did not let shedding end
+            # within 10 s, and 32-46 % of that client's answers after a storm were 3004.
             # Never far beyond what was admitted: a budget the sources did not use says nothing
             # about what the worker could do, and grown on, lets a burst admit more than it can.
             self.budget = min(self.budget + max(cfg.min_budget, self.budget * 0.1),
