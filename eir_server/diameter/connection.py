@@ -294,11 +294,11 @@ class Connection:
         self.doic: Callable[[], bytes] = _no_doic
         # Overload shedding, set by the shell: `gate()` False refuses an application request
         # with `refuse(raw)` (3004 from the raw bytes); `shed` counts them for the shell.
-        # `refuse_run(msgs, start, stop, out)` answers the run of application requests from
-        # msgs[start] (before `stop`) with 3004, appends the answers to `out`, and returns
-        # where the run ended; `counted` of them (0 or 1: msgs[start]) the gate already
-        # counted as refused. `quota()`: how many more requests the gate admits now; -1: no
-        # limit (not shedding).
+        # `refuse_run(msgs, start, stop, out, counted)` answers the run of application
+        # requests from msgs[start] (before `stop`) with 3004, appends the answers to `out`,
+        # and returns where the run ended; `counted` of them (0 or 1: msgs[start]) the gate
+        # already counted as refused. `quota()`: how many more requests the gate admits now;
+        # -1: no limit (not shedding).
         self.gate: Callable[[], bool] | None = None
         self.refuse_run: Callable[[list[bytes], int, int, list[bytes], int], int] = _no_refuse
         self.quota: Callable[[], int] = _no_quota
