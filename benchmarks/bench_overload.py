@@ -379,7 +379,7 @@ async def storm(args: argparse.Namespace, pid: int, port: int) -> None:
             cap_proc.send_signal(signal.SIGINT)
             cap_proc.wait(30)
         buckets: list[int] = []
-        after, _ = await closed_loop(port, 4, 64, args.recovery, buckets)
+        after, st_after = await closed_loop(port, 4, 64, args.recovery, buckets)
     unanswered = offered - got
     print(f"storm: {args.factor}x capacity = {rate:,.0f}/s offered for {sent_s:.1f} s over "
           f"{args.connections} connections ({offered:,} requests)")
@@ -391,6 +391,13 @@ async def storm(args: argparse.Namespace, pid: int, port: int) -> None:
     print(f"  unanswered             {unanswered - (refused_by_client if args.doic else 0):,}")
     print(f"  verdict latency        p50 {pct(stats.lat, 50):.1f} ms  p99 "
           f"{pct(stats.lat, 99):.1f} ms  max {pct(stats.lat, 100):.1f} ms")
+    # The storm starts at once from nothing: until shedding starts, every request is admitted
+    # and waits behind the others. Its first second apart from the rest (both in the above).
+    first = [lat for lat, at in zip(stats.lat, stats.at, strict=True) if at < t0 + 1.0]
+    rest = [lat for lat, at in zip(stats.lat, stats.at, strict=True) if at >= t0 + 1.0]
+    print(f"    first second: {len(first):,} verdicts, p99 {pct(first, 99):.1f} ms  max "
+          f"{pct(first, 100):.1f} ms; after it: p99 {pct(rest, 99):.1f} ms  max "
+          f"{pct(rest, 100):.1f} ms")
     if pcap is not None:
         from benchmarks.wire_latency import analyse
         w = analyse(pcap, port)
@@ -407,7 +414,9 @@ async def storm(args: argparse.Namespace, pid: int, port: int) -> None:
     print(f"  RSS                    {rss0:.0f} MiB before, peak {rss.peak:.0f}, "
           f"{rss_end:.0f} after")
     first = next((i for i, b in enumerate(buckets) if b >= 0.9 * cap), None)
-    print(f"recovery: closed loop after the storm {after:,.0f}/s; per second "
+    answered_after = sum(st_after.codes.values())
+    print(f"recovery: closed loop after the storm {after:,.0f}/s ("
+          f"{(st_after.codes[2001] + st_after.codes[5422]) / max(answered_after, 1) * 100:.0f} % verdicts); per second "
           f"{[round(b) for b in buckets]}; >= 90 % of capacity "
           f"{'after ' + str(first) + ' s' if first is not None else 'not within the run'}")
 

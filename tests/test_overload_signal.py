@@ -263,3 +263,23 @@ def test_an_unused_budget_does_not_grow() -> None:
         _admitted(sig, "a", 3000)
         sig.tick(5 + k * cfg.tick, lag=0.0, pending_delay=0.0)
     assert sig.budget > start
+
+
+def test_the_budget_is_held_between_half_the_target_and_the_target() -> None:
+    """While shedding, a delay above the target that does not drain is cut, between half the
+    target and the target it is held, below half it grows. Not a lower band: a client that
+    keeps a window of requests outstanding holds a queue of its own making, and a band below
+    it never lets shedding end."""
+    cfg = OverloadConfig(target=0.05, tick=0.1, min_budget=5)
+    sig = _shedding(cfg, {"a": 3000})
+    t = 1.0
+    # (0.08 the tick before: the first 0.06 is draining fast enough, held)
+    for delay, change in ((0.06, "held"), (0.06, "cut"), (0.07, "cut"), (0.04, "held"),
+                          (0.03, "held"), (0.02, "grown")):
+        before = sig.budget
+        _admitted(sig, "a", 3000)
+        sig.tick(t, lag=0.0, pending_delay=delay)
+        t += cfg.tick
+        assert sig.shedding
+        got = "cut" if sig.budget < before else "grown" if sig.budget > before else "held"
+        assert got == change, (delay, before, sig.budget)

@@ -294,11 +294,14 @@ class Connection:
         self.doic: Callable[[], bytes] = _no_doic
         # Overload shedding, set by the shell: `gate()` False refuses an application request
         # with `refuse(raw)` (3004 from the raw bytes); `shed` counts them for the shell.
-        # `refuse_run(msgs, start, stop, out)` answers the run of application requests from
-        # msgs[start] (before `stop`) with 3004, appends the answers to `out`, and returns
-        # where the run ended; the gate's refusal of msgs[start] is already counted.
+        # `refuse_run(msgs, start, stop, out, counted)` answers the run of application
+        # requests from msgs[start] (before `stop`) with 3004, appends the answers to `out`,
+        # and returns where the run ended; `counted` of them (0 or 1: msgs[start]) the gate
+        # already counted as refused. `quota()`: how many more requests the gate admits now;
+        # -1: no limit (not shedding).
         self.gate: Callable[[], bool] | None = None
-        self.refuse_run: Callable[[list[bytes], int, int, list[bytes]], int] = _no_refuse
+        self.refuse_run: Callable[[list[bytes], int, int, list[bytes], int], int] = _no_refuse
+        self.quota: Callable[[], int] = _no_quota
         self.shed = 0
         self._pending: list[bytes] = []
         self.max_messages = MAX_MESSAGES_PER_CALL
@@ -359,21 +362,41 @@ class Connection:
         # no, it says no to the source until the next overload tick, so the run of application
         # requests that follows is refused in one go (`refuse_run`); a refusal costs a small
         # fraction of a check, so up to REFUSALS_PER_CHECK of them count as one message.
+        # The source's admissions go to the youngest requests this call looks at, not the
+        # oldest: the first of a read waited in the kernel since the read before (a loop turn
+        # of a busy worker, tens of ms under a CPU quota), the last arrived just before it.
+        # So while the quota is short of what this call looks at, the head is refused first
+        # (`head` requests) and the quota admits the tail: a verdict then waits about the
+        # time it takes to handle one read, and refusals, which cost the MME nothing but a
+        # retry elsewhere, take the age of the backlog.
         gate = self.gate
         shed = self.shed
         n = len(msgs)
         i = 0
         work = 0
         limit = self.max_messages * REFUSALS_PER_CHECK
+        head = 0
+        if gate is not None and n and state is PeerState.R_OPEN:
+            q = self.quota()
+            if q >= 0:
+                head = min(n, limit - (REFUSALS_PER_CHECK - 1) * q) - q
         while i < n and work < limit:
             raw = msgs[i]
             if gate is not None and raw[4] & 0x80 and raw[8:12] != BASE_APP and \
-                    self.state is PeerState.R_OPEN and not gate():
-                stop = self.refuse_run(msgs, i, min(n, i + limit - work), self._out)
-                work += stop - i
-                self.shed += stop - i
-                i = stop
-                continue
+                    self.state is PeerState.R_OPEN:
+                if head > 0:
+                    stop = self.refuse_run(msgs, i, min(n, i + head, i + limit - work),
+                                           self._out, 0)
+                    head -= stop - i
+                elif not gate():
+                    stop = self.refuse_run(msgs, i, min(n, i + limit - work), self._out, 1)
+                else:
+                    stop = i
+                if stop > i:
+                    work += stop - i
+                    self.shed += stop - i
+                    i = stop
+                    continue
             i += 1
             work += REFUSALS_PER_CHECK
             self._handle(raw, now)
@@ -764,8 +787,12 @@ def _no_doic() -> bytes:
 
 
 
-def _no_refuse(msgs: list[bytes], start: int, stop: int, out: list[bytes]) -> int:
+def _no_refuse(msgs: list[bytes], start: int, stop: int, out: list[bytes], counted: int) -> int:
     raise AssertionError("a gate without a refuse_run()")
+
+
+def _no_quota() -> int:
+    return -1
 
 
 def identity_matches(host: str, names: tuple[str, ...]) -> bool:

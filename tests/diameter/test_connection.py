@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import struct
+from functools import partial
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,6 +39,8 @@ from eir_server.diameter.connection import (
     WatchdogChanged,
 )
 from eir_server.diameter.dictionary import load_dictionary
+from eir_server.diameter.shed import BusyAnswer
+from eir_server.overload import OverloadConfig, OverloadSignal, Source
 from tests.diameter.builders import cer, ecr, proxy_info
 
 D = load_dictionary()
@@ -370,3 +373,66 @@ def test_random_bytes_after_cer_give_answers_or_a_clean_close(junk: bytes, where
     for e in c.events():
         assert isinstance(e, (AppRequest, ErrorAnswered, Closed, DisconnectRequested,
                               WatchdogChanged, PeerOpened, CerRejected))
+
+
+def _shedding_connection(quota: int) -> tuple[Connection, OverloadSignal, Source]:
+    """An open connection wired to an overload signal that is shedding, as the shell wires it
+    (gate, quota, refuse_run answering from the 3004 template), its source left `quota`
+    admissions."""
+    c = opened()
+    sig = OverloadSignal(OverloadConfig(target=0.05, min_budget=1))
+    src = sig.source("mme")
+    sig.shedding = True
+    src.quota = quota
+    busy = BusyAnswer(ME)
+
+    def refuse_run(msgs: list[bytes], start: int, stop: int, out: list[bytes],
+                   counted: int) -> int:
+        end = busy.answer_run(msgs, start, stop, b"", out)
+        sig.refused(src, end - start - counted)
+        return end
+
+    c.gate = partial(sig.admit, src)
+    c.quota = partial(sig.left, src)
+    c.refuse_run = refuse_run
+    return c, sig, src
+
+
+def _admitted(c: Connection) -> list[int]:
+    return [e.message.hop_by_hop for e in c.events() if isinstance(e, AppRequest)]
+
+
+def test_a_short_quota_admits_the_youngest_requests_of_a_read() -> None:
+    """Shedding, the source's quota goes to the last requests of a read (they waited least),
+    the older head gets 3004 first; every request is answered or handed on, and counted."""
+    c, sig, src = _shedding_connection(quota=3)
+    c.receive_data(b"".join(ecr(hbh=h) for h in range(1, 21)), 1.0)
+    assert _admitted(c) == [18, 19, 20]
+    refused = answers(c)
+    assert [m.hop_by_hop for m in refused] == list(range(1, 18))
+    assert {result_code(m) for m in refused} == {errors.TOO_BUSY}
+    assert (c.shed, src.quota, src.arrivals, src.shed, sig.shed_total) == (17, 0, 20, 17, 17)
+    # A quota that covers the read: nothing refused, all in order.
+    c, sig, src = _shedding_connection(quota=30)
+    c.receive_data(b"".join(ecr(hbh=h) for h in range(1, 21)), 1.0)
+    assert _admitted(c) == list(range(1, 21)) and c.shed == 0 and src.quota == 10
+    # Not shedding: the quota is not looked at.
+    c, sig, src = _shedding_connection(quota=0)
+    sig.shedding = False
+    c.receive_data(b"".join(ecr(hbh=h) for h in range(1, 21)), 1.0)
+    assert _admitted(c) == list(range(1, 21)) and c.shed == 0
+
+
+def test_the_youngest_of_a_bounded_turn_and_the_rest_waits() -> None:
+    """A call still looks at a bounded amount of work (a check costs REFUSALS_PER_CHECK
+    refusals): the quota admits the last requests this call can take, what is beyond them
+    waits for the next call, when a quota spent refuses it from the start."""
+    c, sig, src = _shedding_connection(quota=2)
+    c.max_messages = 4  # 64 refusals' worth of work: 30 for the two checks, 32 refusals
+    c.receive_data(b"".join(ecr(hbh=h) for h in range(1, 51)), 1.0)
+    assert _admitted(c) == [33, 34]
+    assert [m.hop_by_hop for m in answers(c)] == list(range(1, 33))
+    assert c.pending == 16
+    c.receive_data(b"", 1.01)
+    assert _admitted(c) == [] and [m.hop_by_hop for m in answers(c)] == list(range(35, 51))
+    assert (src.arrivals, src.shed) == (50, 48)
