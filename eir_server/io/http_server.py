@@ -130,12 +130,10 @@ class N5gEirService:
                                     self.wall() if self.app.authorizer is not None else 0.0)
                 if type(r) is CheckRequest:
                     r = self._check(r, r, client, method, t0, later, token)
-                    if r is None:
-                        return None
                 elif type(r) is Check:
                     r = self._check(r.request, r.audit, client, method, t0, later, token)
-                    if r is None:
-                        return None
+                if r is None:  # waits for the store
+                    return None
         except Exception:
             r = self._internal_error(path)
         assert type(r) is Response

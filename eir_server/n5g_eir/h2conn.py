@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import struct
 
-from .hpack import Decoder, HeaderListTooLarge, HpackError
+from .hpack import Decoder, HeaderListTooLarge, HpackError, encode_integer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -558,22 +558,8 @@ _NAME_INDEX = {"content-length": 28, "content-type": 31, "date": 33, "retry-afte
                "allow": 22, "www-authenticate": 61}
 
 
-def _int(value: int, prefix: int, first: int) -> bytes:
-    """RFC 7541 5.1 integer with an N-bit prefix; `first` carries the pattern bits."""
-    top = (1 << prefix) - 1
-    if value < top:
-        return bytes((first | value,))
-    out = bytearray((first | top,))
-    value -= top
-    while value >= 128:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def _string(s: bytes) -> bytes:
-    return _int(len(s), 7, 0) + s
+    return encode_integer(len(s), 7, 0) + s
 
 
 def literal(name: str, value: str) -> bytes:
@@ -582,7 +568,7 @@ def literal(name: str, value: str) -> bytes:
     v = _string(value.encode("latin-1"))
     index = _NAME_INDEX.get(name)
     if index is not None:
-        return _int(index, 4, 0) + v
+        return encode_integer(index, 4, 0) + v
     return b"\x00" + _string(name.encode("latin-1")) + v
 
 
@@ -591,7 +577,7 @@ def encode_status(status: int) -> bytes:
     index = _STATUS_INDEX.get(status)
     if index:
         return bytes((0x80 | index,))
-    return _int(8, 4, 0) + _string(str(status).encode())  # the name of static entry 8
+    return encode_integer(8, 4, 0) + _string(str(status).encode())  # the name of static entry 8
 
 
 def encode_fields(headers: list[tuple[str, str]], content_length: int) -> bytes:

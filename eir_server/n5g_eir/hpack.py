@@ -20,7 +20,7 @@ from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from pylsqpack import Decoder as _QpackDecoder
 from pylsqpack import DecompressionFailed as _QpackError
 
-__all__ = ["Decoder", "HeaderListTooLarge", "HpackError"]
+__all__ = ["Decoder", "HeaderListTooLarge", "HpackError", "encode_integer"]
 
 
 class HpackError(Exception):
@@ -195,6 +195,22 @@ def _build_huffman() -> list[list[Any]]:
 _ROWS = _build_huffman()
 _ROOT = _ROWS[0]
 
+
+def encode_integer(value: int, prefix: int, first: int) -> bytes:
+    """RFC 7541 5.1 integer with an N-bit prefix; `first` carries the pattern bits (QPACK,
+    RFC 9204 4.1.1, codes integers the same way)."""
+    top = (1 << prefix) - 1
+    if value < top:
+        return bytes((first | value,))
+    out = bytearray((first | top,))
+    value -= top
+    while value >= 128:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 # Long strings (the N5g-eir :path, ~60 coded bytes) are decoded in C by ls-qpack (pylsqpack,
 # aioquic's QPACK library): QPACK codes string literals with HPACK's Huffman code and its
 # padding rules (RFC 9204 4.1.2), so one string goes to a QPACK decoder as the value of a field
@@ -206,27 +222,17 @@ _ROOT = _ROWS[0]
 _C_MIN = 16  # coded octets
 _C_MAX = 16384
 _qpack_feed = _QpackDecoder(0, 0).feed_header  # stateless without a table: one per process
-_QPACK_HEADS = [b"\x00\x00\x51" + bytes((0x80 | n,)) for n in range(127)]
-
-
-def _qpack_head(n: int) -> bytes:
-    """Field section prefix and field line up to a Huffman value of n (>= 127) octets."""
-    out = bytearray(b"\x00\x00\x51\xff")
-    n -= 127
-    while n >= 128:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_QPACK_HEAD = b"\x00\x00\x51"  # section prefix, then the field line up to its value length
+_QPACK_HEADS = [_QPACK_HEAD + encode_integer(n, 7, 0x80) for n in range(127)]
 
 
 def _huffman(data: bytes, start: int, stop: int) -> str:
     """Decode data[start:stop] (stop <= len(data)) as a Huffman-coded string literal."""
     n = stop - start
     if _C_MIN <= n <= _C_MAX:
+        head = _QPACK_HEADS[n] if n < 127 else _QPACK_HEAD + encode_integer(n, 7, 0x80)
         try:
-            _, fields = _qpack_feed(0, (_QPACK_HEADS[n] if n < 127 else _qpack_head(n))
-                                    + data[start:stop])
+            _, fields = _qpack_feed(0, head + data[start:stop])
         except _QpackError:
             raise HpackError("invalid Huffman string: EOS, or padding not 0-7 one-bits") from None
         return fields[0][1].decode("latin-1")
