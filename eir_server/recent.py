@@ -38,7 +38,7 @@ class RecentMap(Generic[V]):
     """See the module docstring. `len()` counts a key written in both generations twice."""
 
     __slots__ = ("half", "stamped", "_young", "_young_t", "_old", "_old_t", "young", "_dying",
-                 "evicted")
+                 "evicted", "prev_stamp")
 
     def __init__(self, max_entries: int, stamped: bool = False) -> None:
         self.half = max(1, max_entries // 2)
@@ -50,6 +50,7 @@ class RecentMap(Generic[V]):
         self.young = 0  # keys written into the young generation (read-only outside)
         self._dying: list[dict[Any, Any]] = []
         self.evicted = 0  # keys dropped with old generations
+        self.prev_stamp = 0.0  # set by swap
 
     def get(self, key: Any, default: Any = None) -> Any:
         h = hash(key) & MASK
@@ -79,6 +80,31 @@ class RecentMap(Generic[V]):
             return v, self._young_t[h][key]
         v = self._old[h].get(key, _ABSENT)
         return None if v is _ABSENT else (v, self._old_t[h][key])
+
+    def swap(self, key: Any, value: V, stamp: float, default: Any = None) -> Any:
+        """`put(key, value, stamp)` of a stamped map, returning what `key` held before (or
+        `default`), its stamp then in `prev_stamp`: a get and a put in one call and one hash
+        (the device-signal detector does this twice per sighting)."""
+        h = hash(key) & MASK
+        young = self._young[h]
+        prev = young.get(key, _ABSENT)
+        if prev is _ABSENT:
+            prev = self._old[h].get(key, _ABSENT)
+            if prev is _ABSENT:
+                prev = default
+            else:
+                self.prev_stamp = self._old_t[h][key]
+            if self.young >= self.half:
+                self.turn()
+                young = self._young[h]
+            self.young += 1
+        else:
+            self.prev_stamp = self._young_t[h][key]
+        young[key] = value
+        self._young_t[h][key] = stamp
+        if self._dying:
+            self._dying.pop()
+        return prev
 
     def put(self, key: Any, value: V, stamp: float = 0.0) -> None:
         h = hash(key) & MASK

@@ -81,3 +81,23 @@ def test_put_many_is_put_each(keys: list[int], bound: int) -> None:
     b.put_many(keys, None)
     assert [k in a for k in range(61)] == [k in b for k in range(61)]
     assert (a.young, a.evicted, len(a)) == (b.young, b.evicted, len(b))
+
+
+@given(OPS, st.integers(2, 40))
+def test_swap_is_get_stamped_then_put(ops: list[tuple[str, int, int]], bound: int) -> None:
+    a: RecentMap[int] = RecentMap(bound, stamped=True)
+    b: RecentMap[int] = RecentMap(bound, stamped=True)
+    for i, (op, key, value) in enumerate(ops):
+        if op == "put":
+            before = a.get_stamped(key)
+            a.put(key, value, float(i))
+            got = b.swap(key, value, float(i), "absent")
+            if before is None:
+                assert got == "absent"
+            else:
+                assert (got, b.prev_stamp) == before
+        else:
+            a.discard(key)
+            b.discard(key)
+        assert (a.young, a.evicted, len(a)) == (b.young, b.evicted, len(b))
+    assert [a.get_stamped(k) for k in range(61)] == [b.get_stamped(k) for k in range(61)]

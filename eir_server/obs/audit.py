@@ -216,50 +216,61 @@ class DeviceChangeDetector:
             return []
         fresh = self.fresh
         known = fresh.get(imsi)
-        if known is not None and when < self.fresh_until and imei.startswith(known):
+        until = self.fresh_until
+        if known is not None and when < until and imei.startswith(known):
             return _NONE  # an unchanged pair, written this period (the common case)
-        self.expire(when)
+        if not until - REFRESH <= when < until:
+            self.expire(when)
         key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
         by_imei = self._by_imei
-        signals: list[str] = []
+        signals = _NONE
         # Nearly every IMEI is only ever seen with one IMSI: keep that as a plain string and
-        # build an _ImeiEntry only for the second one. Writing it again keeps it young.
-        got = by_imei.get_stamped(key)
-        seen = None if got is None else got[0]
-        entry = None if seen != _MULTI else self._multi.get(key)
-        single = seen is None or seen == imsi or (seen == _MULTI and entry is None)
-        if single:
-            by_imei.put(key, imsi, when)
-        else:
-            if seen != _MULTI:
-                fresh.pop(seen, None)  # type: ignore[arg-type]  # its IMEI is no longer its alone
-            if entry is None:
-                entry = _ImeiEntry()
-                entry.imsis[seen] = got[1]  # type: ignore[index]
-            self._multi.put(key, entry)  # (again): recently seen
-            entry.imsis[imsi] = when
-            if len(entry.imsis) > self.max_imsis:
-                horizon = when - self.window
-                entry.imsis = {s: t for s, t in entry.imsis.items() if t >= horizon}
-                if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
-                    entry.flagged_at = when
-                    signals.append("imei_multi_imsi")
-                    self._signal(when, "imei_multi_imsi", imei=key, imsi=imsi,
-                                 imsi_count=len(entry.imsis))
-            by_imei.put(key, _MULTI, when)
-
+        # build an _ImeiEntry only for the second one. Writing it again keeps it young; the
+        # write comes first (one call), and is made _MULTI below when it was not a single.
+        seen = by_imei.swap(key, imsi, when)
+        single = seen is None or seen == imsi
+        if not single and seen == _MULTI:
+            single = self._multi.get(key) is None  # forgotten: start again from this IMSI
+        if not single:
+            signals = self._more(when, key, imsi, seen, by_imei.prev_stamp)
         by_imsi = self._by_imsi
-        prev = by_imsi.get_stamped(imsi)
-        by_imsi.put(imsi, key, when)
-        if prev is not None and prev[0] != key and when - prev[1] <= self.window:
+        prev = by_imsi.swap(imsi, key, when)
+        if prev is not None and prev != key and when - by_imsi.prev_stamp <= self.window:
+            if signals is _NONE:
+                signals = []
             signals.append("imsi_imei_change")
-            self._signal(when, "imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev[0])
+            self._signal(when, "imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev)
         if single and len(key) == 14:  # 14: `startswith` above then means "same body"
             if len(fresh) >= FRESH_MAX:
                 fresh.clear()
             fresh[imsi] = key
         else:
             fresh.pop(imsi, None)
+        return signals
+
+    def _more(self, when: float, key: str, imsi: str, seen: str, seen_at: float) -> list[str]:
+        """A second IMSI (or another) for IMEI `key`, which held `seen` (an IMSI, or _MULTI)
+        last written at `seen_at`."""
+        fresh = self.fresh
+        if seen != _MULTI:
+            fresh.pop(seen, None)  # its IMEI is no longer its alone
+            entry = _ImeiEntry()
+            entry.imsis[seen] = seen_at
+        else:
+            entry = self._multi.get(key)
+            assert entry is not None  # observe: a _MULTI without its entry is a single
+        self._multi.put(key, entry)  # (again): recently seen
+        entry.imsis[imsi] = when
+        signals = _NONE
+        if len(entry.imsis) > self.max_imsis:
+            horizon = when - self.window
+            entry.imsis = {s: t for s, t in entry.imsis.items() if t >= horizon}
+            if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
+                entry.flagged_at = when
+                signals = ["imei_multi_imsi"]
+                self._signal(when, "imei_multi_imsi", imei=key, imsi=imsi,
+                             imsi_count=len(entry.imsis))
+        self._by_imei.put(key, _MULTI, when)
         return signals
 
     def expire(self, now: float) -> None:
@@ -397,11 +408,25 @@ class AuditRecorder:
         returns after one lookup, before reading the clock; the period's end is then enforced
         by the flush task (`_run`), which empties `fresh`."""
         det = self._detect_only
-        if det is not None and req.imsi:
-            known = det.fresh.get(req.imsi)
-            if known is not None and req.imei.startswith(known):
-                return
-        self.record(self._clock(), req, verdict, peer, interface)
+        if det is None:
+            self.record(self._clock(), req, verdict, peer, interface)
+            return
+        # Auditing off: `record`'s detector-only branch, inlined (every check comes here).
+        imsi = req.imsi
+        if not imsi:
+            return
+        imei = req.imei
+        known = det.fresh.get(imsi)
+        if known is not None and imei.startswith(known):
+            return
+        buf = self._buf
+        n = len(buf)
+        if n >= self.capacity:
+            self._counts["dropped"] += 1
+            return
+        buf.append((self._clock(), imei, imsi))
+        if n + 1 == self.batch_size:
+            self._wake.set()
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:

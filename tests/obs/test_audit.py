@@ -223,6 +223,52 @@ def test_skipping_fresh_pairs_signals_what_checking_every_sighting_signals(
     assert fast.metrics.device_signals == full.metrics.device_signals
 
 
+def _reference_signals(sightings: list[tuple[float, str, str | None]], max_imsis: int,
+                       window: float) -> list[list[str]]:
+    """The two signals as plain, unbounded dicts: IMEI body -> {IMSI: last seen} (with when it
+    was last flagged), IMSI -> (IMEI body, last seen)."""
+    imsis: dict[str, dict[str, float]] = {}
+    flagged: dict[str, float] = {}
+    last: dict[str, tuple[str, float]] = {}
+    out: list[list[str]] = []
+    when = DAY
+    for gap, imei, imsi in sightings:
+        when += gap
+        signals: list[str] = []
+        if imsi:
+            body = imei[:14]
+            seen = imsis.setdefault(body, {})
+            seen[imsi] = when
+            if len(seen) > max_imsis:
+                seen = imsis[body] = {s: t for s, t in seen.items() if t >= when - window}
+                if len(seen) > max_imsis and when - flagged.get(body, -1e18) >= window:
+                    flagged[body] = when
+                    signals.append("imei_multi_imsi")
+            prev = last.get(imsi)
+            last[imsi] = (body, when)
+            if prev is not None and prev[0] != body and when - prev[1] <= window:
+                signals.append("imsi_imei_change")
+        out.append(signals)
+    return out
+
+
+# Windows around the gaps, so that sightings fall both inside and outside them.
+@given(_sightings, st.sampled_from([0.4, 20.0, 60.0, 1e7]), st.integers(1, 3))
+@settings(max_examples=400, deadline=None)
+def test_detector_signals_what_the_plain_rules_say(
+        sightings: list[tuple[float, str, str | None]], window: float, max_imsis: int) -> None:
+    """Every sighting checked in full (fresh pairs forgotten before each), the detector's
+    signals are those of the rules written as plain dicts."""
+    det = DeviceChangeDetector(Metrics(), max_imsis=max_imsis, window=window, log_events=False)
+    got = []
+    when = DAY
+    for gap, imei, imsi in sightings:
+        when += gap
+        det.fresh.clear()
+        got.append(det.observe(when, imei, imsi))
+    assert got == _reference_signals(sightings, max_imsis, window)
+
+
 @given(_sightings)
 @settings(max_examples=100, deadline=None)
 async def test_recorder_skips_only_what_the_detector_would(
