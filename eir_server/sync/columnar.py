@@ -51,6 +51,7 @@ _MIX = np.array(
      0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
     dtype=np.uint64,
 )  # fmt: skip
+_MIX2 = np.uint64(0x9FB21C651E98DF25)  # the second way's slot: top bits of h * _MIX2
 _MIN_ROWS = 1 << 16  # room for rows allocated at least (tests make it small)
 _INVALID = -1
 _EMPTY = -2
@@ -105,6 +106,13 @@ def _eight_digits(w: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return ((x * np.uint64(10000)) + (x >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
 
 
+def _slot(h: npt.NDArray[np.uint64], way: int) -> npt.NDArray[np.intp]:
+    """Slot of tail hashes `h` in table way 0 or 1 (top bits of h, or of h * _MIX2)."""
+    x = h if way == 0 else h * _MIX2
+    out: npt.NDArray[np.intp] = (x >> _SLOT_SHIFT).astype(np.intp)
+    return out
+
+
 class _Rows:
     """(key, value id, line) of the rows kept so far, in arrays allocated once (from the
     expected row count; untouched capacity costs no memory) and grown by half when full:
@@ -130,8 +138,9 @@ class _Rows:
     def add(self, key: I64, vid: I64, idx: I64, first_line: int) -> None:
         """Rows `idx` of a block's `key` and `vid` columns; row r is line first_line + r."""
         a, b = self._room(len(idx))
-        np.take(key, idx, out=self.key[a:b])
-        np.take(vid, idx, out=self.vid[a:b])
+        # mode="clip": with "raise" numpy writes to a temporary and copies (idx is in range)
+        np.take(key, idx, out=self.key[a:b], mode="clip")
+        np.take(vid, idx, out=self.vid[a:b], mode="clip")
         np.add(idx, first_line, out=self.line[a:b])
 
     def extend(self, key: list[int], vid: list[int], line: list[int]) -> None:
@@ -220,12 +229,13 @@ class ColumnarParser(BlacklistParser):
         self.dates: list[str] = []
         self._vid_of: dict[bytes, int] = {}  # stored value -> value id
         self._tail_vid: dict[bytes, int] = {}  # tail (no \r) -> value id or _INVALID
-        # Known tails by the top bits of their hash (direct-mapped; a tail whose slot is taken
-        # is looked up in `_tail_vid` once per run): length, words (one array per word, so a
-        # lookup gathers from contiguous columns), value id. An empty slot has length 0.
-        self._tl = np.zeros(1 << _SLOT_BITS, dtype=np.int64)
-        self._tw = np.zeros((_COLS, 1 << _SLOT_BITS), dtype=np.uint64)
-        self._tv = np.full(1 << _SLOT_BITS, _EMPTY, dtype=np.int64)
+        # Known tails, two ways: a tail has one slot in each (`_slot`), rows missing in the
+        # first are looked for in the second, a tail whose two slots are taken is looked up in
+        # `_tail_vid` (once per block). Per way: length, words (one array per word, so a lookup
+        # gathers from contiguous columns), value id. An empty slot has length 0.
+        self._tl = np.zeros((2, 1 << _SLOT_BITS), dtype=np.int64)
+        self._tw = np.zeros((2, _COLS, 1 << _SLOT_BITS), dtype=np.uint64)
+        self._tv = np.full((2, 1 << _SLOT_BITS), _EMPTY, dtype=np.int64)
         self._extras_arr = np.array(sorted(int(i) for i in extras), dtype=np.int64)
         self._kept = _Rows(expect_rows + expect_rows // 4 + _MIN_ROWS)
         self._py: tuple[list[int], list[int], list[int]] = ([], [], [])  # row by row
@@ -346,16 +356,24 @@ class ColumnarParser(BlacklistParser):
         h = tl.view(np.uint64) * _MIX[0]
         for j, c in enumerate(cols):
             h += c * _MIX[j + 1]
-        slot = (h >> _SLOT_SHIFT).astype(np.intp)
         # A hit needs the same length and words (the table holds short tails only).
-        hit = self._tl[slot] == tl
+        slot = _slot(h, 0)
+        hit = self._tl[0][slot] == tl
         for j, c in enumerate(cols):
-            hit &= self._tw[j][slot] == c
-        out: I64 = self._tv[slot]
+            hit &= self._tw[0, j][slot] == c
+        out: I64 = self._tv[0][slot]
         if hit.all():
             return out
         out[~hit] = _INVALID
         miss = np.flatnonzero(~hit)
+        slot = _slot(h[miss], 1)
+        hit = self._tl[1][slot] == tl[miss]
+        for j, c in enumerate(cols):
+            hit &= self._tw[1, j][slot] == c[miss]
+        out[miss[hit]] = self._tv[1][slot[hit]]
+        miss = miss[~hit]
+        if not len(miss):
+            return out
         key = np.zeros((len(miss), _COLS + 1), dtype=np.uint64)
         key[:, 0] = tl[miss]
         for j, c in enumerate(cols):
@@ -390,14 +408,17 @@ class ColumnarParser(BlacklistParser):
         out[miss] = gv[inv]
         if len(slow):
             out[slow] = [vid_of[i] for i in slow.tolist()]
-        slot = (uh >> _SLOT_SHIFT).astype(np.intp)
-        add = np.flatnonzero(short[first] & (self._tv[slot] == _EMPTY))
-        if len(add):
-            add = add[np.unique(slot[add], return_index=True)[1]]  # one tail per free slot
-            at = slot[add]
-            self._tl[at] = key[first[add], 0].view(np.int64)
-            self._tw[:, at] = key[first[add], 1:].T
-            self._tv[at] = gv[add]
+        new = short[first]  # new short tails: into a free slot of either way, if any
+        for way in (0, 1):
+            slot = _slot(uh, way)
+            add = np.flatnonzero(new & (self._tv[way][slot] == _EMPTY))
+            if len(add):
+                add = add[np.unique(slot[add], return_index=True)[1]]  # one tail per free slot
+                at = slot[add]
+                self._tl[way][at] = key[first[add], 0].view(np.int64)
+                self._tw[way][:, at] = key[first[add], 1:].T
+                self._tv[way][at] = gv[add]
+                new[add] = False
 
     def columns(self) -> tuple[I64, I64, I64]:
         """(key, value id, line) of every good row kept in the buckets: the rows of the
