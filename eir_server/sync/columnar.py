@@ -166,6 +166,7 @@ class _Lines:
 def _lines(buf: bytes, size: int, max_reasons: int, cut: int = 9) -> _Lines:
     """LINE_RE (`\\d{14,16},\\d{8},[^\\r\\n",\\x1e\\x1f]{0,max_reasons}\\r?`) on every line of
     `buf[:size]` (whole lines, no double quote), as arrays. `buf` has 64 spare bytes."""
+    assert len(buf) - size >= 64
     a = np.frombuffer(buf, dtype=np.uint8, count=size)
     words = np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
     nl = np.flatnonzero(a == 10)
@@ -175,11 +176,23 @@ def _lines(buf: bytes, size: int, max_reasons: int, cut: int = 9) -> _Lines:
     starts[1:] = nl[:-1] + 1
     cr = a[np.maximum(nl - 1, 0)] == 13
     ce = nl - (cr & (nl > starts))
-    com = np.flatnonzero(a == 44)
-    if len(com) == 2 * n and (com[0::2] >= starts).all() and (com[1::2] < nl).all():
-        c1, c2 = com[0::2], com[1::2]  # two commas on every line (the usual block)
+    # The usual block: the commas where a plain line has them (after 14-16 digits, and 9 bytes
+    # on), inside the line, and no other comma in the block: then they are the only two of each
+    # line (found without listing every comma of the block).
+    ab = np.frombuffer(buf, dtype=np.uint8)  # reads up to 25 bytes past a line stay in buf
+    c1 = starts + 14
+    c1 += ab[c1] != 44
+    c1 += ab[c1] != 44
+    c2 = c1 + 9
+    if (
+        np.count_nonzero(a == 44) == 2 * n
+        and (ab[c1] == 44).all()
+        and (ab[c2] == 44).all()
+        and (c2 < nl).all()
+    ):
         plain = np.ones(n, dtype=bool)
     else:
+        com = np.flatnonzero(a == 44)
         li = np.searchsorted(nl, com)
         cnt = np.bincount(li, minlength=n)
         first = np.cumsum(cnt) - cnt
