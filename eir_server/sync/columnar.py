@@ -536,6 +536,15 @@ def _gather(src: npt.NDArray[np.uint8], starts: I64, lens: I64) -> npt.NDArray[n
     return out
 
 
+def _at(buf: bytearray, dtype: str) -> npt.NDArray[np.unsignedinteger]:
+    """`buf` as words of `dtype` starting at every byte offset (writable, unaligned)."""
+    size = np.dtype(dtype).itemsize
+    out: npt.NDArray[np.unsignedinteger] = np.ndarray(
+        shape=(len(buf) - size + 1,), dtype=dtype, buffer=buf, strides=(1,)
+    )
+    return out
+
+
 def restore_commands(
     b: Buckets, values: list[bytes], k: int, key_of: Callable[[int], str], batch: int = 8192
 ) -> Iterator[list[tuple[str, bytes, bytes]]]:
@@ -553,6 +562,15 @@ def restore_commands(
         for i, x in enumerate(values):
             vmat[i, : len(x)] = np.frombuffer(x, dtype=np.uint8)
     vlen = np.array([len(v) for v in values], dtype=np.int64)
+    # The usual case (6-byte field entries, value entries of <= 8 bytes): rows are written
+    # into the batch buffer as little-endian words at their offsets, no byte matrix to mask.
+    words = fixed and fw == 6 and vw <= 8
+    if words:
+        f4 = np.ascontiguousarray(fields[:, :4]).view("<u4").ravel()
+        f2 = np.ascontiguousarray(fields[:, 4:]).view("<u2").ravel()
+        v8 = np.zeros((len(vmat), 8), dtype=np.uint8)
+        v8[:, :vw] = vmat
+        vword = v8.view("<u8").ravel()
     vsrc = np.frombuffer(b"".join(values), dtype=np.uint8)
     voff = np.cumsum(vlen) - vlen
     counts = np.bincount(bucket, minlength=10**k)
@@ -566,7 +584,17 @@ def restore_commands(
         m = r1 - r0
         # each row: its 6-byte field entry, then its value entry
         row_bytes = flen[r0:r1] + vlen[v]
-        if vw <= 16:  # rows of a byte matrix, the unused tail of each masked out
+        if words:
+            start = np.cumsum(row_bytes) - row_bytes
+            total = int(start[-1] + row_bytes[-1])
+            buf = bytearray(total + 8)  # (the last value word may reach 6 bytes past the end)
+            # The value word at +6 runs into the next row's field; the fields written after
+            # it put those bytes right. Values never overlap each other (a row is >= 8 bytes).
+            _at(buf, "<u8")[start + 6] = vword[v]
+            _at(buf, "<u4")[start] = f4[r0:r1]
+            _at(buf, "<u2")[start + 4] = f2[r0:r1]
+            ent = bytes(memoryview(buf)[:total])
+        elif vw <= 16:  # rows of a byte matrix, the unused tail of each masked out
             mat = np.empty((m, fw + vw), dtype=np.uint8)
             mat[:, :fw] = fields[r0:r1]
             fl = flen[r0:r1]
