@@ -22,6 +22,7 @@ a runtime dependency for this: no per-row Python is left on the common path.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,16 +44,44 @@ U8 = npt.NDArray[np.uint8]
 
 I64 = npt.NDArray[np.int64]
 _WORDS = 5  # reasons up to 40 bytes are matched as words; longer ones row by row
-_MASKS = np.array([(1 << (8 * i)) - 1 for i in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+_SHORT = 9 + 8 * _WORDS  # longest tail (date, comma, reasons) kept in the table
+_COLS = (_SHORT + 7) // 8  # 8-byte words that cover a short tail
 _MIX = np.array(
     [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
-     0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB],
+     0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
     dtype=np.uint64,
 )  # fmt: skip
+_MIX2 = np.uint64(0x9FB21C651E98DF25)  # the second way's slot: top bits of h * _MIX2
+_MIN_ROWS = 1 << 16  # room for rows allocated at least (tests make it small)
 _INVALID = -1
 _EMPTY = -2
 _SLOT_BITS = 18
 _SLOT_SHIFT = np.uint64(64 - _SLOT_BITS)
+
+
+def _madvise_switch() -> Callable[[bool], bool] | None:
+    for mod in ("_core", "core"):  # numpy 2 / numpy 1.26
+        multiarray = getattr(getattr(np, mod, None), "multiarray", None)
+        f = getattr(multiarray, "_set_madvise_hugepage", None)
+        if callable(f):
+            return f  # type: ignore[no-any-return]
+    return None
+
+
+@contextmanager
+def small_pages() -> Iterator[None]:
+    """numpy's MADV_HUGEPAGE on large arrays off for the load, back as it was after.
+
+    Why: the load allocates ~1 GB of short-lived arrays; on the 2-vCPU VM a first touch of a
+    huge page costs ~10x the same memory in 4 KB pages (80 MB: ~0.4 s of system time against
+    ~0.04 s), which was ~1.6 s of the ~3 s of system CPU of a 10M-row `sync --once`."""
+    switch = _madvise_switch()
+    was = switch(False) if switch else None
+    try:
+        yield
+    finally:
+        if switch and was is not None:
+            switch(was)
 
 
 _ASCII0 = np.uint64(0x3030303030303030)
@@ -77,6 +106,50 @@ def _eight_digits(w: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return ((x * np.uint64(10000)) + (x >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
 
 
+def _slot(h: npt.NDArray[np.uint64], way: int) -> npt.NDArray[np.intp]:
+    """Slot of tail hashes `h` in table way 0 or 1 (top bits of h, or of h * _MIX2)."""
+    x = h if way == 0 else h * _MIX2
+    out: npt.NDArray[np.intp] = (x >> _SLOT_SHIFT).astype(np.intp)
+    return out
+
+
+class _Rows:
+    """(key, value id, line) of the rows kept so far, in arrays allocated once (from the
+    expected row count; untouched capacity costs no memory) and grown by half when full:
+    nothing to concatenate at the end, no array per block."""
+
+    def __init__(self, capacity: int) -> None:
+        self.n = 0
+        self.key: I64 = np.empty(capacity, dtype=np.int64)
+        self.vid: I64 = np.empty(capacity, dtype=np.int64)
+        self.line: I64 = np.empty(capacity, dtype=np.int64)
+
+    def _room(self, m: int) -> tuple[int, int]:
+        n = self.n
+        if n + m > len(self.key):
+            cap = max(n + m, len(self.key) * 3 // 2)
+            for name in ("key", "vid", "line"):
+                new = np.empty(cap, dtype=np.int64)
+                new[:n] = getattr(self, name)[:n]
+                setattr(self, name, new)
+        self.n = n + m
+        return n, n + m
+
+    def add(self, key: I64, vid: I64, idx: I64, first_line: int) -> None:
+        """Rows `idx` of a block's `key` and `vid` columns; row r is line first_line + r."""
+        a, b = self._room(len(idx))
+        # mode="clip": with "raise" numpy writes to a temporary and copies (idx is in range)
+        np.take(key, idx, out=self.key[a:b], mode="clip")
+        np.take(vid, idx, out=self.vid[a:b], mode="clip")
+        np.add(idx, first_line, out=self.line[a:b])
+
+    def extend(self, key: list[int], vid: list[int], line: list[int]) -> None:
+        a, b = self._room(len(key))
+        self.key[a:b] = key
+        self.vid[a:b] = vid
+        self.line[a:b] = line
+
+
 @dataclass(slots=True)
 class _Lines:
     """One block's lines: start, end (the "\n"), content end (before a final "\r"), first
@@ -93,6 +166,7 @@ class _Lines:
 def _lines(buf: bytes, size: int, max_reasons: int, cut: int = 9) -> _Lines:
     """LINE_RE (`\\d{14,16},\\d{8},[^\\r\\n",\\x1e\\x1f]{0,max_reasons}\\r?`) on every line of
     `buf[:size]` (whole lines, no double quote), as arrays. `buf` has 64 spare bytes."""
+    assert len(buf) - size >= 64
     a = np.frombuffer(buf, dtype=np.uint8, count=size)
     words = np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
     nl = np.flatnonzero(a == 10)
@@ -102,11 +176,23 @@ def _lines(buf: bytes, size: int, max_reasons: int, cut: int = 9) -> _Lines:
     starts[1:] = nl[:-1] + 1
     cr = a[np.maximum(nl - 1, 0)] == 13
     ce = nl - (cr & (nl > starts))
-    com = np.flatnonzero(a == 44)
-    if len(com) == 2 * n and (com[0::2] >= starts).all() and (com[1::2] < nl).all():
-        c1, c2 = com[0::2], com[1::2]  # two commas on every line (the usual block)
+    # The usual block: the commas where a plain line has them (after 14-16 digits, and 9 bytes
+    # on), inside the line, and no other comma in the block: then they are the only two of each
+    # line (found without listing every comma of the block).
+    ab = np.frombuffer(buf, dtype=np.uint8)  # reads up to 25 bytes past a line stay in buf
+    c1 = starts + 14
+    c1 += ab[c1] != 44
+    c1 += ab[c1] != 44
+    c2 = c1 + 9
+    if (
+        np.count_nonzero(a == 44) == 2 * n
+        and (ab[c1] == 44).all()
+        and (ab[c2] == 44).all()
+        and (c2 < nl).all()
+    ):
         plain = np.ones(n, dtype=bool)
     else:
+        com = np.flatnonzero(a == 44)
         li = np.searchsorted(nl, com)
         cnt = np.bincount(li, minlength=n)
         first = np.cumsum(cnt) - cnt
@@ -149,21 +235,22 @@ class ColumnarParser(BlacklistParser):
         value_of: Callable[[str, str], bytes],
         extras: dict[str, Listing],
         limits: Limits = DEFAULT_LIMITS,
+        expect_rows: int = 0,
     ) -> None:
         super().__init__(k, report, value_of, extras, limits)
         self.values: list[bytes] = []
         self.dates: list[str] = []
         self._vid_of: dict[bytes, int] = {}  # stored value -> value id
         self._tail_vid: dict[bytes, int] = {}  # tail (no \r) -> value id or _INVALID
-        # Known tails by the top bits of their hash (direct-mapped; a tail whose slot is taken
-        # is looked up in `_tail_vid` once per run): hash, word key, value id.
-        self._th = np.zeros(1 << _SLOT_BITS, dtype=np.uint64)
-        self._tk = np.zeros((1 << _SLOT_BITS, _WORDS + 2), dtype=np.uint64)
-        self._tv = np.full(1 << _SLOT_BITS, _EMPTY, dtype=np.int64)
+        # Known tails, two ways: a tail has one slot in each (`_slot`), rows missing in the
+        # first are looked for in the second, a tail whose two slots are taken is looked up in
+        # `_tail_vid` (once per block). Per way: length, words (one array per word, so a lookup
+        # gathers from contiguous columns), value id. An empty slot has length 0.
+        self._tl = np.zeros((2, 1 << _SLOT_BITS), dtype=np.int64)
+        self._tw = np.zeros((2, _COLS, 1 << _SLOT_BITS), dtype=np.uint64)
+        self._tv = np.full((2, 1 << _SLOT_BITS), _EMPTY, dtype=np.int64)
         self._extras_arr = np.array(sorted(int(i) for i in extras), dtype=np.int64)
-        self._keys: list[I64] = []
-        self._vids: list[I64] = []
-        self._lines: list[I64] = []
+        self._kept = _Rows(expect_rows + expect_rows // 4 + _MIN_ROWS)
         self._py: tuple[list[int], list[int], list[int]] = ([], [], [])  # row by row
         self._pow = 10**self.cut
         self._kpow = 10**k
@@ -228,7 +315,7 @@ class ColumnarParser(BlacklistParser):
         if self._pending or self._order is not None or b'"' in data:
             self._feed_quoted(lineno, data)
             return
-        buf = data + bytes(8 * (_WORDS + 3))  # room for word reads past the end
+        buf = data + bytes(8 * (_COLS + 2))  # room for word reads past the end
         ln = _lines(buf, len(data), self._max_reasons, self.cut)
         bad = np.flatnonzero(~ln.plain).tolist()
         i = 0
@@ -256,39 +343,55 @@ class ColumnarParser(BlacklistParser):
             imei14 = (keys % self._pow) * self._kpow + keys // self._pow
             careful |= np.isin(imei14, self._extras_arr)
         idx = np.flatnonzero(~careful)
-        self._keys.append(keys[idx])
-        self._vids.append(vids[idx])
-        self._lines.append(idx + (lineno + i))
+        self._kept.add(keys, vids, idx, lineno + i)
         self.rows += len(idx)
         for r in np.flatnonzero(careful).tolist():
             line = buf[int(ln.starts[i + r]) : int(ln.nl[i + r])]
             self._careful(line.decode("utf-8", errors="replace"), lineno + i + r)
 
     def _tail_ids(self, buf: bytes, ts: I64, tend: I64) -> I64:
-        """Value id (or _INVALID) of each row's tail `buf[ts:tend]` (date, comma, reasons)."""
-        n = len(ts)
+        """Value id (or _INVALID) of each row's tail `buf[ts:tend]` (date, comma, reasons).
+
+        A tail of `tl` bytes (>= 9) is keyed by `tl` and its words at offsets
+        `min(8 * j, tl - 8)` for `j < ceil(tl / 8)`: they cover the tail exactly, with no byte
+        of the next line to mask off; words past those are 0 (the key of a tail is the same
+        in every block)."""
         words = np.ndarray(shape=(len(buf) - 7,), dtype="<u8", buffer=buf, strides=(1,))
-        rl = tend - ts - 9  # reasons length
-        short = rl <= 8 * _WORDS
-        # Words past the longest reasons of the block are zero in every key: not computed.
-        w = 2 + min(_WORDS, (int(rl.max()) + 7) // 8)
-        key = np.zeros((n, _WORDS + 2), dtype=np.uint64)
-        key[:, 0] = words[ts]  # the 8 date digits
-        key[:, 1] = rl
-        for j in range(w - 2):
-            valid = np.minimum(np.maximum(rl - 8 * j, 0), 8)
-            key[:, 2 + j] = words[ts + 9 + 8 * j] & _MASKS[valid]
-        h = key[:, 0] * _MIX[0]
+        tl = tend - ts
+        w = min(_COLS, (int(tl.max()) + 7) // 8)  # words of the longest (short) tail here
+        last = tend - 8
+        cols = [words[ts]]  # the 8 date digits
         for j in range(1, w):
-            h += key[:, j] * _MIX[j]
-        slot = (h >> _SLOT_SHIFT).astype(np.intp)
-        out: I64 = self._tv[slot]
-        hit = short & (out != _EMPTY) & (self._th[slot] == h)
-        hit &= (self._tk[slot, :w] == key[:, :w]).all(axis=1)
+            c = words[np.minimum(ts + 8 * j, last)]
+            if j > 1:  # (every tail has a word 1: tl >= 9)
+                c *= tl > 8 * j
+            cols.append(c)
+        h = tl.view(np.uint64) * _MIX[0]
+        for j, c in enumerate(cols):
+            h += c * _MIX[j + 1]
+        # A hit needs the same length and words (the table holds short tails only).
+        slot = _slot(h, 0)
+        hit = self._tl[0][slot] == tl
+        for j, c in enumerate(cols):
+            hit &= self._tw[0, j][slot] == c
+        out: I64 = self._tv[0][slot]
+        if hit.all():
+            return out
         out[~hit] = _INVALID
         miss = np.flatnonzero(~hit)
-        if len(miss):
-            self._misses(buf, ts, tend, key, h, short, miss, out)
+        slot = _slot(h[miss], 1)
+        hit = self._tl[1][slot] == tl[miss]
+        for j, c in enumerate(cols):
+            hit &= self._tw[1, j][slot] == c[miss]
+        out[miss[hit]] = self._tv[1][slot[hit]]
+        miss = miss[~hit]
+        if not len(miss):
+            return out
+        key = np.zeros((len(miss), _COLS + 1), dtype=np.uint64)
+        key[:, 0] = tl[miss]
+        for j, c in enumerate(cols):
+            key[:, j + 1] = c[miss]
+        self._misses(buf, ts, tend, key, h[miss], tl[miss] <= _SHORT, miss, out)
         return out
 
     def _misses(
@@ -302,12 +405,13 @@ class ColumnarParser(BlacklistParser):
         miss: I64,
         out: I64,
     ) -> None:
-        """Rows whose tail is not in the table: one check per distinct tail, in the order the
-        tails first appear (the order record ids are given in), then the new short tails are
-        added to the table."""
-        uh, first, inv = np.unique(h[miss], return_index=True, return_inverse=True)
+        """Rows `miss` (their `key` (length, words), hash and `short` given in that order),
+        whose tail is not in the table: one check per distinct tail, in the order the tails
+        first appear (the order record ids are given in), then the new short tails are added
+        to the table."""
+        uh, first, inv = np.unique(h, return_index=True, return_inverse=True)
         rep = miss[first]
-        exact = short[miss] & (key[miss] == key[rep][inv]).all(axis=1)
+        exact = short & (key == key[first][inv]).all(axis=1)
         slow = miss[~exact]  # long reasons, or a hash two tails share: row by row
         todo = np.union1d(rep, slow)
         vid_of = {}
@@ -317,22 +421,27 @@ class ColumnarParser(BlacklistParser):
         out[miss] = gv[inv]
         if len(slow):
             out[slow] = [vid_of[i] for i in slow.tolist()]
-        slot = (uh >> _SLOT_SHIFT).astype(np.intp)
-        add = np.flatnonzero(short[rep] & (self._tv[slot] == _EMPTY))
-        if len(add):
-            add = add[np.unique(slot[add], return_index=True)[1]]  # one tail per free slot
-            self._th[slot[add]] = uh[add]
-            self._tk[slot[add]] = key[rep[add]]
-            self._tv[slot[add]] = gv[add]
+        new = short[first]  # new short tails: into a free slot of either way, if any
+        for way in (0, 1):
+            slot = _slot(uh, way)
+            add = np.flatnonzero(new & (self._tv[way][slot] == _EMPTY))
+            if len(add):
+                add = add[np.unique(slot[add], return_index=True)[1]]  # one tail per free slot
+                at = slot[add]
+                self._tl[way][at] = key[first[add], 0].view(np.int64)
+                self._tw[way][:, at] = key[first[add], 1:].T
+                self._tv[way][at] = gv[add]
+                new[add] = False
 
     def columns(self) -> tuple[I64, I64, I64]:
-        """(key, value id, line) of every good row kept in the buckets."""
+        """(key, value id, line) of every good row kept in the buckets: the rows of the
+        vectorised path in file order, then those of the csv way (in file order)."""
         keys, vids, lines = self._py
-        return (
-            np.concatenate([*self._keys, np.array(keys, dtype=np.int64)]),
-            np.concatenate([*self._vids, np.array(vids, dtype=np.int64)]),
-            np.concatenate([*self._lines, np.array(lines, dtype=np.int64)]),
-        )
+        if keys:
+            self._kept.extend(keys, vids, lines)
+            self._py = ([], [], [])
+        r = self._kept
+        return r.key[: r.n], r.vid[: r.n], r.line[: r.n]
 
 
 @dataclass(slots=True)
@@ -427,6 +536,15 @@ def _gather(src: npt.NDArray[np.uint8], starts: I64, lens: I64) -> npt.NDArray[n
     return out
 
 
+def _at(buf: bytearray, dtype: str) -> npt.NDArray[np.unsignedinteger]:
+    """`buf` as words of `dtype` starting at every byte offset (writable, unaligned)."""
+    size = np.dtype(dtype).itemsize
+    out: npt.NDArray[np.unsignedinteger] = np.ndarray(
+        shape=(len(buf) - size + 1,), dtype=dtype, buffer=buf, strides=(1,)
+    )
+    return out
+
+
 def restore_commands(
     b: Buckets, values: list[bytes], k: int, key_of: Callable[[int], str], batch: int = 8192
 ) -> Iterator[list[tuple[str, bytes, bytes]]]:
@@ -444,6 +562,15 @@ def restore_commands(
         for i, x in enumerate(values):
             vmat[i, : len(x)] = np.frombuffer(x, dtype=np.uint8)
     vlen = np.array([len(v) for v in values], dtype=np.int64)
+    # The usual case (6-byte field entries, value entries of <= 8 bytes): rows are written
+    # into the batch buffer as little-endian words at their offsets, no byte matrix to mask.
+    words = fixed and fw == 6 and vw <= 8
+    if words:
+        f4 = np.ascontiguousarray(fields[:, :4]).view("<u4").ravel()
+        f2 = np.ascontiguousarray(fields[:, 4:]).view("<u2").ravel()
+        v8 = np.zeros((len(vmat), 8), dtype=np.uint8)
+        v8[:, :vw] = vmat
+        vword = v8.view("<u8").ravel()
     vsrc = np.frombuffer(b"".join(values), dtype=np.uint8)
     voff = np.cumsum(vlen) - vlen
     counts = np.bincount(bucket, minlength=10**k)
@@ -457,7 +584,17 @@ def restore_commands(
         m = r1 - r0
         # each row: its 6-byte field entry, then its value entry
         row_bytes = flen[r0:r1] + vlen[v]
-        if vw <= 16:  # rows of a byte matrix, the unused tail of each masked out
+        if words:
+            start = np.cumsum(row_bytes) - row_bytes
+            total = int(start[-1] + row_bytes[-1])
+            buf = bytearray(total + 8)  # (the last value word may reach 6 bytes past the end)
+            # The value word at +6 runs into the next row's field; the fields written after
+            # it put those bytes right. Values never overlap each other (a row is >= 8 bytes).
+            _at(buf, "<u8")[start + 6] = vword[v]
+            _at(buf, "<u4")[start] = f4[r0:r1]
+            _at(buf, "<u2")[start + 4] = f2[r0:r1]
+            ent = bytes(memoryview(buf)[:total])
+        elif vw <= 16:  # rows of a byte matrix, the unused tail of each masked out
             mat = np.empty((m, fw + vw), dtype=np.uint8)
             mat[:, :fw] = fields[r0:r1]
             fl = flen[r0:r1]

@@ -46,7 +46,7 @@ from eir_server.store.register import (
 )
 
 from .blacklist import BlacklistParser, NeedGeneric, iter_blocks
-from .columnar import ColumnarParser, dedupe, restore_commands
+from .columnar import ColumnarParser, dedupe, restore_commands, small_pages
 from .progress import BAD_ROWS, DUP_ROWS, IMEIS, Progress
 from .redis_db import BulkWriter, Current, RegisterDB, bulk
 from .source import Source, file_sha256, read_tac_text
@@ -670,8 +670,24 @@ class SyncRun:
         report = CsvReport(f"{z.path.name}:{z.full_member}")
         k = buckets.k
         stored, _ = self._value_of(table)
-        parser = ColumnarParser(k, report, stored, extras, self.opts.limits)
-        self.progress.start(z.path.name, self._estimate_rows(z))
+        expect = self._estimate_rows(z)
+        parser = ColumnarParser(k, report, stored, extras, self.opts.limits, expect)
+        self.progress.start(z.path.name, expect)
+        with small_pages():
+            return self._restore_rows(z, buckets, writer, extras, table, report, parser)
+
+    def _restore_rows(
+        self,
+        z: ListZip,
+        buckets: layout.Buckets,
+        writer: BulkWriter,
+        extras: dict[str, Listing],
+        table: dict[int, bytes],
+        report: CsvReport,
+        parser: ColumnarParser,
+    ) -> tuple[int, int]:
+        """The body of `_write_blacklist_restore` (numpy's huge pages off)."""
+        k = buckets.k
         gc_was = gc.isenabled()
         gc.disable()  # nothing cyclic is made here: skip the collector
         try:
@@ -694,6 +710,7 @@ class SyncRun:
         self.progress.finish()
         rows = dedupe(parser, report)
         self._log_duplicates(report)
+
         def key_of(i: int) -> str:
             return layout.bucket_key(buckets.ns, buckets.base, i, k)
 

@@ -15,6 +15,7 @@ import io
 import re
 from binascii import hexlify
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,7 @@ from eir_server.store.register import (
     iter_rows_numbered,
     split_reasons,
 )
+from eir_server.sync import columnar
 from eir_server.sync.blacklist import BlacklistParser, BlockReader, NeedGeneric, quote_open
 from eir_server.sync.columnar import ColumnarParser, dedupe
 from eir_server.sync.redis_db import bulk
@@ -427,3 +429,66 @@ def test_columnar_big_blocks_with_every_kind_of_line():
         assert [(b.line, b.reason) for b in report.samples] == [
             (b.line, b.reason) for b in want_report.samples
         ]
+
+
+# Reasons of every length around the 8-byte words of the tail key (up to past the 40 bytes kept
+# in the table): most of one length and differing in one character only (a word of the key left
+# out of the comparison would mix them up), multi-byte characters, a few failing a check.
+REASON_CHARS = "ab| \u00e9\u20ac\x01"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    rnd=st.randoms(use_true_random=False),
+    n=st.one_of(st.integers(0, 46), st.sampled_from([24, 31, 32, 39, 40])),
+    slot_bits=st.sampled_from([1, 3, 18]),
+    block=st.integers(40, 400),
+)
+def test_tail_lookup_agrees_with_csv_path(monkeypatch, rnd, n, slot_bits, block):
+    """The tail table (length + words at min(8j, tl - 8), no masking) gives every row the
+    value of its own tail, also when tails of every length share few slots."""
+    monkeypatch.setattr(columnar, "_SLOT_BITS", slot_bits)
+    monkeypatch.setattr(columnar, "_SLOT_SHIFT", np.uint64(64 - slot_bits))
+    body = []
+    for _ in range(rnd.randrange(1, 200)):
+        if rnd.random() < 0.8:
+            # (the last byte is often the only one of the word at tl - 8)
+            at = rnd.randrange(n + 1) if rnd.random() < 0.7 else n - 1
+            c = rnd.choice(REASON_CHARS)
+            reasons = "a" * n if at >= n else "a" * at + c + "a" * (n - at - 1)
+        else:
+            reasons = "".join(rnd.choices(REASON_CHARS, k=rnd.randrange(47)))
+        date = "20240101" if rnd.random() < 0.9 else rnd.choice(["20240229", "20230229"])
+        body.append(f"35{rnd.randrange(60):012d},{date},{reasons}")  # some IMEIs repeat
+    data = build(body, False, False, True, True)
+    got, report, rows, parser = via_columnar(data, 5, block, {}, Limits())
+    want, want_report = via_csv(data, {}, Limits())
+    assert got == want and rows == want_report.rows
+    assert [(b.line, b.reason) for b in report.samples] == [
+        (b.line, b.reason) for b in want_report.samples
+    ]
+
+
+def test_kept_rows_grow_past_the_expected_count(monkeypatch):
+    """More rows than expected (the estimate comes from the first 64 KB): the columns grow and
+    keep every row in order, the csv-way rows last."""
+    monkeypatch.setattr(columnar, "_MIN_ROWS", 1)
+    rows = [f"35{i:012d},2024{1 + i % 12:02d}{1 + i % 28:02d},r{i % 5}" for i in range(5000)]
+    rows[100] = " " + rows[100]  # the csv way
+    data = build(rows, False, False, True, True)
+    report = CsvReport("f")
+    parser = ColumnarParser(
+        5, report, lambda d, r: encode_blacklist(d, split_reasons(r)), {}, Limits(), 10
+    )
+    with BlockReader(io.BytesIO(data), "f", 1 << 12) as reader:
+        for lineno, chunk in reader:
+            parser.feed(lineno, chunk)
+    parser.finish()
+    keys, vids, lines = parser.columns()
+    assert len(parser._kept.key) < 2 * len(keys)  # grown by half at a time
+    assert lines.tolist() == [*range(2, 102), *range(103, 5002), 102]
+    assert keys.tolist() == [
+        (i % 10**5) * 10**9 + (35 * 10**12 + i) // 10**5
+        for i in [*range(100), *range(101, 5000), 100]
+    ]
+    assert [parser.dates[v] for v in vids.tolist()][:3] == ["20240101", "20240202", "20240303"]

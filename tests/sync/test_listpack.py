@@ -7,10 +7,13 @@ full load through RESTORE leaves the same buckets, counts and reports as through
 from __future__ import annotations
 
 import random
+from binascii import unhexlify
 
+import numpy as np
 import pytest
 import redis
 
+from eir_server.sync.columnar import Buckets, restore_commands
 from eir_server.sync.listpack import crc64, crc64_many, entry, payload
 
 EDGES = [b"0", b"1", b"127", b"128", b"-1", b"4095", b"4096", b"-4097", b"32767", b"32768",
@@ -97,3 +100,43 @@ def test_full_load_through_restore_equals_hset(redis_url, dirbs, sync_dir, bucke
     assert lists1 == lists2
     files = lists1["blacklist"]["files"][0]
     assert files["bad"] == 2 and files["duplicates"] == 3
+
+
+@pytest.mark.parametrize("k", [5, 3, 2])
+@pytest.mark.parametrize(
+    "stored",
+    [
+        [b"%d" % i for i in range(1, 300)],  # record ids: value entries of 2-4 bytes
+        [b"%d" % i for i in (1, 200, 5000, 40000, 8_000_000, 9_000_000_000)],  # up to 10 bytes
+        [b"B20240101\x1fstolen", b"B20231231\x1f", b"7"],  # whole records (<= 16 bytes)
+        [b"B20240101\x1f" + b"r" * 60, b"12"],  # and longer
+    ],
+)
+def test_restore_commands_are_the_reference_payloads(k, stored):
+    """Every RESTORE body is listpack.payload() of the bucket's (field, value) pairs in key
+    order, whichever way the entries are laid out (words, byte matrix, gather)."""
+    rnd = random.Random(k * 100 + len(stored))
+    cut = 14 - k
+    imeis = sorted(rnd.sample(range(10**14), 3000) + [0, 10**14 - 1])
+    keys = np.array(sorted((i % 10**k) * 10**cut + i // 10**k for i in imeis), dtype=np.int64)
+    vids = np.array([rnd.randrange(len(stored)) for _ in keys], dtype=np.int64)
+    values = [entry(x) for x in stored]
+
+    def field(prefix: int) -> bytes:
+        if cut <= 9:
+            return b"%d" % (10**cut + prefix)
+        return unhexlify(("1" if cut % 2 else "") + f"{prefix:0{cut}d}")
+
+    want: dict[int, list[tuple[bytes, bytes]]] = {}
+    for key, vid in zip(keys.tolist(), vids.tolist(), strict=True):
+        want.setdefault(key // 10**cut, []).append((field(key % 10**cut), stored[vid]))
+    got = {}
+    for cmds in restore_commands(Buckets(keys, vids), values, k, str, batch=64):
+        for key, head, body in cmds:
+            got[int(key)] = (head, body)
+    assert sorted(got) == sorted(want)
+    for bucket, pairs in want.items():
+        p = payload(pairs)
+        kb = str(bucket).encode()
+        head = b"*4\r\n$7\r\nRESTORE\r\n$%d\r\n%s\r\n$1\r\n0\r\n$%d\r\n" % (len(kb), kb, len(p))
+        assert got[bucket] == (head, p + b"\r\n")
