@@ -712,7 +712,8 @@ class Layout:
             raise ValueError("too many AVPs to cache the layout")
         for a in flat:
             start, vs, aend, d = a.start, a.vstart, a.vend, a.d
-            fmt_h.append(f"{start - pos_h}x{'III' if a.flags & AVP_V else 'II'}")
+            # 8-byte words: half the ints to build and compare of 4-byte ones (code+flags+length)
+            fmt_h.append(f"{start - pos_h}x{'QI' if a.flags & AVP_V else 'Q'}")
             pos_h = vs
             if d is None:
                 # Unknown AVPs are a peer's to choose (codes, counts): a shape with them is

@@ -382,7 +382,7 @@ class Connection:
                 head = min(n, limit - (REFUSALS_PER_CHECK - 1) * q) - q
         while i < n and work < limit:
             raw = msgs[i]
-            if gate is not None and raw[4] & 0x80 and raw[8:12] != BASE_APP and \
+            if gate is not None and raw[4] & 0x80 and not raw.startswith(BASE_APP, 8) and \
                     self.state is PeerState.R_OPEN:
                 if head > 0:
                     stop = self.refuse_run(msgs, i, min(n, i + head, i + limit - work),
