@@ -118,17 +118,26 @@ def loop_run(coro: Any) -> Any:
         return asyncio.run(coro)
 
 
+async def timed(run: Any, batches: list[bytes], n_batches: int, profile: bool = False) -> float:
+    """CPU seconds of `n_batches` batches, after every device was seen once (as after a few
+    seconds of load); with `profile`, prints where they went."""
+    await run(len(batches))
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    t0 = time.process_time()
+    await run(n_batches)
+    dt = time.process_time() - t0
+    if prof:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    return dt
+
+
 def measure(batch: int, n: int, devices: int = 100_000) -> dict[str, float]:
     run, batches = runner(batch, devices)
     n_batches = max(1, n // batch)
-
-    async def timed() -> float:
-        await run(len(batches))
-        t0 = time.process_time()
-        await run(n_batches)
-        return time.process_time() - t0
-
-    return {"per_ecr_us": loop_run(timed()) / (n_batches * batch) * 1e6}
+    return {"per_ecr_us": loop_run(timed(run, batches, n_batches)) / (n_batches * batch) * 1e6}
 
 
 def main() -> int:
@@ -145,21 +154,7 @@ def main() -> int:
     run, batches = runner(args.batch, args.devices)
     d = load_dictionary()
     n_batches = args.n // args.batch
-
-    async def timed() -> float:
-        await run(len(batches))  # every device seen once, as after a few seconds of load
-        prof = cProfile.Profile() if args.profile else None
-        if prof:
-            prof.enable()
-        t0 = time.process_time()
-        await run(n_batches)
-        dt = time.process_time() - t0
-        if prof:
-            prof.disable()
-            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
-        return dt
-
-    dt = loop_run(timed())
+    dt = loop_run(timed(run, batches, n_batches, args.profile))
     if args.profile:
         return 0
     per = dt / (n_batches * args.batch) * 1e6

@@ -216,11 +216,9 @@ class DeviceChangeDetector:
             return []
         fresh = self.fresh
         known = fresh.get(imsi)
-        until = self.fresh_until
-        if known is not None and when < until and imei.startswith(known):
+        if known is not None and when < self.fresh_until and imei.startswith(known):
             return _NONE  # an unchanged pair, written this period (the common case)
-        if not until - REFRESH <= when < until:
-            self.expire(when)
+        self.expire(when)
         key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
         by_imei = self._by_imei
         signals = _NONE
@@ -380,7 +378,7 @@ class AuditRecorder:
         peer: str,
         interface: str = "s13",
     ) -> None:
-        # Hot path: one branch for sampling, one append; "queued" is counted when drained.
+        # Hot path: one branch for sampling, one append.
         if self._keep_all:
             keep = True
         else:
@@ -392,12 +390,17 @@ class AuditRecorder:
                 known = det.fresh.get(req.imsi)
                 if known is not None and when < det.fresh_until and req.imei.startswith(known):
                     return  # the detector would skip it too (see observe): no need to queue
+        self._enqueue((when, req, verdict, peer, interface) if keep
+                      else (when, req.imei, req.imsi))
+
+    def _enqueue(self, item: _Item) -> None:
+        """Queue for the flush task; "queued" is counted when drained."""
         buf = self._buf
         n = len(buf)
         if n >= self.capacity:
             self._counts["dropped"] += 1
             return
-        buf.append((when, req, verdict, peer, interface) if keep else (when, req.imei, req.imsi))
+        buf.append(item)
         if n + 1 == self.batch_size:
             self._wake.set()
 
@@ -411,7 +414,7 @@ class AuditRecorder:
         if det is None:
             self.record(self._clock(), req, verdict, peer, interface)
             return
-        # Auditing off: `record`'s detector-only branch, inlined (every check comes here).
+        # Auditing off: every check comes here; `record` would test the fresh pair again.
         imsi = req.imsi
         if not imsi:
             return
@@ -419,14 +422,7 @@ class AuditRecorder:
         known = det.fresh.get(imsi)
         if known is not None and imei.startswith(known):
             return
-        buf = self._buf
-        n = len(buf)
-        if n >= self.capacity:
-            self._counts["dropped"] += 1
-            return
-        buf.append((self._clock(), imei, imsi))
-        if n + 1 == self.batch_size:
-            self._wake.set()
+        self._enqueue((self._clock(), imei, imsi))
 
     def start(self) -> asyncio.Task[None]:
         if self._task is None:
