@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: run test install system-deps lint bench fuzz clean
+.PHONY: run test test-compiled install system-deps lint bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,26 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/eir-server serve --http-listen 0.0.0.0:8080 $(ARGS)
 
-## Install what the tests need (redis-server, tshark), lint, type-check, run the whole suite.
+## Install what the tests need (redis-server, tshark), lint, type-check, run the whole suite on
+## the sources, then the request path's tests on the compiled build (test-compiled).
 test: install system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict eir_server/diameter eir_server/s13 eir_server/policy eir_server/service.py \
-	  eir_server/n5g_eir
+	  eir_server/n5g_eir eir_server/checker.py eir_server/recent.py eir_server/overload.py \
+	  eir_server/obs/audit.py eir_server/io/diameter_server.py
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-compiled
+
+## The mypyc build (setup.py, EIR_MYPYC=1), built in a copy of the tree (build/compiled) so the
+## sources here stay what runs; then the tests of what it compiles, run against it.
+COMPILED_TREE := build/compiled
+COMPILED_TESTS ?= tests/test_compiled.py tests/diameter tests/diameter_io tests/policy \
+	tests/n5g_eir tests/obs/test_audit.py tests/obs/test_operations_truth.py tests/test_recent.py \
+	tests/test_overload_signal.py tests/test_end_to_end.py
+test-compiled: install system-deps
+	scripts/compiled-tree.sh $(COMPILED_TREE) $(PY)
+	cd $(COMPILED_TREE) && EIR_EXPECT_COMPILED=1 $(abspath $(VENV))/bin/pytest -q $(COMPILED_TESTS)
 
 system-deps:
 	@scripts/system-deps.sh
@@ -50,4 +63,4 @@ fuzz: install
 		-artifact_prefix=.fuzz/crashes/n5g- .fuzz/corpus-n5g fuzz/seeds_n5g
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis .fuzz
+	rm -rf $(VENV) build .pytest_cache .ruff_cache .mypy_cache .hypothesis .fuzz

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, build_kind
 from .config import OPTIONS, load_config
 
 EPILOG = """Every serve option is also a TOML key in --config FILE (dashes -> underscores, e.g.
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eir-server", description=(
         "Equipment Identity Register: answers S13 ME-Identity-Check (TS 29.272) from the "
         "national device register."))
-    parser.add_argument("--version", action="version", version=f"eir-server {__version__}")
+    parser.add_argument("--version", action="version", version=f"eir-server {__version__} ({build_kind()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     _add_check(sub)

@@ -132,8 +132,10 @@ def _default_dir() -> Path:
     here = Path(__file__).resolve().parents[2] / "dictionaries"
     if here.is_dir():
         return here
-    import eir_server.dictionaries as packaged  # type: ignore[import-not-found]
-    return Path(packaged.__path__[0])
+    # By name: a data-only package, which mypy (and so mypyc) need not find or type.
+    import importlib
+
+    return Path(importlib.import_module("eir_server.dictionaries").__path__[0])
 
 
 DEFAULT_DIR = _default_dir()

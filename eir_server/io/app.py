@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from .. import build_kind
 from ..checker import FALLBACK_ERRORS, EquipmentChecker
 from ..config import ServeConfig, parse_hostport
 from ..diameter.answers import Identity
@@ -161,7 +162,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     sockets = [s.getsockname() for srv in node.servers for s in srv.sockets]
     log.info("diameter_listening", worker=index, addresses=[f"{a[0]}:{a[1]}" for a in sockets],
              origin_host=cfg.origin_host, origin_realm=cfg.origin_realm, store=store.name,
-             metrics=cfg.metrics_listen if runtime_dir is None else "parent")
+             metrics=cfg.metrics_listen if runtime_dir is None else "parent", build=build_kind())
     reloader = Reloader(cfg, reload, store, checker, tac_from_store=tac_task is not None,
                         worker=index)
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

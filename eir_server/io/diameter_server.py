@@ -92,7 +92,7 @@ class NodeLimits:
     overload_target: float = 0.0
 
 
-def certificate_names(cert: dict | None) -> tuple[str, ...]:
+def certificate_names(cert: dict[str, Any] | None) -> tuple[str, ...]:
     """DNS names of a peer certificate (as ssl's getpeercert() gives it): subjectAltName DNS
     entries, else the subject CN (RFC 6125 6.4.4); lower case."""
     if not cert:

@@ -178,9 +178,9 @@ class H2Connection:
                         req = self._headers(flags, sid, payload)
                     else:
                         req = self._other(ftype, flags, sid, payload)
-                except _StreamError as e:
-                    self._reset(e.stream_id, e.code)
-                    self.errors.append((None, e.reason))
+                except _StreamError as se:  # not `e`: mypyc types one name per function
+                    self._reset(se.stream_id, se.code)
+                    self.errors.append((None, se.reason))
                     continue
                 if req is not None:
                     requests.append(req)

@@ -457,9 +457,9 @@ class AuditRecorder:
         for n, item in enumerate(items, 1):
             if len(item) == 3:
                 if det is not None:
-                    det.observe(item[0], item[1], item[2])  # type: ignore[arg-type]
+                    det.observe(item[0], item[1], item[2])
             else:
-                when, req, verdict, peer, interface = item  # type: ignore[misc]
+                when, req, verdict, peer, interface = item
                 if det is not None:
                     det.observe(when, req.imei, req.imsi)
                 rows.append(observation(when, req, verdict, peer, interface))

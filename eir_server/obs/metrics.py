@@ -409,8 +409,9 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "eir_build_info",
         "gauge",
-        "1, labelled with the eir-server version, the Python version and the store kind.",
-        ("version", "python", "store"),
+        "1, labelled with the eir-server version, the Python version, the store kind and the "
+        "build (mypyc: the request path compiled; python).",
+        ("version", "python", "store", "build"),
         "max",
         "process",
     ),
@@ -809,9 +810,9 @@ def add_process_samples(s: dict[str, dict[Labels, float]], worker: str,
                         store: str = "") -> None:
     import platform
 
-    from eir_server import __version__
+    from eir_server import __version__, build_kind
 
-    s["eir_build_info"] = {(__version__, platform.python_version(), store): 1.0}
+    s["eir_build_info"] = {(__version__, platform.python_version(), store, build_kind()): 1.0}
     st = process_stats()
     for key, name in (("cpu", "eir_process_cpu_seconds_total"),
                       ("rss", "eir_process_resident_memory_bytes"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from eir_server import build_kind
 from tests.eirproc import EIR, S13Client, http_get, stop, wait_until
 from tests.netutil import free_port, wait_for_port
 
@@ -98,8 +99,8 @@ def test_sync_outcomes_per_peer_process_and_store_metrics(tmp_path: Path, dirbs,
         assert got[("eir_sync_last_run_failed", ())] == 0
         assert time.time() - got[("eir_sync_last_success_timestamp_seconds", ())] < 300
         assert got[("eir_ready", ())] == 1.0
-        assert got[("eir_build_info", (("python", got_python(got)), ("store", "redis"),
-                                       ("version", version())))] == 1
+        assert got[("eir_build_info", (("build", build_kind()), ("python", got_python(got)),
+                                       ("store", "redis"), ("version", version())))] == 1
         for worker in ("0", "1", "parent"):
             assert got[("eir_process_resident_memory_bytes", (("worker", worker),))] > 1e6
             assert got[("eir_process_open_fds", (("worker", worker),))] > 0
