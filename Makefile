@@ -23,7 +23,7 @@ test: install system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict eir_server/diameter eir_server/s13 eir_server/policy eir_server/service.py \
 	  eir_server/n5g_eir eir_server/checker.py eir_server/recent.py eir_server/overload.py \
-	  eir_server/obs/audit.py eir_server/io/diameter_server.py
+	  eir_server/obs/audit.py eir_server/io/diameter_server.py eir_server/io/http_server.py
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-compiled

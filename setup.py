@@ -23,6 +23,7 @@ COMPILED = [
     "eir_server/overload.py",
     "eir_server/obs/audit.py",
     "eir_server/io/diameter_server.py",
+    "eir_server/io/http_server.py",
     "eir_server/recent.py",
     "eir_server/service.py",
     "eir_server/diameter/answers.py",
