@@ -13,6 +13,6 @@ git ls-files -z --cached --others --exclude-standard | while IFS= read -r -d '' 
   [ -e "$f" ] && printf '%s\0' "$f"
 done | xargs -0 cp --parents -t "$dest"
 cd "$dest"
-echo "mypyc: compiling $(grep -c '^    "eir_server/' setup.py) modules in $dest (about a minute)"
+echo "mypyc: compiling $(grep -c '^    "eir_server/' setup.py) modules in $dest (2-3 minutes)"
 EIR_MYPYC=1 "$py" setup.py -q build_ext --inplace --parallel "$(nproc)" > build.log 2>&1 \
   || { tail -40 build.log; exit 1; }
