@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eir-server", description=(
         "Equipment Identity Register: answers S13 ME-Identity-Check (TS 29.272) from the "
         "national device register."))
-    parser.add_argument("--version", action="version", version=f"eir-server {__version__} ({build_kind()})")
+    parser.add_argument("--version", action="version",
+                        version=f"eir-server {__version__} ({build_kind()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(sub)
     _add_check(sub)

@@ -316,7 +316,8 @@ def test_dockerfile_is_slim_non_root_and_exposes_the_ports() -> None:
     for k, r in ins:
         if k == "COPY" and "--from" not in r:
             for src in r.split()[:-1]:
-                assert src in {"pyproject.toml", "setup.py", "README.md"} or (ROOT / src).is_dir(), src
+                assert (src in {"pyproject.toml", "setup.py", "README.md"}
+                        or (ROOT / src).is_dir()), src
     assert {v for v in dockerfile_env() if v.startswith("EIR_")} <= ENV_VARS
     assert f'org.opencontainers.image.version="{__version__}"' in dict(ins)["LABEL"]
 
