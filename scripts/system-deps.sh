@@ -17,6 +17,10 @@ command -v erlc >/dev/null 2>&1 || missing+=(erlang-base)
 command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)  # N5g-eir benchmark (h2load)
 ls /usr/lib/erlang/lib/diameter-*/bin/diameterc >/dev/null 2>&1 || missing+=(erlang-diameter)
 ls /usr/lib/erlang/lib/diameter-*/include/diameter.hrl >/dev/null 2>&1 || missing+=(erlang-dev)
+# make test-compiled: mypyc's C output needs a compiler and the headers of the Python it builds for
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+inc=$(${PYTHON:-python3} -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+[ -e "$inc/Python.h" ] || missing+=(python3-dev)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   SUDO=sudo
