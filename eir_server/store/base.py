@@ -36,7 +36,7 @@ class StoreOverloaded(StoreUnavailable):
 class StoreStats:
     """Plain int counters, read by the metrics exporter on scrape (no locking needed)."""
 
-    __slots__ = (
+    FIELDS: Final = (
         "cache_hits",
         "cache_misses",
         "redis_hits",  # fetched from Redis: listed
@@ -52,13 +52,27 @@ class StoreStats:
         "snapshot_misses",  # answered from the register snapshot: not listed
         "redis_up",
     )
+    __slots__ = FIELDS
 
+    # Declared one by one (not set in a loop) so that mypy, and mypyc's native attributes, know them.
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.redis_hits = 0
+        self.redis_misses = 0
+        self.fetches = 0
+        self.fetch_batches = 0
+        self.fetch_keys = 0
+        self.redis_errors = 0
+        self.unavailable_fetches = 0
+        self.version_changes = 0
+        self.cache_evictions = 0
+        self.snapshot_hits = 0
+        self.snapshot_misses = 0
+        self.redis_up = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     def __repr__(self) -> str:
         return f"StoreStats({self.as_dict()})"
@@ -72,9 +86,11 @@ class RecordStore(Protocol):
     """
 
     name: str
-    version: str | None
     ready: bool
     stats: StoreStats
+
+    @property
+    def version(self) -> str | None: ...
 
     def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]: ...
 

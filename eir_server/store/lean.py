@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from functools import partial
 from typing import Any
 
 from redis.crc import key_slot
@@ -166,7 +167,7 @@ class LeanLinks:
         if fut is None:
             fut = asyncio.ensure_future(self._open(name))
             self._connecting[name] = fut
-            fut.add_done_callback(lambda f, n=name: self._opened(n, f))
+            fut.add_done_callback(partial(self._opened, name))
         return await asyncio.shield(fut)
 
     async def _open(self, name: str) -> RespConnection:

@@ -42,11 +42,12 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import hiredis
@@ -222,6 +223,52 @@ class _State:
     snap: Snapshot | None = None  # that full load, memory-mapped (snapshot_dir set)
 
 
+class _Bounded:
+    """RedisStore._bounded's context manager (a class: mypyc compiles no async generators)."""
+
+    __slots__ = ("loop", "lag", "timeout", "t0", "b0", "hard", "overloaded", "handle", "cm")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lag: LoopLag | None,
+                 timeout: float) -> None:
+        self.loop = loop
+        self.lag = lag
+        self.timeout = timeout
+        self.t0 = loop.time()
+        self.b0 = lag.busy() if lag is not None else 0.0
+        self.hard = self.t0 + timeout * HARD_TIMEOUT_FACTOR
+        self.overloaded = False
+        self.handle: asyncio.TimerHandle | None = None
+        self.cm = asyncio.timeout(None)
+
+    async def __aenter__(self) -> None:
+        await self.cm.__aenter__()
+        self.handle = self.loop.call_at(self.t0 + self.timeout, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        lag = self.lag
+        waited = now - self.t0 - ((lag.busy() - self.b0) if lag is not None else 0.0)
+        if waited >= self.timeout or now >= self.hard:
+            self.overloaded = waited < self.timeout
+            self.cm.reschedule(now)  # expire now: the await raises TimeoutError
+        else:
+            self.handle = self.loop.call_at(min(now + self.timeout - waited, self.hard),
+                                            self._check)
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        try:
+            await self.cm.__aexit__(et, e, tb)
+        except TimeoutError:
+            if self.overloaded:
+                raise StoreOverloaded("event loop too busy to read redis") from None
+            raise
+        if self.overloaded and isinstance(e, TimeoutError):
+            raise StoreOverloaded("event loop too busy to read redis") from None
+
+
 class RedisStore:
     name = "redis"
 
@@ -239,7 +286,6 @@ class RedisStore:
         backoff_max: float = 0.5,
         snapshot_dir: str = "",
         lookup_client: str = "lean",
-        **_ignored: Any,
     ) -> None:
         if lookup_client not in LOOKUP_CLIENTS:
             raise ValueError(f"lookup_client must be one of {LOOKUP_CLIENTS}")
@@ -257,6 +303,7 @@ class RedisStore:
         self._snap_for: tuple[str, str | None] | None = None
         self._snaps: dict[str, Snapshot] = {}  # open snapshots by path
         self.stats = StoreStats()
+        self.general_batches = 0  # batches that took the general (coroutine) path
         self.ready = False
         # IMEIs Redis said are not listed (nearly all of them: None values, a map the cyclic GC
         # never walks) and the listed ones (records: objects), each bounded by cache_size.
@@ -296,7 +343,7 @@ class RedisStore:
 
     # -- hot path ------------------------------------------------------------------------------
     def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
-        r = self._cache.get_or(self._listed, imei14, MISSING)
+        r: ImeiRecord | None | type[_Missing] = self._cache.get_or(self._listed, imei14, MISSING)
         if r is MISSING:
             st = self._state
             r = st.overlay.get(imei14, MISSING)
@@ -334,7 +381,7 @@ class RedisStore:
             if r is MISSING and st.snap is not None:
                 r = self._from_snap(st, imei14)
         if r is not MISSING:
-            fut.set_result(r)  # type: ignore[arg-type]
+            fut.set_result(r)
             return fut
         if self._closed or self._client is None or not self._up:
             self.stats.unavailable_fetches += 1
@@ -594,6 +641,7 @@ class RedisStore:
     ) -> None:
         """`retry`: whether a connection error on the first round trip may be retried on a
         fresh connection (False: the lean path's try was that first attempt)."""
+        self.general_batches += 1
         try:
             await self._slots.take()
             try:
@@ -634,40 +682,11 @@ class RedisStore:
                         f.set_exception(exc)
 
     # -- bounded round trips -------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _bounded(self) -> AsyncIterator[None]:
+    def _bounded(self) -> _Bounded:
         """Bound a round trip by `timeout` of responsive loop time (see the module docstring):
         TimeoutError when Redis did not answer although we were ready to read the answer,
         StoreOverloaded when our loop was too busy for HARD_TIMEOUT_FACTOR x `timeout`."""
-        loop = self._loop or asyncio.get_running_loop()
-        lag = self._lag
-        t0 = loop.time()
-        b0 = lag.busy() if lag is not None else 0.0
-        hard = t0 + self.timeout * HARD_TIMEOUT_FACTOR
-        overloaded = False
-        handle: asyncio.TimerHandle | None = None
-        try:
-            async with asyncio.timeout(None) as cm:
-
-                def check() -> None:
-                    nonlocal handle, overloaded
-                    now = loop.time()
-                    waited = now - t0 - ((lag.busy() - b0) if lag is not None else 0.0)
-                    if waited >= self.timeout or now >= hard:
-                        overloaded = waited < self.timeout
-                        cm.reschedule(now)  # expire now: the await raises TimeoutError
-                    else:
-                        handle = loop.call_at(min(now + self.timeout - waited, hard), check)
-
-                handle = loop.call_at(t0 + self.timeout, check)
-                try:
-                    yield
-                finally:
-                    handle.cancel()
-        except TimeoutError:
-            if overloaded:
-                raise StoreOverloaded("event loop too busy to read redis") from None
-            raise
+        return _Bounded(self._loop or asyncio.get_running_loop(), self._lag, self.timeout)
 
     async def _call(self, fn: Any, *args: Any, _retry: bool = True, **kw: Any) -> Any:
         """One bounded round trip; a connection error is retried once on a fresh connection
@@ -712,7 +731,7 @@ class RedisStore:
             if not todo:
                 return out
             keys: list[str] = []
-            fields: list[str] = []
+            fields: list[str | bytes] = []
             if st.buckets is not None:  # else no full load: nothing listed beyond the overlay
                 for i in todo:
                     k, f = st.buckets.locate(i)
@@ -937,7 +956,7 @@ class RedisStore:
             if snapshot.acquire_lock(path):
                 try:
                     proc = await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", "eir_server.store.snapshot",
+                        sys.executable, *snapshot.BUILDER,
                         "--url", self.target.url, "--ns", self.ns, "--base", st.buckets.base,
                         "--k", str(st.buckets.k), "--out", str(path),
                         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)

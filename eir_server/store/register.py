@@ -22,12 +22,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, cast
 from zlib import error as zlib_error
 
 from eir_server.policy.types import BlacklistEntry, ExceptionEntry, NotificationEntry
 
 from .codec import FORBIDDEN, Listing
+
+if TYPE_CHECKING:
+    from _csv import Reader as _CsvReader
 
 
 class RegisterError(Exception):
@@ -318,10 +321,11 @@ class _BoundedLines(io.RawIOBase):
         )
 
 
-def _text_rows(stream: IO[bytes], limits: Limits, source: str) -> Iterator[list[str]]:
+def _text_rows(stream: IO[bytes], limits: Limits, source: str) -> _CsvReader:
     # utf-8-sig drops a BOM; newline="" lets csv handle CRLF and quoted newlines; undecodable
     # bytes become U+FFFD so the row fails validation instead of aborting the file.
-    raw = io.BufferedReader(_BoundedLines(stream, limits.max_line, source), 1 << 16)
+    raw = io.BufferedReader(cast(io.RawIOBase, _BoundedLines(stream, limits.max_line, source)),
+                            1 << 16)
     text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="")
     return csv.reader(text)
 
@@ -442,7 +446,7 @@ def apply_row(listing: Listing, lname: ListName, op: str, payload: object) -> No
     kind = lname.kind
     if kind is ListKind.BLACKLIST:
         if op == "upsert":
-            date, raw = payload  # type: ignore[misc]
+            date, raw = cast(tuple[str, str], payload)
             listing.blacklist = BlacklistEntry(date, split_reasons(raw))
         else:
             listing.blacklist = None
@@ -503,7 +507,7 @@ def open_source(src: ListSource) -> IO[bytes]:
         return open(src.path, "rb")  # noqa: SIM115 - caller closes
     try:
         zf = zipfile.ZipFile(src.path)
-        return _ZipMember(zf, zf.open(src.member))
+        return cast(IO[bytes], _ZipMember(zf, zf.open(src.member)))
     except (zipfile.BadZipFile, OSError, KeyError) as e:
         raise RegisterError(f"{src.path.name}: unreadable zip ({e})") from e
 
@@ -526,7 +530,8 @@ class _ZipMember(io.RawIOBase):
         return self._m.read(n)
 
     def read1(self, n: int = -1) -> bytes:
-        return self._m.read1(n)  # type: ignore[attr-defined]
+        data: bytes = self._m.read1(n)  # type: ignore[attr-defined]
+        return data
 
     def close(self) -> None:
         self._m.close()

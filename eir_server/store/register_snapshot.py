@@ -2,7 +2,7 @@
 
 Why: with `--workers N` each worker used to parse the register directory into its own dicts
 (~100 bytes per IMEI once loaded, several times that while parsing), so N workers held N copies.
-Here one builder process (`python -m eir_server.store.register_snapshot`) parses the directory
+Here one builder process (`eir_server.store.register_snapshot`'s `main`) parses the directory
 with the same row parser as before (`register.iter_rows_numbered`, merged as
 `register.read_full_lists` does) and writes snapshot.py's format: the
 IMEIs as sorted 64-bit integers and a 32-bit value each, 12 bytes per IMEI, mapped read-only by
@@ -42,7 +42,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import structlog
 
@@ -256,7 +256,7 @@ def ensure(register_dir: Path, directory: Path, max_bad_share: float) -> Path:
                 return path
             started = time.monotonic()
             proc = subprocess.run(
-                [sys.executable, "-m", "eir_server.store.register_snapshot", "--register",
+                [sys.executable, *BUILDER, "--register",
                  str(register_dir), "--out", str(path), "--key", key, "--max-bad-share",
                  repr(max_bad_share)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -442,6 +442,11 @@ def remove_stale(keep: Path) -> None:
         if orphan:
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+# See snapshot.BUILDER.
+BUILDER: Final = ("-c", "import sys; from eir_server.store.register_snapshot import main; "
+                  "sys.exit(main())")
 
 
 def main(argv: list[str] | None = None) -> int:

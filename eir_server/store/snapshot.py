@@ -16,7 +16,7 @@ sorting each small bucket then yields the whole file in order, so a 10M-IMEI bui
 (or holds) more than one bucket in Python objects. k = 0 (no rotation: the key is the IMEI) is
 what the embedded register's snapshot uses (register_snapshot.py), built from files, not buckets.
 
-The file is built by `python -m eir_server.store.snapshot` (a separate process: the decoding
+The file is built by `eir_server.store.snapshot`'s `main` (a separate process: the decoding
 loop over millions of entries would stall the serving loop), named after the full load's version
 and its `created` stamp, written to a temporary name and renamed, so a reader sees it whole or
 not at all. An exclusive lock file makes one worker of a node build while the others wait.
@@ -35,7 +35,9 @@ import time
 from array import array
 from binascii import hexlify
 from bisect import bisect_left
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Final
 
 MAGIC = b"EIRSNAP1"
 HEADER = struct.Struct("<8sQQQ")
@@ -63,7 +65,9 @@ class Snapshot:
                 or not 0 <= k <= 13):
             self._mm.close()
             raise ValueError(f"{self.path}: not a complete register snapshot")
-        self.n, self.k, self._cut = n, k, 14 - k
+        self.n: int = n
+        self.k: int = k
+        self._cut = 14 - k
         mv = memoryview(self._mm)
         off = HEADER.size
         self._keys = mv[off:off + n * 8].cast("Q")
@@ -150,7 +154,7 @@ def write(path: Path, items: dict[str, int | bytes], k: int) -> None:
     w.finish(path)
 
 
-def _prefix_decoder(k: int):  # noqa: ANN202 - returns a small closure
+def _prefix_decoder(k: int) -> Callable[[bytes], int]:
     """Bucket field -> the IMEI's first 14-k digits as an int (inverse of layout.field_of)."""
     plen = 14 - k
     if plen <= 9:
@@ -160,7 +164,7 @@ def _prefix_decoder(k: int):  # noqa: ANN202 - returns a small closure
     return lambda f: int(hexlify(f)[1:] if odd else hexlify(f))
 
 
-def read_buckets(client, ns: str, base: str, k: int, chunk: int = 500) -> Writer:  # noqa: ANN001
+def read_buckets(client: Any, ns: str, base: str, k: int, chunk: int = 500) -> Writer:
     """Every entry of a full load, bucket by bucket in pipelined chunks, in key order."""
     from . import layout
 
@@ -222,6 +226,11 @@ def remove_others(directory: Path, ns: str, keep: Path) -> None:
         if p != keep:
             with contextlib.suppress(OSError):
                 p.unlink()
+
+
+# The builder's command line after the interpreter: `python -m` cannot run a module compiled by
+# mypyc (it has no code object), so import it and call main.
+BUILDER: Final = ("-c", "import sys; from eir_server.store.snapshot import main; sys.exit(main())")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ arguments to `open_store` override them. Other query parameters go to redis-py (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -154,8 +155,9 @@ def async_client(target: RedisTarget, timeout: float) -> Any:
         return _sentinel_master(Sentinel, target, None, retry=no_retry)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+    node: Callable[[str, int], Any] = ClusterNode  # untyped in redis-py
     return RedisCluster(
-        startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+        startup_nodes=[node(h, p) for h, p in target.nodes],
         username=target.username,
         password=target.password,
         ssl=target.ssl,
@@ -169,6 +171,8 @@ def sync_client(target: RedisTarget, timeout: float = 30.0) -> Any:
     import redis
     from redis.cluster import ClusterNode, RedisCluster
 
+    node: Callable[[str, int], Any] = ClusterNode  # untyped in redis-py
+
     if target.mode == "single":
         return redis.Redis.from_url(target.url, **_common(timeout))
     if target.mode == "sentinel":
@@ -176,7 +180,7 @@ def sync_client(target: RedisTarget, timeout: float = 30.0) -> Any:
 
         return _sentinel_master(Sentinel, target, timeout)
     return RedisCluster(
-        startup_nodes=[ClusterNode(h, p) for h, p in target.nodes],
+        startup_nodes=[node(h, p) for h, p in target.nodes],
         username=target.username,
         password=target.password,
         ssl=target.ssl,
