@@ -23,7 +23,8 @@ test: install system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --strict eir_server/diameter eir_server/s13 eir_server/policy eir_server/service.py \
 	  eir_server/n5g_eir eir_server/checker.py eir_server/recent.py eir_server/overload.py \
-	  eir_server/obs/audit.py eir_server/io/diameter_server.py eir_server/io/http_server.py
+	  eir_server/obs/audit.py eir_server/io/diameter_server.py eir_server/io/http_server.py \
+	  eir_server/store
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-compiled
@@ -33,7 +34,7 @@ test: install system-deps
 COMPILED_TREE := build/compiled
 COMPILED_TESTS ?= tests/test_compiled.py tests/diameter tests/diameter_io tests/policy \
 	tests/n5g_eir tests/obs/test_audit.py tests/obs/test_operations_truth.py tests/test_recent.py \
-	tests/test_overload_signal.py tests/test_end_to_end.py
+	tests/test_overload_signal.py tests/test_end_to_end.py tests/store
 test-compiled: install system-deps
 	scripts/compiled-tree.sh $(COMPILED_TREE) $(PY)
 	cd $(COMPILED_TREE) && EIR_EXPECT_COMPILED=1 $(abspath $(VENV))/bin/pytest -q $(COMPILED_TESTS)

@@ -47,6 +47,16 @@ COMPILED = [
     "eir_server/policy/types.py",
     "eir_server/s13/app.py",
     "eir_server/s13/handler.py",
+    # The Redis store's RESP client and lean lookups, record decoding, and both snapshots.
+    # Interpreted: memory.py (tests subclass MemoryStore), base.py (a runtime-checkable
+    # Protocol, which mypyc cannot compile) and redis_store.py (compiled, its poller did not
+    # recover from a Redis restart in tests/store/test_resp.py: not understood yet).
+    "eir_server/store/codec.py",
+    "eir_server/store/layout.py",
+    "eir_server/store/lean.py",
+    "eir_server/store/register_snapshot.py",
+    "eir_server/store/resp.py",
+    "eir_server/store/snapshot.py",
 ]
 
 ext_modules = []
