@@ -44,12 +44,21 @@ system-deps:
 
 ## The benchmark suite: benchmarks/results/latest.{json,md}, plots, and the README table.
 ## PROFILE=quick (~10 min on 2 cores) or full; SUITES="ecr otp" runs some suites only;
-## BENCH_ARGS="--provisional 'why'" marks the results as provisional.
+## BENCH_ARGS="--provisional 'why'" marks the results as provisional. COMPILED=1 measures the
+## mypyc build, as the Docker image ships it rather than the sources: built in build/compiled (as
+## by test-compiled) and the suite run from there, so that it and every eir-server it starts
+## import the extensions; results and README stay here. The results name the build, and
+## --expect-build stops the suite rather than file figures under the wrong one.
 PROFILE ?= full
 SUITES ?=
+COMPILED ?=
+bench_compiled = $(filter 1,$(COMPILED))
 bench: install system-deps
-	$(PY) -m benchmarks.suite --profile $(PROFILE) $(foreach s,$(SUITES),--suite $(s)) \
-		--out benchmarks/results/latest.json --readme $(BENCH_ARGS)
+	$(if $(bench_compiled),scripts/compiled-tree.sh $(COMPILED_TREE) $(PY))
+	cd $(if $(bench_compiled),$(COMPILED_TREE),.) && $(abspath $(PY)) -m benchmarks.suite \
+		--profile $(PROFILE) $(foreach s,$(SUITES),--suite $(s)) \
+		--expect-build $(if $(bench_compiled),mypyc,python) \
+		--out $(CURDIR)/benchmarks/results/latest.json --readme $(CURDIR)/README.md $(BENCH_ARGS)
 
 ## Coverage-guided fuzzing (atheris), not in CI: S13 (framing, decoders, connection, S13 parse)
 ## and N5g-eir (HPACK, HTTP/2 connection, router), FUZZ_SECONDS each. New inputs go to

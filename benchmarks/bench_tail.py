@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import EXE, HOST, Redis, Server, sync  # noqa: E402
+from benchmarks.suite import ENV, EXE, HOST, Redis, Server, sync  # noqa: E402
 from benchmarks.wire_latency import analyse  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def run(rate: int, duration: float, store: str, imeis: int, work: Path,
                "--json", str(report), "--rate", str(rate), "--duration", str(duration),
                "--warmup", "0", "--connections", "4", "--imeis", sent, "--pin", "1"]
         cpu0 = server.cpu()
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120, env=ENV)
         cpu = server.cpu() - cpu0
         time.sleep(0.5)
         cap.send_signal(signal.SIGINT)

@@ -1,6 +1,7 @@
 """The benchmark suite: every figure an operator asks for, in one JSON file and one table.
 
     make bench                                   # full profile, all suites, README updated
+    make bench COMPILED=1                        # the same on the mypyc build (build/compiled)
     .venv/bin/python -m benchmarks.suite --profile quick               # ~10 min on 2 cores
     .venv/bin/python -m benchmarks.suite --suite ecr --suite otp       # some suites only
     .venv/bin/python -m benchmarks.suite --compare OLD.json [NEW.json] # change per figure
@@ -12,11 +13,17 @@ client), n5g (N5g-eir with h2load; skipped with the reason when not available), 
 load rows/s and Redis bytes per IMEI), during_load (ECR p99 while a full register load runs),
 storm (open loop far above capacity: answers, 3004s, timeouts, then recovery).
 
-Writes OUT.json (machine, profile, figures with their units, targets and which direction is
-better), OUT.md (the table) and one PNG per suite next to them. A suite that cannot run (tool
+Writes OUT.json (machine, profile, build, figures with their units, targets and which direction
+is better), OUT.md (the table) and one PNG per suite next to them. A suite that cannot run (tool
 missing) is recorded as skipped with its reason; one that fails is recorded with the error and
-the others still run. Benchmarks never run in the test suite; tests/test_bench_smoke.py runs
-the `smoke` profile on tiny inputs to prove every suite starts and writes a well-formed report.
+the others still run. Benchmarks never run in the test suite; tests/test_bench.py runs the
+`smoke` profile on tiny inputs to prove every suite starts and writes a well-formed report.
+
+The build measured ("mypyc" or "python") is the one of the tree this file is in: the suites run
+in-process import it, and so does every eir-server process started (serve, sync, load), which
+is checked before and per server. Any other build stops the run before the results file is
+written, as its figures would be filed under the wrong build; --expect-build also stops a run
+of a build other than the one meant (`make bench COMPILED=1` means mypyc).
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ BIN = Path(sys.executable).parent
 EXE = str(BIN / "eir-server")
 HOST = "127.0.0.1"
 RESULTS = ROOT / "benchmarks" / "results"
+# For every EXE run: the venv's eir-server script would import the editable install's tree (the
+# repository), not this one when this is a copy such as build/compiled; PYTHONPATH comes first.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,6 +110,15 @@ class Skip(Exception):
     """A suite that cannot run here (missing tool); the reason goes in the report."""
 
 
+class BuildMismatch(Exception):
+    """A process of the run is not the build being measured: the whole run stops, as its figures
+    would be recorded under the wrong build."""
+
+
+# The build every process of the run must be (set by run()); None outside a run (bench_tail).
+EXPECTED_BUILD: str | None = None
+
+
 class Figures:
     def __init__(self, suite: str) -> None:
         self.suite = suite
@@ -147,8 +167,8 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 
             time.sleep(0.1)
 
 
-def tree_cpu(pid: int) -> float:
-    """utime+stime (s) of a process and all its descendants (the serve workers)."""
+def _tree_stats(pid: int) -> dict[int, list[str]]:
+    """/proc/PID/stat fields (after the command name) of a process and all its descendants."""
     children: dict[int, list[int]] = {}
     stats: dict[int, list[str]] = {}
     for d in Path("/proc").iterdir():
@@ -159,30 +179,74 @@ def tree_cpu(pid: int) -> float:
                 continue
             stats[int(d.name)] = f
             children.setdefault(int(f[1]), []).append(int(d.name))
-    total = 0.0
+    tree: dict[int, list[str]] = {}
     todo = [pid]
     while todo:
         p = todo.pop()
         if p in stats:
-            total += (int(stats[p][11]) + int(stats[p][12])) / os.sysconf("SC_CLK_TCK")
+            tree[p] = stats[p]
         todo += children.get(p, [])
-    return total
+    return tree
+
+
+def tree_cpu(pid: int) -> float:
+    """utime+stime (s) of a process and all its descendants (the serve workers)."""
+    return sum((int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+               for f in _tree_stats(pid).values())
+
+
+def process_build(pid: int) -> str:
+    """The build a running eir-server (with its workers) has loaded: "mypyc" when it mapped
+    this tree's compiled modules, "python" when it mapped no compiled eir_server module. What
+    the process did, not what its command would print: a worker could differ from its parent."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+    ours = str(ROOT / "eir_server") + os.sep
+    mapped: set[str] = set()
+    for p in _tree_stats(pid):
+        try:
+            maps = Path(f"/proc/{p}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # the sixth, the file, is absent for anonymous maps
+            path = fields[5].strip() if len(fields) == 6 else ""
+            if "/eir_server/" in path and path.endswith(tuple(EXTENSION_SUFFIXES)):
+                mapped.add(path)
+    foreign = sorted(m for m in mapped if not m.startswith(ours))
+    if foreign:
+        raise BuildMismatch(f"process {pid} runs compiled modules of another tree: {foreign[0]}")
+    return "mypyc" if mapped else "python"
+
+
+def cli_build() -> tuple[str, str]:
+    """The build the suite's eir-server command (sync, load, serve) reports, and its line."""
+    p = subprocess.run([EXE, "--version"], capture_output=True, text=True, timeout=60, env=ENV)
+    line = p.stdout.strip()
+    if p.returncode != 0 or not line.endswith(")"):
+        raise BuildMismatch(f"{EXE} --version: exit {p.returncode}: {(line + p.stderr)[-500:]}")
+    return line.rsplit("(", 1)[1].rstrip(")"), line
 
 
 class Server:
-    """`eir-server serve` on a free port, optionally pinned with taskset."""
+    """`eir-server serve` on a free port, optionally pinned with taskset; stopped again with
+    BuildMismatch unless it runs the build `expect` (default: the run's)."""
 
-    def __init__(self, *args: str, cpu: int | None = None) -> None:
+    def __init__(self, *args: str, cpu: int | None = None, expect: str | None = None) -> None:
         self.port = free_port()
         cmd = [EXE, "serve", "--diameter-listen", f"{HOST}:{self.port}", "--metrics-listen", "",
                "--log-level", "warning", *args]
         if cpu is not None and shutil.which("taskset"):
             cmd = ["taskset", "-c", str(cpu), *cmd]
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd)
+        self.proc = subprocess.Popen(cmd, env=ENV)
         try:
             wait_port(self.port, self.proc)
-        except RuntimeError:
+            self.build = process_build(self.proc.pid)
+            expect = expect or EXPECTED_BUILD
+            if expect is not None and self.build != expect:
+                raise BuildMismatch(f"measuring the {expect} build, but the server "
+                                    f"{' '.join(cmd)} runs {self.build}")
+        except (RuntimeError, BuildMismatch):
             self.stop()
             raise
 
@@ -216,7 +280,7 @@ def sync(url: str, src: Path, *extra: str) -> float:
     t = time.perf_counter()
     p = subprocess.run([EXE, "sync", "--source", str(src), "--store", url, "--once",
                         "--progress", "never", "--grace", "0", *extra], capture_output=True,
-                       text=True, timeout=3600)
+                       text=True, timeout=3600, env=ENV)
     if p.returncode != 0:
         raise RuntimeError(f"eir-server sync exit {p.returncode}: {p.stderr[-2000:]}")
     return time.perf_counter() - t
@@ -232,7 +296,7 @@ def load(ctx: Ctx, port: int, *args: str, seconds: float | None = None,
            "--warmup", str(ctx.profile.warmup if warmup is None else warmup), *args]
     if cpu is not None:
         cmd += ["--pin", str(cpu)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=ENV)
     try:
         r: dict[str, Any] = json.loads(out.read_text())
     except (OSError, ValueError):
@@ -401,7 +465,8 @@ def suite_otp(ctx: Ctx, f: Figures) -> None:
 
 
 def _n5g_flag() -> str | None:
-    help_text = subprocess.run([EXE, "serve", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([EXE, "serve", "--help"], capture_output=True, text=True,
+                               env=ENV).stdout
     for flag in ("--n5g-listen", "--http-listen", "--n5g-eir-listen", "--sbi-listen"):
         if flag in help_text:
             return flag
@@ -490,7 +555,7 @@ def suite_during_load(ctx: Ctx, f: Figures) -> None:
                "--json", str(out), "--rate", str(p.during_rate), "--connections", "2",
                "--warmup", "0", "--duration", "3600", "--imeis",
                "range:35210000000000:200000", "--max-timeouts", "1"]
-        gen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        gen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
         started = threading.Event()
 
         def watch() -> None:  # the first progress line: the run's first second is over
@@ -695,10 +760,19 @@ def headline(key: str) -> bool:
         ("rows_per_s", "redis_bytes_per_imei")))
 
 
+BUILD_TEXT = {"mypyc": "compiled (mypyc) build", "python": "pure-Python build"}
+
+
+def build_text(res: dict[str, Any]) -> str:
+    b = res.get("build")
+    return BUILD_TEXT.get(b, f"{b} build") if b else "build not recorded"
+
+
 def markdown(res: dict[str, Any], only: Callable[[str], bool] | None = None) -> str:
     m = res["machine"]
     lines = [
-        f"Profile `{res['profile']}`, {res['finished']}, {res['elapsed_s'] / 60:.1f} min. "
+        f"Profile `{res['profile']}`, {build_text(res)}, {res['finished']}, "
+        f"{res['elapsed_s'] / 60:.1f} min. "
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, uvloop {m['uvloop']}, "
         f"Redis {m['redis']}, Erlang/OTP {m['erlang_otp']}; busy before the run: "
         f"{m['busy_cpus_before']} CPUs.",
@@ -725,7 +799,10 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
         return {k: v for s in r["suites"].values() for k, v in s.get("figures", {}).items()}
 
     a, b = flat(old), flat(new)
-    rows = [f"{'figure':<52}{'old':>14}{'new':>14}{'change':>10}"]
+    rows = []
+    if old.get("build") != new.get("build"):  # the compiled build changes most figures alone
+        rows.append(f"different builds: old {build_text(old)}, new {build_text(new)}")
+    rows.append(f"{'figure':<52}{'old':>14}{'new':>14}{'change':>10}")
     for k in [k for k in b if k in a]:
         va, vb = a[k]["value"], b[k]["value"]
         if va is None or vb is None:
@@ -757,16 +834,42 @@ def readme_section(res: dict[str, Any], rel_dir: str = "benchmarks/results") -> 
             f"\n\n{plots}{README_END}")
 
 
+def readme_results(readme: Path) -> Path:
+    """The results file a README's table shows (its links are relative to the README)."""
+    return readme.parent / "benchmarks" / "results" / "latest.json"
+
+
 def update_readme(res: dict[str, Any], readme: Path) -> None:
     text = readme.read_text()
     a, b = text.index(README_BEGIN), text.index(README_END) + len(README_END)
     readme.write_text(text[:a] + readme_section(res) + text[b:])
 
 
-def run(names: list[str], profile: Profile, out: Path, provisional: str | None) -> dict[str, Any]:
+def check_build(expect: str | None) -> tuple[str, str]:
+    """The build this run measures, and the version line of its eir-server command: the
+    in-process suites (codec, policy) and every process started must be the same build, and
+    the one expected if given."""
+    from eir_server import build_kind
+    here = build_kind()
+    cli, line = cli_build()
+    if expect is not None and here != expect:
+        raise BuildMismatch(f"measuring the {expect} build, but {ROOT} imports the {here} build"
+                            + (" (make bench COMPILED=1 builds it)" if expect == "mypyc" else ""))
+    if cli != here:
+        raise BuildMismatch(f"the suite runs the {here} build but `{EXE} --version` (PYTHONPATH="
+                            f"{ENV['PYTHONPATH']}) prints {line!r}")
+    return here, line
+
+
+def run(names: list[str], profile: Profile, out: Path, provisional: str | None,
+        expect_build: str | None = None) -> dict[str, Any]:
+    global EXPECTED_BUILD
+    build, version = check_build(expect_build)
+    EXPECTED_BUILD = build
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     res: dict[str, Any] = {"tool": "benchmarks/suite.py", "profile": profile.name,
+                           "build": build, "eir_server_version": version,
                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            "machine": machine(), "provisional": provisional, "suites": {},
                            "plots": []}
@@ -789,6 +892,8 @@ def run(names: list[str], profile: Profile, out: Path, provisional: str | None) 
                 entry = {"status": "ok"}
             except Skip as e:
                 entry = {"status": "skipped", "reason": str(e)}
+            except BuildMismatch:
+                raise
             except Exception as e:  # noqa: BLE001 - one suite's failure is reported, not fatal
                 traceback.print_exc()
                 entry = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:500]}
@@ -820,8 +925,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="results file; the .md table and PNGs go next to it")
     ap.add_argument("--provisional", default=None, metavar="NOTE",
                     help="mark the results provisional, with why (shown in the table)")
-    ap.add_argument("--readme", action="store_true",
-                    help="rewrite the README performance table from the results")
+    ap.add_argument("--readme", nargs="?", const=str(ROOT / "README.md"), metavar="README",
+                    help="rewrite the README performance table from the results (default: this "
+                    "tree's; another when the suite runs from a copy such as build/compiled)")
+    ap.add_argument("--expect-build", choices=sorted(BUILD_TEXT),
+                    help="stop, measuring nothing, unless this is the build that runs")
     ap.add_argument("--compare", nargs="+", metavar="JSON",
                     help="OLD.json [NEW.json]: print the change per figure (NEW default: --out) "
                     "and run nothing")
@@ -832,15 +940,22 @@ def main(argv: list[str] | None = None) -> int:
         print(compare(old, new))
         return 0
     out = Path(a.out)
-    res = run(a.suite or list(SUITES), PROFILES[a.profile], out, a.provisional)
+    try:
+        res = run(a.suite or list(SUITES), PROFILES[a.profile], out, a.provisional,
+                  a.expect_build)
+    except BuildMismatch as e:
+        print(f"benchmarks.suite: wrong build, no results written: {e}", file=sys.stderr)
+        return 2
     print(markdown(res))
     if a.readme:
+        readme = Path(a.readme)
         if a.suite and set(a.suite) != set(SUITES):
             print("not updating the README from a partial run", file=sys.stderr)
-        elif out.resolve() != (RESULTS / "latest.json").resolve():
-            print(f"not updating the README: it shows {RESULTS / 'latest.json'}", file=sys.stderr)
+        elif out.resolve() != readme_results(readme).resolve():
+            print(f"not updating the README: it shows {readme_results(readme)}",
+                  file=sys.stderr)
         else:
-            update_readme(res, ROOT / "README.md")
+            update_readme(res, readme)
     return 1 if any(s["status"] == "failed" for s in res["suites"].values()) else 0
 
 

@@ -1,10 +1,12 @@
 """The benchmark suite: a smoke run proves every suite starts and writes a well-formed report on
-tiny inputs (no figure is judged: benchmarks never run in the test suite), --compare reads two
-reports, and the README's performance table is exactly the committed results file's."""
+tiny inputs (no figure is judged: benchmarks never run in the test suite), naming the build it
+measured, --compare reads two reports, and the README's performance table is exactly the
+committed results file's."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "latest.json"
 sys.path.insert(0, str(ROOT))
+# The build of this tree, as tests/test_compiled.py has it (make test-compiled sets it there).
+BUILD = "mypyc" if os.environ.get("EIR_EXPECT_COMPILED") == "1" else "python"
+OTHER_BUILD = {"mypyc": "python", "python": "mypyc"}[BUILD]
 
 from benchmarks import suite  # noqa: E402
 
 
 def check_report(res: dict, names: list[str]) -> None:
     assert set(res["suites"]) == set(names)
+    assert res["build"] in suite.BUILD_TEXT
     m = res["machine"]
     for key in ("cpu", "cores", "python", "uvloop", "redis"):
         assert m[key], key
@@ -44,13 +50,16 @@ def test_smoke_every_suite(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     res = json.loads(out.read_text())
     check_report(res, list(suite.SUITES))
+    assert res["build"] == BUILD
+    assert res["eir_server_version"].endswith(f" ({BUILD})")
     # The suites this machine has every tool for really ran (CI installs Erlang and Redis).
     for name in ("codec", "policy", "ecr", "otp", "register", "during_load", "storm"):
         assert res["suites"][name]["status"] == "ok", name
     e = res["suites"]["ecr"]["figures"]
     assert e["ecr.memory.w1.closed.errors"]["value"] == 0
     assert e["ecr.memory.w1.closed.answers_per_s"]["value"] > 0
-    assert out.with_suffix(".md").read_text().startswith("Profile `smoke`")
+    assert out.with_suffix(".md").read_text().startswith(
+        f"Profile `smoke`, {suite.BUILD_TEXT[BUILD]}, ")
     for png in res["plots"]:
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG", png
     assert {"ecr.png", "otp.png", "during_load.png", "storm.png"} <= set(res["plots"])
@@ -58,6 +67,37 @@ def test_smoke_every_suite(tmp_path):
                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert cmp.returncode == 0, cmp.stderr
     assert "ecr.memory.w1.closed.answers_per_s" in cmp.stdout and "+0.0 %" in cmp.stdout
+    assert "different builds" not in cmp.stdout
+
+
+def test_a_run_meant_for_the_other_build_records_nothing(tmp_path):
+    """`make bench COMPILED=1` passes --expect-build mypyc: were the suite to run the sources
+    (or the reverse), it must stop before measuring rather than file figures under a wrong
+    build."""
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.suite", "--profile", "smoke",
+                        "--suite", "codec", "--expect-build", OTHER_BUILD, "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert f"measuring the {OTHER_BUILD} build" in p.stderr, p.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_server_of_the_wrong_build_is_refused():
+    """What a started server has loaded is checked, not only what its command says."""
+    server = suite.Server()
+    try:
+        assert suite.process_build(server.proc.pid) == server.build == BUILD
+    finally:
+        server.stop()
+
+    def children() -> set[int]:
+        return set(suite._tree_stats(os.getpid())) - {os.getpid()}
+
+    before = children()
+    with pytest.raises(suite.BuildMismatch, match=f"runs {BUILD}"):
+        suite.Server(expect=OTHER_BUILD)
+    assert children() == before  # the refused server was stopped
 
 
 def test_compare_says_better_or_worse():
@@ -72,6 +112,22 @@ def test_compare_says_better_or_worse():
     assert "-33.3 % better" in lines["ecr.x.p99_ms"]
     text = suite.compare(res(150.0), res(100.0))
     assert "-33.3 % worse" in text and "+50.0 % worse" in text
+    assert "build" not in text
+
+
+def test_compare_says_when_the_builds_differ():
+    def res(build: str | None) -> dict:
+        r: dict = {"suites": {"codec": {"figures": {"codec.x_us": {
+            "value": 1.0, "unit": "µs", "better": "lower", "label": ""}}}}}
+        if build is not None:
+            r["build"] = build
+        return r
+
+    text = suite.compare(res("python"), res("mypyc"))
+    assert text.splitlines()[0] == ("different builds: old pure-Python build, "
+                                    "new compiled (mypyc) build")
+    assert "build not recorded" in suite.compare(res(None), res("python"))
+    assert "different builds" not in suite.compare(res("mypyc"), res("mypyc"))
 
 
 def test_readme_table_is_the_results_file():
