@@ -39,7 +39,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -69,7 +68,6 @@ from .snapshot import EXTRA, Snapshot, Writer
 log = structlog.get_logger("eir.store")
 
 FORMAT = "eir-register-snapshot-1"
-INDEX_STRIDE = 128
 # Builder exit codes (anything else: the snapshot could not be built, the worker loads itself).
 EXIT_REFUSED = 3  # the register was refused (RegisterError / unreadable): the same as loading it
 EXIT_CHANGED = 4  # the register's files changed while it was read: try again
@@ -148,7 +146,7 @@ class RegisterView:
     decoded per lookup rather than kept."""
 
     __slots__ = ("path", "meta", "version", "reports", "lists", "_snap", "_shared", "_keys",
-                 "_vals", "_n", "_index")
+                 "_vals", "_n")
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -167,11 +165,6 @@ class RegisterView:
         self._shared: dict[int, ImeiRecord] = {}
         snap = self._snap
         self._keys, self._vals, self._n = snap._keys, snap._vals, snap.n
-        # Every INDEX_STRIDE-th key, in this process: a binary search over the mapped array
-        # reads an item per step (~60 ns: a Python int each time); over a list it compares ints
-        # it already has, leaving log2(INDEX_STRIDE) = 7 steps in one page of the map; ~0.3 bytes
-        # per IMEI (3 MB per worker for 10M).
-        self._index: list[int] = self._keys[::INDEX_STRIDE].tolist()
 
     def __len__(self) -> int:
         return self._n
@@ -181,14 +174,8 @@ class RegisterView:
             key = int(imei14)
         except ValueError:  # not digits: not a key the register can hold
             return None
-        i = bisect_right(self._index, key) - 1
-        if i < 0:
-            return None
-        lo = i * INDEX_STRIDE
-        hi = min(lo + INDEX_STRIDE, self._n)
-        keys = self._keys
-        pos = bisect_left(keys, key, lo, hi)
-        if pos == hi or keys[pos] != key:
+        pos = self._snap.find(key)
+        if pos < 0:
             return None
         v = self._vals[pos]
         rec = self._shared.get(v)

@@ -34,7 +34,7 @@ import sys
 import time
 from array import array
 from binascii import hexlify
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -42,6 +42,7 @@ from typing import Any, Final
 MAGIC = b"EIRSNAP1"
 HEADER = struct.Struct("<8sQQQ")
 EXTRA = 0x80000000
+INDEX_STRIDE = 128  # keys per step of the in-process index (Snapshot.find)
 LOCK_STALE = 300.0  # seconds after which a builder's lock is considered abandoned
 
 
@@ -54,7 +55,7 @@ class Snapshot:
     """One mapped snapshot file. `get` returns the raw bucket value (int table id or bytes of
     an encoded listing) or None when the IMEI is not in this full load."""
 
-    __slots__ = ("path", "n", "k", "_cut", "_mm", "_keys", "_vals", "_extras")
+    __slots__ = ("path", "n", "k", "_cut", "_mm", "_keys", "_vals", "_extras", "_index")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
@@ -73,13 +74,27 @@ class Snapshot:
         self._keys = mv[off:off + n * 8].cast("Q")
         self._vals = mv[off + n * 8:off + n * 12].cast("I")
         self._extras = mv[off + n * 12:]
+        # Every INDEX_STRIDE-th key, in this process: a binary search over the mapped array
+        # reads an item per step (a Python int made each time: ~7k instructions for 1M keys);
+        # over a list it compares ints it already has, leaving log2(INDEX_STRIDE) = 7 steps in
+        # one page of the map. ~0.3 bytes per IMEI (3 MB per worker for 10M).
+        self._index: list[int] = self._keys[::INDEX_STRIDE].tolist()
+
+    def find(self, key: int) -> int:
+        """The position of `key` in the sorted keys, or -1."""
+        i = bisect_right(self._index, key) - 1
+        if i < 0:
+            return -1
+        lo = i * INDEX_STRIDE
+        hi = min(lo + INDEX_STRIDE, self.n)
+        keys = self._keys
+        pos = bisect_left(keys, key, lo, hi)
+        return pos if pos < hi and keys[pos] == key else -1
 
     def get(self, imei14: str) -> int | bytes | None:
         cut = self._cut
-        key = int(imei14[cut:] + imei14[:cut])
-        keys = self._keys
-        pos = bisect_left(keys, key)
-        if pos == self.n or keys[pos] != key:
+        pos = self.find(int(imei14[cut:] + imei14[:cut]))
+        if pos < 0:
             return None
         v = self._vals[pos]
         if v & EXTRA:
