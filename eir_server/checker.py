@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from .obs.logging import get_logger
 from .policy.config import PolicyConfig
@@ -29,8 +29,8 @@ from .store import MISSING, RecordStore, StoreOverloaded, StoreUnavailable
 
 log = get_logger("eir.checker")
 
-FALLBACK_ERRORS = ("too_busy", "unable_to_comply")
-EPISODE_LOG_INTERVAL = 60.0  # seconds between "still falling back" lines
+FALLBACK_ERRORS: Final = ("too_busy", "unable_to_comply")
+EPISODE_LOG_INTERVAL: Final = 60.0  # seconds between "still falling back" lines
 
 
 class PolicyLike(Protocol):

@@ -17,14 +17,14 @@ waits for it and calls back.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from .policy.types import CheckRequest, Verdict
 
 # A verdict whose rule is STORE_ERROR is no verdict: the store could not answer and the
 # configured fallback is an error answer (or our own loop was overloaded); reasons[0] names it,
 # and each interface says it in its own words (S13: the Result-Codes below).
-STORE_ERROR = "store_error"
+STORE_ERROR: Final = "store_error"
 
 
 class Checker(Protocol):

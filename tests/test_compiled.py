@@ -72,6 +72,14 @@ def test_the_build_under_test_is_the_one_expected() -> None:
     assert build_kind() == ("mypyc" if EXPECT_COMPILED else "python")
 
 
+def test_code_that_branches_on_the_build_knows_which_runs() -> None:
+    """`imei._check_digit` has a branch for each build (each the faster there); the property
+    tests of tests/policy/test_imei.py then cover the one this build takes."""
+    from eir_server.policy import imei
+
+    assert imei._COMPILED is EXPECT_COMPILED
+
+
 def test_the_cli_says_which_build_runs() -> None:
     out = subprocess.run([sys.executable, "-m", "eir_server.cli", "--version"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, check=True).stdout

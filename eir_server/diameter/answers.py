@@ -9,6 +9,7 @@ and use the generic answer-message grammar (7.2).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from . import errors
 from .codec import (
@@ -24,16 +25,16 @@ from .codec import (
     u32_avp,
 )
 
-SESSION_ID = 263
-ORIGIN_HOST = 264
-ORIGIN_REALM = 296
-RESULT_CODE = 268
-ERROR_MESSAGE = 281
-FAILED_AVP = 279
-PROXY_INFO = 284
-AUTH_SESSION_STATE = 277
-NO_STATE_MAINTAINED = 1
-ORIGIN_STATE_ID = 278
+SESSION_ID: Final = 263
+ORIGIN_HOST: Final = 264
+ORIGIN_REALM: Final = 296
+RESULT_CODE: Final = 268
+ERROR_MESSAGE: Final = 281
+FAILED_AVP: Final = 279
+PROXY_INFO: Final = 284
+AUTH_SESSION_STATE: Final = 277
+NO_STATE_MAINTAINED: Final = 1
+ORIGIN_STATE_ID: Final = 278
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Final
 
 from . import errors
 from .answers import (
@@ -55,32 +56,32 @@ from .dictionary import Dictionary, Grammar
 from .shed import BASE_APP
 
 CER, DWR, DPR = 257, 280, 282
-BASE_APPLICATION = 0
-RELAY_APPLICATION = 0xFFFFFFFF
-VENDOR_3GPP = 10415
-S13_APPLICATION = 16777252
-AUTH_APPLICATION_ID = 258
-ACCT_APPLICATION_ID = 259
-VENDOR_SPECIFIC_APPLICATION_ID = 260
-VENDOR_ID = 266
-ORIGIN_HOST = 264
-ORIGIN_REALM = 296
-DESTINATION_HOST = 293
-DESTINATION_REALM = 283
-DISCONNECT_CAUSE = 273
-HOST_IP_ADDRESS = 257
-PRODUCT_NAME = 269
-FIRMWARE_REVISION = 267
-SUPPORTED_VENDOR_ID = 265
-OC_SUPPORTED_FEATURES = 621
+BASE_APPLICATION: Final = 0
+RELAY_APPLICATION: Final = 0xFFFFFFFF
+VENDOR_3GPP: Final = 10415
+S13_APPLICATION: Final = 16777252
+AUTH_APPLICATION_ID: Final = 258
+ACCT_APPLICATION_ID: Final = 259
+VENDOR_SPECIFIC_APPLICATION_ID: Final = 260
+VENDOR_ID: Final = 266
+ORIGIN_HOST: Final = 264
+ORIGIN_REALM: Final = 296
+DESTINATION_HOST: Final = 293
+DESTINATION_REALM: Final = 283
+DISCONNECT_CAUSE: Final = 273
+HOST_IP_ADDRESS: Final = 257
+PRODUCT_NAME: Final = 269
+FIRMWARE_REVISION: Final = 267
+SUPPORTED_VENDOR_ID: Final = 265
+OC_SUPPORTED_FEATURES: Final = 621
 REBOOTING, BUSY, DO_NOT_WANT_TO_TALK_TO_YOU = 0, 1, 2
 DISCONNECT_CAUSES = {0: "REBOOTING", 1: "BUSY", 2: "DO_NOT_WANT_TO_TALK_TO_YOU"}
 # Messages handled per receive_data call: bounded work per read, so a peer that sends a burst
 # gets its turn like the others (64 ECRs are well under a millisecond).
-MAX_MESSAGES_PER_CALL = 64
+MAX_MESSAGES_PER_CALL: Final = 64
 # A 3004 from a template costs a few percent of a check: this many refusals count as one
 # handled message against MAX_MESSAGES_PER_CALL.
-REFUSALS_PER_CHECK = 16
+REFUSALS_PER_CHECK: Final = 16
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,18 @@ class CerRejected:
     origin_host: str
 
 
-@dataclass(slots=True, eq=False)
-class AppRequest:  # one per request: not frozen, which halves its cost
-    message: Message
+class AppRequest:
+    """One per request: a plain class, because a dataclass's generated __init__ stays
+    interpreted Python even in the compiled build."""
+
+    __slots__ = ("message",)
+    __match_args__ = ("message",)
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"AppRequest(message={self.message!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -698,6 +708,13 @@ class Connection:
         before any AVP is decoded), then validate-or-bail in one pass. True when the request
         was plainly valid and is now an AppRequest event; False sends it down the general
         path, which also produces every diagnosis."""
+        # Declared ints: the struct's values are Any to mypyc, and every operation on them
+        # below would be a generic call.
+        vl: int
+        fc: int
+        app: int
+        hbh: int
+        e2e: int
         vl, fc, app, hbh, e2e = HEADER.unpack_from(raw, 0)
         flags = fc >> 24
         if flags & 0xAF != 0x80 or vl & 3:  # R set; E and reserved clear; length % 4 == 0

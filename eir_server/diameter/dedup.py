@@ -22,16 +22,16 @@ collections. Hits are counted by the caller (eir_requests_total{result="duplicat
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from eir_server.recent import RecentMap
 
 T = TypeVar("T")
 
-DEFAULT_WINDOW = 240.0  # RFC 6733 5.5.4 suggests remembering answers for about 4 minutes
-DEFAULT_MAX_ENTRIES = 2_000_000
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-ENTRY_BYTES = 120  # measured ~116 with tracemalloc: dict slot + index + int key + int entry
+DEFAULT_WINDOW: Final = 240.0  # RFC 6733 5.5.4 suggests remembering answers for about 4 minutes
+DEFAULT_MAX_ENTRIES: Final = 2_000_000
+DEFAULT_MAX_BYTES: Final = 64 * 1024 * 1024
+ENTRY_BYTES: Final = 120  # measured ~116 with tracemalloc: dict slot + index + int key + int entry
 
 
 class DuplicateCache(Generic[T]):

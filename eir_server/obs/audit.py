@@ -23,14 +23,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from eir_server.obs.logging import get_logger
 from eir_server.obs.metrics import Metrics
 from eir_server.policy.types import CheckRequest, EquipmentStatus, Verdict
 from eir_server.recent import RecentMap
 
-DEFAULT_STREAM = "eir:audit"
+DEFAULT_STREAM: Final = "eir:audit"
 FIELDS = ("t", "imei", "imeisv", "imsi", "msisdn", "peer", "interface", "verdict", "rule")
 
 Row = dict[str, str]
@@ -153,10 +153,10 @@ class _ImeiEntry:
 
 
 REFRESH = 60.0  # seconds: how stale the last-seen time of an unchanged pair may get
-FRESH_MAX = 65_536  # pairs the hot path can skip within one REFRESH period (then forgotten)
-_NONE: list[str] = []  # no signal (never appended to)
+FRESH_MAX: Final = 65_536  # pairs the hot path can skip within one REFRESH period (then forgotten)
+_NONE: Final[list[str]] = []  # no signal (never appended to)
 
-_MULTI = ""  # in place of an IMSI: this IMEI has several, see DeviceChangeDetector._multi
+_MULTI: Final = ""  # in place of an IMSI: this IMEI has several, see DeviceChangeDetector._multi
 
 
 class DeviceChangeDetector:
@@ -315,7 +315,7 @@ def redact(key: str, value: Any) -> Any:
 _Item = tuple[float, CheckRequest, Verdict, str, str] | tuple[float, str, str | None]
 
 
-SLICE = 64  # observations handled between two yields to the event loop
+SLICE: Final = 64  # observations handled between two yields to the event loop
 
 
 class AuditRecorder:

@@ -24,6 +24,7 @@ matters when they would not whitelist (and the verdict then names what it overro
 from __future__ import annotations
 
 from bisect import bisect_right
+from typing import Final
 
 from . import rules as R
 from .common import status_name
@@ -41,13 +42,15 @@ from .lists import LocalEntry, LocalLists
 from .tac import TacDatabase
 from .types import CheckRequest, EquipmentStatus, ImeiRecord, NotificationEntry, Verdict
 
-_W, _G, _B = EquipmentStatus.WHITELISTED, EquipmentStatus.GREYLISTED, EquipmentStatus.BLACKLISTED
+_W: Final = EquipmentStatus.WHITELISTED
+_G: Final = EquipmentStatus.GREYLISTED
+_B: Final = EquipmentStatus.BLACKLISTED
 _LOCAL = {"black": (_B, R.LOCAL_BLACK), "grey": (_G, R.LOCAL_GREY), "white": (_W, R.LOCAL_WHITE)}
 
 
 # Local ranges may flag at most this many TACs in the index before the bisect is simply done
 # for every IMEI (bounds the index's memory for very wide ranges such as "35*").
-_MAX_RANGE_TACS = 100_000
+_MAX_RANGE_TACS: Final = 100_000
 
 # What `Policy.identify` returns: (14-digit body, IMEISV's SVN, malformed verdict), plain tuple.
 Identified = tuple[str | None, str | None, Verdict | None]
@@ -65,7 +68,7 @@ class _TacEntry:
         self.svns: dict[str, Verdict] | None = None
 
 
-_PLAIN = _TacEntry(allocated=True)  # shared: allocated, nothing else to know
+_PLAIN: Final = _TacEntry(allocated=True)  # shared: allocated, nothing else to know
 
 
 def _local_verdict(e: LocalEntry) -> Verdict:
@@ -73,7 +76,7 @@ def _local_verdict(e: LocalEntry) -> Verdict:
     return Verdict(status, rule, (e.describe(),))
 
 
-BLACKLIST_VERDICTS_MAX = 4096
+BLACKLIST_VERDICTS_MAX: Final = 4096
 
 
 class Policy:

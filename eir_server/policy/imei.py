@@ -15,6 +15,7 @@ Anything else is `Malformed` with a short reason code from `MALFORMED_REASONS`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import FunctionType
 from typing import Final
 
 MALFORMED_REASONS: Final[dict[str, str]] = {
@@ -45,6 +46,13 @@ _ZEROS_AT_EVEN_OFFSETS: Final = 7 * ord("0")
 def _check_digit(body: str) -> str:
     """Luhn check digit of a 14-digit body already known to be ASCII digits."""
     b = body.encode()
+    if _COMPILED:
+        # Indexing bytes is a native operation once compiled (~300 instructions here against
+        # ~4,000 for the slices, sum() and translate() below); interpreted, it is the slower.
+        d = _DOUBLED
+        return _CHECK_BY_SUM[b[0] + d[b[1]] + b[2] + d[b[3]] + b[4] + d[b[5]] + b[6] + d[b[7]]
+                             + b[8] + d[b[9]] + b[10] + d[b[11]] + b[12] + d[b[13]]
+                             - _ZEROS_AT_EVEN_OFFSETS]
     return _CHECK_BY_SUM[sum(b[0::2]) - _ZEROS_AT_EVEN_OFFSETS + sum(b[1::2].translate(_DOUBLED))]
 
 
@@ -53,6 +61,10 @@ def luhn_check_digit(imei14: str) -> str:
     if not (len(imei14) == 14 and imei14.isascii() and imei14.isdigit()):
         raise ValueError(f"not a 14-digit IMEI body: {imei14!r}")
     return _check_digit(imei14)
+
+
+# mypyc makes functions builtins: True in the compiled build (see `_check_digit`).
+_COMPILED: Final = not isinstance(luhn_check_digit, FunctionType)
 
 
 @dataclass(frozen=True, slots=True)

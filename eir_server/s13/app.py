@@ -8,6 +8,8 @@ everything of ours is encoded once at start.
 
 from __future__ import annotations
 
+from typing import Final
+
 from ..diameter import errors
 from ..diameter.answers import (
     AUTH_SESSION_STATE,
@@ -35,34 +37,38 @@ from ..diameter.codec import (
 from ..diameter.dictionary import Dictionary
 from ..policy.types import CheckRequest, EquipmentStatus
 
-APPLICATION_ID = 16777252
-COMMAND_CODE = 324
-VENDOR_3GPP = 10415
-TERMINAL_INFORMATION = 1401
-IMEI = 1402
-SOFTWARE_VERSION = 1403
-EQUIPMENT_STATUS = 1445
-USER_NAME = 1
-DRMP = 301
-OC_SUPPORTED_FEATURES = 621
-OC_FEATURE_VECTOR = 622
-OLR_DEFAULT_ALGO = 1
-VENDOR_ID = 266
-AUTH_APPLICATION_ID = 258
-VENDOR_SPECIFIC_APPLICATION_ID = 260
-EXPERIMENTAL_RESULT = 297
-EXPERIMENTAL_RESULT_CODE = 298
+APPLICATION_ID: Final = 16777252
+COMMAND_CODE: Final = 324
+VENDOR_3GPP: Final = 10415
+TERMINAL_INFORMATION: Final = 1401
+IMEI: Final = 1402
+SOFTWARE_VERSION: Final = 1403
+EQUIPMENT_STATUS: Final = 1445
+USER_NAME: Final = 1
+DRMP: Final = 301
+OC_SUPPORTED_FEATURES: Final = 621
+OC_FEATURE_VECTOR: Final = 622
+OLR_DEFAULT_ALGO: Final = 1
+VENDOR_ID: Final = 266
+AUTH_APPLICATION_ID: Final = 258
+VENDOR_SPECIFIC_APPLICATION_ID: Final = 260
+EXPERIMENTAL_RESULT: Final = 297
+EXPERIMENTAL_RESULT_CODE: Final = 298
 
-_VSAI = grouped_avp(VENDOR_SPECIFIC_APPLICATION_ID,
+_VSAI: Final = grouped_avp(VENDOR_SPECIFIC_APPLICATION_ID,
                     [u32_avp(VENDOR_ID, VENDOR_3GPP), u32_avp(AUTH_APPLICATION_ID, APPLICATION_ID)])
-_AUTH_SESSION_STATE = u32_avp(AUTH_SESSION_STATE, NO_STATE_MAINTAINED)
+_AUTH_SESSION_STATE: Final = u32_avp(AUTH_SESSION_STATE, NO_STATE_MAINTAINED)
 # RFC 7683 5.2: a reporting node answers a DOIC request with the algorithm it selected.
-_OC_SUPPORTED = grouped_avp(OC_SUPPORTED_FEATURES,
+_OC_SUPPORTED: Final = grouped_avp(OC_SUPPORTED_FEATURES,
                             [avp(OC_FEATURE_VECTOR, OLR_DEFAULT_ALGO.to_bytes(8, "big"),
                                  mandatory=False)], mandatory=False)
-_MISSING_IMEI = avp(TERMINAL_INFORMATION,
+_MISSING_IMEI: Final = avp(TERMINAL_INFORMATION,
                     avp(IMEI, b"", VENDOR_3GPP), VENDOR_3GPP)
 
+
+# CheckRequest(...) runs the NamedTuple's Python-level __new__; this is the C one (all four
+# fields must be given).
+_new_request: Final = tuple.__new__
 
 # What `EcaBuilder.parse` reads from a valid ECR: (request, answer prefix: Session-Id, DRMP,
 # Vendor-Specific-Application-Id; answer suffix: OC-Supported-Features, every Proxy-Info;
@@ -137,7 +143,7 @@ class EcaBuilder:
         if slots[pi] is not None:  # every one of them, in order (RFC 6733 6.7.3)
             suffix += b"".join(data[p[START]:p[END]] for p in msg.avps
                                if p[CODE] == PROXY_INFO and not p[VENDOR])
-        return (CheckRequest(imei, sv, imsi), prefix + _VSAI, suffix,
+        return (_new_request(CheckRequest, (imei, sv, imsi, None)), prefix + _VSAI, suffix,
                 data[origin[VSTART]:origin[VEND]])
 
     def answer(self, msg: Message, prefix: bytes, suffix: bytes, status: int | None) -> bytes:

@@ -21,7 +21,7 @@ sends what it returns; see docs/design.md.
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
-from typing import Protocol
+from typing import Final, Protocol
 
 from ..diameter import errors
 from ..diameter.answers import Identity
@@ -33,12 +33,12 @@ from ..policy.types import Verdict
 from ..service import STORE_ERROR, CheckService
 from .app import COMMAND_CODE, EcaBuilder, Parsed
 
-INTERFACE = "s13"
-_DUPLICATE = (INTERFACE, "ECR", "duplicate")
-_SUCCESS = (INTERFACE, "ECR", "2001")
-_UNKNOWN = (INTERFACE, "ECR", "5422")
-_BUSY = (INTERFACE, "ECR", str(errors.TOO_BUSY))
-_SHED_IN_FLIGHT = (INTERFACE, "in_flight")  # refused by the overload gate
+INTERFACE: Final = "s13"
+_DUPLICATE: Final = (INTERFACE, "ECR", "duplicate")
+_SUCCESS: Final = (INTERFACE, "ECR", "2001")
+_UNKNOWN: Final = (INTERFACE, "ECR", "5422")
+_BUSY: Final = (INTERFACE, "ECR", str(errors.TOO_BUSY))
+_SHED_IN_FLIGHT: Final = (INTERFACE, "in_flight")  # refused by the overload gate
 # --store-fallback error answers (and our own overload) -> Result-Code
 STORE_ERROR_CODES = {"too_busy": errors.TOO_BUSY, "unable_to_comply": errors.UNABLE_TO_COMPLY}
 
