@@ -761,7 +761,7 @@ def _flatten(avps: Sequence[Avp]) -> list[Avp]:
     return out
 
 
-# A layout costs memory and a struct format proportional to its AVPs; an ECR has about 15.
+# A layout's mask and bytes grow with the message, its checks with its AVPs; an ECR has about 15.
 MAX_LAYOUT_AVPS: Final = 48
 # Layouts under one key (length, first header word) are tried in turn by `find`: keep few.
 MAX_LAYOUTS_PER_KEY: Final = 4

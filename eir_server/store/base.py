@@ -36,40 +36,28 @@ class StoreOverloaded(StoreUnavailable):
 class StoreStats:
     """Plain int counters, read by the metrics exporter on scrape (no locking needed)."""
 
-    FIELDS: Final = (
-        "cache_hits",
-        "cache_misses",
-        "redis_hits",  # fetched from Redis: listed
-        "redis_misses",  # fetched from Redis: not listed
-        "fetches",
-        "fetch_batches",
-        "fetch_keys",
-        "redis_errors",
-        "unavailable_fetches",
-        "version_changes",
-        "cache_evictions",
-        "snapshot_hits",  # answered from the register snapshot: listed
-        "snapshot_misses",  # answered from the register snapshot: not listed
-        "redis_up",
-    )
+    cache_hits: int
+    cache_misses: int
+    redis_hits: int  # fetched from Redis: listed
+    redis_misses: int  # fetched from Redis: not listed
+    fetches: int
+    fetch_batches: int
+    fetch_keys: int
+    redis_errors: int
+    unavailable_fetches: int
+    version_changes: int
+    cache_evictions: int
+    snapshot_hits: int  # answered from the register snapshot: listed
+    snapshot_misses: int  # answered from the register snapshot: not listed
+    redis_up: int
+
+    # The names once: declared above (so mypy knows them), the slots and the exported fields.
+    FIELDS: Final = tuple(__annotations__)
     __slots__ = FIELDS
 
-    # Declared one by one (not set in a loop) so that mypy, and mypyc's native attributes, know them.
     def __init__(self) -> None:
-        self.cache_hits = 0
-        self.cache_misses = 0
-        self.redis_hits = 0
-        self.redis_misses = 0
-        self.fetches = 0
-        self.fetch_batches = 0
-        self.fetch_keys = 0
-        self.redis_errors = 0
-        self.unavailable_fetches = 0
-        self.version_changes = 0
-        self.cache_evictions = 0
-        self.snapshot_hits = 0
-        self.snapshot_misses = 0
-        self.redis_up = 0
+        for name in self.FIELDS:
+            setattr(self, name, 0)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.FIELDS}

@@ -171,14 +171,13 @@ def sync_client(target: RedisTarget, timeout: float = 30.0) -> Any:
     import redis
     from redis.cluster import ClusterNode, RedisCluster
 
-    node: Callable[[str, int], Any] = ClusterNode  # untyped in redis-py
-
     if target.mode == "single":
         return redis.Redis.from_url(target.url, **_common(timeout))
     if target.mode == "sentinel":
         from redis.sentinel import Sentinel
 
         return _sentinel_master(Sentinel, target, timeout)
+    node: Callable[[str, int], Any] = ClusterNode  # untyped in redis-py
     return RedisCluster(
         startup_nodes=[node(h, p) for h, p in target.nodes],
         username=target.username,
