@@ -12,10 +12,14 @@ What it replaces, and why (each measured on the request path of a worker):
 - One dict of a million entries rehashes all of them when it grows (tens of ms inside one
   request), and frees all of them when dropped. Here each generation is `SHARDS` small dicts,
   and a dropped generation is freed one shard per write.
-- Optional stamps (a float per key, e.g. last seen) sit in parallel dicts, never in tuples: a
-  dict of strings, numbers and None is not tracked by the cyclic GC, which otherwise walks every
-  entry at each full collection (~100 ms per million entries). Values that are objects make
-  their shard tracked; keep such maps small or keep those values elsewhere.
+- Keep keys and values atomic (ints, strings, None), never tuples: a dict of those is not
+  tracked by the cyclic GC, which otherwise walks every entry at each full collection (~100 ms
+  per million entries). Values that are objects make their shard tracked; keep such maps small.
+  A value with a time packs both into one int (the device-signal detector, the duplicate
+  cache): one table per generation to touch, not two.
+- Large maps are faster with int keys than with strings: a str-keyed dict reads each probed
+  entry's key object to compare hashes, an int-keyed one keeps the hash in the entry. With a
+  million devices those key objects are cold memory, one cache miss per probe.
 """
 
 from __future__ import annotations
@@ -37,20 +41,15 @@ def _fresh() -> list[dict[Any, Any]]:
 class RecentMap(Generic[V]):
     """See the module docstring. `len()` counts a key written in both generations twice."""
 
-    __slots__ = ("half", "stamped", "_young", "_young_t", "_old", "_old_t", "young", "_dying",
-                 "evicted", "prev_stamp")
+    __slots__ = ("half", "_young", "_old", "young", "_dying", "evicted")
 
-    def __init__(self, max_entries: int, stamped: bool = False) -> None:
+    def __init__(self, max_entries: int) -> None:
         self.half = max(1, max_entries // 2)
-        self.stamped = stamped
         self._young: list[dict[Any, V]] = _fresh()
         self._old: list[dict[Any, V]] = _fresh()
-        self._young_t: list[dict[Any, float]] = _fresh() if stamped else []
-        self._old_t: list[dict[Any, float]] = _fresh() if stamped else []
         self.young = 0  # keys written into the young generation (read-only outside)
         self._dying: list[dict[Any, Any]] = []
         self.evicted = 0  # keys dropped with old generations
-        self.prev_stamp = 0.0  # set by swap
 
     def get(self, key: Any, default: Any = None) -> Any:
         h = hash(key) & MASK
@@ -72,41 +71,24 @@ class RecentMap(Generic[V]):
                     return other._old[h].get(key, default)
         return v
 
-    def get_stamped(self, key: Any) -> tuple[V, float] | None:
-        """(value, stamp) of a stamped map, or None."""
-        h = hash(key) & MASK
-        v = self._young[h].get(key, _ABSENT)
-        if v is not _ABSENT:
-            return v, self._young_t[h][key]
-        v = self._old[h].get(key, _ABSENT)
-        return None if v is _ABSENT else (v, self._old_t[h][key])
-
-    def swap(self, key: Any, value: V, stamp: float, default: Any = None) -> Any:
-        """`put(key, value, stamp)` of a stamped map, returning what `key` held before (or
-        `default`), its stamp then in `prev_stamp`: a get and a put in one call and one hash
-        (the device-signal detector does this twice per sighting)."""
+    def swap(self, key: Any, value: V, default: Any = None) -> Any:
+        """`put(key, value)`, returning what `key` held before (or `default`): a get and a put
+        in one call and one hash (the device-signal detector does this twice per sighting)."""
         h = hash(key) & MASK
         young = self._young[h]
         prev = young.get(key, _ABSENT)
         if prev is _ABSENT:
-            prev = self._old[h].get(key, _ABSENT)
-            if prev is _ABSENT:
-                prev = default
-            else:
-                self.prev_stamp = self._old_t[h][key]
+            prev = self._old[h].get(key, default)
             if self.young >= self.half:
                 self.turn()
                 young = self._young[h]
             self.young += 1
-        else:
-            self.prev_stamp = self._young_t[h][key]
         young[key] = value
-        self._young_t[h][key] = stamp
         if self._dying:
             self._dying.pop()
         return prev
 
-    def put(self, key: Any, value: V, stamp: float = 0.0) -> None:
+    def put(self, key: Any, value: V) -> None:
         h = hash(key) & MASK
         young = self._young[h]
         if key not in young:
@@ -115,15 +97,12 @@ class RecentMap(Generic[V]):
                 young = self._young[h]
             self.young += 1
         young[key] = value
-        if self.stamped:
-            self._young_t[h][key] = stamp
         if self._dying:
             self._dying.pop()
 
     def put_many(self, keys: Iterable[Any], value: V) -> None:
-        """`put(key, value)` for each key, in one call (an unstamped map: the store caches a
-        batch of "not listed" answers at once)."""
-        assert not self.stamped
+        """`put(key, value)` for each key, in one call (the store caches a batch of "not
+        listed" answers at once)."""
         for key in keys:
             h = hash(key) & MASK
             young = self._young[h]
@@ -141,22 +120,18 @@ class RecentMap(Generic[V]):
         one is dropped, a shard per write from here on."""
         self.evicted += sum(map(len, self._old))
         # Leftovers of the previous turn (fewer writes than shards since) are few: freed now.
-        self._dying = self._old + self._old_t
-        self._old, self._old_t = self._young, self._young_t
+        self._dying = self._old
+        self._old = self._young
         self._young = _fresh()
-        self._young_t = _fresh() if self.stamped else []
         self.young = 0
 
     def discard(self, key: Any) -> None:
         h = hash(key) & MASK
-        for gen in (self._young, self._old, self._young_t, self._old_t):
-            if gen:
-                gen[h].pop(key, None)
+        self._young[h].pop(key, None)
+        self._old[h].pop(key, None)
 
     def clear(self) -> None:
         self._young, self._old = _fresh(), _fresh()
-        self._young_t = _fresh() if self.stamped else []
-        self._old_t = _fresh() if self.stamped else []
         self.young = 0
         self._dying = []
 

@@ -14,12 +14,12 @@ OPS = st.lists(st.tuples(st.sampled_from(["put", "discard"]), st.integers(0, 60)
 
 @given(OPS, st.integers(2, 40))
 def test_against_a_model(ops: list[tuple[str, int, int]], bound: int) -> None:
-    m: RecentMap[int] = RecentMap(bound, stamped=True)
+    m: RecentMap[int] = RecentMap(bound)
     last: dict[int, int] = {}  # the model: last value written, for keys not discarded since
     new_keys: list[int] = []  # keys in the order they entered the young generation
-    for i, (op, key, value) in enumerate(ops):
+    for op, key, value in ops:
         if op == "put":
-            m.put(key, value, float(i))
+            m.put(key, value)
             last[key] = value
             new_keys.append(key)
         else:
@@ -30,20 +30,19 @@ def test_against_a_model(ops: list[tuple[str, int, int]], bound: int) -> None:
             got = m.get(k, None)
             if got is not None:
                 assert k in last and got == last[k]  # never stale, never resurrected
-                assert m.get_stamped(k) is not None
     # The keys written most recently (the last half-bound of them) are all still there.
     recent = [k for k in reversed(new_keys) if k in last][: bound // 2]
     for k in recent:
         assert m.get(k) == last[k]
 
 
-def test_stamps_and_defaults() -> None:
-    m: RecentMap[str] = RecentMap(10, stamped=True)
-    m.put("a", "x", 1.0)
-    m.put("a", "y", 2.0)
-    assert m.get_stamped("a") == ("y", 2.0) and m.get("b", 7) == 7 and "a" in m
+def test_values_and_defaults() -> None:
+    m: RecentMap[str] = RecentMap(10)
+    m.put("a", "x")
+    m.put("a", "y")
+    assert m.get("a") == "y" and m.get("b", 7) == 7 and "a" in m
     m.clear()
-    assert len(m) == 0 and m.get_stamped("a") is None
+    assert len(m) == 0 and m.get("a") is None
 
 
 def test_forgets_by_generations_and_counts_evictions() -> None:
@@ -84,20 +83,16 @@ def test_put_many_is_put_each(keys: list[int], bound: int) -> None:
 
 
 @given(OPS, st.integers(2, 40))
-def test_swap_is_get_stamped_then_put(ops: list[tuple[str, int, int]], bound: int) -> None:
-    a: RecentMap[int] = RecentMap(bound, stamped=True)
-    b: RecentMap[int] = RecentMap(bound, stamped=True)
-    for i, (op, key, value) in enumerate(ops):
+def test_swap_is_get_then_put(ops: list[tuple[str, int, int]], bound: int) -> None:
+    a: RecentMap[int] = RecentMap(bound)
+    b: RecentMap[int] = RecentMap(bound)
+    for op, key, value in ops:
         if op == "put":
-            before = a.get_stamped(key)
-            a.put(key, value, float(i))
-            got = b.swap(key, value, float(i), "absent")
-            if before is None:
-                assert got == "absent"
-            else:
-                assert (got, b.prev_stamp) == before
+            before = a.get(key, "absent")
+            a.put(key, value)
+            assert b.swap(key, value, "absent") == before
         else:
             a.discard(key)
             b.discard(key)
         assert (a.young, a.evicted, len(a)) == (b.young, b.evicted, len(b))
-    assert [a.get_stamped(k) for k in range(61)] == [b.get_stamped(k) for k in range(61)]
+    assert [a.get(k) for k in range(61)] == [b.get(k) for k in range(61)]

@@ -148,7 +148,7 @@ class _ImeiEntry:
     __slots__ = ("imsis", "flagged_at")
 
     def __init__(self) -> None:
-        self.imsis: dict[str, float] = {}
+        self.imsis: dict[int, float] = {}  # IMSI (as _code) -> last seen
         self.flagged_at = float("-inf")
 
 
@@ -156,7 +156,31 @@ REFRESH = 60.0  # seconds: how stale the last-seen time of an unchanged pair may
 FRESH_MAX: Final = 65_536  # pairs the hot path can skip within one REFRESH period (then forgotten)
 _NONE: Final[list[str]] = []  # no signal (never appended to)
 
-_MULTI: Final = ""  # in place of an IMSI: this IMEI has several, see DeviceChangeDetector._multi
+# The maps hold ints: (the other identity's code << STAMP_BITS) | last seen in ms (see
+# eir_server.recent: one int-keyed table per generation instead of a value and a stamp table
+# keyed by strings; with every device new that was a fifth of a worker's CPU, in cache misses).
+STAMP_BITS: Final = 42  # ms since 1970: enough until the year 2109
+STAMP_MAX: Final = (1 << STAMP_BITS) - 1
+MAX_DIGITS: Final = 17  # IMSIs have at most 15: longer User-Names are not tracked
+_MULTI: Final = 0  # the code in place of an IMSI: this IMEI has several (see _multi)
+
+
+_LEAD: Final = tuple(10 ** n for n in range(MAX_DIGITS + 1))
+
+
+def _code(digits: str) -> int:
+    """An identity of up to MAX_DIGITS ASCII digits as an int; the leading 1 keeps leading
+    zeros and the length ("001" and "01" differ)."""
+    return _LEAD[len(digits)] + int(digits)
+
+
+def _digits(code: int) -> str:
+    return str(code)[1:]
+
+
+def _stamp(when: float) -> int:
+    ms = when * 1000.0 + 0.5  # rounded (int() truncates); round() costs twice as much
+    return int(ms) if 0.0 <= ms <= STAMP_MAX else (0 if ms < 0.0 else STAMP_MAX)
 
 
 class DeviceChangeDetector:
@@ -170,7 +194,9 @@ class DeviceChangeDetector:
 
     State is bounded by `max_tracked` IMEIs and IMSIs (those not seen for longest forgotten
     first, by generations: see eir_server.recent) and is per worker process: a subscriber whose
-    MME connections land on different workers is tracked by each separately.
+    MME connections land on different workers is tracked by each separately. Times are kept
+    to the millisecond. A User-Name that is not an IMSI (not all digits, or longer than
+    MAX_DIGITS) is not tracked: there is nothing to correlate it with.
     """
 
     def __init__(
@@ -197,9 +223,10 @@ class DeviceChangeDetector:
         self._log_second = -1
         self._logged_this_second = 0
         self._suppressed = 0
-        # Stamped with the last-seen time. IMEI -> its one IMSI, or _MULTI; IMSI -> IMEI (14).
-        self._by_imei: RecentMap[str] = RecentMap(max_tracked, stamped=True)
-        self._by_imsi: RecentMap[str] = RecentMap(max_tracked, stamped=True)
+        # IMEI (14) code -> its one IMSI's code, or _MULTI; IMSI code -> IMEI (14) code; each
+        # packed with the last-seen time (see STAMP_BITS).
+        self._by_imei: RecentMap[int] = RecentMap(max_tracked)
+        self._by_imsi: RecentMap[int] = RecentMap(max_tracked)
         # IMEIs seen with several IMSIs: rare, but GC-tracked objects, so kept apart.
         self._multi: RecentMap[_ImeiEntry] = RecentMap(max_tracked)
         # IMSI -> IMEI body of the pairs written in this REFRESH period whose state is exactly
@@ -220,24 +247,34 @@ class DeviceChangeDetector:
             return _NONE  # an unchanged pair, written this period (the common case)
         self.expire(when)
         key = imei[:14]  # TAC + serial identify the device; check digit / SVN do not
-        by_imei = self._by_imei
+        if not (key.isascii() and key.isdigit() and imsi.isascii() and imsi.isdigit()
+                and len(imsi) <= MAX_DIGITS):
+            return _NONE
+        k = _code(key)
+        s = _code(imsi)
+        stamp = _stamp(when)
         signals = _NONE
-        # Nearly every IMEI is only ever seen with one IMSI: keep that as a plain string and
-        # build an _ImeiEntry only for the second one. Writing it again keeps it young; the
-        # write comes first (one call), and is made _MULTI below when it was not a single.
-        seen = by_imei.swap(key, imsi, when)
-        single = seen is None or seen == imsi
-        if not single and seen == _MULTI:
-            single = self._multi.get(key) is None  # forgotten: start again from this IMSI
-        if not single:
-            signals = self._more(when, key, imsi, seen, by_imei.prev_stamp)
-        by_imsi = self._by_imsi
-        prev = by_imsi.swap(imsi, key, when)
-        if prev is not None and prev != key and when - by_imsi.prev_stamp <= self.window:
-            if signals is _NONE:
-                signals = []
-            signals.append("imsi_imei_change")
-            self._signal(when, "imsi_imei_change", imsi=imsi, imei=key, previous_imei=prev)
+        # Nearly every IMEI is only ever seen with one IMSI: keep that as its code and build
+        # an _ImeiEntry only for the second one. Writing it again keeps it young; the write
+        # comes first (one call), and is made _MULTI below when it was not a single.
+        prev = self._by_imei.swap(k, s << STAMP_BITS | stamp)
+        single = True
+        if prev is not None:
+            seen = prev >> STAMP_BITS
+            if seen != s:
+                single = seen == _MULTI and self._multi.get(k) is None  # forgotten: start again
+                if not single:
+                    signals = self._more(when, k, key, s, imsi, seen,
+                                         (prev & STAMP_MAX) / 1000.0)
+        prev = self._by_imsi.swap(s, k << STAMP_BITS | stamp)
+        if prev is not None:
+            seen = prev >> STAMP_BITS
+            if seen != k and when - (prev & STAMP_MAX) / 1000.0 <= self.window:
+                if signals is _NONE:
+                    signals = []
+                signals.append("imsi_imei_change")
+                self._signal(when, "imsi_imei_change", imsi=imsi, imei=key,
+                             previous_imei=_digits(seen))
         if single and len(key) == 14:  # 14: `startswith` above then means "same body"
             if len(fresh) >= FRESH_MAX:
                 fresh.clear()
@@ -246,29 +283,43 @@ class DeviceChangeDetector:
             fresh.pop(imsi, None)
         return signals
 
-    def _more(self, when: float, key: str, imsi: str, seen: str, seen_at: float) -> list[str]:
-        """A second IMSI (or another) for IMEI `key`, which held `seen` (an IMSI, or _MULTI)
-        last written at `seen_at`."""
-        fresh = self.fresh
+    def last_seen(self, imsi: str) -> tuple[str, float] | None:
+        """(IMEI body, time) of the last sighting of `imsi` that was written, or None."""
+        v = self._by_imsi.get(_code(imsi))
+        return None if v is None else (_digits(v >> STAMP_BITS), (v & STAMP_MAX) / 1000.0)
+
+    def tracks(self, imei: str) -> bool:
+        """Whether the IMEI (its first 14 digits) is still remembered."""
+        return _code(imei[:14]) in self._by_imei
+
+    def tracked(self) -> tuple[int, int]:
+        """(IMEIs, IMSIs) remembered (a key in both generations counts twice)."""
+        return len(self._by_imei), len(self._by_imsi)
+
+    def _more(self, when: float, k: int, key: str, s: int, imsi: str, seen: int,
+              seen_at: float) -> list[str]:
+        """A second IMSI (or another) for IMEI `key` (code `k`), which held `seen` (an IMSI's
+        code, or _MULTI) last written at `seen_at`."""
         if seen != _MULTI:
-            fresh.pop(seen, None)  # its IMEI is no longer its alone
+            self.fresh.pop(_digits(seen), None)  # its IMEI is no longer its alone
             entry = _ImeiEntry()
             entry.imsis[seen] = seen_at
         else:
-            entry = self._multi.get(key)
-            assert entry is not None  # observe: a _MULTI without its entry is a single
-        self._multi.put(key, entry)  # (again): recently seen
-        entry.imsis[imsi] = when
+            found = self._multi.get(k)
+            assert found is not None  # observe: a _MULTI without its entry is a single
+            entry = found
+        self._multi.put(k, entry)  # (again): recently seen
+        entry.imsis[s] = when
         signals = _NONE
         if len(entry.imsis) > self.max_imsis:
             horizon = when - self.window
-            entry.imsis = {s: t for s, t in entry.imsis.items() if t >= horizon}
+            entry.imsis = {c: t for c, t in entry.imsis.items() if t >= horizon}
             if len(entry.imsis) > self.max_imsis and when - entry.flagged_at >= self.window:
                 entry.flagged_at = when
                 signals = ["imei_multi_imsi"]
                 self._signal(when, "imei_multi_imsi", imei=key, imsi=imsi,
                              imsi_count=len(entry.imsis))
-        self._by_imei.put(key, _MULTI, when)
+        self._by_imei.put(k, _MULTI << STAMP_BITS | _stamp(when))
         return signals
 
     def expire(self, now: float) -> None:

@@ -185,15 +185,44 @@ def test_imsi_changing_imei_is_signalled_within_the_window() -> None:
     assert m.device_signals["imsi_imei_change"] == 1
 
 
+def test_identities_are_kept_exactly(log_buf) -> None:
+    """The maps hold identities as numbers: leading zeros and lengths still tell IMSIs apart,
+    the previous IMEI is logged as it was, and a User-Name that is not an IMSI is not tracked
+    (nothing to correlate), whatever it holds."""
+    det = DeviceChangeDetector(Metrics(), window=100, log_identities=True)
+    assert det.observe(0, "01000000000001", "001") == []
+    assert det.observe(1, "01000000000002", "01") == []  # another IMSI, not "001"
+    assert det.observe(2, "01000000000002", "001") == ["imsi_imei_change"]
+    assert det.observe(3, "35000000000009", "user@realm") == []
+    assert det.observe(4, "35000000000008", "user@realm") == []
+    assert det.observe(5, "35000000000008", "1" * 18) == []  # longer than any IMSI
+    assert det.observe(6, "35000000000007", "1" * 18) == []
+    assert det.observe(7, "35000000000007", "١٢٣") == []  # digits, but not ASCII ones
+    assert det.last_seen("001") == ("01000000000002", 2)
+    assert det.last_seen("01") == ("01000000000002", 1)
+    events = [json.loads(line) for line in log_buf.getvalue().splitlines()]
+    assert [(e["imsi"], e["imei"], e["previous_imei"]) for e in events] == [
+        ("001", "01000000000002", "01000000000001")]
+
+
+def test_times_are_kept_to_the_millisecond() -> None:
+    det = DeviceChangeDetector(Metrics(), window=10, log_events=False)
+    det.observe(1000.0004, "35000000000001", "001")
+    assert det.last_seen("001") == ("35000000000001", 1000.0)
+    assert det.observe(1010.0, "35000000000002", "001") == ["imsi_imei_change"]  # 10 s: within
+    det.observe(2000.0, "35000000000003", "002")
+    assert det.observe(2010.001, "35000000000004", "002") == []  # 10.001 s: past the window
+
+
 def test_an_unchanged_pair_is_refreshed_once_a_minute() -> None:
     """Repeated sightings of the same IMEI and IMSI within a minute touch nothing (the hot
     path); the last-seen time moves on after that, so a change is judged against it."""
     det = DeviceChangeDetector(Metrics(), window=100, log_identities=True)
     det.observe(0, "35000000000001", "001")
     det.observe(30, "35000000000001", "001")
-    assert det._by_imsi.get_stamped("001") == ("35000000000001", 0)  # within REFRESH: untouched
+    assert det.last_seen("001") == ("35000000000001", 0)  # within REFRESH: untouched
     det.observe(61, "35000000000001", "001")
-    assert det._by_imsi.get_stamped("001") == ("35000000000001", 61)
+    assert det.last_seen("001") == ("35000000000001", 61)
     # 130 s after the first sighting but 69 s after the refreshed one: inside the window.
     assert det.observe(130, "35000000000002", "001") == ["imsi_imei_change"]
 
@@ -337,10 +366,12 @@ def test_detector_memory_is_bounded() -> None:
     det = DeviceChangeDetector(Metrics(), max_tracked=100, log_events=False)
     for i in range(1000):
         det.observe(i, f"35{i:012d}", f"00101{i:010d}")
-    assert 50 <= len(det._by_imei) <= 100 and 50 <= len(det._by_imsi) <= 100
+    imeis, imsis = det.tracked()
+    assert 50 <= imeis <= 100 and 50 <= imsis <= 100
     # The most recent half is always kept; the oldest are forgotten.
-    assert all(f"35{i:012d}" in det._by_imei for i in range(950, 1000))
-    assert f"35{0:012d}" not in det._by_imei and f"00101{0:010d}" not in det._by_imsi
+    assert all(det.tracks(f"35{i:012d}") for i in range(950, 1000))
+    assert not det.tracks(f"35{0:012d}") and det.last_seen(f"00101{0:010d}") is None
+    assert det.last_seen(f"00101{999:010d}") == (f"35{999:012d}", 999)
 
 
 def test_a_device_seen_again_is_not_forgotten() -> None:
