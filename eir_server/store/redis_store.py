@@ -90,6 +90,14 @@ def _pack(parts: list[bytes]) -> bytes:
     return b"".join([b"*%d\r\n" % len(parts), *[b"$%d\r\n%b\r\n" % (len(p), p) for p in parts]])
 
 
+def _ck(imei14: str) -> int | str:
+    """The caches' key: the 14 digits as an int (an int-keyed dict keeps each key's hash in
+    the entry; a str-keyed one reads the key object, cold memory once there are millions);
+    anything else as it is (never equal to an int, so never confused with an IMEI)."""
+    if len(imei14) == 14 and imei14.isascii() and imei14.isdigit():
+        return int(imei14)
+    return imei14
+
 class LoopLag:
     """Cumulative time the event loop ran late: a heartbeat every HEARTBEAT seconds adds how
     late it ran. `busy()` includes the lateness of the heartbeat still due, so a check made at
@@ -307,8 +315,10 @@ class RedisStore:
         self.ready = False
         # IMEIs Redis said are not listed (nearly all of them: None values, a map the cyclic GC
         # never walks) and the listed ones (records: objects), each bounded by cache_size.
+        # Keyed by _ck(imei14): with every device new, probes of str keys were cache misses.
         self._cache: RecentMap[None] = RecentMap(cache_size)
         self._listed: RecentMap[ImeiRecord] = RecentMap(cache_size)
+        self._missed: str | None = None  # the IMEI get_nowait last found in no cache
         self._state = _State(None)
         self._pending: dict[str, list[asyncio.Future[ImeiRecord | None]]] = {}
         self._flush_scheduled = False
@@ -343,8 +353,10 @@ class RedisStore:
 
     # -- hot path ------------------------------------------------------------------------------
     def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
-        r: ImeiRecord | None | type[_Missing] = self._cache.get_or(self._listed, imei14, MISSING)
+        r: ImeiRecord | None | type[_Missing] = self._cache.get_or(self._listed, _ck(imei14),
+                                                                   MISSING)
         if r is MISSING:
+            self._missed = imei14
             st = self._state
             r = st.overlay.get(imei14, MISSING)
             if r is MISSING:
@@ -374,7 +386,12 @@ class RedisStore:
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[ImeiRecord | None] = loop.create_future()
         self.stats.fetches += 1
-        r = self._cache.get_or(self._listed, imei14, MISSING)
+        r: Any  # a record, None or MISSING (mypy cannot narrow by `is MISSING`)
+        if imei14 is self._missed:  # the checker's order: get_nowait just looked in the caches
+            self._missed = None
+            r = MISSING
+        else:
+            r = self._cache.get_or(self._listed, _ck(imei14), MISSING)
         if r is MISSING:
             st = self._state
             r = st.overlay.get(imei14, MISSING)
@@ -541,11 +558,11 @@ class RedisStore:
                 lput = self._listed.put
                 for i, rec in zip(imeis, recs, strict=True):
                     if rec is not None:
-                        lput(i, rec)
-                self._cache.put_many([i for i, rec in zip(imeis, recs, strict=True)
+                        lput(_ck(i), rec)
+                self._cache.put_many([_ck(i) for i, rec in zip(imeis, recs, strict=True)
                                       if rec is None], None)
             else:  # the common case: nothing listed
-                self._cache.put_many(imeis, None)
+                self._cache.put_many(map(_ck, imeis), None)
             self.stats.cache_evictions = self._cache.evicted + self._listed.evicted
         return listed
 
@@ -856,8 +873,8 @@ class RedisStore:
             else:  # same full load plus a different overlay: drop only what changed
                 for k in old.overlay_raw.keys() | new.overlay_raw.keys():
                     if old.overlay_raw.get(k) != new.overlay_raw.get(k):
-                        self._cache.discard(k)
-                        self._listed.discard(k)
+                        self._cache.discard(_ck(k))
+                        self._listed.discard(_ck(k))
             self._state = new
             self._want_snapshot(new)
             self.stats.version_changes += 1

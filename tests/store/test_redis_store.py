@@ -46,6 +46,27 @@ async def test_misses_in_one_tick_share_one_round_trip(redis_url, dirbs, sync_di
         await s.close()
 
 
+async def test_cache_keys_and_the_checkers_order(redis_url, dirbs, sync_dir):
+    """The caches key IMEIs as numbers; fetch right after get_nowait missed (the checker's
+    order) does not look in them again. Both only change costs: the same answers, and a
+    second fetch is answered from the cache. A key that is not 14 digits (the policy never
+    asks for one) is looked up as it is."""
+    publish_bl(dirbs, "20240101_000000", [A])
+    sync_dir(redis_url, dirbs.root)
+    s = await started(redis_url)
+    try:
+        assert s.get_nowait("3500000000000x") is MISSING and s.get_nowait(A[:13]) is MISSING
+        for imei in (A, B, "0" + A[1:]):
+            assert s.get_nowait(imei) is MISSING
+            assert ((await s.fetch(imei)) is not None) == (imei == A)
+            assert (s.get_nowait(imei) is not None) == (imei == A)  # cached now
+        fetches = s.stats.fetch_keys
+        assert (await s.fetch(B)) is None and (await s.fetch(A)) is not None
+        assert s.stats.fetch_keys == fetches  # from the cache, no round trip
+    finally:
+        await s.close()
+
+
 async def test_lookups_survive_a_flushed_script_cache(redis_url, dirbs, sync_dir):
     """The lookup's EVALSHA is packed by the store itself; a Redis that lost its scripts
     (restarted, SCRIPT FLUSH) answers NOSCRIPT, and the lookup loads the script and goes on,
