@@ -80,8 +80,11 @@ class Profile:
     storm_seconds: float
 
 
+# redis-snapshot-miss: the Redis store with the node's register snapshot (`snapshot_dir`), the
+# other answer to a miss than a round trip; one worker is enough to compare the two.
 FULL_MATRIX = tuple((s, w, m) for s in ("memory", "redis-hit", "redis-miss") for w in (1, 2)
-                    for m in ("closed", "open"))
+                    for m in ("closed", "open")) + tuple(
+    ("redis-snapshot-miss", 1, m) for m in ("closed", "open"))
 PROFILES = {
     "smoke": Profile("smoke", 0.6, 0.2, 300, 2_000, 500, 20_000,
                      (("memory", 1, "closed"), ("redis-miss", 1, "open")), (2_000,), 5_000,
@@ -391,6 +394,17 @@ def _ecr_row(ctx: Ctx, f: Figures, server: Server, name: str, label: str, worker
     curves[name] = r
 
 
+def _await_snapshot(snapdir: Path, server: Server, timeout: float = 120.0) -> None:
+    """Until the worker's register snapshot is built (the file appears) and mapped: before
+    that, misses make Redis round trips, which the redis-miss row measures."""
+    deadline = time.monotonic() + timeout
+    while not any(snapdir.glob("*.snap")):
+        if time.monotonic() > deadline or server.proc.poll() is not None:
+            raise RuntimeError(f"no register snapshot in {snapdir} after {timeout:.0f} s")
+        time.sleep(0.2)
+    time.sleep(2.0)  # the builder renamed it into place: the worker maps it when told
+
+
 def suite_ecr(ctx: Ctx, f: Figures) -> None:
     p = ctx.profile
     curves: dict[str, Any] = {}
@@ -399,12 +413,17 @@ def suite_ecr(ctx: Ctx, f: Figures) -> None:
         for store, workers, mode in p.ecr_matrix:
             args = ["--workers", str(workers)]
             imeis = "range:35209900000000:2000"
+            snapdir = None
             if store != "memory":
                 if redis is None:
                     redis = Redis(ctx.work)
                     sync(redis.url, _register(ctx, 20_000))
-                args += ["--store", redis.url]
-                if store == "redis-miss":  # each request a new IMEI: every lookup goes to Redis
+                if store == "redis-snapshot-miss":
+                    snapdir = Path(tempfile.mkdtemp(prefix="snap-", dir=ctx.work))
+                    args += ["--store", f"{redis.url}?snapshot_dir={snapdir}"]
+                else:
+                    args += ["--store", redis.url]
+                if store.endswith("-miss"):  # each request a new IMEI: none is in a cache
                     imeis = f"range:35210000000000:{p.miss_imeis}"
             loop_args = (["--inflight", "64"] if mode == "closed"
                          else ["--rate", str(p.open_rate)])
@@ -413,6 +432,8 @@ def suite_ecr(ctx: Ctx, f: Figures) -> None:
                                        ", 4 x 64 in flight"))
             server = Server(*args, cpu=0 if workers == 1 else None)
             try:
+                if snapdir is not None:
+                    _await_snapshot(snapdir, server)
                 _ecr_row(ctx, f, server, f"{store}.w{workers}.{mode}", label, workers,
                          loop_args, imeis, curves)
             finally:

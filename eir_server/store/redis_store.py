@@ -98,6 +98,7 @@ def _ck(imei14: str) -> int | str:
         return int(imei14)
     return imei14
 
+
 class LoopLag:
     """Cumulative time the event loop ran late: a heartbeat every HEARTBEAT seconds adds how
     late it ran. `busy()` includes the lateness of the heartbeat still due, so a check made at
