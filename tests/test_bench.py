@@ -145,3 +145,21 @@ def test_readme_table_is_the_results_file():
     # Every target the suite defines is shown next to its figure.
     shown = [f for s in res["suites"].values() for f in s["figures"].values() if "target" in f]
     assert shown and all(f"| {suite.target_text(f)} |" in readme for f in shown)
+
+
+def test_a_failed_suite_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
+    """A run where a suite failed exits 1 and does not replace the README's recorded table
+    with its failure row (it did: a crash in one suite overwrote the whole table)."""
+    def boom(ctx: suite.Ctx, f: suite.Figures) -> None:
+        raise RuntimeError("broken suite")
+
+    monkeypatch.setattr(suite, "SUITES", {"codec": boom})
+    monkeypatch.setattr(suite, "check_build", lambda expect: ("python", "eir-server (python)"))
+    readme = tmp_path / "README.md"
+    before = f"# x\n{suite.README_BEGIN}\nrecorded table\n{suite.README_END}\n"
+    readme.write_text(before)
+    out = suite.readme_results(readme)
+    assert suite.main(["--profile", "smoke", "--out", str(out), "--readme", str(readme)]) == 1
+    assert readme.read_text() == before
+    assert "not updating the README: codec failed" in capsys.readouterr().err
+    assert json.loads(out.read_text())["suites"]["codec"]["status"] == "failed"

@@ -107,6 +107,10 @@ def run_load(args: argparse.Namespace) -> int:
     if not 0 <= args.listed_share <= 1:
         print("eir-server load: --listed-share must be within 0..1", file=sys.stderr)
         return report.EXIT_USAGE
+    progress = {"on": True, "off": False, "auto": sys.stderr.isatty()}[args.progress]
+    if progress:  # a range of millions takes a minute to build before the first connection
+        sys.stderr.write(f"preparing the requests of {args.imeis} ...\n")
+        sys.stderr.flush()
     try:
         base = load_source(args.imeis)
         listed = load_source(args.listed) if args.listed else []
@@ -118,7 +122,6 @@ def run_load(args: argparse.Namespace) -> int:
     entries = mix(base, listed, share, max(n, 1))
     if args.pin is not None:
         os.sched_setaffinity(0, {args.pin})
-    progress = {"on": True, "off": False, "auto": sys.stderr.isatty()}[args.progress]
     cfg = LoadConfig(
         host=host.strip("[]"), port=int(port_s),
         me=Identity(args.origin_host, args.origin_realm, args.destination_realm,

@@ -165,7 +165,7 @@ MAX_DIGITS: Final = 17  # IMSIs have at most 15: longer User-Names are not track
 _MULTI: Final = 0  # the code in place of an IMSI: this IMEI has several (see _multi)
 
 
-_LEAD: Final = tuple(10 ** n for n in range(MAX_DIGITS + 1))
+_LEAD: Final[tuple[int, ...]] = tuple(10 ** n for n in range(MAX_DIGITS + 1))
 
 
 def _code(digits: str) -> int:

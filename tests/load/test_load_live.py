@@ -159,3 +159,16 @@ def test_stalled_server_is_timeouts_exit_4(tmp_path):
     # Open loop: the schedule kept sending although nothing came back.
     assert r["answers"] == 0 and r["timeouts"] >= 150
     assert r["requests"] == r["timeouts"]
+
+
+def test_progress_says_it_is_preparing_before_connecting(eir):
+    """A range of millions takes the generator a minute to build before its first connection:
+    with progress on, that minute is announced, not silent."""
+    p = subprocess.run([EXE, "load", "--progress", "on", "--target", f"127.0.0.1:{eir}",
+                        "--duration", "1.5", "--warmup", "0", "--imeis",
+                        "range:35209900300000:1000"], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    first = p.stderr.splitlines()[0]
+    assert first == "preparing the requests of range:35209900300000:1000 ..."
+    assert "answers/s" in p.stderr  # then the live progress line
