@@ -364,16 +364,24 @@ def _move_slot(slot: int, src: RedisProc, dst: RedisProc, nodes: list[RedisProc]
         while keys := c[src.port].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             c[src.port].execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000,
                                         "KEYS", *keys)
+        # The new owner's config epoch the highest, so that gossip from a node still holding
+        # the old claim cannot take the slot back (in CI a third node kept the old owner for
+        # over 10 s once, under load).
+        c[dst.port].execute_command("CLUSTER", "BUMPEPOCH")
         for p in (dst, src, *[n for n in nodes if n not in (src, dst)]):
             c[p.port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
         deadline = time.monotonic() + 10
         for p in nodes:  # every node agrees before the test goes on
+            tries = 0
             while True:
                 owner = [r for r in c[p.port].execute_command("CLUSTER", "SLOTS")
                          if r[0] <= slot <= r[1]][0][2][1]
                 if owner == dst.port:
                     break
                 assert time.monotonic() < deadline, "slot move did not propagate"
+                tries += 1
+                if tries % 10 == 0:  # told again, as redis-cli --cluster fix would
+                    c[p.port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
                 time.sleep(0.05)
 
 
