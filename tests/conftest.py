@@ -134,6 +134,11 @@ def cluster_nodes(base: Path) -> Iterator[list[RedisProc]]:
         for i, p in enumerate(nodes):
             hi = 16383 if i == 2 else (i + 1) * step - 1
             with contextlib.closing(p.client()) as c:
+                # Distinct config epochs from the start, as redis-cli --cluster create sets
+                # them: left at 0, the nodes resolve the collision by bumping epochs while
+                # the tests run, and a bump can make a stale slot claim win over a migration
+                # (the new owner then drops the slot's keys).
+                c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
                 c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, hi)
         with contextlib.closing(nodes[0].client()) as c:
             for p, bus in zip(nodes[1:], bus_ports[1:], strict=True):

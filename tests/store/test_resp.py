@@ -361,9 +361,12 @@ def _move_slot(slot: int, src: RedisProc, dst: RedisProc, nodes: list[RedisProc]
         dst_id = c[dst.port].execute_command("CLUSTER", "MYID").decode()
         c[dst.port].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         c[src.port].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
         while keys := c[src.port].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             c[src.port].execute_command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000,
                                         "KEYS", *keys)
+            moved += len(keys)
+        assert moved, "the slot held no keys: nothing to test"
         # The new owner's config epoch the highest, so that gossip from a node still holding
         # the old claim cannot take the slot back (in CI a third node kept the old owner for
         # over 10 s once, under load).
@@ -383,6 +386,11 @@ def _move_slot(slot: int, src: RedisProc, dst: RedisProc, nodes: list[RedisProc]
                 if tries % 10 == 0:  # told again, as redis-cli --cluster fix would
                     c[p.port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
                 time.sleep(0.05)
+        # Had a stale claim won, the new owner would have dropped the slot's keys (Redis
+        # deletes the keys of a slot it loses) and the lookups would miss for a reason that
+        # is not the store's: say so here instead.
+        assert c[dst.port].execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == moved, \
+            "the migrated keys are gone from the new owner"
 
 
 def test_lookup_script_text_unchanged() -> None:
