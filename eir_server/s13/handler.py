@@ -153,7 +153,7 @@ class S13Handler:
                                     ErrorAnswered(errors.AUTHORIZATION_REJECTED, msg.code,
                                                   msg.hop_by_hop, reason))
         if msg.flags & FLAG_T:
-            cached = self.dedup.get((origin, msg.end_to_end), now)
+            cached = self.dedup.get(origin, msg.end_to_end, now)
             if cached is not None:
                 self._requests[_DUPLICATE] += 1
                 return eca.answer(msg, prefix, suffix, None if cached < 0 else cached)
@@ -172,7 +172,7 @@ class S13Handler:
         self.answered_now += 1
         # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
         # cyclic GC, so a cache of millions of entries does not lengthen collections.
-        self.dedup.put((origin, msg.end_to_end), -1 if status is None else int(status), now)
+        self.dedup.put(origin, msg.end_to_end, -1 if status is None else int(status), now)
         self._requests[_SUCCESS if status is not None else _UNKNOWN] += 1
         service.record(req, verdict, peer, INTERFACE)
         return eca.answer(msg, prefix, suffix, status)
@@ -217,7 +217,7 @@ class S13Handler:
         req, prefix, suffix, origin = parsed
         # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
         # cyclic GC, so a cache of millions of entries does not lengthen collections.
-        self.dedup.put((origin, msg.end_to_end), -1 if status is None else int(status), received)
+        self.dedup.put(origin, msg.end_to_end, -1 if status is None else int(status), received)
         self._requests[_SUCCESS if status is not None else _UNKNOWN] += 1
         self.service.record(req, verdict, peer, INTERFACE)
         return self.eca.answer(msg, prefix, suffix, status)

@@ -267,9 +267,9 @@ def test_duplicate_of_a_pending_lookup_is_evaluated_again() -> None:
 def test_duplicate_cache_is_bounded() -> None:
     cache: DuplicateCache[int] = DuplicateCache(window=240.0, max_entries=100)
     for i in range(1000):
-        cache.put((b"h", i), i % 3, float(i) / 1000)
+        cache.put(b"h", i, i % 3, float(i) / 1000)
     assert len(cache) <= 100
-    assert cache.get((b"h", 999), 1.0) == 0 and cache.get((b"h", 0), 1.0) is None
+    assert cache.get(b"h", 999, 1.0) == 0 and cache.get(b"h", 0, 1.0) is None
 
 
 def test_checker_malformed_imei_uses_policy() -> None:
