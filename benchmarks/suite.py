@@ -468,13 +468,14 @@ def suite_otp(ctx: Ctx, f: Figures) -> None:
         finally:
             srv.stop()
         answered = r["answers"] + r["warmup_answers"]  # the CPU covers the warm-up too
-        runs[name] = (r, cpu / max(answered, 1))
+        per_answer = cpu / max(answered, 1)
+        runs[name] = (r, per_answer)
         curves[name] = r
         label = "Erlang/OTP diameter EIR (fixed answer)" if name == "otp" else "eir-server"
         f.add(f"{name}.answers_per_s", r["throughput_per_s"], "/s", "higher",
               f"{label}, one core, 4 x 64 in flight: answers/s")
         f.add(f"{name}.p99_ms", r["latency_ms"]["p99"], "ms", "lower", f"{label}: latency p99")
-        f.add(f"{name}.server_cpu_us", runs[name][1] * 1e6, "µs", "lower",
+        f.add(f"{name}.server_cpu_us", per_answer * 1e6, "µs", "lower",
               f"{label}: server CPU per answer")
         f.add(f"{name}.generator_cpu_us", r["generator"]["cpu_us_per_request"], "µs",
               "lower", f"{label} run: generator CPU per request")

@@ -23,11 +23,9 @@ collections. Hits are counted by the caller (eir_requests_total{result="duplicat
 
 from __future__ import annotations
 
-from typing import Final, Generic, TypeVar
+from typing import Final
 
 from eir_server.recent import RecentMap
-
-T = TypeVar("T")
 
 DEFAULT_WINDOW: Final = 240.0  # RFC 6733 5.5.4 suggests remembering answers for about 4 minutes
 DEFAULT_MAX_ENTRIES: Final = 2_000_000
@@ -41,7 +39,7 @@ def cache_key(origin_host: bytes, end_to_end: int) -> int:
     return (hash(origin_host) & _HASH_MASK) << 32 | end_to_end
 
 
-class DuplicateCache(Generic[T]):
+class DuplicateCache:
     """Outcomes are small ints (-128..127)."""
 
     __slots__ = ("window", "capacity", "_map", "_young_since")
@@ -57,12 +55,12 @@ class DuplicateCache(Generic[T]):
     def __len__(self) -> int:
         return len(self._map)
 
-    def get(self, origin_host: bytes, end_to_end: int, now: float) -> T | None:
+    def get(self, origin_host: bytes, end_to_end: int, now: float) -> int | None:
         v: int | None = self._map.get(cache_key(origin_host, end_to_end))
         if v is None or now * 1000.0 - (v >> 8) > self.window * 1000.0:
             return None
         o = v & 0xFF
-        return (o - 256 if o >= 128 else o)  # type: ignore[return-value]
+        return o - 256 if o >= 128 else o
 
     def put(self, origin_host: bytes, end_to_end: int, outcome: int, now: float) -> None:
         """Separate arguments, an int outcome: no tuple to build, no int() to call per answer."""

@@ -210,7 +210,7 @@ class DiameterNode:
     """Everything the connections of one worker share."""
 
     def __init__(self, peer_config: PeerConfig, dictionary: Dictionary, checker: EquipmentChecker,
-                 metrics: Metrics | None = None, dedup: DuplicateCache[int] | None = None,
+                 metrics: Metrics | None = None, dedup: DuplicateCache | None = None,
                  audit: Audit | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  max_in_flight: int = 10_000, limits: NodeLimits | None = None) -> None:

@@ -101,7 +101,7 @@ class S13Handler:
                  "_protocol_errors", "_latency", "_shed", "_origin_check", "_peer_names")
 
     def __init__(self, identity: Identity, dictionary: Dictionary, service: CheckService,
-                 dedup: DuplicateCache[int], counters: S13Counters) -> None:
+                 dedup: DuplicateCache, counters: S13Counters) -> None:
         self.eca = EcaBuilder(identity, dictionary)
         self.service = service
         # The checker's own method, bound once (CheckService.check is this call, for front ends
@@ -170,8 +170,8 @@ class S13Handler:
         if status is None and verdict.rule == STORE_ERROR:
             return self._store_error(msg, verdict)
         self.answered_now += 1
-        # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
-        # cyclic GC, so a cache of millions of entries does not lengthen collections.
+        # The cache keeps a plain int, not the Verdict: ints are untracked by the cyclic GC, so
+        # a cache of millions of entries does not lengthen collections.
         self.dedup.put(origin, msg.end_to_end, -1 if status is None else int(status), now)
         self._requests[_SUCCESS if status is not None else _UNKNOWN] += 1
         service.record(req, verdict, peer, INTERFACE)
@@ -215,8 +215,8 @@ class S13Handler:
         if status is None and verdict.rule == STORE_ERROR:
             return self._store_error(msg, verdict)
         req, prefix, suffix, origin = parsed
-        # The cache keeps a plain int, not the Verdict: (float, int) tuples are untracked by the
-        # cyclic GC, so a cache of millions of entries does not lengthen collections.
+        # The cache keeps a plain int, not the Verdict: ints are untracked by the cyclic GC, so
+        # a cache of millions of entries does not lengthen collections.
         self.dedup.put(origin, msg.end_to_end, -1 if status is None else int(status), received)
         self._requests[_SUCCESS if status is not None else _UNKNOWN] += 1
         self.service.record(req, verdict, peer, INTERFACE)

@@ -13,7 +13,7 @@ from eir_server.diameter.dedup import ENTRY_BYTES, DuplicateCache, cache_key
 
 def test_memory_stays_under_max_bytes() -> None:
     limit = 4 * 1024 * 1024
-    cache: DuplicateCache[int] = DuplicateCache(window=240.0, max_bytes=limit)
+    cache: DuplicateCache = DuplicateCache(window=240.0, max_bytes=limit)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -30,7 +30,7 @@ def test_memory_stays_under_max_bytes() -> None:
 
 
 def test_window_and_origins() -> None:
-    cache: DuplicateCache[int] = DuplicateCache(window=10.0)
+    cache: DuplicateCache = DuplicateCache(window=10.0)
     cache.put(b"a", 7, -1, 100.0)
     cache.put(b"b", 7, 2, 100.0)
     assert cache.get(b"a", 7, 105.0) == -1 and cache.get(b"b", 7, 105.0) == 2
@@ -45,7 +45,7 @@ def test_window_and_origins() -> None:
 @given(st.lists(st.tuples(st.binary(min_size=1, max_size=8), st.integers(0, 2**32 - 1),
                           st.integers(-1, 2)), max_size=200))
 def test_what_is_found_is_what_was_put(items: list[tuple[bytes, int, int]]) -> None:
-    cache: DuplicateCache[int] = DuplicateCache(window=1e6, max_entries=10_000)
+    cache: DuplicateCache = DuplicateCache(window=1e6, max_entries=10_000)
     last: dict[tuple[bytes, int], int] = {}
     for host, e2e, outcome in items:
         cache.put(host, e2e, outcome, 1.0)

@@ -70,7 +70,7 @@ class Audit:
         self.records.append((req, verdict, peer, interface))
 
 
-def handler(chk: Any = None, dedup: DuplicateCache[int] | None = None,
+def handler(chk: Any = None, dedup: DuplicateCache | None = None,
             max_in_flight: int = 10_000) -> tuple[S13Handler, Metrics, Audit]:
     metrics = Metrics()
     audit = Audit()
@@ -265,7 +265,7 @@ def test_duplicate_of_a_pending_lookup_is_evaluated_again() -> None:
 
 
 def test_duplicate_cache_is_bounded() -> None:
-    cache: DuplicateCache[int] = DuplicateCache(window=240.0, max_entries=100)
+    cache: DuplicateCache = DuplicateCache(window=240.0, max_entries=100)
     for i in range(1000):
         cache.put(b"h", i, i % 3, float(i) / 1000)
     assert len(cache) <= 100

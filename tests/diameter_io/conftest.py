@@ -381,7 +381,7 @@ async def start_server(config: PeerConfig | None = None,
                        policy: PolicyConfig | None = None,
                        records: dict[str, ImeiRecord] | None = None,
                        clock: Callable[[], float] | None = None,
-                       dedup: DuplicateCache[int] | None = None,
+                       dedup: DuplicateCache | None = None,
                        store: MemoryStore | None = None) -> Server:
     store = store if store is not None else MemoryStore()
     for k, v in (default_records() if records is None else records).items():
