@@ -981,6 +981,12 @@ class RedisStore:
                     _, err = await proc.communicate()
                 finally:
                     snapshot.release_lock(path)
+                if proc.returncode == snapshot.INCOMPLETE_EXIT:
+                    # Redis itself lacks part of the register: an operator must act (`eir-server
+                    # sync --force-full`, or repair the Cluster); lookups go to Redis meanwhile.
+                    log.error("register incomplete in Redis: snapshot refused",
+                              base=st.buckets.base, error=err.decode().strip()[-300:])
+                    return
                 if proc.returncode != 0:
                     log.warning("register snapshot not built", error=err.decode()[-300:])
                     return  # lookups keep going to Redis; the next full load tries again

@@ -203,14 +203,36 @@ def read_buckets(client: Any, ns: str, base: str, k: int, chunk: int = 500) -> W
     return w
 
 
+class IncompleteRegister(Exception):
+    """The full load's buckets hold fewer (or more) IMEIs than sync wrote into them."""
+
+
+# The builder's exit status when the full load in Redis is not whole (1: any other failure).
+INCOMPLETE_EXIT: Final = 3
+
+
 def build(url: str, ns: str, base: str, k: int, out: Path) -> int:
+    from . import layout
     from .urls import parse_store_url, sync_client
 
     client = sync_client(parse_store_url(url))
     try:
+        # sync records in the full load's meta how many IMEIs its buckets got (written once,
+        # kept while any version builds on it). A bucket lost inside Redis (a Cluster primary
+        # restarted empty, a failed reshard) reads as an empty hash, as a bucket with no IMEI
+        # does: only the total tells them apart, and a snapshot built short would answer "not
+        # listed" for every IMEI of that bucket until the next full load.
+        expected = client.hget(layout.meta_key(ns, base), "count")
         w = read_buckets(client, ns, base, k)
     finally:
         client.close()
+    if expected is None:
+        raise IncompleteRegister(f"full load {base}: its meta is gone from Redis")
+    if int(expected) != len(w.keys):
+        raise IncompleteRegister(
+            f"full load {base}: {len(w.keys):,} IMEIs in its buckets where sync wrote "
+            f"{int(expected):,} (a bucket lost or altered in Redis: a primary restarted empty, "
+            "a failed reshard?)")
     w.finish(out)
     return len(w.keys)
 
@@ -263,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     try:
         n = build(a.url, a.ns, a.base, a.k, out)
+    except IncompleteRegister as e:
+        print(f"snapshot refused: {e}", file=sys.stderr)
+        return INCOMPLETE_EXIT
     except Exception as e:  # noqa: BLE001 - reported to the worker through the exit code
         print(f"snapshot build failed: {e!r}", file=sys.stderr)
         return 1

@@ -147,6 +147,51 @@ async def test_snapshot_from_a_cluster(redis_cluster_url, dirbs, sync_dir, tmp_p
         await s.close()
 
 
+async def test_a_bucket_lost_inside_redis_refuses_the_snapshot(
+        redis_factory, dirbs, sync_dir, tmp_path):
+    """A bucket hash gone from Redis (a Cluster primary restarted empty) reads like a bucket
+    with no IMEI; the builder compares what it read with the count sync wrote and refuses to
+    build a snapshot that would answer "not listed" for that bucket's IMEIs."""
+    import pytest
+    import redis
+    import structlog
+
+    from eir_server.store.layout import Buckets
+    from eir_server.store.snapshot import IncompleteRegister, build
+
+    srv = redis_factory.start()
+    publish(dirbs)
+    ver = sync_dir(srv.url, dirbs.root).version
+    c = redis.Redis.from_url(srv.url)
+    k = int(c.hget(f"eir:{ver}:m", "k"))
+    whole = tmp_path / "whole.snap"
+    assert build(srv.url, "eir", ver, k, whole) == len(LISTED)  # intact: built in full
+    bucket = Buckets("eir", ver, k).locate(LISTED[0])[0]
+    lost = c.hlen(bucket)
+    assert 0 < lost < len(LISTED) and c.delete(bucket) == 1
+    out = tmp_path / "short.snap"
+    with pytest.raises(IncompleteRegister, match=f"{len(LISTED) - lost:,} IMEIs"):
+        build(srv.url, "eir", ver, k, out)
+    assert not out.exists()
+
+    snapdir = tmp_path / "snap"
+    s = open_store(srv.url, snapshot_dir=str(snapdir), poll_interval=0.05)
+    with structlog.testing.capture_logs() as logs:
+        await s.start()
+        try:
+            await until(lambda: any(e["event"].startswith("register incomplete")
+                                    for e in logs), "refusal not logged")
+            await asyncio.sleep(0.3)
+            assert s._state.snap is None and not list(snapdir.glob("*.snap"))
+            assert s.ready  # Redis still answers the rest of the register
+        finally:
+            await s.close()
+    refused = [e for e in logs if e["event"].startswith("register incomplete")]
+    assert len(refused) == 1 and refused[0]["log_level"] == "error"
+    assert f"sync wrote {len(LISTED):,}" in refused[0]["error"]
+    c.close()
+
+
 def test_snapshot_dir_option_spellings(tmp_path: Path):
     s = open_store(f"redis://127.0.0.1:1/0?snapshot_dir={tmp_path}")
     assert s.snapshot_dir == tmp_path  # type: ignore[attr-defined]
