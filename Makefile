@@ -43,7 +43,8 @@ system-deps:
 	@scripts/system-deps.sh
 
 ## The benchmark suite: benchmarks/results/latest.{json,md}, plots, and the README table.
-## PROFILE=quick (~10 min on 2 cores) or full; SUITES="ecr otp" runs some suites only;
+## PROFILE=quick (~10 min on 2 cores) or full; SUITES="ecr otp" runs some suites only (a
+## partial or failed run writes benchmarks/results/unrecorded/, never the recorded results);
 ## BENCH_ARGS="--provisional 'why'" marks the results as provisional. COMPILED=1 measures the
 ## mypyc build, as the Docker image ships it rather than the sources: built in build/compiled (as
 ## by test-compiled) and the suite run from there, so that it and every eir-server it starts

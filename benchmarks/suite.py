@@ -875,6 +875,11 @@ def readme_section(res: dict[str, Any], rel_dir: str = "benchmarks/results") -> 
             f"\n\n{plots}{README_END}")
 
 
+# Directory (beside the recorded results) of a run that may not replace them: partial, failed,
+# or without --readme.
+UNRECORDED = "unrecorded"
+
+
 def readme_results(readme: Path) -> Path:
     """The results file a README's table shows (its links are relative to the README)."""
     return readme.parent / "benchmarks" / "results" / "latest.json"
@@ -947,9 +952,12 @@ def run(names: list[str], profile: Profile, out: Path, provisional: str | None,
                   f"{entry.get('reason', '')}", file=sys.stderr, flush=True)
     res["elapsed_s"] = round(time.monotonic() - t0, 1)
     res["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return res
+
+
+def write_results(res: dict[str, Any], out: Path) -> None:
     out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
-    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -981,19 +989,38 @@ def main(argv: list[str] | None = None) -> int:
         print(compare(old, new))
         return 0
     out = Path(a.out)
+    readme = Path(a.readme) if a.readme else ROOT / "README.md"
+    # The README's table shows readme_results (a test checks they agree): a run writes there
+    # only once it is known to rewrite the table too (whole, nothing failed, --readme), so it
+    # runs in UNRECORDED beside it and its files are moved in at the end.
+    staged = out
+    if out.resolve() == readme_results(readme).resolve():
+        staged = out.parent / UNRECORDED / out.name
+        if staged.parent.exists():
+            shutil.rmtree(staged.parent)
     try:
-        res = run(a.suite or list(SUITES), PROFILES[a.profile], out, a.provisional,
+        res = run(a.suite or list(SUITES), PROFILES[a.profile], staged, a.provisional,
                   a.expect_build)
     except BuildMismatch as e:
         print(f"benchmarks.suite: wrong build, no results written: {e}", file=sys.stderr)
         return 2
+    write_results(res, staged)
     print(markdown(res))
     failed = [n for n, s in res["suites"].items() if s["status"] == "failed"]
+    partial = bool(a.suite) and set(a.suite) != set(SUITES)
+    if staged != out:
+        if a.readme and not failed and not partial:
+            for name in [*res["plots"], staged.name, staged.with_suffix(".md").name]:
+                (staged.parent / name).replace(out.parent / name)
+            staged.parent.rmdir()
+        else:
+            print(f"results in {staged}, not {out}: the README's table shows that file and "
+                  "this run does not replace it", file=sys.stderr)
+            out = staged
     if a.readme:
-        readme = Path(a.readme)
         if failed:  # the recorded table stays the last whole run's
             print(f"not updating the README: {', '.join(failed)} failed", file=sys.stderr)
-        elif a.suite and set(a.suite) != set(SUITES):
+        elif partial:
             print("not updating the README from a partial run", file=sys.stderr)
         elif out.resolve() != readme_results(readme).resolve():
             print(f"not updating the README: it shows {readme_results(readme)}",

@@ -162,4 +162,37 @@ def test_a_failed_suite_leaves_the_readme_alone(tmp_path, monkeypatch, capsys):
     assert suite.main(["--profile", "smoke", "--out", str(out), "--readme", str(readme)]) == 1
     assert readme.read_text() == before
     assert "not updating the README: codec failed" in capsys.readouterr().err
-    assert json.loads(out.read_text())["suites"]["codec"]["status"] == "failed"
+    # Nor does it replace the results file the table shows: its results go beside it.
+    assert not out.exists()
+    staged = out.parent / suite.UNRECORDED / out.name
+    assert json.loads(staged.read_text())["suites"]["codec"]["status"] == "failed"
+
+
+def test_only_a_whole_run_replaces_the_recorded_results(tmp_path, monkeypatch, capsys):
+    """`make bench SUITES=otp` (or a suite run without --readme) once overwrote the
+    latest.json the README's table shows, and the table no longer matched its file."""
+    def codec(ctx: suite.Ctx, f: suite.Figures) -> None:
+        f.add("x_us", 1.0, "µs", "lower", "a figure")
+
+    def policy(ctx: suite.Ctx, f: suite.Figures) -> None:
+        f.add("y_us", 2.0, "µs", "lower", "another figure")
+
+    monkeypatch.setattr(suite, "SUITES", {"codec": codec, "policy": policy})
+    monkeypatch.setattr(suite, "check_build", lambda expect: ("python", "eir-server (python)"))
+    monkeypatch.setattr(suite, "ROOT", tmp_path)  # whose README a run without --readme means
+    readme = tmp_path / "README.md"
+    before = f"# x\n{suite.README_BEGIN}\nrecorded table\n{suite.README_END}\n"
+    readme.write_text(before)
+    out = suite.readme_results(readme)
+    staged = out.parent / suite.UNRECORDED / out.name
+    for argv in (["--suite", "codec", "--readme", str(readme)], []):  # partial; no --readme
+        assert suite.main(["--profile", "smoke", "--out", str(out), *argv]) == 0
+        assert not out.exists() and readme.read_text() == before
+        assert set(json.loads(staged.read_text())["suites"]) == (
+            {"codec"} if argv else {"codec", "policy"})
+    assert "results in " in capsys.readouterr().err
+    assert suite.main(["--profile", "smoke", "--out", str(out), "--readme", str(readme)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["suites"]) == {"codec", "policy"} and not staged.parent.exists()
+    assert out.with_suffix(".md").read_text() == suite.markdown(res)
+    assert suite.readme_section(res) in readme.read_text()
