@@ -110,6 +110,12 @@ class ServeConfig:
         "eir-register-<uid>): built once per node and register, mapped by every worker; empty: "
         "the system temp directory; off: every worker loads the register itself",
         metavar="DIR")
+    store_snapshot_dir: str = _opt(
+        "", "with a Redis store: directory (local disk, the same for every worker of a node) "
+        "of the node's register snapshot, the store URL option snapshot_dir, which this "
+        "overrides: misses answered without a Redis round trip, and through a Redis outage "
+        "from the last-known-good copy instead of --store-fallback; empty: the URL decides "
+        "(default off)", metavar="DIR")
     store_fallback: str = _opt(
         "whitelisted", "answer when the store cannot (Redis down, IMEI not cached): a status "
         "(whitelisted fails open; greylisted/blacklisted fail closed), or an error answer: "

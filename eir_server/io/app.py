@@ -191,9 +191,12 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
 
 
 def register_options(cfg: ServeConfig, snapshot: bool = True) -> dict[str, Any]:
-    """Store options for the embedded register: where its node-shared snapshot is kept
-    (`snapshot` False: nowhere, the register is loaded into this process)."""
-    if cfg.store.strip() not in ("", "memory://", "memory:") or not cfg.register:
+    """Store options: for the embedded register, where its node-shared snapshot is kept
+    (`snapshot` False: nowhere, the register is loaded into this process); for Redis,
+    --store-snapshot-dir when set."""
+    if cfg.store.strip() not in ("", "memory://", "memory:"):
+        return {"snapshot_dir": cfg.store_snapshot_dir} if cfg.store_snapshot_dir else {}
+    if not cfg.register:
         return {}
     return {"snapshot_dir": resolve_dir(cfg.register_snapshot_dir) if snapshot else None}
 
@@ -203,8 +206,8 @@ def prepare_register(cfg: ServeConfig) -> bool:
     parses the register (they map this file). False when it cannot be had: said once here, and
     each worker then loads the register itself, as without a snapshot."""
     options = register_options(cfg)
-    if options.get("snapshot_dir") is None:
-        return True
+    if cfg.store.strip() not in ("", "memory://", "memory:") or options.get("snapshot_dir") is None:
+        return True  # Redis: each worker maps (one builds) the snapshot of what it serves
     structlog.contextvars.bind_contextvars(worker=-1)  # the parent's lines, as in Supervisor
     store = MemoryStore(cfg.register, **options)
     started = time.monotonic()

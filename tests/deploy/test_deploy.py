@@ -320,6 +320,9 @@ def test_dockerfile_is_slim_non_root_and_exposes_the_ports() -> None:
                         or (ROOT / src).is_dir()), src
     assert {v for v in dockerfile_env() if v.startswith("EIR_")} <= ENV_VARS
     assert f'org.opencontainers.image.version="{__version__}"' in dict(ins)["LABEL"]
+    # the register snapshot's directory exists in the image, owned by its user
+    [dirs] = [r for k, r in ins if k == "RUN" and "install -d -o eir" in r]
+    assert SNAPSHOT_DIR in dirs.split()
 
 
 def test_k8s_statefulset_identity_probes_secret_and_image() -> None:
@@ -334,6 +337,11 @@ def test_k8s_statefulset_identity_probes_secret_and_image() -> None:
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # a read-only root file system: the register snapshot needs a volume of its own, on disk
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    [snap] = [v for v in c["volumeMounts"] if v["mountPath"] == SNAPSHOT_DIR]
+    [vol] = [v for v in pod["spec"]["volumes"] if v["name"] == snap["name"]]
+    assert "medium" not in vol["emptyDir"] and not snap.get("readOnly")
     env = {e["name"]: e for e in c["env"]}
     assert set(env) <= DEPLOY_ENV_VARS | {"POD_NAME"}
     # one Diameter identity per replica: Origin-Host from the pod name
@@ -430,6 +438,10 @@ class Effective:
     redis_args: list[str] = field(default_factory=list)
 
 
+DEPLOY_TOML = tomllib.loads((DEPLOY / "eir-server.toml").read_text())
+SNAPSHOT_DIR = DEPLOY_TOML["store_snapshot_dir"]
+
+
 class Machine:
     """Container paths, host names and ports -> this machine's files and free ports."""
 
@@ -449,6 +461,9 @@ class Machine:
         }
         for host in ("redis", "redis-master", "127.0.0.1"):
             self.map[f"@{host}:6379"] = f"@127.0.0.1:{self.redis_port}"
+        # The image's directory for the node's register snapshot (every deployment's config)
+        self.snapshot = tmp / "snapshot"
+        self.map[SNAPSHOT_DIR] = str(self.snapshot)
 
     def file(self, container_path: str, text: str) -> None:
         local = self.tmp / "files" / container_path.lstrip("/")
@@ -536,11 +551,22 @@ def run_effective(m: Machine, eff: Effective) -> None:
             assert any(x.get("event") == "sync run done" for x in lines), r.stdout
             wait_until(lambda: http_get(m.metrics_port, "/readyz")[0] == 200, "readyz 200",
                        60, proc)
+            # The register snapshot the config asks for: built once, mapped by every worker.
+            wait_until(lambda: serve_log.read_text().count('"register snapshot mapped"')
+                       >= DEPLOY_TOML["workers"], "register snapshot mapped by every worker", 60, proc)
+            assert len(list(m.snapshot.glob("*.snap"))) == 1
             client = S13Client(m.diameter_port, realm=eff.realm)
             assert client.origin_host == eff.origin_host
             assert client.status(STOLEN) == BLACKLISTED
             assert client.status(CLEAN) == WHITELISTED
             client.close()
+            # ... and both answered from it, not by a Redis round trip.
+            metrics = http_get(m.metrics_port, "/metrics")[1]
+            for result in ("hit", "miss"):
+                assert re.search(r'^eir_store_lookups_total\{(?=[^}]*tier="snapshot")'
+                                 rf'(?=[^}}]*result="{result}")[^}}]*\}} [1-9]', metrics,
+                                 re.M), (result, [x for x in metrics.splitlines()
+                                                  if x.startswith("eir_store_lookups")])
         except BaseException:
             print(serve_log.read_text()[-4000:])
             raise
