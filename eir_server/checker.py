@@ -25,7 +25,7 @@ from .policy.engine import Identified
 from .policy.lists import LocalLists
 from .policy.types import CheckRequest, EquipmentStatus, ImeiRecord, Verdict
 from .service import STORE_ERROR  # Verdict.rule of an error answer; reasons[0] names the error
-from .store import MISSING, RecordStore, StoreOverloaded, StoreUnavailable
+from .store import MISSING, BucketLost, RecordStore, StoreOverloaded, StoreUnavailable
 
 log = get_logger("eir.checker")
 
@@ -140,6 +140,12 @@ class EquipmentChecker:
                 verdict = policy.decide_identified(req, identified, f.result(), self.today())
                 if self._episode_start is not None:
                     self._episode_over()
+            except BucketLost:
+                # One bucket of a register that otherwise answers: the fallback for this IMEI,
+                # counted, but no episode (the store logged it; episodes would start and end
+                # with every such lookup among good ones).
+                self.fallbacks += 1
+                verdict = self.fallback
             except (StoreUnavailable, asyncio.CancelledError) as e:
                 verdict = self._fell_back(e)
             except Exception as e:  # a bug must not leave the peer without an answer

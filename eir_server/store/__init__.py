@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import MISSING, RecordStore, StoreOverloaded, StoreStats, StoreUnavailable
+from .base import (
+    MISSING,
+    BucketLost,
+    RecordStore,
+    StoreOverloaded,
+    StoreStats,
+    StoreUnavailable,
+)
 from .memory import MemoryStore
 from .redis_store import RedisStore
 from .urls import STORE_OPTIONS, parse_store_url
@@ -49,6 +56,7 @@ __all__ = [
     "StoreOverloaded",
     "StoreStats",
     "StoreUnavailable",
+    "BucketLost",
     "open_store",
     "parse_store_url",
 ]

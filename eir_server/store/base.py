@@ -28,6 +28,12 @@ class StoreUnavailable(Exception):
     """The backend cannot answer now; the caller applies its fallback verdict."""
 
 
+class BucketLost(StoreUnavailable):
+    """The IMEI's bucket of the register is missing from Redis (see layout.MARKER_FIELD): the
+    store logs that once per version; the caller applies its fallback without an episode of
+    its own per lookup (the rest of the register still answers)."""
+
+
 class StoreOverloaded(StoreUnavailable):
     """Our own process was too busy to read the answer in time; the store is not to blame (the
     caller answers "too busy" rather than a fallback verdict)."""

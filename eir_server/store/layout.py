@@ -17,6 +17,11 @@ Keys, with N the namespace (default "eir") and V a version id (decimal, from INC
                  two digits per byte (BCD, "1"-padded to an even count); value = record id
                  (decimal) or an encoded listing
 
+A full load whose meta has `markers` = 1 has every one of its 10**k bucket keys: a bucket no
+IMEI fell into holds only MARKER_FIELD. A bucket key missing from Redis is then a bucket lost
+(a Cluster primary back without its data, a failed reshard), which a lookup tells from an IMEI
+that is not listed; without markers both read as nil.
+
 Why: the low serial digits spread IMEIs evenly whatever the TAC mix, so with k chosen from the
 list size every bucket stays small enough for Redis's compact listpack encoding; the field is a
 decimal Redis stores as a 4-byte integer for k >= 5 (the leading "1" keeps a TAC's leading zero
@@ -31,6 +36,8 @@ from binascii import unhexlify
 from dataclasses import dataclass
 
 IMEI14_MAX = 10**14 - 1
+# No IMEI's field is empty (decimal "1"+digits, or BCD bytes): the marker cannot collide.
+MARKER_FIELD = b""
 
 
 def digits_for(rows: int, per_bucket: int) -> int:

@@ -27,7 +27,7 @@ class BucketPacker:
     """RESP pieces for the bucket keys and fields of a full load (see layout.py)."""
 
     __slots__ = ("buckets", "cut", "_kh", "_ksep", "_fh", "_fsep", "_bcd", "_hget",
-                 "_slots", "_heads")
+                 "_slots", "_heads", "_exists")
 
     def __init__(self, buckets: Buckets) -> None:
         self.buckets = buckets
@@ -48,6 +48,7 @@ class BucketPacker:
         self._hget = "*3\r\n$4\r\nHGET\r\n"
         self._slots: dict[str, int] = {}  # bucket suffix -> cluster slot
         self._heads: dict[str, bytes] = {}  # bucket suffix -> HGET key + field length
+        self._exists: dict[str, bytes] = {}  # bucket suffix -> EXISTS key
 
     def keys(self, imeis: list[str]) -> bytes:
         """The bulk strings of the bucket keys of `imeis`, concatenated."""
@@ -62,8 +63,9 @@ class BucketPacker:
             return bytes.fromhex(self._fh + self._fsep.join([i[:cut] for i in imeis]) + "0d0a")
         return (self._fh + self._fsep.join([i[:cut] for i in imeis]) + "\r\n").encode()
 
-    def hgets(self, imeis: list[str]) -> bytes:
-        """One HGET per IMEI (a Cluster node's share of a lookup), concatenated."""
+    def hgets(self, imeis: list[str], exists: bool = False) -> bytes:
+        """One HGET per IMEI (a Cluster node's share of a lookup), concatenated; `exists`: each
+        followed by EXISTS of its bucket key (a load with markers: a missing key is lost)."""
         cut, heads = self.cut, self._heads
         out = []
         if self._bcd:
@@ -72,12 +74,20 @@ class BucketPacker:
                 sfx = i[cut:]
                 h = heads.get(sfx) or self._head(sfx)
                 out.append(h + bytes.fromhex(pad + i[:cut]) + b"\r\n")
+                if exists:
+                    out.append(self._exists.get(sfx) or self._exists_of(sfx))
         else:
             for i in imeis:
                 sfx = i[cut:]
                 h = heads.get(sfx) or self._head(sfx)
                 out.append(h + ("1" + i[:cut] + "\r\n").encode())
+                if exists:
+                    out.append(self._exists.get(sfx) or self._exists_of(sfx))
         return b"".join(out)
+
+    def _exists_of(self, sfx: str) -> bytes:
+        e = self._exists[sfx] = ("*2\r\n$6\r\nEXISTS\r\n" + self._kh + sfx + "\r\n").encode()
+        return e
 
     def _head(self, sfx: str) -> bytes:
         """`HGET <bucket key>` and the field's length line: the same for a whole bucket, so

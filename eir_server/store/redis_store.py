@@ -60,7 +60,7 @@ from eir_server.policy.types import ImeiRecord
 from eir_server.recent import RecentMap
 
 from . import layout, snapshot
-from .base import MISSING, StoreOverloaded, StoreStats, StoreUnavailable, _Missing
+from .base import MISSING, BucketLost, StoreOverloaded, StoreStats, StoreUnavailable, _Missing
 from .codec import decode_record
 from .lean import BucketPacker, LeanLinks, bulk
 from .resp import HARD_TIMEOUT_FACTOR, RespConnectionError, RespTimeout
@@ -70,10 +70,15 @@ from .urls import RedisTarget, async_client
 log = structlog.get_logger("eir.store")
 
 # KEYS[1] = N:cur, KEYS[2] = meta of the version served (its `created` tells a re-fed Redis's
-# version "1" from ours), KEYS[3..] = bucket keys; ARGV = fields. Missing values come back false.
+# version "1" from ours), KEYS[3..] = bucket keys; ARGV = fields. A missing field comes back
+# false (nil), a missing bucket key 0 (a lost bucket, when the load has markers).
 _LOOKUP_LUA = """
 local out = {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], 'created')}
-for i = 3, #KEYS do out[i] = redis.call('HGET', KEYS[i], ARGV[i - 2]) end
+for i = 3, #KEYS do
+  local v = redis.call('HGET', KEYS[i], ARGV[i - 2])
+  if not v and redis.call('EXISTS', KEYS[i]) == 0 then v = 0 end
+  out[i] = v
+end
 return out
 """
 
@@ -230,6 +235,8 @@ class _State:
     meta: dict[str, str] = field(default_factory=dict)
     base_created: str | None = None  # `created` of the full load the buckets belong to
     snap: Snapshot | None = None  # that full load, memory-mapped (snapshot_dir set)
+    # That full load has every bucket key (layout.MARKER_FIELD): a missing one is a lost bucket.
+    markers: bool = False
 
 
 class _Bounded:
@@ -311,6 +318,7 @@ class RedisStore:
         self._snap_task: asyncio.Task[None] | None = None
         self._snap_for: tuple[str, str | None] | None = None
         self._snaps: dict[str, Snapshot] = {}  # open snapshots by path
+        self._lost_logged: str | None = None  # version whose missing bucket was logged
         self.stats = StoreStats()
         self.general_batches = 0  # batches that took the general (coroutine) path
         self.ready = False
@@ -534,11 +542,44 @@ class RedisStore:
             if not f.done():
                 f.set_result(rec)
 
+    def _without_lost(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
+                      st: _State, imeis: list[str], values: list[Any]
+                      ) -> tuple[list[str], list[Any]]:
+        """Fail the lookups whose bucket key is missing (value 0, see _LOOKUP_LUA) of a load
+        with markers; the other IMEIs and their values. Never cached: a bucket restored (or a
+        new load) answers again at once."""
+        if not st.markers or 0 not in values:
+            return imeis, values
+        keep_i: list[str] = []
+        keep_v: list[Any] = []
+        for i, v in zip(imeis, values, strict=True):
+            if type(v) is int:
+                assert st.buckets is not None
+                self._bucket_lost(st, st.buckets.locate(i)[0], chunk[i])
+            else:
+                keep_i.append(i)
+                keep_v.append(v)
+        return keep_i, keep_v
+
+    def _bucket_lost(self, st: _State, key: str,
+                     futs: list[asyncio.Future[ImeiRecord | None]]) -> None:
+        self.stats.redis_errors += 1
+        if self._lost_logged != st.version:  # loud once per version, not once per lookup
+            self._lost_logged = st.version
+            log.error("register incomplete in Redis: a bucket is missing; its IMEIs get the "
+                      "store fallback", key=key, version=st.version,
+                      action="eir-server sync --force-full, or repair the Redis Cluster")
+        exc = BucketLost(f"register bucket {key} missing from Redis")
+        for f in futs:
+            if not f.done():
+                f.set_exception(exc)
+
     def _lean_resolve(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
                       imeis: list[str], st: _State, values: list[Any], at: int) -> None:
         """values[at:] answer imeis, in order: decode, cache, resolve the futures."""
         try:
-            recs = [None if not v else self._decode(st, v) for v in values[at:]]
+            imeis, vals = self._without_lost(chunk, st, imeis, values[at:] if at else values)
+            recs = [None if not v else self._decode(st, v) for v in vals]
         except Exception as e:  # noqa: BLE001 - a record id not in the table, a bad value
             self._spawn(self._batch_failed(chunk, e))
             return
@@ -604,9 +645,10 @@ class RedisStore:
                 head.append(b"*2\r\n$3\r\nGET\r\n" + bulk(fast.cur_key))
             if name == meta_node:
                 head.append(b"*3\r\n$4\r\nHGET\r\n" + bulk(fast.meta_key) + bulk("created"))
-            n = len(head) + len(part)
+            markers = fast.st.markers
+            n = len(head) + len(part) * (2 if markers else 1)
             conns[name].send(  # type: ignore[union-attr]
-                b"".join(head) + fast.packer.hgets(part), n,
+                b"".join(head) + fast.packer.hgets(part, markers), n,
                 partial(self._cluster_part, batch, part, name == cur_node,
                         name == meta_node, n))
 
@@ -639,8 +681,13 @@ class RedisStore:
             batch.created = res[at]
             at += 1
         values = batch.values
-        for i, v in zip(part, islice(res, at, None), strict=True):
-            values[i] = v
+        if batch.fast.st.markers:  # HGET, EXISTS per IMEI: 0 for a missing bucket key
+            it = islice(res, at, None)
+            for i, v, e in zip(part, it, it, strict=True):
+                values[i] = v if v is not None or e else 0
+        else:
+            for i, v in zip(part, islice(res, at, None), strict=True):
+                values[i] = v
         batch.left -= 1
         if batch.left:
             return
@@ -665,7 +712,8 @@ class RedisStore:
             try:
                 if not self._up:  # went down while this batch waited for a slot
                     raise StoreUnavailable("redis unavailable")
-                results = await self._lookup(list(chunk), retry)
+                lost: dict[str, str] = {}
+                results = await self._lookup(list(chunk), retry, lost)
             finally:
                 self._slots.give()
         except BaseException as e:  # noqa: BLE001 - every waiter must be released, always
@@ -676,7 +724,11 @@ class RedisStore:
         listed = sum(1 for rec in results.values() if rec is not None)
         self.stats.redis_hits += listed  # eir_store_lookups_total{tier="redis"}
         self.stats.redis_misses += len(results) - listed
+        for imei, key in lost.items():
+            self._bucket_lost(self._state, key, chunk[imei])
         for imei, futs in chunk.items():
+            if imei in lost:
+                continue
             rec = results[imei]
             for f in futs:
                 if not f.done():
@@ -735,9 +787,13 @@ class RedisStore:
                     await node.disconnect()
 
     # -- lookups -------------------------------------------------------------------------------
-    async def _lookup(self, imeis: list[str], retry: bool = True
-                      ) -> dict[str, ImeiRecord | None]:
+    async def _lookup(self, imeis: list[str], retry: bool = True,
+                      lost: dict[str, str] | None = None) -> dict[str, ImeiRecord | None]:
+        """Records of `imeis`; those whose bucket is missing (a load with markers) are left
+        out and put in `lost` (IMEI -> bucket key)."""
         out: dict[str, ImeiRecord | None] = {}
+        if lost is None:
+            lost = {}
         for attempt in range(3):
             st = self._state
             todo = [i for i in imeis if i not in out]
@@ -768,6 +824,12 @@ class RedisStore:
                 raise StoreUnavailable("no register version in the store")
             if st.buckets is None:
                 values = [None] * len(todo)
+            if st.markers and 0 in values:
+                for i, v in zip(todo, values, strict=True):
+                    if type(v) is int:
+                        lost[i] = st.buckets.locate(i)[0]  # type: ignore[union-attr]
+                todo, values = ([i for i in todo if i not in lost],
+                                [v for v in values if type(v) is not int])
             recs = [self._decode(st, v) for v in values]
             out.update(zip(todo, recs, strict=True))
             self._remember(st, todo, recs)
@@ -792,7 +854,12 @@ class RedisStore:
             pipe.hget(meta_key, "created")
             for k, f in zip(keys, fields, strict=True):
                 pipe.hget(k, f)
+                if st.markers:
+                    pipe.exists(k)
             res = await pipe.execute()
+            if st.markers:  # as the script answers: 0 for a missing bucket key
+                res[2:] = [v if v is not None or e else 0 for v, e in zip(res[2::2], res[3::2],
+                                                                          strict=True)]
         cur, created = res[0], res[1]
         return (cur.decode() if cur else None, created.decode() if created else None, res[2:])
 
@@ -906,9 +973,12 @@ class RedisStore:
         st = _State(ver, meta.get("created"), buckets, table, {}, {}, meta)  # type: ignore[arg-type]
         if base == ver:
             st.base_created = st.created
+            st.markers = meta.get("markers") == "1"
         elif base:
-            raw = await self._call(c.hget, layout.meta_key(self.ns, base), "created")
+            raw, markers = await self._call(c.hmget, layout.meta_key(self.ns, base), "created",
+                                            "markers")
             st.base_created = raw.decode() if raw else None
+            st.markers = markers == b"1"
         old = self._state
         if (old.snap is not None and old.buckets == buckets
                 and old.base_created == st.base_created):

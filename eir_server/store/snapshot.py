@@ -183,8 +183,18 @@ def _prefix_decoder(k: int) -> Callable[[bytes], int]:
     return lambda f: int(hexlify(f)[1:] if odd else hexlify(f))
 
 
-def read_buckets(client: Any, ns: str, base: str, k: int, chunk: int = 500) -> Writer:
-    """Every entry of a full load, bucket by bucket in pipelined chunks, in key order."""
+class IncompleteRegister(Exception):
+    """The full load in Redis is not what sync wrote: a bucket gone, or another IMEI count."""
+
+
+# The builder's exit status when the full load in Redis is not whole (1: any other failure).
+INCOMPLETE_EXIT: Final = 3
+
+
+def read_buckets(client: Any, ns: str, base: str, k: int, chunk: int = 500,
+                 markers: bool = False) -> Writer:
+    """Every entry of a full load, bucket by bucket in pipelined chunks, in key order.
+    `markers`: the load has every bucket key (layout.MARKER_FIELD), so a missing one is lost."""
     from . import layout
 
     decode = _prefix_decoder(k)
@@ -197,18 +207,15 @@ def read_buckets(client: Any, ns: str, base: str, k: int, chunk: int = 500) -> W
         for s in sfxs:
             pipe.hgetall(layout.bucket_key(ns, base, s, k))
         for s, bucket in zip(sfxs, pipe.execute(), strict=True):
+            if not bucket and markers:
+                raise IncompleteRegister(
+                    f"full load {base}: bucket {layout.bucket_key(ns, base, s, k)} is missing "
+                    "from Redis (a primary restarted empty, a failed reshard?)")
             top = s * shift
-            for p, v in sorted((decode(f), v) for f, v in bucket.items()):
+            for p, v in sorted((decode(f), v) for f, v in bucket.items()
+                               if f != layout.MARKER_FIELD):
                 w.add(top + p, int(v) if v[0] < 0x3A else v)
     return w
-
-
-class IncompleteRegister(Exception):
-    """The full load's buckets hold fewer (or more) IMEIs than sync wrote into them."""
-
-
-# The builder's exit status when the full load in Redis is not whole (1: any other failure).
-INCOMPLETE_EXIT: Final = 3
 
 
 def build(url: str, ns: str, base: str, k: int, out: Path) -> int:
@@ -222,8 +229,8 @@ def build(url: str, ns: str, base: str, k: int, out: Path) -> int:
         # restarted empty, a failed reshard) reads as an empty hash, as a bucket with no IMEI
         # does: only the total tells them apart, and a snapshot built short would answer "not
         # listed" for every IMEI of that bucket until the next full load.
-        expected = client.hget(layout.meta_key(ns, base), "count")
-        w = read_buckets(client, ns, base, k)
+        expected, markers = client.hmget(layout.meta_key(ns, base), "count", "markers")
+        w = read_buckets(client, ns, base, k, markers=markers == b"1")
     finally:
         client.close()
     if expected is None:

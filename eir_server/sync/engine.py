@@ -220,6 +220,9 @@ class SyncRun:
         # Lists whose new file was refused in this run -> the zip name they keep being served
         # from (None: the list was never served, leave it out).
         self.pinned: dict[ListName, str | None] = {}
+        # Buckets a full load wrote a field into (by suffix): the others get a marker field, so
+        # that every bucket key of the load exists (see layout.MARKER_FIELD).
+        self._written = bytearray()
 
     # -- planning ------------------------------------------------------------------------------
     def _zip(self, name: str) -> ListZip:
@@ -522,6 +525,7 @@ class SyncRun:
         buckets = layout.Buckets(self.db.ns, ver, k)
         writer = self.db.writer()
         table: dict[int, bytes] = {}
+        self._written = bytearray(10**k)
         try:
             if bl is not None:
                 with _Pinned(bl.list):
@@ -529,12 +533,15 @@ class SyncRun:
                 rows += n
                 lists_meta["blacklist"].update(rows=n, entries=entries)
                 self._check_shrink(cur, bl.list, entries)
+            cut = 14 - k
             for imei, listing in extras.items():
                 if listing.is_empty():
                     continue
                 key, f = buckets.locate(imei)
                 writer.hset(key, {f: listing.encode()})
-            count = writer.flush()
+                self._written[int(imei[cut:])] = 1
+            count = writer.flush()  # IMEIs: HSET replies count fields created, markers not yet
+            self._write_markers(buckets, writer)
             self._write_table_meta(
                 writer,
                 ver,
@@ -545,6 +552,7 @@ class SyncRun:
                 count=count,
                 lists=lists_meta,
                 overlay=0,
+                markers=1,
             )
             writer.flush()
         finally:
@@ -553,6 +561,16 @@ class SyncRun:
         result.lists = {k: dict(v) for k, v in lists_meta.items()}
         self.opts.checkpoint("written")
         self._switch(cur, ver, result, count)
+
+    def _write_markers(self, buckets: layout.Buckets, writer: BulkWriter) -> None:
+        """The marker field in every bucket no IMEI fell into (few: k keeps buckets full)."""
+        written = self._written
+        i = written.find(0)
+        while i >= 0:
+            writer.hset(layout.bucket_key(buckets.ns, buckets.base, i, buckets.k),
+                        {layout.MARKER_FIELD: b"1"})
+            i = written.find(0, i + 1)
+        writer.flush()
 
     def _estimate_rows(self, z: ListZip) -> int:
         """Rows in the blacklist from its size and the mean length of its first lines."""
@@ -711,7 +729,10 @@ class SyncRun:
         rows = dedupe(parser, report)
         self._log_duplicates(report)
 
+        written = self._written
+
         def key_of(i: int) -> str:
+            written[i] = 1
             return layout.bucket_key(buckets.ns, buckets.base, i, k)
 
         first = True
@@ -763,6 +784,10 @@ class SyncRun:
         and the file is read again (csv path) for the rows of those buckets, to keep the most
         restrictive row of each duplicated IMEI (`restrictive_blacklist`) and report the lines.
         """
+        written = self._written
+        for i, n in enumerate(sent):
+            if n:
+                written[i] = 1
         created = writer.flush()
         total = sum(sent)
         if created >= total:

@@ -270,3 +270,87 @@ def test_url_forms():
     assert (t.mode, t.nodes) == ("cluster", (("a", 7000), ("::1", 7001)))
     t = parse_store_url("rediss://u:p@h:6380/1?cache_size=5&socket_keepalive=true")
     assert t.mode == "single" and t.options == {"cache_size": 5} and "socket_keepalive" in t.url
+
+
+@pytest.mark.parametrize("client", ["lean", "redis-py", "cluster", "cluster-redis-py"])
+async def test_a_bucket_lost_inside_redis_is_an_error_never_not_listed(
+        client, request, dirbs, sync_dir):
+    """A bucket hash gone from Redis (a Cluster primary restarted without its data, a failed
+    reshard) used to read as "not listed" for every IMEI of it: a stolen device whitelisted.
+    A full load now has every bucket key (sync writes a marker into the empty ones), so a
+    missing key is told apart: those lookups fail (the checker answers its fallback), loudly
+    once, never cached; the rest of the register answers as before."""
+    from eir_server.checker import EquipmentChecker
+    from eir_server.policy import Policy, PolicyConfig
+    from eir_server.policy.types import CheckRequest, EquipmentStatus
+    from eir_server.store import BucketLost
+    from eir_server.store.layout import Buckets
+    from eir_server.store.urls import sync_client
+
+    url = request.getfixturevalue("redis_cluster_url" if client.startswith("cluster")
+                                  else "redis_url")
+    listed = [f"350000{i:08d}" for i in range(0, 3000, 3)]
+    publish_bl(dirbs, "20240101_000000", listed)
+    ver = sync_dir(url, dirbs.root).version
+    c = sync_client(parse_store_url(url))
+    meta = c.hgetall(f"eir:{ver}:m")
+    assert meta[b"markers"] == b"1"
+    b = Buckets("eir", ver, int(meta[b"k"]))
+    victim = listed[0]
+    key = b.locate(victim)[0]
+    same_unlisted = f"{int(victim) + 10**b.k:014d}"  # same last k digits: same bucket
+    other_listed = next(i for i in listed if b.locate(i)[0] != key)
+    other_unlisted = f"{int(victim) + 1:014d}"
+    assert b.locate(same_unlisted)[0] == key and same_unlisted not in listed
+    assert c.delete(key) == 1
+    c.close()
+    s = await started(url, **({"lookup_client": "redis-py"} if client.endswith("redis-py")
+                              else {}))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for imei in (victim, same_unlisted, victim):  # the second time too: not cached
+                with pytest.raises(BucketLost):
+                    await s.fetch(imei)
+                assert s.get_nowait(imei) is MISSING
+            assert await s.fetch(other_listed) is not None
+            assert await s.fetch(other_unlisted) is None
+            # the checker: its fallback for that IMEI, counted, no outage episode
+            checker = EquipmentChecker(Policy(PolicyConfig()), s, EquipmentStatus.GREYLISTED)
+            pending = checker.check(CheckRequest(victim + "0"))
+            assert isinstance(pending, asyncio.Future)
+            verdict = await pending
+            assert verdict.status is EquipmentStatus.GREYLISTED and verdict.rule == "store_fallback"
+            assert checker.fallbacks == 1 and checker.episodes == 0
+            assert not checker.fallback_active
+        if client == "lean":
+            assert s.general_batches == 0  # the lean connection's script answered them all
+        elif client == "cluster":  # (a node's lean connection may still be opening at first)
+            assert s.stats.fetch_batches > s.general_batches
+        elif client.endswith("redis-py"):
+            assert s.general_batches >= 5
+        lost = [e for e in logs if e["event"].startswith("register incomplete")]
+        assert len(lost) == 1 and lost[0]["key"] == key and lost[0]["log_level"] == "error"
+        assert s.stats.redis_errors == 4 and s.ready
+    finally:
+        await s.close()
+
+
+async def test_a_load_without_markers_reads_as_before(redis_url, dirbs, sync_dir):
+    """A full load written before markers existed (no `markers` in its meta): a missing bucket
+    key cannot be told from an empty one, so it still reads as not listed (no error for every
+    IMEI of a register whose buckets were never all written)."""
+    from eir_server.store.layout import Buckets
+
+    publish_bl(dirbs, "20240101_000000", [A, B])
+    ver = sync_dir(redis_url, dirbs.root).version
+    c = redis.Redis.from_url(redis_url)
+    assert c.hdel(f"eir:{ver}:m", "markers") == 1
+    k = int(c.hget(f"eir:{ver}:m", "k"))
+    assert c.delete(Buckets("eir", ver, k).locate(A)[0]) == 1
+    c.close()
+    s = await started(redis_url)
+    try:
+        assert await s.fetch(A) is None and await s.fetch(C) is None
+        assert s.stats.redis_errors == 0
+    finally:
+        await s.close()

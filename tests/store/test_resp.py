@@ -84,6 +84,8 @@ def test_packing_is_what_layout_and_pack_give(k: int, ns: str, base: str,
     assert p.fields(imeis) == b"".join(
         b"$%d\r\n%b\r\n" % (len(enc(f)), enc(f)) for _, f in located)
     assert p.hgets(imeis) == b"".join(pack([b"HGET", enc(key), enc(f)]) for key, f in located)
+    assert p.hgets(imeis, exists=True) == b"".join(
+        pack([b"HGET", enc(key), enc(f)]) + pack([b"EXISTS", enc(key)]) for key, f in located)
     sha = "a" * 40
     fast = _Fast(_State("7", "c", b), ns, f"{ns}:cur", sha)
     assert fast.evalsha(imeis) == _pack(

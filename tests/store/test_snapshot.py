@@ -9,6 +9,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -147,6 +148,42 @@ async def test_snapshot_from_a_cluster(redis_cluster_url, dirbs, sync_dir, tmp_p
         await s.close()
 
 
+@pytest.mark.parametrize("restore", [True, False])  # listpacks RESTOREd, or HSETs
+async def test_empty_buckets_hold_a_marker_the_snapshot_skips(
+        redis_factory, dirbs, sync_dir, tmp_path, restore):
+    """Three IMEIs in 10 buckets: sync writes the marker field into the 7+ empty ones (every
+    bucket key of the load exists), counts only the IMEIs, and the snapshot skips markers."""
+    import redis
+
+    from eir_server.store.layout import MARKER_FIELD, Buckets
+    from eir_server.store.snapshot import build
+
+    srv = redis_factory.start()
+    imeis = ["35000000000011", "35000000000021", "35000000000031"]
+    publish(dirbs, imeis=imeis)
+    r = sync_dir(srv.url, dirbs.root, restore=restore)
+    assert r.imeis == 3
+    c = redis.Redis.from_url(srv.url)
+    meta = c.hgetall(f"eir:{r.version}:m")
+    k = int(meta[b"k"])
+    assert meta[b"markers"] == b"1" and meta[b"count"] == b"3"
+    b = Buckets("eir", r.version, k)
+    full = {b.locate(i)[0] for i in imeis}
+    for n in range(10**k):
+        key = f"eir:{r.version}:b:{n:0{k}d}"
+        fields = c.hgetall(key)
+        assert fields, key  # every bucket key exists
+        assert (MARKER_FIELD in fields) == (key not in full), (key, fields)
+    assert build(srv.url, "eir", r.version, k, tmp_path / "x.snap") == 3
+    snap = Snapshot(tmp_path / "x.snap")
+    try:
+        assert [snap.get(i) is not None for i in imeis] == [True] * 3
+        assert snap.get("35000000000001") is None
+    finally:
+        snap.close()
+    c.close()
+
+
 async def test_a_bucket_lost_inside_redis_refuses_the_snapshot(
         redis_factory, dirbs, sync_dir, tmp_path):
     """A bucket hash gone from Redis (a Cluster primary restarted empty) reads like a bucket
@@ -170,6 +207,11 @@ async def test_a_bucket_lost_inside_redis_refuses_the_snapshot(
     lost = c.hlen(bucket)
     assert 0 < lost < len(LISTED) and c.delete(bucket) == 1
     out = tmp_path / "short.snap"
+    # A load with markers (every bucket key exists): the missing key itself is named ...
+    with pytest.raises(IncompleteRegister, match=f"bucket {bucket} is missing"):
+        build(srv.url, "eir", ver, k, out)
+    # ... one without (written before markers existed): the IMEI count tells.
+    assert c.hdel(f"eir:{ver}:m", "markers") == 1
     with pytest.raises(IncompleteRegister, match=f"{len(LISTED) - lost:,} IMEIs"):
         build(srv.url, "eir", ver, k, out)
     assert not out.exists()
