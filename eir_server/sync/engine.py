@@ -255,6 +255,7 @@ class SyncRun:
             )
         chains: dict[ListName, list[ListZip]] = {}
         full = self.opts.force_full or cur.version is None or bool(missing)
+        full = self._served_load_lost_buckets(cur) or full
         for lname, names in sorted(available.items()):
             a = applied.get(str(lname))
             if a is not None and a["file"] == names[-1]:
@@ -276,6 +277,21 @@ class SyncRun:
                 full = True
             chains[lname] = newer
         return available, chains, full
+
+    def _served_load_lost_buckets(self, cur: Current) -> bool:
+        """Whether buckets of the served full load are gone from Redis (a Cluster primary
+        back without its data): lookups of their IMEIs get the fallback until a full load
+        writes them again, so this run makes one whatever the lists say."""
+        b = cur.buckets
+        if b is None:
+            return False
+        lost = self.db.missing_buckets(b)
+        if not lost:
+            return False
+        log.error("register incomplete in Redis: buckets of the served full load are missing; "
+                  "loading the register in full to restore them", missing=lost,
+                  buckets=10**b.k, base=b.base)
+        return True
 
     # -- run -----------------------------------------------------------------------------------
     def run(self) -> RunResult:

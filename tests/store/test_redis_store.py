@@ -354,3 +354,33 @@ async def test_a_load_without_markers_reads_as_before(redis_url, dirbs, sync_dir
         assert s.stats.redis_errors == 0
     finally:
         await s.close()
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+async def test_sync_restores_a_lost_bucket_with_a_full_load(cluster, request, dirbs, sync_dir):
+    """The next sync run notices buckets of the served full load missing from Redis and loads
+    the register in full, though no list changed: the lost bucket's IMEIs are answered from
+    the register again, not from the fallback until the next published file."""
+    from eir_server.store.layout import Buckets
+    from eir_server.store.urls import sync_client
+
+    url = request.getfixturevalue("redis_cluster_url" if cluster else "redis_url")
+    listed = [f"350000{i:08d}" for i in range(0, 3000, 3)]
+    publish_bl(dirbs, "20240101_000000", listed)
+    r1 = sync_dir(url, dirbs.root)
+    assert sync_dir(url, dirbs.root).mode == "noop"  # nothing published, nothing lost
+    c = sync_client(parse_store_url(url))
+    b = Buckets("eir", r1.version, int(c.hget(f"eir:{r1.version}:m", "k")))
+    assert c.delete(b.locate(listed[0])[0]) == 1
+    c.close()
+    with structlog.testing.capture_logs() as logs:
+        r3 = sync_dir(url, dirbs.root)
+    assert r3.mode == "full" and r3.version != r1.version
+    lost = [e for e in logs if e["event"].startswith("register incomplete")]
+    assert len(lost) == 1 and lost[0]["missing"] == 1 and lost[0]["log_level"] == "error"
+    s = await started(url)
+    try:
+        assert await s.fetch(listed[0]) is not None and s.stats.redis_errors == 0
+    finally:
+        await s.close()
+    assert sync_dir(url, dirbs.root).mode == "noop"
