@@ -42,7 +42,9 @@ def test_load_against_otp_eir(erlang: Erlang, tmp_path: Path) -> None:
         p = subprocess.run([EXE, "load", "--progress", "off", "--target", f"127.0.0.1:{port}",
                             "--connections", "2", "--inflight", "16", "--duration", "1.5",
                             "--warmup", "0.3", "--imeis", str(imeis), "--destination-host",
-                            "eir.otp.test", "--json", str(report)],
+                            "eir.otp.test", "--json", str(report),
+                            # OTP's lost window (below) must not end the run: 1 % of requests
+                            "--max-timeouts", "0.01"],
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr + out.read_text()
         r = json.loads(report.read_text())
@@ -55,10 +57,11 @@ def test_load_against_otp_eir(erlang: Erlang, tmp_path: Path) -> None:
     assert r["connections"] == {"requested": 2, "up": 2, "lost": 0, "failures": [],
                                 "dwr_answered": 0, "dpa_received": 2}
     assert r["answers"] > 100 and r["malformed"] == 0
-    # A few times over many CI runs (not reproduced here, even with both CPUs loaded) the OTP
-    # EIR left one connection's whole window (16 ECRs) unanswered for the rest of the run while
-    # the other connection's 23k were answered: OTP's side, not our reading of its answers,
-    # which is what this test checks. More than one window's worth still fails it.
+    # A few times over many CI runs (twice today; not reproduced here, even with both CPUs
+    # loaded) the OTP EIR left one connection's first window (16 ECRs, sent right after its
+    # CEA) unanswered for the whole run while the other connection's 13-23k were answered:
+    # OTP's side, not our reading of its answers, which is what this test checks. More than
+    # one window's worth still fails it.
     assert r["timeouts"] in (0, 16), r["timeouts"]
     assert r["mismatches"] == 0 and r["expected_checked"]
     assert r["results"] == {"Result-Code 2001": r["answers"]}
