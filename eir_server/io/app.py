@@ -85,7 +85,7 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     if policy is None:
         policy = build_policy(cfg)
     store = open_store(cfg.store if cfg.store != "memory://" else None, cfg.register or None,
-                       **register_options(cfg, register_snapshot))
+                       **store_options(cfg, register_snapshot))
     await store.start()
     started_at = time.time()
     checker = EquipmentChecker(policy, store, store_fallback(cfg))
@@ -190,15 +190,23 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     return node
 
 
+def _embedded(cfg: ServeConfig) -> bool:
+    return cfg.store.strip() in ("", "memory://", "memory:")
+
+
 def register_options(cfg: ServeConfig, snapshot: bool = True) -> dict[str, Any]:
-    """Store options: for the embedded register, where its node-shared snapshot is kept
-    (`snapshot` False: nowhere, the register is loaded into this process); for Redis,
-    --store-snapshot-dir when set."""
-    if cfg.store.strip() not in ("", "memory://", "memory:"):
-        return {"snapshot_dir": cfg.store_snapshot_dir} if cfg.store_snapshot_dir else {}
-    if not cfg.register:
+    """Store options for the embedded register: where its node-shared snapshot is kept
+    (`snapshot` False: nowhere, the register is loaded into this process)."""
+    if not _embedded(cfg) or not cfg.register:
         return {}
     return {"snapshot_dir": resolve_dir(cfg.register_snapshot_dir) if snapshot else None}
+
+
+def store_options(cfg: ServeConfig, register_snapshot: bool = True) -> dict[str, Any]:
+    """open_store's options: the embedded register's, or Redis's --store-snapshot-dir."""
+    if _embedded(cfg):
+        return register_options(cfg, register_snapshot)
+    return {"snapshot_dir": cfg.store_snapshot_dir} if cfg.store_snapshot_dir else {}
 
 
 def prepare_register(cfg: ServeConfig) -> bool:
@@ -206,8 +214,8 @@ def prepare_register(cfg: ServeConfig) -> bool:
     parses the register (they map this file). False when it cannot be had: said once here, and
     each worker then loads the register itself, as without a snapshot."""
     options = register_options(cfg)
-    if cfg.store.strip() not in ("", "memory://", "memory:") or options.get("snapshot_dir") is None:
-        return True  # Redis: each worker maps (one builds) the snapshot of what it serves
+    if options.get("snapshot_dir") is None:
+        return True
     structlog.contextvars.bind_contextvars(worker=-1)  # the parent's lines, as in Supervisor
     store = MemoryStore(cfg.register, **options)
     started = time.monotonic()

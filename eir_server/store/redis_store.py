@@ -542,20 +542,20 @@ class RedisStore:
             if not f.done():
                 f.set_result(rec)
 
-    def _without_lost(self, chunk: dict[str, list[asyncio.Future[ImeiRecord | None]]],
-                      st: _State, imeis: list[str], values: list[Any]
-                      ) -> tuple[list[str], list[Any]]:
-        """Fail the lookups whose bucket key is missing (value 0, see _LOOKUP_LUA) of a load
-        with markers; the other IMEIs and their values. Never cached: a bucket restored (or a
-        new load) answers again at once."""
+    @staticmethod
+    def _split_lost(st: _State, imeis: list[str], values: list[Any], lost: dict[str, str]
+                    ) -> tuple[list[str], list[Any]]:
+        """The IMEIs and values left once those whose bucket key is missing (value 0, see
+        _LOOKUP_LUA) of a load with markers are moved to `lost` (IMEI -> bucket key). They are
+        never cached: a bucket restored (or a new load) answers again at once."""
         if not st.markers or 0 not in values:
             return imeis, values
+        assert st.buckets is not None
         keep_i: list[str] = []
         keep_v: list[Any] = []
         for i, v in zip(imeis, values, strict=True):
             if type(v) is int:
-                assert st.buckets is not None
-                self._bucket_lost(st, st.buckets.locate(i)[0], chunk[i])
+                lost[i] = st.buckets.locate(i)[0]
             else:
                 keep_i.append(i)
                 keep_v.append(v)
@@ -578,7 +578,10 @@ class RedisStore:
                       imeis: list[str], st: _State, values: list[Any], at: int) -> None:
         """values[at:] answer imeis, in order: decode, cache, resolve the futures."""
         try:
-            imeis, vals = self._without_lost(chunk, st, imeis, values[at:] if at else values)
+            lost: dict[str, str] = {}
+            imeis, vals = self._split_lost(st, imeis, values[at:] if at else values, lost)
+            for imei, key in lost.items():
+                self._bucket_lost(st, key, chunk[imei])
             recs = [None if not v else self._decode(st, v) for v in vals]
         except Exception as e:  # noqa: BLE001 - a record id not in the table, a bad value
             self._spawn(self._batch_failed(chunk, e))
@@ -824,12 +827,7 @@ class RedisStore:
                 raise StoreUnavailable("no register version in the store")
             if st.buckets is None:
                 values = [None] * len(todo)
-            if st.markers and 0 in values:
-                for i, v in zip(todo, values, strict=True):
-                    if type(v) is int:
-                        lost[i] = st.buckets.locate(i)[0]  # type: ignore[union-attr]
-                todo, values = ([i for i in todo if i not in lost],
-                                [v for v in values if type(v) is not int])
+            todo, values = self._split_lost(st, todo, values, lost)
             recs = [self._decode(st, v) for v in values]
             out.update(zip(todo, recs, strict=True))
             self._remember(st, todo, recs)

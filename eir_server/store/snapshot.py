@@ -224,11 +224,11 @@ def build(url: str, ns: str, base: str, k: int, out: Path) -> int:
 
     client = sync_client(parse_store_url(url))
     try:
-        # sync records in the full load's meta how many IMEIs its buckets got (written once,
-        # kept while any version builds on it). A bucket lost inside Redis (a Cluster primary
-        # restarted empty, a failed reshard) reads as an empty hash, as a bucket with no IMEI
-        # does: only the total tells them apart, and a snapshot built short would answer "not
-        # listed" for every IMEI of that bucket until the next full load.
+        # A bucket lost inside Redis (a Cluster primary restarted empty, a failed reshard)
+        # reads as an empty hash. With markers every bucket key exists, so read_buckets names
+        # it; a load written before markers has only the IMEI count sync recorded in its meta
+        # (written once, kept while any version builds on it) to tell. A snapshot built short
+        # would answer "not listed" for every IMEI of that bucket until the next full load.
         expected, markers = client.hmget(layout.meta_key(ns, base), "count", "markers")
         w = read_buckets(client, ns, base, k, markers=markers == b"1")
     finally:

@@ -586,7 +586,6 @@ class SyncRun:
             writer.hset(layout.bucket_key(buckets.ns, buckets.base, i, buckets.k),
                         {layout.MARKER_FIELD: b"1"})
             i = written.find(0, i + 1)
-        writer.flush()
 
     def _estimate_rows(self, z: ListZip) -> int:
         """Rows in the blacklist from its size and the mean length of its first lines."""
