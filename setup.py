@@ -47,7 +47,8 @@ COMPILED = [
     "eir_server/policy/types.py",
     "eir_server/s13/app.py",
     "eir_server/s13/handler.py",
-    # The Redis store's RESP client and lean lookups, record decoding, and both snapshots.
+    # The Redis store's RESP client, lean lookups and in-process tiers, record decoding, and
+    # both snapshots.
     # Interpreted: memory.py (tests subclass MemoryStore), base.py (a runtime-checkable
     # Protocol, which mypyc cannot compile) and redis_store.py (compiled, its poller did not
     # recover from a Redis restart in tests/store/test_resp.py: not understood yet).
@@ -57,6 +58,7 @@ COMPILED = [
     "eir_server/store/register_snapshot.py",
     "eir_server/store/resp.py",
     "eir_server/store/snapshot.py",
+    "eir_server/store/tiers.py",
 ]
 
 ext_modules = []

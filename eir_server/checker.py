@@ -63,7 +63,7 @@ class Today:
 
 class EquipmentChecker:
     __slots__ = ("policy", "store", "fallback", "busy", "today", "fallbacks", "episodes",
-                 "clock", "_episode_start", "_episode_count", "_next_log")
+                 "clock", "_get_nowait", "_episode_start", "_episode_count", "_next_log")
 
     def __init__(self, policy: PolicyLike, store: RecordStore,
                  fallback: EquipmentStatus | str | None = EquipmentStatus.WHITELISTED,
@@ -71,6 +71,9 @@ class EquipmentChecker:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.store = store
+        # Bound once: the stores hand out a compiled callable here (store/tiers.py), which a
+        # call through `store.get_nowait` each time would reach through interpreted code.
+        self._get_nowait = store.get_nowait
         # Returned when the store cannot answer (Redis down and the IMEI not cached).
         if isinstance(fallback, str):
             if fallback not in FALLBACK_ERRORS:
@@ -123,7 +126,7 @@ class EquipmentChecker:
         key, _, bad = identified
         if key is None or bad is not None:
             return policy.decide_identified(req, identified, None, self.today())
-        record = self.store.get_nowait(key)
+        record = self._get_nowait(key)
         if record is not MISSING:
             if self._episode_start is not None and self.store.ready:
                 self._episode_over()  # e.g. a snapshot now answers what Redis could not

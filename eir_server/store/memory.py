@@ -19,6 +19,7 @@ from .base import MISSING, StoreStats, _Missing
 from .codec import Listing
 from .register import CsvReport, latest_full_lists, read_full_lists
 from .register_snapshot import RegisterView, SnapshotUnavailable, ensure, open_view
+from .tiers import CountedLookup
 
 log = structlog.get_logger("eir.store")
 
@@ -50,15 +51,16 @@ class MemoryStore:
     ) -> None:
         self._records: dict[str, ImeiRecord] = {}
         self._view: RegisterView | None = None
-        # The hot path's lookup: the dict's get, or the mapped snapshot's; swapped as one.
-        self._get: Callable[[str], ImeiRecord | None] = self._records.get
+        self.stats = StoreStats()
+        # The hot path's lookup, compiled: the dict's get, or the mapped snapshot's; swapped
+        # as one (`_get`).
+        self._lookup = CountedLookup(self._records.get, self.stats)
         self._register_dir = Path(register_dir) if register_dir is not None else None
         self.max_bad_share = max_bad_share
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self._snapshot_warned = False
         self.version: str | None = None
         self.ready = register_dir is None
-        self.stats = StoreStats()
         self.stats.redis_up = 1  # nothing to be down; keeps dashboards uniform
         self.reports: list[CsvReport] = []
 
@@ -71,9 +73,20 @@ class MemoryStore:
         return len(self._view) if self._view is not None else len(self._records)
 
     # -- hot path ------------------------------------------------------------------------------
-    def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
-        self.stats.cache_hits += 1
-        return self._get(imei14)
+    @property
+    def get_nowait(self) -> Callable[[str], ImeiRecord | None | type[_Missing]]:
+        """`store.get_nowait(imei14)`, as the RecordStore contract says; a property so that a
+        caller that binds it once (the checker) calls compiled code only (tiers.py). A subclass
+        may define a plain method instead."""
+        return self._lookup.get_nowait
+
+    @property
+    def _get(self) -> Callable[[str], ImeiRecord | None]:
+        return self._lookup.get
+
+    @_get.setter
+    def _get(self, get: Callable[[str], ImeiRecord | None]) -> None:
+        self._lookup.get = get
 
     def fetch(self, imei14: str) -> asyncio.Future[ImeiRecord | None]:
         fut: asyncio.Future[ImeiRecord | None] = asyncio.get_running_loop().create_future()

@@ -1,11 +1,12 @@
 """Redis-backed store: shared register in Redis, an in-process cache in each worker.
 
 Hot path: `get_nowait` is one dict probe in the local cache (negative answers cached too), then
-the version's overlay dict. Misses go through `fetch`, which parks a future and, once per event
-loop tick, sends every pending key in one round trip: a Lua script (single node / Sentinel) or a
-pipeline (Cluster, where one script cannot touch keys in several slots). The round trip also
-reads `N:cur`, so a batch answered under a version that is no longer current is retried after
-switching; a background poller notices version changes on idle nodes (`poll_interval`).
+the version's overlay dict, then the node's register snapshot when there is one (tiers.py).
+Misses go through `fetch`, which parks a future and, once per event loop tick, sends every
+pending key in one round trip: a Lua script (single node / Sentinel) or a pipeline (Cluster,
+where one script cannot touch keys in several slots). The round trip also reads `N:cur`, so
+a batch answered under a version that is no longer current is retried after switching; a
+background poller notices version changes on idle nodes (`poll_interval`).
 
 Redis down: futures fail fast with StoreUnavailable (the caller applies its fallback verdict),
 the cache keeps answering, and the poller reconnects with exponential backoff. One log line per
@@ -65,6 +66,8 @@ from .codec import decode_record
 from .lean import BucketPacker, LeanLinks, bulk
 from .resp import HARD_TIMEOUT_FACTOR, RespConnectionError, RespTimeout
 from .snapshot import Snapshot
+from .tiers import LocalTiers
+from .tiers import cache_key as _ck
 from .urls import RedisTarget, async_client
 
 log = structlog.get_logger("eir.store")
@@ -93,15 +96,6 @@ LOOKUP_CLIENTS = ("lean", "redis-py")
 def _pack(parts: list[bytes]) -> bytes:
     """One RESP command (an array of bulk strings)."""
     return b"".join([b"*%d\r\n" % len(parts), *[b"$%d\r\n%b\r\n" % (len(p), p) for p in parts]])
-
-
-def _ck(imei14: str) -> int | str:
-    """The caches' key: the 14 digits as an int (an int-keyed dict keeps each key's hash in
-    the entry; a str-keyed one reads the key object, cold memory once there are millions);
-    anything else as it is (never equal to an int, so never confused with an IMEI)."""
-    if len(imei14) == 14 and imei14.isascii() and imei14.isdigit():
-        return int(imei14)
-    return imei14
 
 
 class LoopLag:
@@ -287,6 +281,8 @@ class _Bounded:
 
 class RedisStore:
     name = "redis"
+    # LocalTiers.get_nowait (see __init__): the cache, the overlay, then the snapshot.
+    get_nowait: Callable[[str], ImeiRecord | None | type[_Missing]]
 
     def __init__(
         self,
@@ -327,7 +323,10 @@ class RedisStore:
         # Keyed by _ck(imei14): with every device new, probes of str keys were cache misses.
         self._cache: RecentMap[None] = RecentMap(cache_size)
         self._listed: RecentMap[ImeiRecord] = RecentMap(cache_size)
-        self._missed: str | None = None  # the IMEI get_nowait last found in no cache
+        # The lookups answered in-process (caches, overlay, snapshot): compiled, and bound as
+        # this instance's get_nowait so that the checker's call reaches it directly.
+        self._tiers = LocalTiers(self._cache, self._listed, self.stats)
+        self.get_nowait = self._tiers.get_nowait
         self._state = _State(None)
         self._pending: dict[str, list[asyncio.Future[ImeiRecord | None]]] = {}
         self._flush_scheduled = False
@@ -361,51 +360,21 @@ class RedisStore:
         return self._state.meta
 
     # -- hot path ------------------------------------------------------------------------------
-    def get_nowait(self, imei14: str) -> ImeiRecord | None | type[_Missing]:
-        r: ImeiRecord | None | type[_Missing] = self._cache.get_or(self._listed, _ck(imei14),
-                                                                   MISSING)
-        if r is MISSING:
-            self._missed = imei14
-            st = self._state
-            r = st.overlay.get(imei14, MISSING)
-            if r is MISSING:
-                if st.snap is not None:
-                    r = self._from_snap(st, imei14)
-                    if r is not MISSING:
-                        if r is None:
-                            self.stats.snapshot_misses += 1
-                        else:
-                            self.stats.snapshot_hits += 1
-                        return r
-                self.stats.cache_misses += 1
-                return MISSING
-        self.stats.cache_hits += 1
-        return r
+    @property
+    def _state(self) -> _State:
+        return self._st
 
-    @staticmethod
-    def _from_snap(st: _State, imei14: str) -> ImeiRecord | None | type[_Missing]:
-        raw = st.snap.get(imei14)  # type: ignore[union-attr]
-        if raw is None:
-            return None
-        if type(raw) is int:
-            return st.table.get(raw, MISSING)  # an id the table lacks: ask Redis
-        return decode_record(raw)  # type: ignore[arg-type]
+    @_state.setter
+    def _state(self, st: _State) -> None:
+        # One switch for the lookups too: the tiers answer from the version served.
+        self._st = st
+        self._tiers.serve(st.overlay, st.snap, st.table)
 
     def fetch(self, imei14: str) -> asyncio.Future[ImeiRecord | None]:
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[ImeiRecord | None] = loop.create_future()
         self.stats.fetches += 1
-        r: Any  # a record, None or MISSING (mypy cannot narrow by `is MISSING`)
-        if imei14 is self._missed:  # the checker's order: get_nowait just looked in the caches
-            self._missed = None
-            r = MISSING
-        else:
-            r = self._cache.get_or(self._listed, _ck(imei14), MISSING)
-        if r is MISSING:
-            st = self._state
-            r = st.overlay.get(imei14, MISSING)
-            if r is MISSING and st.snap is not None:
-                r = self._from_snap(st, imei14)
+        r: Any = self._tiers.fetched_locally(imei14)  # (mypy cannot narrow by `is MISSING`)
         if r is not MISSING:
             fut.set_result(r)
             return fut

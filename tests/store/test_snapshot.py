@@ -37,10 +37,47 @@ def test_snapshot_file_round_trip(tmp_path_factory, items, probes, k):
         assert snap.n == len(items)
         for imei, v in items.items():
             assert snap.get(imei) == v
+            assert snap.get_number(int(imei)) == v  # the store's caches key IMEIs as numbers
         for p in probes:
             assert snap.get(p) == items.get(p)
+            assert snap.get_number(int(p)) == items.get(p)
     finally:
         snap.close()
+
+
+def test_the_filter_answers_most_unlisted_imeis_without_a_search(tmp_path):
+    """Every key passes its filter (a false negative would be a listed device answered "not
+    listed"); of IMEIs not in the file, only ~1 - e^(-1/16) = 6% do (each then costs the
+    binary search)."""
+    listed = {f"{35_000_000_000_000 + i * 7919:014d}": i for i in range(20_000)}
+    path = tmp_path / "x.snap"
+    write(path, listed, 4)  # type: ignore[arg-type]
+    snap = Snapshot(path)
+    try:
+        rotate = snap.rotated
+        assert all(snap.may_hold(rotate(int(i))) for i in listed)
+        others = [n for n in range(35_100_000_000_000, 35_100_000_000_000 + 200_000 * 13, 13)]
+        passed = sum(snap.may_hold(rotate(n)) for n in others)
+        assert 0.03 < passed / len(others) < 0.10, passed / len(others)
+        assert all(snap.get_number(n) is None for n in others)
+    finally:
+        snap.close()
+
+
+def test_a_snapshot_of_an_older_format_is_refused_and_named_apart(tmp_path):
+    """A file an older release built (format 1, no filter) is never mapped as this one; its
+    name differs, so a store builds the new format beside it and deletes it."""
+    import struct
+
+    from eir_server.store.snapshot import file_name
+
+    old = tmp_path / "eir-1-x.snap"  # format 1's name for the same load
+    old.write_bytes(struct.pack("<8sQQQ", b"EIRSNAP1", 1, 0, 4) + (5).to_bytes(8, "little")
+                    + (1).to_bytes(4, "little"))
+    with pytest.raises(ValueError):
+        Snapshot(old)
+    assert file_name("eir", "1", "x") != old.name
+    assert file_name("eir", "1", "x").endswith(".snap")  # still found and cleaned by its glob
 
 
 def test_truncated_snapshot_is_refused(tmp_path):
@@ -72,6 +109,9 @@ async def test_misses_answered_from_the_snapshot_shared_by_two_workers(
     publish(dirbs)
     sync_dir(srv.url, dirbs.root)
     snapdir = tmp_path / "snap"
+    snapdir.mkdir()
+    older = snapdir / "eir-1-stale.snap"  # an older release's file: deleted by the build
+    older.write_bytes(b"EIRSNAP1")
     a = open_store(srv.url, snapshot_dir=str(snapdir), poll_interval=0.05)
     b = open_store(srv.url, snapshot_dir=str(snapdir), poll_interval=0.05)
     await asyncio.gather(a.start(), b.start())
@@ -79,7 +119,7 @@ async def test_misses_answered_from_the_snapshot_shared_by_two_workers(
         await until(lambda: a._state.snap is not None and b._state.snap is not None,
                     "snapshot not mapped")
         assert a._state.snap.path == b._state.snap.path  # one file for the node
-        assert len(list(snapdir.glob("*.snap"))) == 1
+        assert len(list(snapdir.glob("*.snap"))) == 1 and not older.exists()
         batches = a.stats.fetch_batches
         for n in range(5000):
             imei = f"350000{n:08d}"
