@@ -2,15 +2,16 @@
 request's scheduled send time, so the generator's own lag counts) and from packet timestamps on
 the loopback interface (dumpcap; `wire_latency.py`), which is the server's own latency.
 
-    .venv/bin/python benchmarks/bench_tail.py --rate 20000 --duration 30 [--store redis]
+    .venv/bin/python benchmarks/bench_tail.py --rate 20000 --duration 30 [--store redis|...]
         [--imeis 1000000] [--json OUT]
 
 The worker is pinned to CPU 0 and the generator to CPU 1. `--store redis` starts a
 redis-server, syncs a generated register into it and sends IMEIs that are new to the worker
-(every lookup a cache miss); `--store otp` measures the Erlang/OTP reference EIR the same
-way. Before the run a busy loop on each CPU counts the stalls the platform itself causes (a
-VM's steal time, interrupts): no server's tail can be below them. dumpcap needs root (or
-capture rights).
+(every lookup a cache miss); `--store redis-snapshot` is the same with the node's register
+snapshot (`--store-snapshot-dir`), which then answers those misses; `--store otp` measures the
+Erlang/OTP reference EIR the same way. Before the run a busy loop on each CPU counts the
+stalls the platform itself causes (a VM's steal time, interrupts): no server's tail can be
+below them. dumpcap needs root (or capture rights).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.suite import ENV, EXE, HOST, Redis, Server, sync  # noqa: E402
+from benchmarks.suite import ENV, EXE, HOST, Redis, Server, _await_snapshot, sync  # noqa: E402
 from benchmarks.wire_latency import analyse  # noqa: E402
 
 
@@ -99,18 +100,24 @@ def run(rate: int, duration: float, store: str, imeis: int, work: Path,
     redis = None
     args = ["--workers", "1", *extra]
     sent = "range:35209900000000:2000"
-    if store == "redis":
+    snapdir = None
+    if store in ("redis", "redis-snapshot"):
         from benchmarks.bench_sync_load import make_zip
         redis = Redis(work)
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON report
             src = Path(make_zip(work / "registers", imeis, 1))
         sync(redis.url, src)
         args += ["--store", redis.url]
-        # More IMEIs than the run sends, each new: every lookup goes to Redis.
+        if store == "redis-snapshot":  # misses answered by the node's register snapshot
+            snapdir = Path(tempfile.mkdtemp(prefix="snap-", dir=work))
+            args += ["--store-snapshot-dir", str(snapdir)]
+        # More IMEIs than the run sends, each new: every lookup misses the worker's cache.
         sent = f"range:35210000000000:{int(rate * (duration + 2)) + 1}"
     server: Server | _Otp = _Otp(work) if store == "otp" else Server(*args, cpu=0)
     pcap = work / "tail.pcap"
     try:
+        if snapdir is not None and isinstance(server, Server):
+            _await_snapshot(snapdir, server)
         cap = capture(server.port, pcap)
         report = work / "load.json"
         cmd = [EXE, "load", "--target", f"{HOST}:{server.port}", "--progress", "off",
@@ -149,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate", type=int, default=20000)
     ap.add_argument("--duration", type=float, default=30)
-    ap.add_argument("--store", choices=("memory", "redis", "otp"), default="memory",
-                    help="otp: the Erlang/OTP reference EIR instead of eir-server")
+    ap.add_argument("--store", choices=("memory", "redis", "redis-snapshot", "otp"),
+                    default="memory",
+                    help="otp: the Erlang/OTP reference EIR instead of eir-server; "
+                    "redis-snapshot: Redis with the register snapshot")
     ap.add_argument("--imeis", type=int, default=1_000_000, help="register rows (redis)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("serve_args", nargs="*", help="after --: extra `eir-server serve` options")
