@@ -14,11 +14,13 @@ blob); the filter, ceil(m / 8) bytes: bit (key % m) is set for every key, so nea
 that is not listed (most lookups) is answered by one bit, with no binary search (m, a prime, is
 about FILTER_BITS per key: ~6% of them pass it and are searched); extras blob of (uint32
 length, bytes) entries. m is prime because keys are decimal numbers: with a round m (a power of
-two, a multiple of ten), IMEIs that differ only in a few digits shared one bit. A key is the IMEI's 14 digits rotated so
-that the bucket suffix (last k digits) comes first: reading the buckets in suffix order and
-sorting each small bucket then yields the whole file in order, so a 10M-IMEI build never sorts
-(or holds) more than one bucket in Python objects. k = 0 (no rotation: the key is the IMEI) is
-what the embedded register's snapshot uses (register_snapshot.py), built from files, not buckets.
+two, a multiple of ten), IMEIs that differ only in a few digits shared one bit.
+
+A key is the IMEI's 14 digits rotated so that the bucket suffix (last k digits) comes first:
+reading the buckets in suffix order and sorting each small bucket then yields the whole file in
+order, so a 10M-IMEI build never sorts (or holds) more than one bucket in Python objects. k = 0
+(no rotation: the key is the IMEI) is what the embedded register's snapshot uses
+(register_snapshot.py), built from files, not buckets.
 
 The file is built by `eir_server.store.snapshot`'s `main` (a separate process: the decoding
 loop over millions of entries would stall the serving loop), named after the full load's version
