@@ -52,8 +52,8 @@ class MemoryStore:
         self._records: dict[str, ImeiRecord] = {}
         self._view: RegisterView | None = None
         self.stats = StoreStats()
-        # The hot path's lookup, compiled: the dict's get, or the mapped snapshot's; swapped
-        # as one (`_get`).
+        # The hot path's lookup, compiled: the dict's get, or the mapped snapshot's, swapped as
+        # one (`_lookup.get`).
         self._lookup = CountedLookup(self._records.get, self.stats)
         self._register_dir = Path(register_dir) if register_dir is not None else None
         self.max_bad_share = max_bad_share
@@ -80,18 +80,10 @@ class MemoryStore:
         may define a plain method instead."""
         return self._lookup.get_nowait
 
-    @property
-    def _get(self) -> Callable[[str], ImeiRecord | None]:
-        return self._lookup.get
-
-    @_get.setter
-    def _get(self, get: Callable[[str], ImeiRecord | None]) -> None:
-        self._lookup.get = get
-
     def fetch(self, imei14: str) -> asyncio.Future[ImeiRecord | None]:
         fut: asyncio.Future[ImeiRecord | None] = asyncio.get_running_loop().create_future()
         self.stats.fetches += 1
-        fut.set_result(self._get(imei14))
+        fut.set_result(self._lookup.get(imei14))
         return fut
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -127,7 +119,7 @@ class MemoryStore:
     def replace_all(self, records: dict[str, ImeiRecord], version: str | None = None) -> None:
         """Swap in a whole register at once (readers see the old or the new one, never a mix)."""
         self._records = records
-        self._get = records.get
+        self._lookup.get = records.get
         self._view = None  # unmapped once no lookup holds it (reference counting)
         self.version = version
         self.stats.version_changes += 1
@@ -185,10 +177,10 @@ class MemoryStore:
             # A dict lookup costs ~1/8 of the mapped binary search (~1.2k against ~9.9k
             # instructions), and so few records cost each worker little (<= ~35 MB).
             self._records = view.records()
-            self._get = self._records.get
+            self._lookup.get = self._records.get
         else:
             self._records = {}
-            self._get = view.get
+            self._lookup.get = view.get
         self._view = view
         self.version = view.version
         self.stats.version_changes += 1

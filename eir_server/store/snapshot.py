@@ -68,7 +68,7 @@ class Snapshot:
     """One mapped snapshot file. `get` returns the raw bucket value (int table id or bytes of
     an encoded listing) or None when the IMEI is not in this full load."""
 
-    __slots__ = ("path", "n", "k", "_cut", "_scale", "_shift", "_mm", "_keys", "_vals",
+    __slots__ = ("path", "n", "k", "_scale", "_shift", "_mm", "_keys", "_vals",
                  "_filter", "_bits", "_extras", "_index")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -86,7 +86,6 @@ class Snapshot:
             raise ValueError(f"{self.path}: not a complete register snapshot")
         self.n: int = n
         self.k: int = k
-        self._cut = 14 - k
         self._scale: int = 10**k
         self._shift: int = 10 ** (14 - k)
         mv = memoryview(self._mm)
@@ -114,8 +113,7 @@ class Snapshot:
 
     def find(self, key: int) -> int:
         """The position of `key` in the sorted keys, or -1."""
-        h = key % self._bits
-        if not self._filter[h >> 3] >> (h & 7) & 1:  # may_hold, inlined: most lookups end here
+        if not self.may_hold(key):  # most lookups end here
             return -1
         i = _bisect_right(self._index, key) - 1
         if i < 0:
@@ -127,16 +125,11 @@ class Snapshot:
         return pos if pos < hi and keys[pos] == key else -1
 
     def get(self, imei14: str) -> int | bytes | None:
-        cut = self._cut
-        return self._get_key(int(imei14[cut:] + imei14[:cut]))
+        return self.get_number(int(imei14))
 
     def get_number(self, imei: int) -> int | bytes | None:
         """`get` of the IMEI's 14 digits read as a number (as the store's caches key it)."""
-        scale = self._scale
-        return self._get_key(imei % scale * self._shift + imei // scale)  # rotated, inlined
-
-    def _get_key(self, key: int) -> int | bytes | None:
-        pos = self.find(key)
+        pos = self.find(self.rotated(imei))
         if pos < 0:
             return None
         v = self._vals[pos]
@@ -213,7 +206,7 @@ def bloom(keys: array[int]) -> tuple[int, bytes]:
 
     m = _prime_from(max(11, len(keys) * FILTER_BITS))
     filt = np.zeros((m + 7) // 8, dtype=np.uint8)
-    h = np.frombuffer(keys, dtype=np.uint64) % np.uint64(m) if len(keys) else np.zeros(0, np.uint64)
+    h = np.frombuffer(keys, dtype=np.uint64) % np.uint64(m)
     np.bitwise_or.at(filt, h >> np.uint64(3),
                      np.left_shift(np.uint8(1), (h & np.uint64(7)).astype(np.uint8)))
     return m, filt.tobytes()

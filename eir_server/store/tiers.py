@@ -50,7 +50,7 @@ class LocalTiers:
         self.snap: Snapshot | None = None
         self.table: dict[int, ImeiRecord] = {}
         # The IMEI get_nowait last found in no tier: the checker's next call is its fetch,
-        # which then skips the cache probe (`fetched_locally`).
+        # which then asks Redis without probing the tiers again (`fetched_locally`).
         self.missed: str | None = None
 
     def serve(self, overlay: dict[str, ImeiRecord | None], snap: Snapshot | None,
@@ -63,7 +63,6 @@ class LocalTiers:
         key = cache_key(imei14)
         r: Answer = self.cache.get_or(self.listed, key, _MISS)
         if r is _MISS:
-            self.missed = imei14
             r = self.overlay.get(imei14, _MISS)
             if r is _MISS:
                 if self.snap is not None:
@@ -75,19 +74,18 @@ class LocalTiers:
                             self.stats.snapshot_hits += 1
                         return r
                 self.stats.cache_misses += 1
+                self.missed = imei14
                 return _MISS
         self.stats.cache_hits += 1
         return r
 
     def fetched_locally(self, imei14: str) -> Answer:
         """What the tiers answer for a fetch (uncounted: get_nowait counted the lookup)."""
-        r: Answer
-        key = cache_key(imei14)
-        if imei14 is self.missed:  # the checker's order: get_nowait just probed the caches
+        if imei14 is self.missed:  # the checker's order: get_nowait just probed every tier
             self.missed = None
-            r = _MISS
-        else:
-            r = self.cache.get_or(self.listed, key, _MISS)
+            return _MISS
+        key = cache_key(imei14)
+        r: Answer = self.cache.get_or(self.listed, key, _MISS)
         if r is _MISS:
             r = self.overlay.get(imei14, _MISS)
             if r is _MISS and self.snap is not None:

@@ -188,7 +188,7 @@ def test_reload_switches_at_once_and_the_old_mapping_keeps_answering(tmp_path: P
     reg = write_register(tmp_path / "reg", {"blacklist": [[POOL[0], "20200101", "stolen"]]})
     s = MemoryStore(reg, snapshot_dir=tmp_path / "snap")
     s.load_register_dir(reg)
-    old_view, old_get = s._view, s._get
+    old_view, old_get = s._view, s._lookup.get
     assert s.get_nowait(POOL[0]) is not None and s.get_nowait(POOL[1]) is None
     write_register(reg, {"blacklist": [[POOL[1], "20200101", "stolen"]]}, ts="20260102_000000")
     s.load_register_dir(reg)
@@ -335,8 +335,8 @@ def test_a_small_register_is_looked_up_in_a_dict_with_the_same_answers(
     small = MemoryStore(reg, snapshot_dir=tmp_path / "snap")
     small.load_register_dir(reg)
     assert small.snapshot_path == mapped.snapshot_path  # one file, built once
-    assert type(small._get.__self__) is dict  # type: ignore[attr-defined]
-    assert type(mapped._get.__self__) is not dict  # type: ignore[attr-defined]
+    assert type(small._lookup.get.__self__) is dict  # type: ignore[attr-defined]
+    assert type(mapped._lookup.get.__self__) is not dict  # type: ignore[attr-defined]
     for i in range(3600):
         imei = f"{35000000000000 + i:014d}"
         assert small.get_nowait(imei) == mapped.get_nowait(imei)
