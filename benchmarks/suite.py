@@ -29,6 +29,7 @@ of a build other than the one meant (`make bench COMPILED=1` means mypyc).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -82,9 +83,13 @@ class Profile:
 
 # redis-snapshot-miss: the Redis store with the node's register snapshot (`snapshot_dir`), the
 # other answer to a miss than a round trip; one worker is enough to compare the two.
+# cluster-snapshot-miss: the same, the register in a 3-master Redis Cluster. closed8: 4 x 8 in
+# flight (32), where closed is 4 x 64 (256): fewer requests per turn of the loop.
 FULL_MATRIX = tuple((s, w, m) for s in ("memory", "redis-hit", "redis-miss") for w in (1, 2)
                     for m in ("closed", "open")) + tuple(
-    ("redis-snapshot-miss", 1, m) for m in ("closed", "open"))
+    ("redis-snapshot-miss", 1, m) for m in ("closed", "closed8", "open")) + (
+    ("redis-miss", 1, "closed8"),
+    ("cluster-snapshot-miss", 1, "closed"), ("cluster-snapshot-miss", 1, "closed8"))
 PROFILES = {
     "smoke": Profile("smoke", 0.6, 0.2, 300, 2_000, 500, 20_000,
                      (("memory", 1, "closed"), ("redis-miss", 1, "open")), (2_000,), 5_000,
@@ -100,6 +105,10 @@ TARGETS: dict[str, tuple[float, str]] = {
     "ecr.memory.w1.closed.answers_per_s": (50_000, "≥"),
     "ecr.memory.w1.open.p99_ms": (10.0, "≤"),
     "ecr.redis-miss.w1.open.p99_ms": (10.0, "≤"),
+    "ecr.redis-snapshot-miss.w1.closed.server_cpu_us": (10.0, "≤"),
+    "ecr.redis-snapshot-miss.w1.closed8.server_cpu_us": (15.0, "≤"),
+    "ecr.cluster-snapshot-miss.w1.closed.server_cpu_us": (10.0, "≤"),
+    "ecr.cluster-snapshot-miss.w1.closed8.server_cpu_us": (15.0, "≤"),
     "codec.ecr_in_eca_out_us": (10.0, "≤"),
     "policy.decide_common_us": (2.0, "≤"),
     "register.rows_per_s_1M": (200_000, "≥"),
@@ -409,27 +418,40 @@ def suite_ecr(ctx: Ctx, f: Figures) -> None:
     p = ctx.profile
     curves: dict[str, Any] = {}
     redis = None
+    cluster: contextlib.ExitStack | None = None
+    cluster_url = ""
     try:
         for store, workers, mode in p.ecr_matrix:
             args = ["--workers", str(workers)]
             imeis = "range:35209900000000:2000"
             snapdir = None
-            if store != "memory":
+            if store.startswith("cluster"):
+                if cluster is None:
+                    from benchmarks.bench_miss_path import local_cluster
+                    cluster = contextlib.ExitStack()
+                    cluster_url = cluster.enter_context(local_cluster(
+                        Path(tempfile.mkdtemp(prefix="cluster-", dir=ctx.work))))
+                    sync(cluster_url, _register(ctx, 20_000))
+                url = cluster_url
+            elif store != "memory":
                 if redis is None:
                     redis = Redis(ctx.work)
                     sync(redis.url, _register(ctx, 20_000))
-                if store == "redis-snapshot-miss":
+                url = redis.url
+            if store != "memory":
+                if store.endswith("snapshot-miss"):
                     snapdir = Path(tempfile.mkdtemp(prefix="snap-", dir=ctx.work))
-                    args += ["--store", f"{redis.url}?snapshot_dir={snapdir}"]
+                    args += ["--store", f"{url}?snapshot_dir={snapdir}"]
                 else:
-                    args += ["--store", redis.url]
+                    args += ["--store", url]
                 if store.endswith("-miss"):  # each request a new IMEI: none is in a cache
                     imeis = f"range:35210000000000:{p.miss_imeis}"
-            loop_args = (["--inflight", "64"] if mode == "closed"
+            inflight = {"closed": 64, "closed8": 8}.get(mode)
+            loop_args = (["--inflight", str(inflight)] if inflight
                          else ["--rate", str(p.open_rate)])
             label = (f"ECR {store}, {workers} worker{'s' if workers > 1 else ''}, "
-                     f"{mode} loop" + (f" at {p.open_rate}/s" if mode == "open" else
-                                       ", 4 x 64 in flight"))
+                     + (f"open loop at {p.open_rate}/s" if inflight is None else
+                        f"closed loop, 4 x {inflight} in flight"))
             server = Server(*args, cpu=0 if workers == 1 else None)
             try:
                 if snapdir is not None:
@@ -441,6 +463,8 @@ def suite_ecr(ctx: Ctx, f: Figures) -> None:
     finally:
         if redis is not None:
             redis.stop()
+        if cluster is not None:
+            cluster.close()
     plot_percentiles(ctx, "ecr", curves, "ECR end to end: latency percentile curves")
 
 

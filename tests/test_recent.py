@@ -3,10 +3,12 @@ never more than its bound, never a stale value, and the recently written always 
 
 from __future__ import annotations
 
+import sys
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eir_server.recent import RecentMap
+from eir_server.recent import SHARDS, RecentMap
 
 OPS = st.lists(st.tuples(st.sampled_from(["put", "discard"]), st.integers(0, 60),
                          st.integers(0, 5)), max_size=400)
@@ -22,6 +24,9 @@ def test_against_a_model(ops: list[tuple[str, int, int]], bound: int) -> None:
             m.put(key, value)
             last[key] = value
             new_keys.append(key)
+        elif key == 0:  # now and then: forget everything
+            m.forget()
+            last.clear()
         else:
             m.discard(key)
             last.pop(key, None)
@@ -96,3 +101,56 @@ def test_swap_is_get_then_put(ops: list[tuple[str, int, int]], bound: int) -> No
             b.discard(key)
         assert (a.young, a.evicted, len(a)) == (b.young, b.evicted, len(b))
     assert [a.get(k) for k in range(61)] == [b.get(k) for k in range(61)]
+
+
+def test_keys_in_sequence_grow_one_shard_at_a_time() -> None:
+    """End-to-End-Ids and blocks of IMEIs come in sequence. Shards with even shares of them all
+    reached their next table size within the same SHARDS writes: one rehash of the whole map
+    (19 ms at 350k keys). Shards' uneven shares spread those growths out."""
+    m: RecentMap[None] = RecentMap(2_000_000)
+    sizes = [sys.getsizeof(d) for d in m._young]
+    window: list[tuple[int, int]] = []  # (write, keys rehashed) of growths in the last SHARDS
+    worst = 0.0  # most keys rehashed within SHARDS writes, as a share of the map
+    for i in range(1, 300_001):
+        m.put(35_209_900_000_000 + i, None)
+        if i % 16 == 0:  # every shard's table size, sampled
+            now = [sys.getsizeof(d) for d in m._young]
+            window = [g for g in window if g[0] > i - SHARDS]
+            window += [(i, len(d)) for d, a, b in zip(m._young, now, sizes, strict=True) if a != b]
+            sizes = now
+            if i >= 10_000:
+                worst = max(worst, sum(n for _, n in window) / i)
+    assert sum(len(d) for d in m._young) == 300_000
+    assert worst <= 0.1, worst  # even shares: 1.0, the whole map at each doubling
+
+
+def test_a_dropped_generation_is_freed_a_shard_at_a_time() -> None:
+    m: RecentMap[None] = RecentMap(2 * 64 * 1024)  # half: 65,536 keys
+    for i in range(65_536):
+        m.put(i * 7919, None)
+    m.put(-1, None)  # the turn: the first generation becomes old
+    for i in range(65_536):
+        m.put(i * 7919 + 1, None)
+    m.put(-2, None)  # the second turn: the first generation is dropped
+    assert len(m._dying) == SHARDS
+    freed_at = []
+    for i in range(65_536 // 4 + 1):
+        before = len(m._dying)
+        m.put(i * 7919 + 2, None)
+        if len(m._dying) < before:
+            freed_at.append(i)
+    assert not m._dying  # all gone within a quarter of the generation's writes
+    gaps = [b - a for a, b in zip(freed_at, freed_at[1:], strict=False)]
+    assert min(gaps) >= 200  # never two shards freed close together
+
+
+def test_forget_drops_every_key_at_once_and_frees_them_later() -> None:
+    m: RecentMap[int] = RecentMap(1000)
+    for i in range(700):
+        m.put(i, i)
+    m.forget()
+    assert len(m) == 0 and all(m.get(i) is None for i in range(700))
+    assert len(m._dying) >= 2 * SHARDS  # held, to be freed a shard at a time
+    for i in range(700, 1400):
+        m.put(i, i)
+    assert m.get(1399) == 1399 and m.get(5) is None

@@ -153,7 +153,10 @@ class _ImeiEntry:
 
 
 REFRESH = 60.0  # seconds: how stale the last-seen time of an unchanged pair may get
-FRESH_MAX: Final = 65_536  # pairs the hot path can skip within one REFRESH period (then forgotten)
+# Pairs the hot path can skip within one REFRESH period: ~20 MB per worker at ~150 bytes a pair
+# (two strings and their slots). Two generations of half this, the least recently written
+# forgotten first, so a set of devices a little larger than half still mostly skips.
+FRESH_MAX: Final = 131_072
 _NONE: Final[list[str]] = []  # no signal (never appended to)
 
 # The maps hold ints: (the other identity's code << STAMP_BITS) | last seen in ms (see
@@ -229,12 +232,17 @@ class DeviceChangeDetector:
         self._by_imsi: RecentMap[int] = RecentMap(max_tracked)
         # IMEIs seen with several IMSIs: rare, but GC-tracked objects, so kept apart.
         self._multi: RecentMap[_ImeiEntry] = RecentMap(max_tracked)
-        # IMSI -> IMEI body of the pairs written in this REFRESH period whose state is exactly
+        # hash(IMSI) -> IMEI body of the pairs written in this REFRESH period whose state is exactly
         # "this IMEI has only this IMSI, this IMSI last had this IMEI": seeing them again has
         # nothing to signal and nothing to write, so it costs one lookup (here, and before
         # queuing in AuditRecorder.record). Entries leave when either side changes, all of
-        # them when the period ends. Strings only (already held by the maps): not GC-tracked.
-        self.fresh: dict[str, str] = {}
+        # them when the period ends. Keyed by the IMSI's str hash (cached in the request's
+        # string): an int-keyed table compares the hashes it holds, a str-keyed one read each
+        # probed key object, cold memory (with every device new, 11% of a worker). Two IMSIs
+        # with one hash would also need one IMEI body to be taken for each other (1 in 2^64).
+        # A RecentMap rather than a dict, so that neither its growth nor its end is one long
+        # pause (a 65k-pair dict cleared or rehashed whole took 2 ms in one slice of this task).
+        self.fresh: RecentMap[str] = RecentMap(FRESH_MAX)
         self.fresh_until = float("-inf")
         self._log = get_logger("eir_server.audit")
 
@@ -242,7 +250,7 @@ class DeviceChangeDetector:
         if not imsi:
             return []
         fresh = self.fresh
-        known = fresh.get(imsi)
+        known = fresh.get(hash(imsi))
         if known is not None and when < self.fresh_until and imei.startswith(known):
             return _NONE  # an unchanged pair, written this period (the common case)
         self.expire(when)
@@ -276,11 +284,9 @@ class DeviceChangeDetector:
                 self._signal(when, "imsi_imei_change", imsi=imsi, imei=key,
                              previous_imei=_digits(seen))
         if single and len(key) == 14:  # 14: `startswith` above then means "same body"
-            if len(fresh) >= FRESH_MAX:
-                fresh.clear()
-            fresh[imsi] = key
+            fresh.put(hash(imsi), key)
         else:
-            fresh.pop(imsi, None)
+            fresh.discard(hash(imsi))
         return signals
 
     def last_seen(self, imsi: str) -> tuple[str, float] | None:
@@ -301,7 +307,7 @@ class DeviceChangeDetector:
         """A second IMSI (or another) for IMEI `key` (code `k`), which held `seen` (an IMSI's
         code, or _MULTI) last written at `seen_at`."""
         if seen != _MULTI:
-            self.fresh.pop(_digits(seen), None)  # its IMEI is no longer its alone
+            self.fresh.discard(hash(_digits(seen)))  # its IMEI is no longer its alone
             entry = _ImeiEntry()
             entry.imsis[seen] = seen_at
         else:
@@ -325,7 +331,7 @@ class DeviceChangeDetector:
     def expire(self, now: float) -> None:
         """End the REFRESH period of `fresh` once `now` is past it (or the clock jumped back)."""
         if not self.fresh_until - REFRESH <= now < self.fresh_until:
-            self.fresh.clear()
+            self.fresh.forget()
             self.fresh_until = now + REFRESH
 
     def _signal(self, when: float, kind: str, **context: Any) -> None:
@@ -438,7 +444,7 @@ class AuditRecorder:
                 det = self.detector
                 if det is None or not req.imsi:
                     return
-                known = det.fresh.get(req.imsi)
+                known = det.fresh.get(hash(req.imsi))
                 if known is not None and when < det.fresh_until and req.imei.startswith(known):
                     return  # the detector would skip it too (see observe): no need to queue
         self._enqueue((when, req, verdict, peer, interface) if keep
@@ -470,7 +476,7 @@ class AuditRecorder:
         if not imsi:
             return
         imei = req.imei
-        known = det.fresh.get(imsi)
+        known = det.fresh.get(hash(imsi))
         if known is not None and imei.startswith(known):
             return
         self._enqueue((self._clock(), imei, imsi))

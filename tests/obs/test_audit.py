@@ -352,13 +352,13 @@ async def test_the_flush_task_ends_a_fresh_period() -> None:
     assert det is not None
     rec.record_now(req(1, imsi="001"), WHITE, "mme", "s13")
     await rec.flush()
-    assert det.fresh == {"001": req(1).imei[:14]}
+    assert det.fresh.get(hash("001")) == req(1).imei[:14] and len(det.fresh) == 1
     rec.start()
     await asyncio.sleep(0.05)
-    assert det.fresh  # still within the period
+    assert len(det.fresh) == 1  # still within the period
     now[0] += REFRESH
     await asyncio.sleep(0.05)
-    assert not det.fresh
+    assert len(det.fresh) == 0 and det.fresh.get(hash("001")) is None
     await rec.close()
 
 
