@@ -2,7 +2,10 @@
 
 Closed loop: each connection keeps `inflight` ECRs outstanding; whatever one read completes is
 replaced in one write. Open loop: a 1 ms timer sends what the schedule says is due (constant
-rate or a linear ramp), each request stamped with its *scheduled* send time, and latency is
+rate or a linear ramp), or with `pacing="exact"` each request when it is due (the loop spins:
+the event loop's timers have a 1 ms resolution, and a tick's requests arriving in one write are
+answered as one batch, so the last of them waits for the others: a burst no network of many
+devices sends), each request stamped with its *scheduled* send time, and latency is
 measured from that stamp: a server that stalls cannot hide its queue by slowing the generator
 down (no coordinated omission). A request unanswered `timeout` seconds after that stamp is a
 timeout; its late answer is counted as such, never as a latency.
@@ -60,6 +63,7 @@ class LoadConfig:
     connections: int = 4
     inflight: int = 64
     rate: tuple[float, float] | None = None  # (start, end) per second: open loop
+    pacing: str = "tick"  # open loop: "tick" (what is due each 1 ms) or "exact" (spin)
     duration: float = 10.0
     warmup: float = 1.0
     timeout: float = 2.0
@@ -271,7 +275,10 @@ class Generator:
             live[self.turn % len(live)].send([self.t0 + self.sched_time(i)
                                               for i in range(first, due)])
         loop = asyncio.get_running_loop()
-        loop.call_at(loop.time() + TICK, self.tick)
+        if self.cfg.pacing == "exact":
+            loop.call_soon(self.tick)  # a turn of the loop (its reads too) per check, no sleep
+        else:
+            loop.call_at(loop.time() + TICK, self.tick)
 
 
 class Conn(asyncio.Protocol):

@@ -56,6 +56,10 @@ def add_load_parser(sub: Any) -> None:
     mode.add_argument("--rate", type=_rate, default=None, metavar="R|START:END",
                       help="open loop: requests per second over all connections, or a linear "
                       "ramp START:END over warmup + duration; latency from the scheduled time")
+    p.add_argument("--pacing", choices=("tick", "exact"), default="tick",
+                   help="open loop: tick sends what is due every 1 ms, one write per tick (the "
+                   "default, cheap); exact sends each request at its scheduled time, spinning a "
+                   "CPU (smooth arrivals, as from many devices; pin it with --pin)")
     p.add_argument("--duration", type=_positive(float), default=10.0, metavar="S",
                    help="measured seconds (default 10)")
     p.add_argument("--warmup", type=float, default=1.0, metavar="S",
@@ -107,6 +111,9 @@ def run_load(args: argparse.Namespace) -> int:
     if not 0 <= args.listed_share <= 1:
         print("eir-server load: --listed-share must be within 0..1", file=sys.stderr)
         return report.EXIT_USAGE
+    if args.pacing == "exact" and args.rate is None:
+        print("eir-server load: --pacing exact is for the open loop (--rate)", file=sys.stderr)
+        return report.EXIT_USAGE
     progress = {"on": True, "off": False, "auto": sys.stderr.isatty()}[args.progress]
     if progress:  # a range of millions takes a minute to build before the first connection
         sys.stderr.write(f"preparing the requests of {args.imeis} ...\n")
@@ -127,12 +134,13 @@ def run_load(args: argparse.Namespace) -> int:
         me=Identity(args.origin_host, args.origin_realm, args.destination_realm,
                     args.destination_host),
         entries=entries, connections=args.connections, inflight=args.inflight or 64,
-        rate=args.rate, duration=args.duration, warmup=max(args.warmup, 0.0),
+        rate=args.rate, pacing=args.pacing, duration=args.duration, warmup=max(args.warmup, 0.0),
         timeout=min(args.timeout, 3600.0),
         progress=_stderr_progress if progress else None)
     mode = (f"closed loop, {cfg.inflight} in flight per connection" if args.rate is None
             else f"open loop, {args.rate[0]:g}" + (f" to {args.rate[1]:g}" if args.rate[1] !=
-                                                   args.rate[0] else "") + " requests/s")
+                                                   args.rate[0] else "") + " requests/s"
+            + (", exact pacing" if args.pacing == "exact" else ""))
     t0 = time.monotonic()
     stats = run(cfg, load_dictionary())
     if progress:

@@ -96,6 +96,16 @@ def test_wrong_expectations_are_mismatches(eir, tmp_path):
     assert rc == 0, out
 
 
+def test_exact_pacing_sends_the_whole_schedule(eir, tmp_path):
+    """--pacing exact: each request on its own turn of the generator's loop, none left out."""
+    rc, r, out = load("--target", f"127.0.0.1:{eir}", "--connections", "2", "--rate", "2000",
+                      "--duration", "1", "--warmup", "0", "--pacing", "exact", "--json",
+                      str(tmp_path / "r.json"))
+    assert rc == 0, out
+    assert r["config"]["mode"] == "open loop, 2000 requests/s, exact pacing"
+    assert 1990 <= r["answers"] <= 2010 and r["timeouts"] == 0
+
+
 def test_nothing_listening_is_exit_3(tmp_path):
     rc, r, out = load("--target", f"127.0.0.1:{free_port()}", "--duration", "1", "--json",
                       str(tmp_path / "r.json"))
@@ -107,7 +117,8 @@ def test_bad_usage_is_exit_2(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("3520990017614x\n")
     for args in (["--imeis", str(bad)], ["--imeis", "range:1:2"], ["--target", "nope"],
-                 ["--rate", "0"], ["--connections", "2", "--origin-host", "one.host"]):
+                 ["--rate", "0"], ["--connections", "2", "--origin-host", "one.host"],
+                 ["--pacing", "exact"]):  # exact pacing is for the open loop
         rc, _r, out = load(*args)
         assert rc == 2, (args, out)
 
