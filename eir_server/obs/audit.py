@@ -154,8 +154,8 @@ class _ImeiEntry:
 
 REFRESH = 60.0  # seconds: how stale the last-seen time of an unchanged pair may get
 # Pairs the hot path can skip within one REFRESH period: ~20 MB per worker at ~150 bytes a pair
-# (two strings and their slots). Two generations of half this, the least recently written
-# forgotten first, so a set of devices a little larger than half still mostly skips.
+# (an int key, a 14-digit string, their table slots). Two generations of half this, the least
+# recently written forgotten first, so a set of devices a little larger than half still skips.
 FRESH_MAX: Final = 131_072
 _NONE: Final[list[str]] = []  # no signal (never appended to)
 
