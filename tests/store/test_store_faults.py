@@ -142,7 +142,8 @@ async def test_busy_worker_never_declares_a_healthy_redis_down(redis_url, dirbs,
 async def test_lookup_our_loop_cannot_finish_is_overloaded_not_redis_down(
         redis_url, dirbs, sync_dir, client):
     """A lookup still unfinished after HARD_TIMEOUT_FACTOR x timeout of wall time, all of it
-    our loop's fault, fails with StoreOverloaded (answered "too busy"); Redis stays up."""
+    our loop's fault, fails with StoreOverloaded (answered "too busy"); Redis stays up. (The
+    redis-py client may also return the reply it read: see below.)"""
     from eir_server.store import StoreOverloaded
     from eir_server.store.redis_store import HARD_TIMEOUT_FACTOR
 
@@ -160,10 +161,18 @@ async def test_lookup_our_loop_cannot_finish_is_overloaded_not_redis_down(
         block = 0.05 * HARD_TIMEOUT_FACTOR + 0.1
         if client == "lean":
             loop.call_soon(time.sleep, block)
+            with pytest.raises(StoreOverloaded):
+                await fut
         else:
+            # Whether redis-py's reply is already read when the block comes (a normal answer)
+            # or is read after it (StoreOverloaded, or the answer if the task resumes before
+            # the deadline check) depends on the machine: this placement raised on one VM and
+            # never on another, at any number of callbacks. Each is right; Redis down is not.
             loop.call_later(0.001, time.sleep, block)
-        with pytest.raises(StoreOverloaded):
-            await fut
+            try:
+                assert await fut is not None
+            except StoreOverloaded:
+                pass
         assert s.ready and s.stats.redis_up == 1
         assert await s.fetch(LISTED[6]) is not None
     finally:
