@@ -250,7 +250,8 @@ class DeviceChangeDetector:
         if not imsi:
             return []
         fresh = self.fresh
-        known = fresh.get(hash(imsi))
+        pair = hash(imsi)  # the fresh pairs' key (see __init__)
+        known = fresh.get(pair)
         if known is not None and when < self.fresh_until and imei.startswith(known):
             return _NONE  # an unchanged pair, written this period (the common case)
         self.expire(when)
@@ -284,9 +285,9 @@ class DeviceChangeDetector:
                 self._signal(when, "imsi_imei_change", imsi=imsi, imei=key,
                              previous_imei=_digits(seen))
         if single and len(key) == 14:  # 14: `startswith` above then means "same body"
-            fresh.put(hash(imsi), key)
+            fresh.put(pair, key)
         else:
-            fresh.discard(hash(imsi))
+            fresh.discard(pair)
         return signals
 
     def last_seen(self, imsi: str) -> tuple[str, float] | None:
