@@ -166,6 +166,10 @@ class ServeConfig:
                                         "within the window", metavar="N")
     device_signal_window: float = _opt(86400.0, "window of the device signals, seconds",
                                        metavar="SECONDS")
+    device_signal_max_devices: int = _opt(1_000_000, "IMEIs, and as many IMSIs, the device "
+                                          "signals remember per worker (least recently seen "
+                                          "forgotten first); ~120 bytes each when full",
+                                          metavar="N")
     policy: Mapping[str, Any] = field(default_factory=dict,
                                       metadata={"help": None, "choices": None, "metavar": None})
 
@@ -218,8 +222,10 @@ class ServeConfig:
             raise ValueError("workers: must be at least 1")
         if self.watchdog_interval < 6:
             raise ValueError("watchdog_interval: RFC 3539 requires at least 6 seconds")
-        if self.device_signal_max_imsis < 1 or self.device_signal_window <= 0:
-            raise ValueError("device_signal_max_imsis and device_signal_window must be positive")
+        if (self.device_signal_max_imsis < 1 or self.device_signal_window <= 0
+                or self.device_signal_max_devices < 1):
+            raise ValueError("device_signal_max_imsis, device_signal_window and "
+                             "device_signal_max_devices must be positive")
         if not 0.0 <= self.audit_sample <= 1.0:
             raise ValueError("audit_sample: must be between 0 and 1")
         if self.max_message_length < 20:

@@ -479,6 +479,7 @@ def _audit_recorder(cfg: ServeConfig, metrics: Metrics) -> AuditRecorder | None:
     every check even when auditing is off or sampled."""
     detector = (DeviceChangeDetector(metrics, max_imsis=cfg.device_signal_max_imsis,
                                      window=cfg.device_signal_window,
+                                     max_tracked=cfg.device_signal_max_devices,
                                      log_identities=cfg.log_identities == "on")
                 if cfg.device_signals == "on" else None)
     sink = (make_sink(cfg.store, audit_dir=cfg.audit_dir or None)

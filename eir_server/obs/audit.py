@@ -242,7 +242,7 @@ class DeviceChangeDetector:
         # with one hash would also need one IMEI body to be taken for each other (1 in 2^64).
         # A RecentMap rather than a dict, so that neither its growth nor its end is one long
         # pause (a 65k-pair dict cleared or rehashed whole took 2 ms in one slice of this task).
-        self.fresh: RecentMap[str] = RecentMap(FRESH_MAX)
+        self.fresh: RecentMap[str] = RecentMap(min(FRESH_MAX, max_tracked))
         self.fresh_until = float("-inf")
         self._log = get_logger("eir_server.audit")
 

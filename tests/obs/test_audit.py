@@ -374,6 +374,23 @@ def test_detector_memory_is_bounded() -> None:
     assert det.last_seen(f"00101{999:010d}") == (f"35{999:012d}", 999)
 
 
+def test_serve_bounds_the_detector_by_its_option() -> None:
+    """`--device-signal-max-devices` reaches the detector a worker builds, fresh pairs
+    included (they can never outnumber the pairs tracked)."""
+    from eir_server.config import ServeConfig
+    from eir_server.io.app import _audit_recorder
+
+    rec = _audit_recorder(ServeConfig(device_signal_max_devices=100), Metrics())
+    assert rec is not None and rec.detector is not None
+    det = rec.detector
+    for i in range(1000):  # within one REFRESH period, so no fresh pair leaves by time
+        det.observe(i / 1000, f"35{i:012d}", f"00101{i:010d}")
+    imeis, imsis = det.tracked()
+    assert 50 <= imeis <= 100 and 50 <= imsis <= 100 and len(det.fresh) <= 100
+    with pytest.raises(ValueError, match="device_signal_max_devices"):
+        ServeConfig(device_signal_max_devices=0)
+
+
 def test_a_device_seen_again_is_not_forgotten() -> None:
     """Bounded by generations: a pair seen again while other devices churn through stays
     tracked (a change of its IMEI is still signalled), however many others came and went."""
