@@ -168,6 +168,10 @@ def run(rate: int, duration: float, store: str, imeis: int, work: Path,
         | {"late_ms": r.get("generator", {}).get("open_loop_max_lag_ms")},
         "wire": w.summary(),
         "wire_worst_seconds": [(s, round(max(v) / 1000, 2)) for s, v in worst],
+        # [start (wall clock, s), length (ms)] of the first 500 stalls over 1 ms: a period
+        # between them, or what a profiler of the server's CPU saw then (docs/operations.md)
+        "server_stalls": [[round(t, 6), round(ms, 2)] for t, ms in
+                          zip(w.server_stall_at[:500], w.server_stalls_ms[:500], strict=True)],
     }
 
 

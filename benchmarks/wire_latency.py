@@ -52,6 +52,9 @@ class WireLatency:
     # Whose tail is it? A server stall: requests waiting and no answer leaving for a while. A
     # generator stall: no request arriving for a while (then a burst, answered in turn).
     server_stalls_ms: list[float] = field(default_factory=list)
+    # When each began (capture time: the wall clock, so `perf record -k CLOCK_REALTIME` samples
+    # of the server's CPU can be matched with them).
+    server_stall_at: list[float] = field(default_factory=list)
     sender_gaps_ms: list[float] = field(default_factory=list)
     by_result: dict[int, list[float]] = field(default_factory=dict)  # Result-Code -> latencies
 
@@ -220,6 +223,7 @@ def analyse(path: Path, server_port: int) -> WireLatency:
             elif not to_server and not flags_byte & _REQUEST:
                 if sent and last_answer is not None and ts - last_answer > SERVER_STALL:
                     res.server_stalls_ms.append((ts - last_answer) * 1000)
+                    res.server_stall_at.append(last_answer)
                 last_answer = ts
                 t0 = sent.pop((dst, dport, hbh), None)
                 if t0 is None:

@@ -58,6 +58,7 @@ def test_pairs_requests_and_answers(tmp_path: Path) -> None:
     assert [round(x) for x in r.latencies_us] == [2500, 10000, 8000]
     # Requests waiting and nothing answered: 10.100 -> 10.1025, then 10.1025 -> 10.1100.
     assert [round(x, 1) for x in r.server_stalls_ms] == [2.5, 7.5]
+    assert r.server_stall_at == [10.100, 10.1025]
     assert {c: len(v) for c, v in r.by_result.items()} == {3004: 1, 2001: 2}
     assert round(r.result_percentile((2001,), 99)) == 10000
     s = r.summary()
