@@ -98,17 +98,21 @@ def test_workers_share_the_port_and_metrics_add_up(tmp_path: Path) -> None:
             s.sendall(cer(hbh=1, host=f"mme{i}.epc.test"))
             cea = recv_message(s)
             assert struct.unpack("!II", cea[20:24] + cea[28:32]) == (268, 2001)
-            s.sendall(ecr(hbh=2))
+            # A device each: the device signals' gauge counts them (in the background flush).
+            s.sendall(ecr(hbh=2, imei=f"490154203237{i:02d}", imsi=f"00101000000000{i}"))
             assert struct.unpack("!I", recv_message(s)[4:8])[0] & 0xFFFFFF == 324
             conns.append(s)
         body = ""
+        want = ('eir_requests_total{command="ECR",interface="s13",result="2001"} 8.0',
+                'eir_device_signals_tracked{kind="imei"} 8.0',
+                'eir_device_signals_tracked{kind="imsi"} 8.0')
         for _ in range(50):
             body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
             body = body.decode()
-            if 'eir_requests_total{command="ECR",interface="s13",result="2001"} 8.0' in body:
+            if all(w in body for w in want):
                 break
             time.sleep(0.1)
-        assert 'eir_requests_total{command="ECR",interface="s13",result="2001"} 8.0' in body
+        assert [w for w in want if w not in body] == []
         assert 'eir_metrics_workers{state="reporting"} 2.0' in body
         for s in conns:
             s.close()

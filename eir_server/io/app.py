@@ -119,6 +119,8 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
     if hasattr(store, "tac_file") and not policy.config.tac_database_file:
         tac_task = asyncio.ensure_future(_follow_tac_file(store, cfg, checker))
     recorder = _audit_recorder(cfg, metrics)
+    if recorder is not None and recorder.detector is not None:
+        metrics.set_gauge_callback("device_signals", recorder.detector.tracked)
     node = DiameterNode(peer_cfg, load_dictionary(), checker, metrics,
                         DuplicateCache(cfg.duplicate_window, cfg.duplicate_max_entries,
                                        cfg.duplicate_max_bytes),

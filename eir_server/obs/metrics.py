@@ -355,6 +355,15 @@ SPECS: tuple[MetricSpec, ...] = (
         "Device-change/clone signals: imei_multi_imsi, imsi_imei_change.",
         ("kind",),
     ),
+    MetricSpec(
+        "eir_device_signals_tracked",
+        "gauge",
+        "IMEIs and IMSIs the device signals remember (kind imei, imsi; per worker at most "
+        "--device-signal-max-devices each, summed over workers).",
+        ("kind",),
+        "sum",
+        "device_signals",
+    ),
     # --- register sync (the run records `eir-server sync` keeps in Redis) -------------------
     MetricSpec(
         "eir_sync_runs_total",
@@ -631,6 +640,7 @@ class Metrics:
       "queue_depth" -> number
       "layouts"     -> mapping: entries, evictions (the Diameter fast path's layout caches)
       "overload"    -> mapping: delay (s), reduction (%), active (0/1)
+      "device_signals" -> (IMEIs, IMSIs) the device-change detector remembers
       "store"       -> the store's `stats` (StoreStats) or a mapping with any of
                        cache_hits, cache_misses, fetches, fetch_batches, cache_evictions,
                        redis_errors, unavailable_fetches (monotonic ints), redis_up (0/1);
@@ -716,6 +726,9 @@ class Metrics:
             s["eir_overload_delay_seconds"] = {(): float(ov["delay"])}
             s["eir_overload_reduction_percent"] = {(): float(ov["reduction"])}
             s["eir_overload_shedding"] = {(): float(ov["active"])}
+        if "device_signals" in cb:
+            imeis, imsis = cb["device_signals"]()
+            s["eir_device_signals_tracked"] = {("imei",): float(imeis), ("imsi",): float(imsis)}
         if "layouts" in cb:
             layouts = cb["layouts"]()
             s["eir_diameter_layout_cache_entries"] = {(): float(layouts["entries"])}
