@@ -79,7 +79,8 @@ def platform_stalls(seconds: float = 3.0) -> dict[str, float]:
             "  if g>mx: mx=g\n"
             "print(n1/d,mx*1000,w5/d,w1/d)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(cpu), str(seconds)],
-                              stdout=subprocess.PIPE, text=True) for cpu in (0, 1)]
+                              stdout=subprocess.PIPE, text=True)
+             for cpu in (SERVER_CPU, GENERATOR_CPU)]
     per_s, worst = 0.0, 0.0
     shares: list[tuple[float, float]] = []
     for p in procs:
@@ -101,7 +102,7 @@ class _Otp:
         ebin = work / "otp"
         ebin.mkdir()
         otp.compile_otp(ebin)
-        self.srv = otp.OtpServer(ebin, HOST, free_port(), 0, "1:1", [], True)
+        self.srv = otp.OtpServer(ebin, HOST, free_port(), SERVER_CPU, "1:1", [], True)
         self.port = self.srv.port
 
     def cpu(self) -> float:
