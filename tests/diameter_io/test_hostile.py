@@ -213,24 +213,20 @@ async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
     probe_reports: list[tuple[int, int, int] | None] = []
     probing = True
 
-    def withdrawal_pending() -> bool:
-        """A report was seen and nothing has withdrawn it since."""
-        state = False
-        for r in probe_reports:
-            if r is not None:
-                state = r[1] > 0 and r[2] > 0
-        return state
-
     async def probe_loop() -> None:
         i = 0
+        reducing = False  # the last report seen asks for a reduction (not withdrawn since)
         # After the load, on until the report it saw is withdrawn (the wait below bounds it).
-        while probing or i < 30 or withdrawal_pending():
+        while probing or i < 30 or reducing:
             i += 1
             await probe.send(ecr(IMEI_UNKNOWN, n=10_000_000 + i, extra=[DOIC_AVP]))
             m = await probe.recv(timeout=60)
             while m.code != 324:  # a DWR from our watchdog
                 m = await probe.recv(timeout=60)
-            probe_reports.append(olr(m))
+            r = olr(m)
+            probe_reports.append(r)
+            if r is not None:
+                reducing = r[1] > 0 and r[2] > 0
             await asyncio.sleep(0.01)
 
     prober = asyncio.ensure_future(probe_loop())
