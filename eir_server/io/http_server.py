@@ -19,6 +19,7 @@ import email.utils
 import functools
 import http
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -52,6 +53,9 @@ INTERFACE = "n5g_eir"  # the label value the metrics, audit trail and export alr
 RETRY_AFTER = 1  # seconds: requests waiting for the store drain within that in practice
 MAX_SOURCES = 256  # consumer addresses tracked for fair shedding before idle ones are dropped
 _SHED_OVERLOAD = (INTERFACE, "overload")  # eir_requests_shed_total{interface, reason}
+# eir_requests_total{command}: the method, from a bounded set (any token is a method, and
+# the label must not grow with what consumers send)
+_COMMANDS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
 
 
 class ConsumerShare:
@@ -137,7 +141,8 @@ class N5gEirService:
         except Exception:
             r = self._internal_error(path)
         assert type(r) is Response
-        self._requests[(INTERFACE, method if r.status != 405 else "other", r.result)] += 1
+        command = method if r.status != 405 and method in _COMMANDS else "other"
+        self._requests[(INTERFACE, command, r.result)] += 1
         self.answered_now += 1
         return r
 
@@ -434,7 +439,8 @@ class HttpConnection(asyncio.Protocol):
             for sid, method, path, query, headers in requests:
                 a = request(method, path, query, headers.get, client, later, sid, t0)
                 if a is not None:
-                    respond(sid, _head(a, date), a.body)
+                    # RFC 9110 9.3.2: no content in an answer to HEAD (its fields stay)
+                    respond(sid, _head(a, date), a.body if method != "HEAD" else b"")
             service.observe_latency(service.clock() - t0)
         if h2.errors:
             self._h2_errors(h2)
@@ -526,6 +532,11 @@ class _Http1:
                 return
             if isinstance(event, h11.Request):
                 self.request = event
+                if self.h11.they_are_waiting_for_100_continue:
+                    # RFC 9110 10.1.1: answer the expectation at once (the body is ignored
+                    # anyway; the final answer follows once it has come)
+                    self.conn.write(self.h11.send(
+                        h11.InformationalResponse(status_code=100, headers=[])) or b"")
             elif isinstance(event, h11.EndOfMessage):
                 self._dispatch()
             elif isinstance(event, h11.ConnectionClosed):
@@ -538,6 +549,9 @@ class _Http1:
         self.busy = True
         self.served = True
         target = req.target.decode("latin-1")
+        if target[:1] != "/" and "://" in target:  # RFC 9112 3.2.2: absolute-form, accepted
+            parts = urllib.parse.urlsplit(target)
+            target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
         path, _, query = target.partition("?")
         fields: dict[str, str] = {}
         for name, value in req.headers:
@@ -556,9 +570,12 @@ class _Http1:
         """The answer's bytes (h11 raises LocalProtocolError when none may be sent)."""
         headers = [*r.headers, ("content-length", str(len(r.body))), ("date", _date()[1]),
                    *extra]
+        head = h11.Response(status_code=r.status, headers=headers, reason=_reason(r.status))
+        if self.request is not None and self.request.method == b"HEAD":
+            # RFC 9110 9.3.2: no content (h11 refuses to send any after HEAD)
+            return b"".join(self.h11.send(e) or b"" for e in (head, h11.EndOfMessage()))
         return b"".join(self.h11.send(e) or b"" for e in (
-            h11.Response(status_code=r.status, headers=headers, reason=_reason(r.status)),
-            h11.Data(data=r.body), h11.EndOfMessage()))
+            head, h11.Data(data=r.body), h11.EndOfMessage()))
 
     def respond(self, r: Response) -> None:
         try:
@@ -575,6 +592,7 @@ class _Http1:
         except h11.LocalProtocolError:
             self.conn.close()
             return
+        self.request = None
         self.busy = False
         self._next()
 

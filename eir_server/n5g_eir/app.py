@@ -11,8 +11,9 @@ Answers follow TS 29.500 5.2.7 (ProblemDetails with `cause`, application/problem
     404 ERROR_EQUIPMENT_UNKNOWN          verdict "unknown" (S13 5422), or a MAC/EUI-64 PEI
     400 MANDATORY_QUERY_PARAM_MISSING    no pei
     400 MANDATORY_QUERY_PARAM_INCORRECT  pei not imei-/imeisv-/mac-/eui- as TS 29.571 defines
-    400 INVALID_QUERY_PARAM              bad supi/gpsi/supported-features, repeated or unknown
-                                         parameter
+    400 OPTIONAL_QUERY_PARAM_INCORRECT   bad supi/gpsi/supported-features value
+    400 INVALID_QUERY_PARAM              repeated or unknown parameter
+    400 INVALID_API                      another API name or version (TS 29.500 5.2.7.2)
     404 RESOURCE_URI_STRUCTURE_NOT_FOUND any other path
     405 / 406 / 414                      other methods, no acceptable media type, absurd URI
     429 / 503 (Retry-After), 500         rendered for the shell (overload, internal error), and
@@ -85,6 +86,10 @@ _NOT_IMEI = problem(404, "Not Found", "ERROR_EQUIPMENT_UNKNOWN",
                     "this EIR holds IMEIs only; MAC and EUI-64 PEIs are not known to it")
 _NO_PATH = problem(404, "Not Found", "RESOURCE_URI_STRUCTURE_NOT_FOUND",
                    "no such resource in N5g-eir_EquipmentIdentityCheck")
+# TS 29.500 Table 5.2.7.2-1: an unsupported API name or API version in the URI
+_INVALID_API = problem(400, "Bad Request", "INVALID_API",
+                       "this NF serves n5g-eir-eic/v1 only")
+_API_VERSION_PATH = re.compile(r"/[a-z0-9-]+/v[0-9]+(?:/|$)")  # {apiName}/{apiVersion}/...
 _METHOD = problem(405, "Method Not Allowed", detail="equipment-status supports GET only",
                   extra_headers=(("allow", "GET"),))
 _NOT_ACCEPTABLE = problem(406, "Not Acceptable",
@@ -252,6 +257,8 @@ class N5gEirApp:
                 if method != "GET":
                     return _METHOD
                 return Response(200, [("content-type", "application/yaml")], doc, "200")
+        if not path.startswith(API_ROOT + "/") and _API_VERSION_PATH.match(path):
+            return _INVALID_API
         return _NO_PATH
 
     @staticmethod
@@ -290,6 +297,7 @@ def _parse_query(query: str) -> Response | CheckRequest | Check:
     pei: str | None = None
     supi: str | None = None
     gpsi: str | None = None
+    features: str | None = None
     for part in query.split("&"):
         if not part:
             continue
@@ -309,8 +317,11 @@ def _parse_query(query: str) -> Response | CheckRequest | Check:
                 return _bad_param("gpsi", "repeated")
             gpsi = value
         elif name == "supported-features":
+            if features is not None:
+                return _bad_param(name, "repeated")
+            features = value
             if value and not all(c in "0123456789abcdefABCDEF" for c in value):
-                return _bad_param(name, "not a hexadecimal feature bitmask")
+                return _bad_param(name, "not a hexadecimal feature bitmask", optional=True)
         else:
             return _bad_param(name, "unsupported query parameter")
     if pei is None:
@@ -325,12 +336,12 @@ def _parse_query(query: str) -> Response | CheckRequest | Check:
     if supi is not None:
         s = parse_supi(supi)
         if isinstance(s, PeiError):
-            return _bad_param("supi", s.reason)
+            return _bad_param("supi", s.reason, optional=True)
         imsi = s
     if gpsi is not None:
         g = parse_gpsi(gpsi)
         if isinstance(g, PeiError):
-            return _bad_param("gpsi", g.reason)
+            return _bad_param("gpsi", g.reason, optional=True)
         msisdn = g
     imei, svn = parsed
     # S13 carries no MSISDN, so the GPSI goes to the audit trail only: the verdict stays the
@@ -339,10 +350,14 @@ def _parse_query(query: str) -> Response | CheckRequest | Check:
     return req if msisdn is None else Check(req, req._replace(msisdn=msisdn))
 
 
-def _bad_param(name: str, reason: str, mandatory: bool = False) -> Response:
-    return problem(400, "Bad Request",
-                   "MANDATORY_QUERY_PARAM_INCORRECT" if mandatory else "INVALID_QUERY_PARAM",
-                   invalid=[(f"query {name}", reason)])
+def _bad_param(name: str, reason: str, mandatory: bool = False,
+               optional: bool = False) -> Response:
+    """TS 29.500 Table 5.2.7.2-1: MANDATORY_QUERY_PARAM_INCORRECT (pei), OPTIONAL_QUERY_PARAM_
+    INCORRECT (a supported optional parameter with a bad value), INVALID_QUERY_PARAM (an
+    unsupported or repeated parameter)."""
+    cause = ("MANDATORY_QUERY_PARAM_INCORRECT" if mandatory
+             else "OPTIONAL_QUERY_PARAM_INCORRECT" if optional else "INVALID_QUERY_PARAM")
+    return problem(400, "Bad Request", cause, invalid=[(f"query {name}", reason)])
 
 
 def load_documents() -> dict[str, bytes]:

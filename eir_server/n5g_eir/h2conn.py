@@ -45,6 +45,15 @@ _U32 = struct.Struct(">L")
 _GOAWAY = struct.Struct(">LL")
 _SETTING = struct.Struct(">HL")
 
+# Frames that carry no request (PRIORITY, SETTINGS, unknown types, empty DATA or CONTINUATION)
+# cost a worker as much as a request's frames and are not seen by the overload controls: a peer
+# may send _NOOP_BUDGET of them, and each request it completes earns _NOOP_PER_REQUEST back (up to
+# the budget); beyond, GOAWAY ENHANCE_YOUR_CALM (CVE-2019-9513/-9518, CVE-2024-27316 class).
+_NOOP_BUDGET = 1000
+_NOOP_PER_REQUEST = 100
+# CONTINUATION frames one header block may take (clients fill frames: 4 carry _max_block)
+_MAX_CONTINUATIONS = 32
+
 # RFC 9113 8.2.2: fields that only mean something to HTTP/1.1 connections
 _CONNECTION_SPECIFIC = frozenset(
     ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"))
@@ -99,7 +108,8 @@ class H2Connection:
 
     __slots__ = ("out", "closed", "errors", "max_streams", "_buf", "_preface", "_settings",
                  "_decoder", "_last", "_open", "_receiving", "_pending", "_window",
-                 "_initial", "_max_frame", "_cont", "_max_block", "_goaway")
+                 "_initial", "_max_frame", "_cont", "_max_block", "_goaway", "_noop",
+                 "_cont_frames")
 
     def __init__(self, max_concurrent_streams: int = 1000,
                  max_header_list_size: int = 16384) -> None:
@@ -128,6 +138,8 @@ class H2Connection:
         # above the header list limit is an attack, not a request).
         self._max_block = 4 * max_header_list_size
         self._goaway = False  # we sent GOAWAY (graceful or not): new streams are ignored
+        self._noop = _NOOP_BUDGET  # frames without a request the peer may still send
+        self._cont_frames = 0  # CONTINUATION frames of the header block in _cont
 
     @property
     def established(self) -> bool:
@@ -184,6 +196,8 @@ class H2Connection:
                     continue
                 if req is not None:
                     requests.append(req)
+                    noop = self._noop + _NOOP_PER_REQUEST
+                    self._noop = noop if noop < _NOOP_BUDGET else _NOOP_BUDGET
         except _ConnectionError as e:
             self.fail(e.code, e.reason)
             return []
@@ -207,6 +221,7 @@ class H2Connection:
                 payload = payload[5:]
         if not flags & END_HEADERS:
             self._cont = (sid, flags, bytearray(payload))
+            self._cont_frames = 0
             return None
         return self._block(flags, sid, payload)
 
@@ -218,6 +233,9 @@ class H2Connection:
         block += payload
         if len(block) > self._max_block:
             raise _ConnectionError(ENHANCE_YOUR_CALM, "header block too large")
+        self._cont_frames += 1
+        if self._cont_frames > _MAX_CONTINUATIONS:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, "too many CONTINUATION frames")
         if not flags & END_HEADERS:
             return None
         self._cont = None
@@ -293,6 +311,7 @@ class H2Connection:
                 raise _ConnectionError(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
             self._forget(sid)
         elif ftype == PRIORITY:
+            self._idle_frame()
             if sid == 0:
                 raise _ConnectionError(PROTOCOL_ERROR, "PRIORITY on stream 0")
             if len(payload) != 5:
@@ -309,8 +328,15 @@ class H2Connection:
             raise _ConnectionError(PROTOCOL_ERROR, "CONTINUATION without HEADERS")
         elif ftype == PUSH_PROMISE:
             raise _ConnectionError(PROTOCOL_ERROR, "PUSH_PROMISE from a client")
-        # other types are extensions: ignored (RFC 9113 4.1)
+        else:  # other types are extensions: ignored (RFC 9113 4.1)
+            self._idle_frame()
         return None
+
+    def _idle_frame(self) -> None:
+        """A frame that carries no request: within the peer's budget, or the connection ends."""
+        self._noop -= 1
+        if self._noop < 0:
+            raise _ConnectionError(ENHANCE_YOUR_CALM, "too many frames that carry no request")
 
     def _data(self, flags: int, sid: int, payload: bytes) -> Request | None:
         if sid == 0:
@@ -329,6 +355,8 @@ class H2Connection:
         r.length += body
         if flags & END_STREAM:
             return self._complete(sid, r)
+        if not size:
+            self._idle_frame()
         if size:
             self.out += frame(WINDOW_UPDATE, 0, sid, _U32.pack(size))
         return None
@@ -375,6 +403,8 @@ class H2Connection:
             return
         if len(payload) % 6:
             raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 octets")
+        if self._settings:
+            self._idle_frame()
         self._settings = True
         for i in range(0, len(payload), 6):
             key, value = _SETTING.unpack_from(payload, i)

@@ -88,7 +88,12 @@ def test_mac_and_eui_peis_are_unknown_equipment() -> None:
 
 def test_invalid_optional_parameters() -> None:
     for q in ("supi=imsi-12", "supi=bogus", "gpsi=msisdn-x", "gpsi=bogus",
-              "supported-features=xyz", "colour=blue", "supi=imsi-001010123456789&supi=imsi-1"):
+              "supported-features=xyz"):
+        b = body(get(f"pei=imei-{IMEI15}&{q}"))
+        assert b["status"] == 400 and b["cause"] == "OPTIONAL_QUERY_PARAM_INCORRECT", q
+        assert b["invalidParams"][0]["param"].startswith("query "), q
+    for q in ("colour=blue", "supi=imsi-001010123456789&supi=imsi-1",
+              "supported-features=1&supported-features=2"):
         b = body(get(f"pei=imei-{IMEI15}&{q}"))
         assert b["status"] == 400 and b["cause"] == "INVALID_QUERY_PARAM", q
         assert b["invalidParams"][0]["param"].startswith("query "), q
@@ -98,6 +103,9 @@ def test_invalid_optional_parameters() -> None:
 def test_paths_methods_accept_and_uri_length() -> None:
     r = get(f"pei=imei-{IMEI15}", path="/n5g-eir-eic/v1/other")
     assert r.status == 404 and body(r)["cause"] == "RESOURCE_URI_STRUCTURE_NOT_FOUND"
+    for p in ("/n5g-eir-eic/v2/equipment-status", "/n5g-eir-xyz/v1/equipment-status"):
+        r = get(f"pei=imei-{IMEI15}", path=p)
+        assert r.status == 400 and body(r)["cause"] == "INVALID_API", p
     r = get(f"pei=imei-{IMEI15}", method="POST")
     assert r.status == 405 and ("allow", "GET") in r.headers
     r = get(f"pei=imei-{IMEI15}", headers={"accept": "text/html"})

@@ -372,3 +372,25 @@ def test_a_well_formed_request_keeps_its_fields() -> None:
     r = h2conn._request(3, [*_BASE, (":authority", "h"), ("a", "1"), ("te", "trailers"),
                             ("a", "2")])
     assert r == (3, "GET", "/x", "q", {"a": "1, 2", "te": "trailers"})
+
+
+@pytest.mark.parametrize("noop", [
+    frame(h2conn.PRIORITY, 0, 1, b"\0\0\0\0\x10"),
+    frame(0x20, 0, 0, b""),  # an unknown (extension) frame type
+    frame(h2conn.SETTINGS, 0, 0, b""),
+])
+def test_frames_without_requests_are_bounded(noop: bytes) -> None:
+    s = raw_server()
+    s.receive(noop * 900)
+    assert not s.closed
+    s.receive(frame(h2conn.HEADERS, 0x5, 1, HEADERS_BLOCK))  # a request earns some back
+    s.receive(noop * 150)
+    assert not s.closed
+    s.receive(noop * 100)
+    assert goaway_code(s) == h2conn.ENHANCE_YOUR_CALM
+
+
+def test_empty_continuation_frames_are_bounded() -> None:
+    s = raw_server(frame(h2conn.HEADERS, 0x1, 1, HEADERS_BLOCK[:2]))
+    s.receive(frame(h2conn.CONTINUATION, 0, 1, b"") * 40)
+    assert goaway_code(s) == h2conn.ENHANCE_YOUR_CALM

@@ -74,7 +74,7 @@ async def test_every_error_status_with_curl_h2c(eirs) -> None:
     assert (s, json.loads(b)["cause"]) == (400, "MANDATORY_QUERY_PARAM_INCORRECT")
     assert json.loads(b)["invalidParams"][0]["param"] == "query pei"
     s, _, b = await curl(h2, url + f"?pei={pei(IMEI_BLACK)}&supi=imsi-x")
-    assert (s, json.loads(b)["cause"]) == (400, "INVALID_QUERY_PARAM")
+    assert (s, json.loads(b)["cause"]) == (400, "OPTIONAL_QUERY_PARAM_INCORRECT")
     s, _, b = await curl(h2, eir.base + "/n5g-eir-eic/v1/nothing-here")
     assert (s, json.loads(b)["cause"]) == (404, "RESOURCE_URI_STRUCTURE_NOT_FOUND")
     s, h, _ = await curl(h2, "-X", "DELETE", url + f"?pei={pei(IMEI_BLACK)}")
@@ -231,3 +231,40 @@ async def test_connection_limits_and_the_first_request_deadline(eirs) -> None:
         w.close()
     errors = eir.metrics.http_errors
     assert errors["connection_refused"] == 1 and errors["first_request_timeout"] == 1
+
+
+async def test_head_has_no_content_and_methods_are_bounded_labels(eirs) -> None:
+    eir = await eirs()
+    url = eir.base + PATH + f"?pei={pei(IMEI_BLACK)}"
+    for version in ("--http2-prior-knowledge", "--http1.1"):
+        s, h, b = await curl(version, "-I", url)  # curl fails on content after HEAD
+        assert (s, h["allow"], b) == (405, "GET", "")
+    for method in ("BREW", "XYZZY"):
+        s, _, _ = await curl("--http2-prior-knowledge", "-X", method, eir.base + "/nothing")
+        assert s == 404
+    assert eir.metrics.requests[("n5g_eir", "other", "404")] == 2
+    assert not any(c in ("BREW", "XYZZY") for _, c, _ in eir.metrics.requests)
+
+
+async def test_http1_expect_100_continue_and_absolute_form(eirs) -> None:
+    eir = await eirs()
+    host = eir.base.split("://")[1]
+    target = PATH + f"?pei={pei(IMEI_BLACK)}"
+    reader, writer = await asyncio.open_connection(*host.rsplit(":", 1))
+    # RFC 9110 10.1.1: the interim answer comes before the body is sent (a client that honours
+    # the expectation would otherwise wait its whole timeout)
+    writer.write(f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n"
+                 "Expect: 100-continue\r\n\r\n".encode())
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    writer.write(b"hello")
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert final.startswith(b"HTTP/1.1 405 ")
+    writer.close()
+    # RFC 9112 3.2.2: the absolute form is accepted
+    reader, writer = await asyncio.open_connection(*host.rsplit(":", 1))
+    writer.write(f"GET {eir.base}{target} HTTP/1.1\r\nHost: {host}\r\n"
+                 "Connection: close\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200") and b"BLACKLISTED" in data
