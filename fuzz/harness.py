@@ -104,7 +104,7 @@ def check_message(raw: bytes) -> None:
         if tables is not None:
             validate(msg, tables)
     if (msg.application_id, msg.code) != (16777252, 324) or len(raw) % 4 or \
-            raw[4] & 0xAF != 0x80:
+            raw[4] & 0xAF != 0x80 or raw[0] != 1:  # the header gate of Connection._fast_request
         return
     general_ok = not msg.problems
     slots: list = [None] * FAST_ECR.nslots

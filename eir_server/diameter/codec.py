@@ -159,9 +159,10 @@ class Framer:
         while n - pos >= 4:
             word: int = unpack(buf, pos)[0]
             length = word & 0xFFFFFF
-            if word >> 24 != VERSION:
-                self.error = f"unsupported Diameter version {word >> 24}"
-            elif length < HEADER_LENGTH or length > max_length:
+            # Another version is framed by its length all the same (RFC 6733 3 keeps the
+            # header's first word) and answered 5011 by the connection (`decode`); a length
+            # that cannot be framed still ends the stream.
+            if length < HEADER_LENGTH or length > max_length:
                 self.error = f"unframeable message length {length}"
             if self.error is not None:
                 self._buf = b""
@@ -295,6 +296,23 @@ def _padded_header(data: bytes, start: int, end: int, hlen: int) -> bytes:
     return head + b"\0" * (hlen - len(head))
 
 
+def _short_avp(data: bytes, start: int, end: int, hlen: int,
+               defs: Mapping[AvpKey, AvpDef] | None = None) -> bytes:
+    """RFC 6733 7.1.5/7.5 (5014) for an AVP Length below the header or a header cut short by
+    its container: the header as received, zero-padded to its minimum, with its AVP Length
+    rewritten to cover the header and a zero-filled minimum payload. Copied as received, a
+    length below the header makes the Failed-AVP itself undecodable (Wireshark: malformed;
+    Erlang/OTP diameter discards such an answer), so the peer never sees the 5014."""
+    head = _padded_header(data, start, end, hlen)
+    if hlen == 8 and head[4] & AVP_V:  # V set but fewer than 12 bytes: a vendor header
+        head += b"\0" * 4
+    code, fl = AVP_HEADER.unpack_from(head, 0)
+    vendor = U32.unpack_from(head, 8)[0] if len(head) == 12 else 0
+    d = defs.get((code, vendor)) if defs is not None else None
+    minimum = FIXED_LENGTH.get(d.type, 0) if d is not None else 0
+    return _with_length(head, minimum)
+
+
 def _with_length(head: bytes, payload_len: int) -> bytes:
     """A copy of an AVP header with its length rewritten to match a zero-filled payload."""
     code, fl = AVP_HEADER.unpack_from(head, 0)
@@ -329,7 +347,7 @@ def walk(data: bytes, start: int, end: int, defs: Mapping[AvpKey, AvpDef],
     while pos < end:
         if end - pos < 8:
             problems.append(Problem(errors.INVALID_AVP_LENGTH,
-                                    _padded_header(data, pos, end, 8), "truncated AVP header"))
+                                    _short_avp(data, pos, end, 8), "truncated AVP header"))
             break
         code, fl = unpack(data, pos)
         flags = fl >> 24
@@ -337,7 +355,7 @@ def walk(data: bytes, start: int, end: int, defs: Mapping[AvpKey, AvpDef],
         if flags & AVP_V:
             if end - pos < 12 or length < 12:
                 problems.append(Problem(errors.INVALID_AVP_LENGTH,
-                                        _padded_header(data, pos, end, 12),
+                                        _short_avp(data, pos, end, 12, defs),
                                         f"AVP {code}: length {length} below its header"))
                 break
             vendor = U32.unpack_from(data, pos + 8)[0]
@@ -345,7 +363,7 @@ def walk(data: bytes, start: int, end: int, defs: Mapping[AvpKey, AvpDef],
         else:
             if length < 8:
                 problems.append(Problem(errors.INVALID_AVP_LENGTH,
-                                        _padded_header(data, pos, end, 8),
+                                        _short_avp(data, pos, end, 8, defs),
                                         f"AVP {code}: length {length} below its header"))
                 break
             vendor = 0
@@ -833,6 +851,9 @@ def decode(data: bytes, dictionary: Dictionary) -> Message:
     flags = fc >> 24
     problems: list[Problem] = []
     length = vl & 0xFFFFFF
+    if vl >> 24 != VERSION:  # RFC 6733 7.1.5: first, the rest of the header may mean otherwise
+        problems.append(Problem(errors.UNSUPPORTED_VERSION, None,
+                                f"unsupported Diameter version {vl >> 24}"))
     if flags & HEADER_RESERVED or (flags & FLAG_R and flags & FLAG_E):
         problems.append(Problem(errors.INVALID_HDR_BITS, None, "invalid header flag bits"))
     if length % 4:

@@ -74,6 +74,8 @@ PRODUCT_NAME: Final = 269
 FIRMWARE_REVISION: Final = 267
 SUPPORTED_VENDOR_ID: Final = 265
 OC_SUPPORTED_FEATURES: Final = 621
+INBAND_SECURITY_ID: Final = 299
+NO_INBAND_SECURITY: Final = 0
 REBOOTING, BUSY, DO_NOT_WANT_TO_TALK_TO_YOU = 0, 1, 2
 DISCONNECT_CAUSES = {0: "REBOOTING", 1: "BUSY", 2: "DO_NOT_WANT_TO_TALK_TO_YOU"}
 # Messages handled per receive_data call: bounded work per read, so a peer that sends a burst
@@ -287,8 +289,11 @@ class Connection:
 
     def __init__(self, config: PeerConfig, dictionary: Dictionary, now: float,
                  peer_address: str | None = None, rng: random.Random | None = None,
-                 tls_identities: tuple[str, ...] | None = None) -> None:
+                 tls_identities: tuple[str, ...] | None = None, tls: bool = False) -> None:
         self.config = config
+        # TLS came before the CER (RFC 6733 13.1): a legacy Inband-Security-Id TLS then asks
+        # for nothing more
+        self.tls = tls
         # The DNS names of the peer's TLS certificate when its Origin-Host must be one of them
         # (None: not checked); lower case.
         self.tls_identities = tls_identities
@@ -633,6 +638,11 @@ class Connection:
                 if not common:
                     problem = Problem(errors.NO_COMMON_APPLICATION, None,
                                       "no common application (S13 16777252 or Relay)")
+                elif not self.tls and not _offers_no_inband_security(msg):
+                    # RFC 6733 6.10, 7.1.5, 13: the peer asks for in-band TLS after CEA (RFC 3588
+                    # style); we only do TLS before CER (--diameter-tls-listen).
+                    problem = Problem(errors.NO_COMMON_SECURITY, None,
+                                      "no common security (in-band TLS is not supported)")
         if problem is not None:
             self._transition("rcv-CER-bad")
             self._cea_error(msg, problem)
@@ -717,7 +727,8 @@ class Connection:
         e2e: int
         vl, fc, app, hbh, e2e = HEADER.unpack_from(raw, 0)
         flags = fc >> 24
-        if flags & 0xAF != 0x80 or vl & 3:  # R set; E and reserved clear; length % 4 == 0
+        # R set; E and reserved clear; version 1, length % 4 == 0
+        if flags & 0xAF != 0x80 or vl & 0xFF000003 != 0x01000000:
             return False
         code = fc & 0xFFFFFF
         entry = self._fast.get((app << 24) | code)
@@ -784,22 +795,33 @@ class Connection:
         if msg.problems:
             self._answer_error(msg, msg.problems[0], extra)
             return
-        # Routing (RFC 6733 6.1): we are a server, not an agent.
-        a = msg.find(DESTINATION_REALM)
-        if a is not None and msg.text(a).lower() != self._realm:
-            self._answer_error(msg, Problem(errors.REALM_NOT_SERVED, None,
-                                            f"realm {msg.text(a)!r} not served"))
-            return
+        # Routing (RFC 6733 6.1.4): we are a server, not an agent. A request whose
+        # Destination-Host is this node is ours whatever its Destination-Realm; without a
+        # Destination-Host, its Destination-Realm must be ours.
         a = msg.find(DESTINATION_HOST)
-        if a is not None and msg.text(a).lower() != self._host:
-            self._answer_error(msg, Problem(errors.UNABLE_TO_DELIVER, None,
-                                            f"host {msg.text(a)!r} is not this node"))
-            return
+        if a is not None:
+            if msg.text(a).lower() != self._host:
+                self._answer_error(msg, Problem(errors.UNABLE_TO_DELIVER, None,
+                                                f"host {msg.text(a)!r} is not this node"))
+                return
+        else:
+            a = msg.find(DESTINATION_REALM)
+            if a is not None and msg.text(a).lower() != self._realm:
+                self._answer_error(msg, Problem(errors.REALM_NOT_SERVED, None,
+                                                f"realm {msg.text(a)!r} not served"))
+                return
         self._events.append(AppRequest(msg))
 
 
 def _no_doic() -> bytes:
     return b""
+
+
+def _offers_no_inband_security(msg: Message) -> bool:
+    """RFC 6733 6.10: an absent Inband-Security-Id means NO_INBAND_SECURITY (0), the only value
+    we support."""
+    offered = [msg.u32(a) for a in msg.avps if a.code == INBAND_SECURITY_ID and not a.vendor]
+    return not offered or NO_INBAND_SECURITY in offered
 
 
 

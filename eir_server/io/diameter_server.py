@@ -552,7 +552,7 @@ class DiameterProtocol(asyncio.Protocol):
         if tls and node.limits.tls_peer_identity:
             identities = certificate_names(transport.get_extra_info("peercert"))
         self.conn = Connection(node.peer_config, node.dictionary, self._clock(), address,
-                               tls_identities=identities)
+                               tls_identities=identities, tls=tls)
         self.conn.doic = node.doic_bytes
         if node.limits.overload_target > 0:
             self.conn.gate = partial(node.overload.admit, self._src)

@@ -91,7 +91,6 @@ def test_framing_is_independent_of_chunking(bodies: list[bytes], cuts: list[int]
 
 
 @pytest.mark.parametrize("head", [
-    struct.pack("!I", (2 << 24) | 20),  # version 2
     struct.pack("!I", (1 << 24) | 12),  # shorter than a header
     struct.pack("!I", (1 << 24) | 70_000),  # above the maximum
 ])
@@ -215,6 +214,16 @@ def test_avp_length_below_header_is_5014() -> None:
     frame = bytearray(ecr())
     struct.pack_into("!I", frame, 20 + 4, (0x40 << 24) | 5)  # Session-Id length 5
     assert problems_of(bytes(frame))[0] == errors.INVALID_AVP_LENGTH
+
+
+def test_avp_length_below_header_failed_avp_is_decodable() -> None:
+    # RFC 6733 7.5: the Failed-AVP of a 5014 must itself be a well-formed AVP, else the peer
+    # cannot decode the answer (Wireshark: malformed; Erlang/OTP diameter discards it).
+    frame = bytearray(ecr())
+    struct.pack_into("!I", frame, 20 + 4, (0x40 << 24) | 5)  # Session-Id length 5
+    failed = decode(bytes(frame), D).problems[0].failed_avp
+    assert failed is not None and struct.unpack("!I", failed[:4])[0] == 263
+    assert struct.unpack("!I", failed[4:8])[0] & 0xFFFFFF == 8 == len(failed)
 
 
 def test_message_length_not_multiple_of_four_is_5015() -> None:

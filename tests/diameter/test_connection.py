@@ -108,6 +108,23 @@ def test_cer_without_common_application_is_5010_and_closes() -> None:
     assert c.state is PeerState.DONE
 
 
+def test_cer_asking_only_for_inband_tls_is_5017_and_closes() -> None:
+    # RFC 6733 6.10, 7.1.5 (DIAMETER_NO_COMMON_SECURITY), 13: no in-band TLS here.
+    c = make()
+    c.receive_data(cer(extra=[u32_avp(299, 1)]), 0.0)
+    (cea,) = answers(c)
+    assert result_code(cea) == errors.NO_COMMON_SECURITY and not cea.flags & FLAG_E
+    assert c.state is PeerState.DONE
+    for offered in ([u32_avp(299, 0)], [u32_avp(299, 0), u32_avp(299, 1)]):
+        c = make()
+        c.receive_data(cer(extra=offered), 0.0)
+        assert result_code(answers(c)[0]) == 2001
+    # over TLS already (RFC 6733 13.1, TLS before CER): the legacy offer asks for nothing more
+    c = Connection(PeerConfig(ME), D, 0.0, "192.0.2.1", rng=random.Random(1), tls=True)
+    c.receive_data(cer(extra=[u32_avp(299, 1)]), 0.0)
+    assert result_code(answers(c)[0]) == 2001 and c.state is PeerState.R_OPEN
+
+
 def test_unknown_peer_host_or_network_is_3010_with_e_bit() -> None:
     for kw, addr in [({"allowed_hosts": ("*.other.test",)}, "192.0.2.1"),
                      ({"allowed_networks": ("10.0.0.0/8",)}, "192.0.2.1")]:
@@ -156,6 +173,14 @@ def test_routing_errors() -> None:
                                                   errors.UNABLE_TO_DELIVER)
     assert a1.flags & FLAG_E and a2.flags & FLAG_E
     assert [type(e) for e in c.events()] == [ErrorAnswered, ErrorAnswered, AppRequest]
+
+
+def test_destination_host_ours_is_local_whatever_the_realm() -> None:
+    # RFC 6733 6.1.4: Destination-Host naming this node means local consumption.
+    c = opened()
+    c.receive_data(ecr(realm="other.realm", dest_host="eir.localdomain"), 1.0)
+    assert answers(c) == []
+    assert [type(e) for e in c.events()] == [AppRequest]
 
 
 def test_unknown_application_and_command() -> None:
@@ -268,9 +293,18 @@ def test_our_dpr_waits_for_dpa_or_deadline() -> None:
 
 def test_unframeable_stream_closes() -> None:
     c = opened()
-    c.receive_data(b"\x02\x00\x00\x14" + b"\0" * 16, 1.0)
+    c.receive_data(b"\x01\x00\x00\x0c" + b"\0" * 16, 1.0)  # Message-Length 12
     assert c.state is PeerState.DONE
     assert c.events()[-1].reason.startswith("framing error")  # type: ignore[union-attr]
+
+
+def test_other_version_is_answered_5011_and_the_stream_goes_on() -> None:
+    # RFC 6733 7.1.5 DIAMETER_UNSUPPORTED_VERSION
+    c = opened()
+    c.receive_data(b"\x02" + _dwr()[1:] + _dwr(), 1.0)
+    a1, a2 = answers(c)
+    assert (result_code(a1), result_code(a2)) == (errors.UNSUPPORTED_VERSION, 2001)
+    assert c.state is PeerState.R_OPEN
 
 
 def test_byte_by_byte_delivery() -> None:

@@ -142,7 +142,8 @@ async def test_peer_that_never_reads_is_paused_and_others_are_served(
 
 def _bad_streams() -> dict[str, bytes]:
     return {
-        "version 2": header(0x80, ECR, 16777252, 1, 1, 20, version=2) + b"\0" * 40,
+        "version 2, length below 20": header(0x80, ECR, 16777252, 1, 1, 12, version=2)
+        + b"\0" * 40,
         "length below 20": header(0x80, ECR, 16777252, 1, 1, 12) + b"\0" * 40,
         "length above max": header(0x80, ECR, 16777252, 1, 1, 0x100000) + b"\0" * 40,
         "version 0 garbage": b"GET / HTTP/1.1\r\nHost: eir\r\n\r\n",
@@ -163,6 +164,19 @@ async def test_unframeable_stream_closes_only_that_connection(
     await assert_served(server)
     good.close()
     assert not loop_errors
+
+
+async def test_another_version_is_answered_5011_and_the_connection_goes_on(
+        server: Server) -> None:
+    # RFC 6733 7.1.5 DIAMETER_UNSUPPORTED_VERSION: a framable message of another version is
+    # answered, not a reason to drop the peer's other requests
+    p = await server.peer()
+    bad = bytearray(ecr(IMEI_BLACK, n=7))
+    bad[0] = 2
+    answer = await p.request(bytes(bad))
+    assert (answer.hbh, answer.result_code) == (7, 5011)
+    await assert_served(server, p)
+    p.close()
 
 
 async def test_length_just_above_the_configured_maximum_is_unframeable(server: Server) -> None:
