@@ -178,10 +178,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"eir-server: configuration error: {e}", file=sys.stderr)
         return 2
     configure_logging(cfg.log_format, cfg.log_level)
+    from .store.register import RegisterError
     try:
         # SIGHUP reads the file and the environment again; the flags stay as given.
         return serve(cfg, reload=lambda: load_config(args.config, overrides=overrides))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RegisterError) as e:  # e.g. a refused --register file
         print(f"eir-server: {e}", file=sys.stderr)
         return 1
 
@@ -203,6 +204,13 @@ def _check(args: argparse.Namespace) -> int:
         print(f"eir-server check: configuration error: {e}", file=sys.stderr)
         return CHECK_EXIT_USAGE
     today = args.date or time.strftime("%Y%m%d", time.gmtime())
+    try:  # the policy compares dates as YYYYMMDD strings: anything else gives a wrong verdict
+        if len(today) != 8 or not today.isdigit():
+            raise ValueError
+        time.strptime(today, "%Y%m%d")
+    except ValueError:
+        print(f"eir-server check: --date {today!r}: expected YYYYMMDD", file=sys.stderr)
+        return CHECK_EXIT_USAGE
     req = CheckRequest(args.imei, args.software_version, args.imsi, args.msisdn)
 
     async def lookup() -> Any:

@@ -98,8 +98,12 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
         "store", lambda: {**store.stats.as_dict(), "fallback_verdicts": checker.fallbacks,
                           "fallback_episodes": checker.episodes,
                           # Redis down with a last-known-good snapshot answering is no fallback.
-                          "fallback_active": int(checker.fallback_active
-                                                 or not (store.ready or store.stats.redis_up))})
+                          # An episode ends with the next verdict from the store; on an idle
+                          # node that may be long after the store is back: not active then.
+                          "fallback_active": int(
+                              (checker.fallback_active
+                               and not (store.ready and store.version is not None))
+                              or not (store.ready or store.stats.redis_up))})
     metrics.set_gauge_callback("register", lambda: register_info(store, started_at))
     metrics.set_gauge_callback("queue_depth", lambda: store.queue_depth)
     sync_runs = SyncRuns(store) if getattr(store, "name", "") == "redis" else None
@@ -150,7 +154,11 @@ async def run_worker(cfg: ServeConfig, index: int = 0, runtime_dir: str | None =
         # While misses get the fallback answer, not ready unless configured otherwise.
         fallback_allowed=cfg.ready_during_fallback == "on",
         register_timestamp=lambda: register_info(store, started_at)["date"],
-        register_required=cfg.max_register_age > 0,
+        # A Redis store holding no register answers every miss with --store-fallback (a
+        # fallback episode): not ready unless --ready-during-fallback on (docs/operations.md).
+        # Only the embedded store of a lab serves the default verdict and is ready without one.
+        register_required=cfg.max_register_age > 0 or (
+            getattr(store, "name", "") != "memory" and cfg.ready_during_fallback != "on"),
         max_register_age=cfg.max_register_age or None,
     )
     metrics_server = None

@@ -74,6 +74,8 @@ SIOCOUTQNSD = 0x894B  # Linux; elsewhere the ioctl fails and only UNREAD_HIGH ho
 UNREAD_POLL = 0.02  # seconds between looks while a peer is held
 _INT = struct.Struct("i")
 _BUSY = ("s13", "ECR", str(errors.TOO_BUSY))
+_PEER_CAUSED_CLOSES = frozenset({"message before CER",
+                                 "no CER within the capabilities-exchange timeout"})
 _SHED_OVERLOAD = ("s13", "overload")  # eir_requests_shed_total{interface, reason}
 _OC_SUPPORTED_CODE = (621).to_bytes(4, "big")  # OC-Supported-Features
 
@@ -577,6 +579,7 @@ class DiameterProtocol(asyncio.Protocol):
             m.requests[_BUSY] += conn.shed
             m.protocol_errors[errors.TOO_BUSY] += conn.shed
             m.shed[_SHED_OVERLOAD] += conn.shed
+            self.requests_seen += conn.shed  # received from this peer, answered 3004
             conn.shed = 0
         handler = self._handler
         peer = conn.origin_host or self.peer
@@ -798,6 +801,11 @@ class DiameterProtocol(asyncio.Protocol):
                     m.framing_errors += 1
                     self.node.log_limited(self.log, "connection_closed", self.address,
                                           "framing", reason=reason)
+                elif reason in _PEER_CAUSED_CLOSES or reason.startswith("CER rejected"):
+                    # A peer can cause these on every connection (connect, send a request or
+                    # a bad CER, close, repeat): rate-limited like the lines that go with them.
+                    self.node.log_limited(self.log, "connection_closed", self.address,
+                                          reason, reason=reason)
                 else:
                     self.log.info("connection_closed", reason=reason)
                 self._closing = True

@@ -266,13 +266,16 @@ class Generator:
         live = [c for c in self.conns if c.is_up]
         if live and due > self.stats.sent:
             first = self.stats.sent
-            lag = t - self.sched_time(first)
+            # Request i becomes due when due(t) passes i + 1 (due(t) counts the requests due
+            # by t): its scheduled time is sched_time(i + 1), not sched_time(i), which would add
+            # one inter-arrival interval (1/rate: 5 ms at 200/s) to every latency.
+            lag = t - self.sched_time(first + 1)
             if lag * 1000 > self.stats.open_loop_late_ms and now >= self.measure_from:
                 self.stats.open_loop_late_ms = lag * 1000
             # One connection per tick, in turn: one write (one syscall) per tick instead of one
             # per connection, and the connections still share the load evenly.
             self.turn += 1
-            live[self.turn % len(live)].send([self.t0 + self.sched_time(i)
+            live[self.turn % len(live)].send([self.t0 + self.sched_time(i + 1)
                                               for i in range(first, due)])
         loop = asyncio.get_running_loop()
         if self.cfg.pacing == "exact":

@@ -54,7 +54,10 @@ def parse_line(line: str, where: str = "") -> ImeiEntry | None:
     imei = parts[0]
     if not (imei.isdigit() and imei.isascii() and 14 <= len(imei) <= 16):
         raise ValueError(f"{where}IMEI {imei!r}: not 14-16 digits")
-    expected = parse_expected(parts[1]) if len(parts) > 1 else NOT_CHECKED
+    try:
+        expected = parse_expected(parts[1]) if len(parts) > 1 else NOT_CHECKED
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
     sv = parts[2] if len(parts) > 2 and parts[2] else None
     if sv is not None and not (sv.isdigit() and sv.isascii() and len(sv) == 2):
         raise ValueError(f"{where}software version {sv!r}: not 2 digits")

@@ -178,6 +178,8 @@ def dump_rows(
             skipped["no_imsi"] += 1
             continue
         imei = r.get("imei", "")
+        if len(imei) in (15, 16) and imei.isdigit():
+            imei = imei[:14]  # the 14-digit IMEI (docs/operations.md): no check digit or SVN
         msisdn = r.get("msisdn", "").lstrip("+")
         if not (IMEI_RE.fullmatch(imei) and DIGITS15_RE.fullmatch(imsi)
                 and (not msisdn or DIGITS15_RE.fullmatch(msisdn))):

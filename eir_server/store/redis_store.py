@@ -339,6 +339,7 @@ class RedisStore:
         self._fast: _Fast | None = None
         self._poller: asyncio.Task[None] | None = None
         self._up: bool | None = None  # None until the first contact either way
+        self._vanished_logged = False  # "register vanished" said once per outage
         self._down_reason = ""
         self._closed = False
         self._cur_key = layout.cur_key(namespace)
@@ -968,6 +969,13 @@ class RedisStore:
             return  # our loop, not Redis
         if self._up:
             await self._drop_connections()
+        elif (self._up is False and isinstance(error, StoreUnavailable)
+              and not self._vanished_logged):
+            # Down already (connection lost), and Redis now answers without our register: it
+            # came back empty. Say so: the remedy is `eir-server sync`, not the network.
+            self._vanished_logged = True
+            log.error("register missing in redis: answering --store-fallback until a sync "
+                      "loads one", target=self.target.mode, error=str(error))
         self._set_up(False, error)
 
     def _set_up(self, up: bool, error: BaseException | None = None) -> None:
@@ -977,6 +985,7 @@ class RedisStore:
         self.stats.redis_up = int(up)
         lkg = self._state.snap is not None
         if up:
+            self._vanished_logged = False
             log.info("redis available", target=self.target.mode, version=self.version)
         elif lkg:
             log.warning("redis unavailable", target=self.target.mode, error=repr(error),

@@ -215,10 +215,19 @@ def _one(
             where=where,
         )
         return EXIT_REFUSED
-    RUNS.labels(result.mode).inc()
+    # One run, one count: a run that refused a list is `refused` (as serve exports it).
+    RUNS.labels("refused" if result.refused else result.mode).inc()
     LAST_DURATION.set(result.duration_s)
+    if result.version is None and not result.refused:
+        # Nothing served and nothing found to serve: an empty directory, a wrong path or an
+        # index page without register links. Not "nothing to do": no register exists.
+        log.error(
+            "sync source publishes no register files and the store has no register; "
+            "nothing is served",
+            source=args.source,
+        )
+        return EXIT_SOURCE
     if result.refused:
-        RUNS.labels("refused").inc()
         log.error(
             "sync refused some list files; those lists keep their previous version",
             mode=result.mode,

@@ -322,6 +322,14 @@ class SyncRun:
             BAD_ROWS.inc(result.bad_rows)
             DUP_ROWS.inc(sum(r.duplicates for r in self.reports))
             for r in self.reports:
+                if r.bad:  # docs/sync.md: bad rows reported by line in the run record and log
+                    log.warning(
+                        "bad rows skipped",
+                        source=r.source,
+                        bad=r.bad,
+                        rows=r.rows,
+                        first=[f"line {b.line}: {b.reason}" for b in r.samples],
+                    )
                 name = r.source.split(":")[0][16:-4]
                 result.lists.setdefault(name, {}).setdefault("files", []).append(r.as_dict())
             if result.refused and result.error is None:
