@@ -53,6 +53,9 @@ INTERFACE = "n5g_eir"  # the label value the metrics, audit trail and export alr
 RETRY_AFTER = 1  # seconds: requests waiting for the store drain within that in practice
 MAX_SOURCES = 256  # consumer addresses tracked for fair shedding before idle ones are dropped
 _SHED_OVERLOAD = (INTERFACE, "overload")  # eir_requests_shed_total{interface, reason}
+# RFC 9113 10.5.1 / RFC 6585: a header list over SETTINGS_MAX_HEADER_LIST_SIZE, on its stream
+_TOO_LARGE = problem(431, "Request Header Fields Too Large",
+                     detail="the header list is larger than SETTINGS_MAX_HEADER_LIST_SIZE")
 # eir_requests_total{command}: the method, from a bounded set (any token is a method, and
 # the label must not grow with what consumers send)
 _COMMANDS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
@@ -454,6 +457,11 @@ class HttpConnection(asyncio.Protocol):
                 kind = _ERROR_NAMES[code] if code < len(_ERROR_NAMES) else str(code)
             self.listener.protocol_error(f"h2_{kind}", self.client, reason)
         h2.errors.clear()
+        if h2.too_large:
+            date = _date_field()
+            for sid in h2.too_large:
+                h2.respond(sid, _head(_TOO_LARGE, date), _TOO_LARGE.body)
+            h2.too_large.clear()
 
     def _answer_later(self, sid: int, r: Response) -> None:
         h2 = self.h2

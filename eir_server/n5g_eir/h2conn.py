@@ -109,7 +109,7 @@ class H2Connection:
     __slots__ = ("out", "closed", "errors", "max_streams", "_buf", "_preface", "_settings",
                  "_decoder", "_last", "_open", "_receiving", "_pending", "_window",
                  "_initial", "_max_frame", "_cont", "_max_block", "_goaway", "_noop",
-                 "_cont_frames")
+                 "_cont_frames", "too_large")
 
     def __init__(self, max_concurrent_streams: int = 1000,
                  max_header_list_size: int = 16384) -> None:
@@ -122,6 +122,9 @@ class H2Connection:
         # (GOAWAY code, or None for a stream reset; reason) per error, for the shell to count
         # and log; it empties the list
         self.errors: list[tuple[int | None, str]] = []
+        # Streams whose header list was over the limit, open for the shell to answer 431 (it
+        # empties the list); each also has its line in `errors`
+        self.too_large: list[int] = []
         self._buf = b""
         self._preface = False
         self._settings = False  # the peer's first SETTINGS seen
@@ -242,10 +245,11 @@ class H2Connection:
         return self._block(cflags, sid, bytes(block))
 
     def _block(self, flags: int, sid: int, block: bytes) -> Request | None:
+        fields: list[tuple[str, str]] | None
         try:
             fields = self._decoder.decode(block)
-        except HeaderListTooLarge:
-            raise _ConnectionError(ENHANCE_YOUR_CALM, "header list too large") from None
+        except HeaderListTooLarge:  # decoded in full all the same: the connection goes on
+            fields = None
         except HpackError as e:
             raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {e}") from None
         receiving = self._receiving.get(sid)
@@ -265,6 +269,15 @@ class H2Connection:
         # so a peer that never opens its window cannot make us hold unbounded answers.
         if len(self._open) + len(self._receiving) + len(self._pending) >= self.max_streams:
             raise _StreamError(sid, REFUSED_STREAM, "too many concurrent streams")
+        if fields is None:
+            # RFC 9113 10.5.1: 431 on this stream alone, not the end of the connection (an SCP
+            # carries other consumers' requests on it)
+            if not flags & END_STREAM:
+                raise _StreamError(sid, PROTOCOL_ERROR, "header list too large")
+            self._open[sid] = self._initial
+            self.too_large.append(sid)
+            self.errors.append((None, "header list too large: answered 431"))
+            return None
         request = _request(sid, fields)
         if flags & END_STREAM:
             headers = request[4]

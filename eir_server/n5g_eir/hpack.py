@@ -363,7 +363,7 @@ class Decoder:
                     if budget < 0:
                         if index == 0:
                             raise HpackError("index 0")
-                        raise HeaderListTooLarge("header list too large")
+                        continue  # over the limit: decoded on, kept no more (see the end)
                     append(field)
                     continue
 
@@ -389,10 +389,9 @@ class Decoder:
 
                 entry_size = len(name) + len(value) + _ENTRY_OVERHEAD
                 budget -= entry_size
-                if budget < 0:
-                    raise HeaderListTooLarge("header list too large")
                 field = (name, value)
-                append(field)
+                if budget >= 0:
+                    append(field)
 
                 if indexing:  # RFC 7541 4.4: evict oldest until it fits; too big empties the table
                     limit = self._limit
@@ -410,4 +409,8 @@ class Decoder:
                         self._size = size
         except IndexError:
             raise HpackError("truncated header block or index out of range") from None
+        if budget < 0:
+            # Raised only now, the whole block decoded: the dynamic table stays in step with the
+            # peer's, so the connection can go on (RFC 9113 10.5.1: answer 431 on the stream).
+            raise HeaderListTooLarge("header list too large")
         return headers

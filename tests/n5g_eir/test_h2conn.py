@@ -170,6 +170,25 @@ def test_request_with_a_body_and_continuation_frames() -> None:
     assert answer(p, sid)
 
 
+def test_a_header_list_over_the_limit_is_431_on_its_stream_and_the_connection_goes_on() -> None:
+    # RFC 9113 10.5.1. The h2 client indexes both fields of the big request in its dynamic
+    # table and names "x-tag" by index in the next one: that one decodes right only if the
+    # big block was decoded in full.
+    p = Pair()
+    big = p.get([*GET, ("x-tag", "t1"), ("x-big", "v" * 20000)])
+    assert not p.requests and not p.server.closed and p.server.too_large == [big]
+    assert p.server.errors == [(None, "header list too large: answered 431")]
+    assert answer(p, big, 431)
+    small = p.get([*GET, ("x-tag", "t1")])
+    assert [(r[0], r[4]) for r in p.requests] == [(small, {"x-tag": "t1"})]
+    assert answer(p, small)
+    assert dict(p.of(h2.events.ResponseReceived, big)[0].headers)[":status"] == "431"
+    assert not p.of(h2.events.ConnectionTerminated)
+    # with a body to follow, the stream is reset instead (nothing to answer it from yet)
+    sid = p.get([*GET, ("x-big", "w" * 20000)], end_stream=False)
+    assert p.of(h2.events.StreamReset, sid) and not p.server.closed
+
+
 def test_malformed_requests_are_stream_errors_and_the_connection_lives_on() -> None:
     p = Pair()
     bad = [

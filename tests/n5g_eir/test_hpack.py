@@ -537,7 +537,13 @@ def test_header_list_size() -> None:
     assert Decoder(max_header_list_size=57).decode(C3[0][3:]) == fields
     with pytest.raises(HeaderListTooLarge):
         Decoder(max_header_list_size=56).decode(C3[0][3:])
-    # Indexed fields count too, and a long block stops at the first field over the limit.
+    # Indexed fields count too; a block over the limit is decoded to its end all the same
+    # (the dynamic table stays in step), then refused.
+    d = Decoder(max_header_list_size=100)
+    with pytest.raises(HeaderListTooLarge):
+        d.decode(b"\x40\x01a\x7f\x01" + b"x" * 128 + b"\x40\x01b\x01y")  # a: 161 > 100
+    assert d.dynamic_table == [("b", "y"), ("a", "x" * 128)]
+    assert d.decode(b"\xbe") == [("b", "y")]
     assert len(Decoder(max_header_list_size=42 * 390).decode(b"\x82" * 390)) == 390
     with pytest.raises(HeaderListTooLarge):
         Decoder(max_header_list_size=42 * 390).decode(b"\x82" * 391)

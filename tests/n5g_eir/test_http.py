@@ -268,3 +268,16 @@ async def test_http1_expect_100_continue_and_absolute_form(eirs) -> None:
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     assert data.startswith(b"HTTP/1.1 200") and b"BLACKLISTED" in data
+
+
+async def test_a_header_list_over_the_limit_is_431_and_the_connection_serves_on(eirs) -> None:
+    # RFC 9113 10.5.1: the oversized request alone is refused; other streams of the connection
+    # (an SCP's other consumers) are answered
+    eir = await eirs()
+    async with eir.h2c() as c:
+        big = await c.get(PATH, params={"pei": pei(IMEI_BLACK)}, headers={"x-big": "v" * 20000})
+        assert big.http_version == "HTTP/2" and big.status_code == 431
+        assert big.headers["content-type"] == "application/problem+json"
+        r = await c.get(PATH, params={"pei": pei(IMEI_BLACK)})
+        assert (r.status_code, r.json()) == (200, {"status": "BLACKLISTED"})
+    assert eir.metrics.http_errors["h2_stream_error"] >= 1
