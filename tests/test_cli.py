@@ -142,6 +142,38 @@ def test_check_failures_have_their_own_exit_codes(register: Path, tmp_path: Path
             assert r.stderr.strip().count("\n") == 0, (args, r.stderr)
 
 
+def test_check_refuses_a_date_that_is_not_yyyymmdd(register: Path) -> None:
+    """The policy compares YYYYMMDD strings: another form would give a wrong verdict (exit 0 or
+    1 for a day the date does not name). A usage error: exit 4, one line."""
+    for date in ("2020-01-01", "2019", "20191301", "20190230", "foo"):
+        r = check("352099001761481", "--register", str(register), "--date", date)
+        assert r.returncode == 4, (date, r.returncode, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and "YYYYMMDD" in r.stderr, (date, r.stderr)
+        assert r.stderr.strip().count("\n") == 0 and r.stdout == "", (date, r.stderr)
+    # a valid date still decides: the device is blocked from 20200101
+    r = check("352099001761481", "--register", str(register), "--date", "20191231")
+    assert r.returncode == 0 and "WHITELISTED" in r.stdout, r.stdout + r.stderr
+    r = check("352099001761481", "--register", str(register), "--date", "20200101")
+    assert r.returncode == 1 and "BLACKLISTED" in r.stdout, r.stdout + r.stderr
+
+
+def test_serve_with_a_refused_register_says_so_in_one_line(tmp_path: Path) -> None:
+    """More than 1% bad rows: the register refuses the file, serve exits 1 with one stderr
+    line naming it (the operator's fix is the file), not a traceback."""
+    (tmp_path / "20260101_000000_blacklist.csv").write_text(
+        "imei,block_date,reasons\n35209900176148,20200101,stolen\nnot-an-imei,20200101,x\n")
+    env = {**os.environ, "EIR_LOG_LEVEL": "warning"}
+    r = subprocess.run([*EIR, "serve", "--register", str(tmp_path), "--diameter-listen",
+                        f"127.0.0.1:{free_port()}", "--metrics-listen",
+                        f"127.0.0.1:{free_port()}"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert r.stderr.startswith("eir-server: 20260101_000000_blacklist.csv: 1 of 2 rows are bad")
+    assert "file refused" in r.stderr and "line 3" in r.stderr, r.stderr
+
+
 def test_sync_honours_log_format_flag_and_environment(tmp_path: Path) -> None:
     store = f"redis://127.0.0.1:{free_port()}/0"  # nothing there: one error line, exit 3
     base = [*EIR, "sync", "--source", str(tmp_path), "--once", "--progress", "never"]

@@ -11,9 +11,13 @@ import threading
 import urllib.request
 from collections.abc import Callable
 
-from eir_server.diameter.codec import avp, grouped_avp
+from eir_server.diameter.codec import avp, grouped_avp, u32_avp
 from tests.diameter_io.conftest import (
+    AUTH_APP_ID,
     IMEI_UNKNOWN,
+    V3GPP,
+    VENDOR_ID,
+    VSAI,
     E,
     Msg,
     Peer,
@@ -62,6 +66,31 @@ async def test_error_answers_are_logged_once_per_peer_and_code_then_summarised(
     summary = [e for e in log_lines(proc) if e.get("event") == "lines_suppressed"]
     assert [(e["line"], e["detail"], e["count"]) for e in summary] == \
         [("error_answer", 3003, n - 1)]
+
+
+async def test_connections_a_peer_closes_on_itself_are_logged_once_per_reason(
+        serve_process: Callable[..., ServeProcess]) -> None:
+    """A peer that connects, sends a request before CER or a CER we reject, and comes back
+    for more causes a close every time: one connection_closed line per peer and reason in
+    the limiter's period, the rest counted in the summary (unlimited, 15k lines in 5 s)."""
+    proc = serve_process()
+    s6a = grouped_avp(VSAI, [u32_avp(VENDOR_ID, V3GPP), u32_avp(AUTH_APP_ID, 16777251)])
+    n = 100
+    for i in range(n):
+        for first in (ecr(IMEI_UNKNOWN, n=i + 1), cer(apps=[s6a])):
+            p = await Peer.connect(proc.port)
+            await p.send(first)
+            await p.expect_closed()  # answered (3010 / CEA 5010), then closed by the server
+            p.close()
+    proc.proc.terminate()
+    assert proc.proc.wait(20) == 0
+    events = log_lines(proc)
+    closed = [e for e in events if e.get("event") == "connection_closed"]
+    assert sorted(e["reason"] for e in closed) == ["CER rejected with 5010", "message before CER"], \
+        f"{len(closed)} connection_closed lines"
+    summary = {e["detail"]: e["count"] for e in events
+               if e.get("event") == "lines_suppressed" and e["line"] == "connection_closed"}
+    assert summary == {"CER rejected with 5010": n - 1, "message before CER": n - 1}, summary
 
 
 async def _non_reading_peer(port: int, n: int) -> tuple[asyncio.StreamReader,
@@ -200,7 +229,9 @@ async def _collect(peer: Peer, n: int, into: dict[int, Msg]) -> None:
 async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
         serve_process: Callable[..., ServeProcess]) -> None:
     # A 20 ms target: 60k pipelined ECRs wait in the kernel longer than that.
-    proc = serve_process("--overload-target-delay", "0.02")
+    mport = free_port()
+    proc = serve_process("--overload-target-delay", "0.02", "--metrics-listen",
+                         f"127.0.0.1:{mport}")
     doic, plain = await Peer.connect(proc.port), await Peer.connect(proc.port)
     await doic.open()
     await plain.open("mme2.test.example")
@@ -264,6 +295,13 @@ async def test_overload_is_shed_with_3004_and_reported_to_doic_peers(
     # A peer without DOIC gets none of it.
     assert all(m.get(OC_SUPPORTED) is None and m.get(OC_OLR) is None
                for m in got_plain.values())
+    # Each peer's request counter counts what it sent, the requests shed with 3004 included.
+    body = (await asyncio.to_thread(
+        urllib.request.urlopen, f"http://127.0.0.1:{mport}/metrics", timeout=10)).read()
+    per_peer = {line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+                for line in body.decode().splitlines()
+                if line.startswith("eir_diameter_peer_requests_total{")}
+    assert per_peer["mme1.test.example"] == per_peer["mme2.test.example"] == n, per_peer
     # Once the load is gone the report is withdrawn (validity 0) with a newer sequence number.
     probing = False
     await asyncio.wait_for(prober, 120)

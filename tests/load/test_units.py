@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +16,7 @@ from eir_server.load import hist
 from eir_server.load.imeis import (
     NOT_CHECKED,
     ImeiEntry,
+    load_source,
     mix,
     parse_expected,
     parse_line,
@@ -190,3 +192,49 @@ def test_open_loop_schedule_inverts(r0, r1, span, i):
         t = g.sched_time(i)
         assert 0 <= t <= span * (1 + 1e-9)
         assert abs(g.due(t) - i) <= 1e-6 * max(i, 1) + 1e-6
+
+
+def test_imei_file_names_the_line_of_a_bad_expected_status(tmp_path):
+    f = tmp_path / "imeis.csv"
+    f.write_text("# imei,expected\n35209900176148,blacklisted\n\n49015420323751,purple\n")
+    with pytest.raises(ValueError) as e:
+        load_source(str(f))
+    assert str(e.value).startswith(f"{f}:4: expected status 'purple'"), str(e.value)
+
+
+class _StampedConn:
+    """What the open loop hands a connection: the scheduled time of each request it sends."""
+
+    is_up = True
+
+    def __init__(self, g) -> None:
+        self.g = g
+        self.batches: list[list[float]] = []
+
+    def send(self, times: list[float]) -> None:
+        self.batches.append(times)
+        self.g.stats.sent += len(times)
+
+
+@pytest.mark.parametrize("rate", [(10.0, 10.0), (10.0, 30.0)])
+async def test_open_loop_stamps_each_request_with_its_own_due_time(rate):
+    """Request k (from 0) becomes due when the schedule has k + 1 requests due: that moment is
+    its stamp, the start of its latency. Stamped one request early, every latency would include
+    one inter-arrival interval (1/rate) the server never saw."""
+    from eir_server.load.client import Generator, LoadConfig
+    g = Generator(LoadConfig("h", 1, ME, [ImeiEntry("35209900176148")], rate=rate,
+                             duration=10, warmup=0), D)
+    conn = _StampedConn(g)
+    g.conns = [conn]
+    g.running = True
+    g.t0 = time.perf_counter() - 1.05  # over a second into the run: 10 or more requests due
+    g.tick()
+    sent_by = time.perf_counter()
+    g.running = False  # the tick it scheduled does nothing
+    assert len(conn.batches) == 1
+    stamps = conn.batches[0]
+    assert g.stats.sent == len(stamps)
+    assert int(g.due(1.0)) <= len(stamps) <= int(g.due(sent_by - g.t0))
+    for k, s in enumerate(stamps):  # the first one 1/rate into the run, not at its start
+        assert g.due(s - g.t0) == pytest.approx(k + 1, rel=1e-9, abs=1e-6), (k, stamps)
+    assert stamps[-1] <= sent_by  # none stamped after it was sent

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
 import os
 import re
@@ -115,6 +116,34 @@ async def test_zip_export_is_what_the_dirbs_operator_import_accepts(tmp_path: Pa
          "msisdn": "15550001", "rat": "006"},
     ]
     assert "1 with values DIRBS refuses skipped" in capsys.readouterr().err
+
+
+async def test_export_writes_the_14_digit_imei(tmp_path: Path) -> None:
+    """docs/operations.md: the dump's IMEI is the 14-digit IMEI. The audit keeps a 15-digit
+    IMEI as received (check digit); with it exported as such, one device seen with and
+    without its check digit became two devices in DIRBS's pairing data."""
+    await record(JsonlDirSink(str(tmp_path / "audit"), keep_days=100_000), [
+        (DAY1 + 10, CheckRequest("352099001761481", None, "001010000000001"), "s13"),
+        (DAY1 + 20, CheckRequest("35209900176148", None, "001010000000001"), "s13"),
+        (DAY1 + 30, CheckRequest("490154203237518", None, "001010000000002"), "s13"),
+    ])
+    # a row another writer stored with a 16-digit IMEISV as its IMEI
+    [f] = (tmp_path / "audit").iterdir()
+    with f.open("a") as out:
+        out.write(json.dumps({"t": f"{DAY1 + 40:.3f}", "imei": "4901542032375107",
+                              "imsi": "001010000000003", "interface": "s13"}) + "\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = parser().parse_args(
+        ["export", "--since", "2024-05-01", "--until", "2024-05-02", "--format", "zip",
+         "--operator", "op1", "--audit-dir", str(tmp_path / "audit"), "-o", str(out_dir)])
+    assert run_export(args) == 0
+    [z] = out_dir.iterdir()
+    assert [(r["imei"], r["imsi"]) for r in dirbs_accepts(z)] == [
+        ("35209900176148", "001010000000001"),  # one row for the 15- and 14-digit sightings
+        ("49015420323751", "001010000000002"),
+        ("49015420323751", "001010000000003"),
+    ]
 
 
 async def test_zip_naming_and_options_are_checked(tmp_path: Path, capsys) -> None:

@@ -81,6 +81,44 @@ def test_register_version_and_age_mean_the_same_on_both_stores(tmp_path: Path, d
             stop(p)
 
 
+def test_a_redis_store_without_a_register_is_not_ready_unless_fallback_is_allowed(
+        tmp_path: Path, dirbs, redis_url: str) -> None:
+    """`serve` on a Redis namespace no sync has filled answers every device with
+    --store-fallback: /readyz 503 naming the register, eir_ready 0, unless
+    --ready-during-fallback on. The embedded store without a register is a lab serving the
+    default verdict: ready. Once a sync loads a register, the Redis node is ready."""
+    procs = []
+    try:
+        bare = serve(tmp_path, "bare", "--store", redis_url)
+        procs.append(bare[0])
+        allowed = serve(tmp_path, "allowed", "--store", redis_url,
+                        "--ready-during-fallback", "on")
+        procs.append(allowed[0])
+        lab = serve(tmp_path, "lab")  # memory://, no --register
+        procs.append(lab[0])
+        status, body = http_get(bare[2], "/readyz")
+        assert status == 503 and "register" in body, (status, body)
+        assert scrape(bare[2])[("eir_ready", ())] == 0.0
+        for name, (_, _, mport) in {"allowed": allowed, "lab": lab}.items():
+            status, body = http_get(mport, "/readyz")
+            assert status == 200, (name, body)
+            assert scrape(mport)[("eir_ready", ())] == 1.0, name
+
+        dirbs.publish("blacklist", time.strftime("%Y%m%d_%H%M%S", time.gmtime()),
+                      [[STOLEN, "20200101", "stolen"]])
+        r = sync_once(dirbs.root, redis_url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: http_get(bare[2], "/readyz")[0] == 200, "ready once synced", 60,
+                   bare[0])
+        assert scrape(bare[2])[("eir_ready", ())] == 1.0
+        c = S13Client(bare[1])
+        assert c.status(STOLEN) == 1 and c.status(CLEAN) == 0  # from the register now
+        c.close()
+    finally:
+        for p in procs:
+            stop(p)
+
+
 def test_sync_outcomes_per_peer_process_and_store_metrics(tmp_path: Path, dirbs,
                                                            redis_url: str) -> None:
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())

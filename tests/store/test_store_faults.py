@@ -304,6 +304,48 @@ async def test_register_vanishing_is_an_outage_not_an_empty_register(
         await s.close()
 
 
+async def test_redis_back_empty_after_an_outage_is_said_once(redis_factory, dirbs, sync_dir):
+    """Redis killed, then restarted without its data: the network is fine again, the register
+    is gone. The log says so once ("register missing in redis": run a sync), not at every
+    lookup and poll that meets the empty Redis; a plain outage never says it."""
+    srv = redis_factory.start()
+    publish(dirbs)
+    sync_dir(srv.url, dirbs.root)
+    s = open_store(srv.url, timeout=0.2, poll_interval=0.05)
+    await s.start()
+    fallbacks = 0
+
+    async def lookups(seconds: float) -> None:
+        nonlocal fallbacks
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            s._cache.clear()
+            try:
+                await s.fetch(LISTED[2])
+            except StoreUnavailable:
+                fallbacks += 1
+            await asyncio.sleep(0.01)
+
+    try:
+        assert await s.fetch(LISTED[1]) is not None
+        with structlog.testing.capture_logs() as logs:
+            srv.stop()
+            await lookups(1.0)
+            outage = [e["event"] for e in logs]
+            await asyncio.to_thread(srv.start)  # same port, no persistence: empty
+            errors = s.stats.redis_errors
+            await lookups(3.0)
+        assert not s.ready and fallbacks > 100
+        assert s.stats.redis_errors - errors >= 3  # the poller met the empty Redis again
+    finally:
+        await s.close()
+    events = [e["event"] for e in logs]
+    assert "redis unavailable" in outage
+    assert not any(e.startswith("register missing in redis") for e in outage), outage
+    said = [e for e in events if e.startswith("register missing in redis")]
+    assert len(said) == 1, events
+
+
 def _avp_u32(answer: bytes, code: int) -> int | None:
     import struct
 
@@ -395,6 +437,56 @@ def test_serve_answers_3004_and_fails_readyz_during_an_outage(tmp_path, dirbs, s
     assert events.count("store_fallback_started") == 1, events
     assert events.count("store_fallback_ended") == 1, events
     assert events.count("redis unavailable") == 1, events
+
+
+def test_serve_fallback_active_drops_once_redis_is_back_without_another_request(
+        tmp_path, dirbs, sync_dir):
+    """An idle node: one request answered with --store-fallback while Redis is down, then
+    Redis back with the register and no request after it. eir_store_fallback_active returns
+    to 0 on its own: the episode ending with the next verdict may be long after."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.diameter.builders import cer, ecr
+    from tests.eirproc import http_get, result_and_status, wait_until
+    from tests.netutil import free_port, recv_message, wait_for_port
+
+    def active() -> float:
+        for line in http_get(mport, "/metrics")[1].splitlines():
+            if line.startswith("eir_store_fallback_active "):
+                return float(line.split()[1])
+        raise AssertionError("eir_store_fallback_active not exported")
+
+    srv = persistent_redis(tmp_path)
+    publish(dirbs)
+    sync_dir(srv.url, dirbs.root)
+    port, mport = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eir_server.cli", "serve", "--store", srv.url,
+         "--diameter-listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}",
+         "--store-fallback", "greylisted", "--log-format", "json"],
+        env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        sock = socket.create_connection(("127.0.0.1", port), 10)
+        sock.sendall(cer())
+        recv_message(sock)
+        assert active() == 0
+        srv.stop()
+        sock.sendall(ecr(hbh=2, imei=LISTED[2]))  # not cached: the fallback answers
+        assert result_and_status(recv_message(sock)) == (2001, 2)
+        assert active() == 1
+        srv.start()  # the same register (append-only file); no request from here on
+        wait_until(lambda: active() == 0, "eir_store_fallback_active back to 0", 30, proc)
+        sock.close()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode()
+        srv.stop()
+    assert proc.returncode == 0, out
+    assert "store_fallback_started" in out, out
 
 
 def test_serve_paused_longer_than_the_timeout_answers_from_redis(tmp_path, dirbs, sync_dir):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import redis
+import structlog
+import structlog.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -268,6 +270,24 @@ async def test_bad_rows_are_counted_by_line_and_skipped(redis_url, dirbs, sync_d
     assert got["35000000000006"].blacklist == BlacklistEntry("20240101", ())
 
 
+def test_bad_rows_are_logged_with_their_first_lines(redis_url, dirbs, sync_dir):
+    """docs/sync.md: skipped rows are reported by line in the log, not only counted: the
+    operator finds them in the file without the run record."""
+    bad = [[f"35000000000X{i:02d}", "20240101", "x"] for i in range(25)]  # lines 2-26
+    good = [[f"3510000000{i:04d}", "20240101", "stolen"] for i in range(3000)]
+    dirbs.publish("blacklist", "20240101_000000", bad + good)  # 25 of 3025: under 1%
+    dirbs.publish("exceptions_op1", "20240101_000000", [["35100000000001", "310150000000001", ""]])
+    with structlog.testing.capture_logs() as logs:
+        r = sync_dir(redis_url, dirbs.root)
+    assert r.mode == "full" and r.bad_rows == 25 and not r.refused
+    said = [e for e in logs if e["event"] == "bad rows skipped"]
+    assert len(said) == 1, logs  # the file that had some; not the clean one
+    w = said[0]
+    assert w["log_level"] == "warning" and (w["bad"], w["rows"]) == (25, 3000), w
+    assert w["source"] == "20240101_000000_blacklist.zip:20240101_000000_blacklist.csv", w
+    assert w["first"] == [f"line {n}: bad IMEI" for n in range(2, 22)], w  # the first 20
+
+
 async def test_too_many_bad_rows_refuses_file_and_keeps_version(redis_url, dirbs, sync_dir):
     dirbs.publish("blacklist", "20240101_000000", [["35000000000001", "20240101", "stolen"]])
     r1 = sync_dir(redis_url, dirbs.root)
@@ -452,6 +472,43 @@ def test_cli_exit_codes(redis_url, model):
     assert _cli(["sync", "--source", str(model.root / "nope"), "--store", redis_url]) == 4
     assert _cli(["sync", "--source", str(model.root), "--store", "redis://127.0.0.1:1/0"]) == 3
     assert run_sync is not None
+
+
+def test_cli_exit_code_when_no_register_exists_anywhere(redis_url, tmp_path):
+    """An empty source (wrong path, a mirror not filled yet) into a store holding no register:
+    nothing is served, so not "nothing to do" (0) but EXIT_SOURCE (4) with an error line."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["sync", "--source", str(empty), "--store", redis_url, "--once", "--grace", "0",
+            "--progress", "never"]
+    with structlog.testing.capture_logs() as logs:
+        assert _cli(argv) == 4
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1 and "publishes no register files" in errors[0]["event"], logs
+    assert errors[0]["source"] == str(empty), errors
+    assert not redis.Redis.from_url(redis_url).exists("eir:cur")
+
+
+def test_cli_counts_a_refused_run_once(redis_url, dirbs):
+    """eir_sync_runs_total: one run, one count. A run that refused a list is `refused`, not
+    also its mode (`noop` here): the rate of runs is the sum over results."""
+    from prometheus_client import REGISTRY
+
+    def runs() -> dict[str, float]:
+        return {s.labels["result"]: s.value for m in REGISTRY.collect()
+                if m.name == "eir_sync_runs" for s in m.samples if s.name.endswith("_total")}
+
+    dirbs.publish("blacklist", "20240101_000000", [["35000000000001", "20240101", "stolen"]])
+    base = ["sync", "--source", str(dirbs.root), "--store", redis_url, "--once", "--grace", "0",
+            "--progress", "never"]
+    assert _cli(base) == 0
+    dirbs.publish("blacklist", "20240102_000000",
+                  [["35000000000002", "20240101", "x"], ["bad", "20240101", "x"]])
+    before = runs()
+    assert _cli(base) == 1  # the new blacklist refused, the old one serves: a noop run
+    after = runs()
+    grew = {k: after[k] - before.get(k, 0.0) for k in after if after[k] != before.get(k, 0.0)}
+    assert grew == {"refused": 1.0}, grew
 
 
 # -- property: any sequence of publications, fed run by run, serves exactly the latest lists --
