@@ -371,6 +371,7 @@ class HttpConnection(asyncio.Protocol):
         self._flush_due = False
         self._paused = False
         self._first: asyncio.TimerHandle | None = None  # the first request's deadline
+        self._prelude = b""  # the first bytes, while they may begin either protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but are ones
@@ -421,6 +422,12 @@ class HttpConnection(asyncio.Protocol):
         if h2 is None:
             if self.h1 is not None:
                 self.h1.receive(data)
+                return
+            if self._prelude:
+                data = self._prelude + data
+                self._prelude = b""
+            if len(data) < 4 and PREFACE.startswith(data):
+                self._prelude = data  # "P" or "PR" may begin POST or PROPFIND too: wait for "PRI"
                 return
             if PREFACE.startswith(data[:24]):  # h2c with prior knowledge
                 self._start_h2()

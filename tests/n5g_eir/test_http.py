@@ -10,6 +10,7 @@ import shutil
 import httpx
 import pytest
 
+from eir_server.n5g_eir.h2conn import PREFACE
 from tests.diameter_io.conftest import IMEI_BLACK, IMEI_GREY, IMEI_UNKNOWN, IMEI_WHITE, IMSI_PAIRED
 from tests.n5g_eir.conftest import PATH, H2Client
 
@@ -281,3 +282,24 @@ async def test_a_header_list_over_the_limit_is_431_and_the_connection_serves_on(
         r = await c.get(PATH, params={"pei": pei(IMEI_BLACK)})
         assert (r.status_code, r.json()) == (200, {"status": "BLACKLISTED"})
     assert eir.metrics.http_errors["h2_stream_error"] >= 1
+
+
+async def test_a_first_read_of_one_byte_does_not_decide_the_protocol(eirs) -> None:
+    # "P" begins the HTTP/2 preface and POST/PUT/PATCH alike: an HTTP/1.1 client whose first
+    # segment is that one byte still gets HTTP/1.1, and an h2c client splitting its preface
+    # there still gets HTTP/2
+    eir = await eirs()
+    host, port = eir.base.split("://")[1].rsplit(":", 1)
+    target = PATH + f"?pei={pei(IMEI_BLACK)}"
+    for first, rest, expect in (
+            (b"P", f"OST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode(),
+             b"HTTP/1.1 405 "),
+            (b"PR", PREFACE[2:] + b"\0\0\0\x04\0\0\0\0\0", b"\0\0\x12\x04")):  # SETTINGS
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(first)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # its own segment and read
+        writer.write(rest)
+        got = await asyncio.wait_for(reader.readexactly(len(expect)), 10)
+        writer.close()
+        assert got == expect, (first, got)
