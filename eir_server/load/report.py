@@ -11,7 +11,7 @@ from typing import Any
 
 from .client import LoadConfig, Stats
 from .hist import Histogram
-from .imeis import STATUS_NAMES
+from .imeis import NOT_CHECKED, STATUS_NAMES, UNKNOWN_EQUIPMENT
 
 # Exit codes: a script can tell what went wrong without parsing the report.
 EXIT_OK = 0
@@ -55,6 +55,9 @@ def build(cfg: LoadConfig, st: Stats, *, mode: str, imei_source: str, listed: st
             name = STATUS_NAMES.get(value, str(value))
             statuses[name] = statuses.get(name, 0) + n
     measured = sum(st.classes.values())
+    # answers that carry a verdict: 2001 with Equipment-Status, or Experimental-Result 5422
+    verdicts = sum(n for (value, rc, exp, _), n in st.classes.items()
+                   if value != -2 and (rc == 2001 or exp == UNKNOWN_EQUIPMENT))
     elapsed = max(st.elapsed, 1e-9)
     code, reason = EXIT_OK, "ok"
     sent_measured = measured + st.timeouts
@@ -68,6 +71,12 @@ def build(cfg: LoadConfig, st: Stats, *, mode: str, imei_source: str, listed: st
                                        f"(allowed share {max_timeouts:g})")
     elif measured == 0:
         code, reason = EXIT_NO_ANSWERS, "no answers in the measured window"
+    elif verdicts == 0 and all(e.expected == NOT_CHECKED for e in cfg.entries):
+        # Nothing to compare with when no expected statuses are given, but a run in which
+        # the EIR only ever answered errors (a wrong realm: 3003; a fallback of too_busy: 3004)
+        # is no passing test. (Expected Result-Codes, e.g. 5004, make errors the verdicts.)
+        code, reason = EXIT_MISMATCH, (f"no answer was a verdict (2001 or 5422): all {measured} "
+                                       "were errors (see results)")
     rate = cfg.rate
     return {
         "tool": "eir-server load",

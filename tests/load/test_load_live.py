@@ -96,6 +96,23 @@ def test_wrong_expectations_are_mismatches(eir, tmp_path):
     assert rc == 0, out
 
 
+def test_only_error_answers_are_no_passing_run(eir, tmp_path):
+    """No expected statuses given and every answer an error (here 3003: the EIR's realm
+    mistyped): exit 1, not "ok". With an expected Result-Code the same errors are the verdict."""
+    rc, r, out = load("--target", f"127.0.0.1:{eir}", "--connections", "1", "--rate", "300",
+                      "--duration", "0.5", "--warmup", "0", "--destination-realm",
+                      "other.realm", "--json", str(tmp_path / "r.json"))
+    assert rc == 1, out
+    assert r["answers"] > 0 and r["results"] == {"Result-Code 3003": r["answers"]}, r["results"]
+    assert "no answer was a verdict" in r["exit_reason"]
+    expected = tmp_path / "expected.csv"
+    expected.write_text(f"{BLACK},3003\n")
+    rc, r, out = load("--target", f"127.0.0.1:{eir}", "--connections", "1", "--rate", "300",
+                      "--duration", "0.5", "--warmup", "0", "--destination-realm",
+                      "other.realm", "--imeis", str(expected), "--json", str(tmp_path / "e.json"))
+    assert rc == 0 and r["mismatches"] == 0, out
+
+
 def test_exact_pacing_sends_the_whole_schedule(eir, tmp_path):
     """--pacing exact: each request on its own turn of the generator's loop, none left out."""
     rc, r, out = load("--target", f"127.0.0.1:{eir}", "--connections", "2", "--rate", "2000",
