@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import struct
 
-from .hpack import Decoder, HeaderListTooLarge, HpackError, encode_integer
+from .hpack import Decoder, HeaderListTooLarge, HpackError, MalformedValue, encode_integer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -128,7 +128,7 @@ class H2Connection:
         self._buf = b""
         self._preface = False
         self._settings = False  # the peer's first SETTINGS seen
-        self._decoder = Decoder(4096, max_header_list_size)
+        self._decoder = Decoder(4096, max_header_list_size, check_values=True)
         self._last = 0  # highest stream id the peer opened
         self._open: dict[int, int] = {}  # streams awaiting our answer -> our send window
         self._receiving: dict[int, _Receiving] = {}
@@ -250,6 +250,8 @@ class H2Connection:
             fields = self._decoder.decode(block)
         except HeaderListTooLarge:  # decoded in full all the same: the connection goes on
             fields = None
+        except MalformedValue as e:
+            raise _ConnectionError(PROTOCOL_ERROR, str(e)) from None
         except HpackError as e:
             raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {e}") from None
         receiving = self._receiving.get(sid)
@@ -278,6 +280,9 @@ class H2Connection:
             self.too_large.append(sid)
             self.errors.append((None, "header list too large: answered 431"))
             return None
+        if self._decoder.malformed:  # (of this block: decode() starts each with False)
+            raise _StreamError(sid, PROTOCOL_ERROR,
+                               "a field value with NUL, CR, LF or whitespace at an end")
         request = _request(sid, fields)
         if flags & END_STREAM:
             headers = request[4]

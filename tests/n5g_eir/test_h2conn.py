@@ -413,3 +413,36 @@ def test_empty_continuation_frames_are_bounded() -> None:
     s = raw_server(frame(h2conn.HEADERS, 0x1, 1, HEADERS_BLOCK[:2]))
     s.receive(frame(h2conn.CONTINUATION, 0, 1, b"") * 40)
     assert goaway_code(s) == h2conn.ENHANCE_YOUR_CALM
+
+
+def _literal(name: bytes, value: bytes, indexing: bool) -> bytes:
+    """A literal field with a new name (RFC 7541 6.2.1 / 6.2.2), no Huffman."""
+    return (b"\x40" if indexing else b"\x00") + bytes([len(name)]) + name + \
+        bytes([len(value)]) + value
+
+
+def _resets(s: H2Connection) -> list[tuple[int, int]]:
+    out, i, found = bytes(s.out), 0, []
+    while i < len(out):
+        n = int.from_bytes(out[i:i + 3], "big")
+        if out[i + 3] == h2conn.RST_STREAM:
+            found.append((int.from_bytes(out[i + 5:i + 9], "big"),
+                          int.from_bytes(out[i + 9:i + 13], "big")))
+        i += 9 + n
+    return found
+
+
+def test_forbidden_field_values_are_malformed_requests() -> None:
+    # RFC 9113 8.2.1: NUL, CR or LF anywhere, or SP/HTAB at either end
+    bad = [b"a\nb", b"a\rb", b"a\0b", b" a", b"a ", b"\ta", b"a\t"]
+    blocks = [HEADERS_BLOCK + _literal(b"x-v", v, False) for v in bad]
+    s = raw_server(*(frame(h2conn.HEADERS, 0x5, 1 + 2 * k, b) for k, b in enumerate(blocks)))
+    assert _resets(s) == [(1 + 2 * k, h2conn.PROTOCOL_ERROR) for k in range(len(bad))]
+    assert not s.closed
+    # allowed: HTAB and obs-text inside, an empty value; the next request is served
+    ok = HEADERS_BLOCK + _literal(b"x-v", b"a\tb\xe9", False) + _literal(b"x-e", b"", False)
+    (req,) = s.receive(frame(h2conn.HEADERS, 0x5, 21, ok))
+    assert req[4] == {"x-v": "a\tb\xe9", "x-e": ""}
+    # indexed, every later request naming it would be malformed: the connection ends
+    s.receive(frame(h2conn.HEADERS, 0x5, 23, HEADERS_BLOCK + _literal(b"x-v", b"a\nb", True)))
+    assert s.closed and goaway_code(s) == h2conn.PROTOCOL_ERROR
