@@ -824,8 +824,6 @@ def _offers_no_inband_security(msg: Message) -> bool:
     return not offered or NO_INBAND_SECURITY in offered
 
 
-
-
 def _no_refuse(msgs: list[bytes], start: int, stop: int, out: list[bytes], counted: int) -> int:
     raise AssertionError("a gate without a refuse_run()")
 

@@ -14,8 +14,9 @@ from typing import Any
 from .imeis import MAX_RANGE, load_source, mix
 
 EPILOG = """Exit codes: 0 ok; 1 answers contradicting an expected status (or malformed answers)
-above --max-mismatches, or with no expected statuses given, not one answer a verdict; 2 usage; 3 a connection failed (refused, CEA not 2001, lost or DPR'd
-during the run); 4 timeouts above --max-timeouts (share of requests); 5 no answer at all.
+above --max-mismatches, or with no expected statuses given, not one answer a verdict; 2 usage;
+3 a connection failed (refused, CEA not 2001, lost or DPR'd during the run); 4 timeouts above
+--max-timeouts (share of requests); 5 no answer at all.
 
 IMEI file lines: imei[,expected[,sv[,imsi]]], expected one of whitelisted|blacklisted|greylisted
 |unknown|0|1|2 or a Result-Code (e.g. 5004); '#' starts a comment. N5g-eir (HTTP/2): use h2load
