@@ -231,6 +231,17 @@ def goaway_code(s: H2Connection) -> int:
     raise AssertionError("no GOAWAY")
 
 
+def _resets(s: H2Connection) -> list[tuple[int, int]]:
+    out, i, found = bytes(s.out), 0, []
+    while i < len(out):
+        n = int.from_bytes(out[i:i + 3], "big")
+        if out[i + 3] == h2conn.RST_STREAM:
+            found.append((int.from_bytes(out[i + 5:i + 9], "big"),
+                          int.from_bytes(out[i + 9:i + 13], "big")))
+        i += 9 + n
+    return found
+
+
 HEADERS_BLOCK = hpack.Encoder().encode(GET)
 
 
@@ -281,17 +292,8 @@ def test_stream_level_errors_reset_only_that_stream() -> None:
         frame(h2conn.DATA, 0x1, 5, b"abc"),  # 3 octets against content-length 5
     )
     assert not s.closed
-    out = bytes(s.out)
-    resets = []
-    i = 0
-    while i < len(out):
-        n = int.from_bytes(out[i:i + 3], "big")
-        if out[i + 3] == h2conn.RST_STREAM:
-            resets.append((int.from_bytes(out[i + 5:i + 9], "big"),
-                           int.from_bytes(out[i + 9:i + 13], "big")))
-        i += 9 + n
-    assert resets == [(1, h2conn.PROTOCOL_ERROR), (3, h2conn.FRAME_SIZE_ERROR),
-                      (5, h2conn.PROTOCOL_ERROR)]
+    assert _resets(s) == [(1, h2conn.PROTOCOL_ERROR), (3, h2conn.FRAME_SIZE_ERROR),
+                          (5, h2conn.PROTOCOL_ERROR)]
     assert [code for code, _ in s.errors] == [None, None, None]  # stream errors, all listed
 
 
@@ -419,17 +421,6 @@ def _literal(name: bytes, value: bytes, indexing: bool) -> bytes:
     """A literal field with a new name (RFC 7541 6.2.1 / 6.2.2), no Huffman."""
     return (b"\x40" if indexing else b"\x00") + bytes([len(name)]) + name + \
         bytes([len(value)]) + value
-
-
-def _resets(s: H2Connection) -> list[tuple[int, int]]:
-    out, i, found = bytes(s.out), 0, []
-    while i < len(out):
-        n = int.from_bytes(out[i:i + 3], "big")
-        if out[i + 3] == h2conn.RST_STREAM:
-            found.append((int.from_bytes(out[i + 5:i + 9], "big"),
-                          int.from_bytes(out[i + 9:i + 13], "big")))
-        i += 9 + n
-    return found
 
 
 def test_forbidden_field_values_are_malformed_requests() -> None:
