@@ -250,8 +250,8 @@ class H2Connection:
             fields = self._decoder.decode(block)
         except HeaderListTooLarge:  # decoded in full all the same: the connection goes on
             fields = None
-        except MalformedValue as e:
-            raise _ConnectionError(PROTOCOL_ERROR, str(e)) from None
+        except MalformedValue as bad:  # not `e` (below): mypyc types one name per function
+            raise _ConnectionError(PROTOCOL_ERROR, str(bad)) from None
         except HpackError as e:
             raise _ConnectionError(COMPRESSION_ERROR, f"HPACK: {e}") from None
         receiving = self._receiving.get(sid)
