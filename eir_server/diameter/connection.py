@@ -193,6 +193,9 @@ class Closed:
     """The shell must close the transport once `data_to_send()` is flushed."""
 
     reason: str
+    # The peer caused it and can again on every connection (bad framing, no CER, a request
+    # before CER, a rejected CER): lines about it are rate-limited per peer
+    peer_caused: bool = False
 
 
 Event = PeerOpened | CerRejected | AppRequest | ErrorAnswered | WatchdogChanged | \
@@ -426,7 +429,7 @@ class Connection:
                 self._watchdog_event("message", now)
         if framer.error is not None and not self._pending:
             self._transition("framing-error")
-            self._close(f"framing error: {framer.error}")
+            self._close(f"framing error: {framer.error}", peer_caused=True)
 
     @property
     def pending(self) -> int:
@@ -460,7 +463,7 @@ class Connection:
             return
         if self.state is PeerState.CLOSED:
             self._transition("timeout")
-            self._close("no CER within the capabilities-exchange timeout")
+            self._close("no CER within the capabilities-exchange timeout", peer_caused=True)
         elif self.state is PeerState.CLOSING:
             self._transition("timeout")
             self._close("no DPA before the deadline")
@@ -510,10 +513,10 @@ class Connection:
     def _transition(self, event: str) -> None:
         self.state = TRANSITIONS[(self.state, event)]
 
-    def _close(self, reason: str) -> None:
+    def _close(self, reason: str, peer_caused: bool = False) -> None:
         """After a transition to DONE: no more timers; the shell closes once it has flushed."""
         self._deadline = None
-        self._events.append(Closed(reason))
+        self._events.append(Closed(reason, peer_caused))
 
     def _set_watchdog(self, now: float) -> None:
         cfg = self.config
@@ -584,7 +587,7 @@ class Connection:
             self._out.append(error_answer(msg, problem, self.config.identity))
             self._events.append(ErrorAnswered(errors.UNKNOWN_PEER, msg.code, msg.hop_by_hop,
                                               problem.message))
-        self._close("message before CER")
+        self._close("message before CER", peer_caused=True)
 
     # -- base protocol ------------------------------------------------------------------------
 
@@ -648,7 +651,7 @@ class Connection:
             self._cea_error(msg, problem)
             self._events.append(CerRejected(problem.result_code, problem.message, host))
             if self.state is PeerState.DONE:
-                self._close(f"CER rejected with {problem.result_code}")
+                self._close(f"CER rejected with {problem.result_code}", peer_caused=True)
             return
         was_open = self.state is not PeerState.CLOSED
         self._transition("rcv-CER-ok")

@@ -74,8 +74,6 @@ SIOCOUTQNSD = 0x894B  # Linux; elsewhere the ioctl fails and only UNREAD_HIGH ho
 UNREAD_POLL = 0.02  # seconds between looks while a peer is held
 _INT = struct.Struct("i")
 _BUSY = ("s13", "ECR", str(errors.TOO_BUSY))
-_PEER_CAUSED_CLOSES = frozenset({"message before CER",
-                                 "no CER within the capabilities-exchange timeout"})
 _SHED_OVERLOAD = ("s13", "overload")  # eir_requests_shed_total{interface, reason}
 _OC_SUPPORTED_CODE = (621).to_bytes(4, "big")  # OC-Supported-Features
 
@@ -796,12 +794,12 @@ class DiameterProtocol(asyncio.Protocol):
             case DisconnectRequested(cause=cause):
                 m.dpr[("received", cause)] += 1
                 self.log.info("peer_sent_dpr", cause=cause)
-            case Closed(reason=reason):
+            case Closed(reason=reason, peer_caused=peer_caused):
                 if reason.startswith("framing error"):
                     m.framing_errors += 1
                     self.node.log_limited(self.log, "connection_closed", self.address,
                                           "framing", reason=reason)
-                elif reason in _PEER_CAUSED_CLOSES or reason.startswith("CER rejected"):
+                elif peer_caused:
                     # A peer can cause these on every connection (connect, send a request or
                     # a bad CER, close, repeat): rate-limited like the lines that go with them.
                     self.node.log_limited(self.log, "connection_closed", self.address,
