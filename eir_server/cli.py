@@ -204,11 +204,8 @@ def _check(args: argparse.Namespace) -> int:
         print(f"eir-server check: configuration error: {e}", file=sys.stderr)
         return CHECK_EXIT_USAGE
     today = args.date or time.strftime("%Y%m%d", time.gmtime())
-    try:  # the policy compares dates as YYYYMMDD strings: anything else gives a wrong verdict
-        if len(today) != 8 or not today.isdigit():
-            raise ValueError
-        time.strptime(today, "%Y%m%d")
-    except ValueError:
+    from .store.register import valid_date
+    if not valid_date(today):  # the policy compares YYYYMMDD strings: others give wrong verdicts
         print(f"eir-server check: --date {today!r}: expected YYYYMMDD", file=sys.stderr)
         return CHECK_EXIT_USAGE
     req = CheckRequest(args.imei, args.software_version, args.imsi, args.msisdn)

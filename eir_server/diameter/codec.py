@@ -306,15 +306,15 @@ def _short_avp(data: bytes, start: int, end: int, hlen: int,
     head = _padded_header(data, start, end, hlen)
     if hlen == 8 and head[4] & AVP_V:  # V set but fewer than 12 bytes: a vendor header
         head += b"\0" * 4
-    code, fl = AVP_HEADER.unpack_from(head, 0)
+    code = AVP_HEADER.unpack_from(head, 0)[0]
     vendor = U32.unpack_from(head, 8)[0] if len(head) == 12 else 0
-    d = defs.get((code, vendor)) if defs is not None else None
-    minimum = FIXED_LENGTH.get(d.type, 0) if d is not None else 0
-    return _with_length(head, minimum)
+    return _zero_filled(head, defs.get((code, vendor)) if defs is not None else None)
 
 
-def _with_length(head: bytes, payload_len: int) -> bytes:
-    """A copy of an AVP header with its length rewritten to match a zero-filled payload."""
+def _zero_filled(head: bytes, d: AvpDef | None) -> bytes:
+    """A copy of an AVP header with its length rewritten to match a zero-filled payload of the
+    minimum its type takes (0 when unknown)."""
+    payload_len = FIXED_LENGTH.get(d.type, 0) if d is not None else 0
     code, fl = AVP_HEADER.unpack_from(head, 0)
     hlen = len(head)
     length = hlen + payload_len
@@ -371,9 +371,8 @@ def walk(data: bytes, start: int, end: int, defs: Mapping[AvpKey, AvpDef],
         aend = pos + length
         d = defs.get((code, vendor))
         if aend > end:
-            minimum = FIXED_LENGTH.get(d.type, 0) if d is not None else 0
             problems.append(Problem(errors.INVALID_AVP_LENGTH,
-                                    _with_length(bytes(data[pos:pos + hlen]), minimum),
+                                    _zero_filled(bytes(data[pos:pos + hlen]), d),
                                     f"AVP {code}: length {length} overruns its container"))
             break
         padded = (aend + 3) & ~3

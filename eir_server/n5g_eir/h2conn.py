@@ -373,10 +373,10 @@ class H2Connection:
         r.length += body
         if flags & END_STREAM:
             return self._complete(sid, r)
-        if not size:
-            self._idle_frame()
         if size:
             self.out += frame(WINDOW_UPDATE, 0, sid, _U32.pack(size))
+        else:
+            self._idle_frame()
         return None
 
     def _window_update(self, sid: int, payload: bytes) -> None:
