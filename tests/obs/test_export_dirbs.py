@@ -93,16 +93,23 @@ CHECKS = [
 ]
 
 
-async def test_zip_export_is_what_the_dirbs_operator_import_accepts(tmp_path: Path,
-                                                                   capsys) -> None:
-    await record(JsonlDirSink(str(tmp_path / "audit"), keep_days=100_000), CHECKS)
+def _zip_export(tmp_path: Path, until: str) -> Path:
+    """`eir-server export --format zip --operator op1` of tmp_path/audit from 2024-05-01 up to
+    `until`: the one file it writes."""
     out = tmp_path / "out"
     out.mkdir()
     args = parser().parse_args(
-        ["export", "--since", "2024-05-01", "--until", "2024-05-03", "--format", "zip",
+        ["export", "--since", "2024-05-01", "--until", until, "--format", "zip",
          "--operator", "op1", "--audit-dir", str(tmp_path / "audit"), "-o", str(out)])
     assert run_export(args) == 0
     [z] = out.iterdir()
+    return z
+
+
+async def test_zip_export_is_what_the_dirbs_operator_import_accepts(tmp_path: Path,
+                                                                   capsys) -> None:
+    await record(JsonlDirSink(str(tmp_path / "audit"), keep_days=100_000), CHECKS)
+    z = _zip_export(tmp_path, "2024-05-03")
     assert z.name == "op1_20240501_20240502.zip"
     rows = dirbs_accepts(z)
     assert rows == [
@@ -132,13 +139,7 @@ async def test_export_writes_the_14_digit_imei(tmp_path: Path) -> None:
     with f.open("a") as out:
         out.write(json.dumps({"t": f"{DAY1 + 40:.3f}", "imei": "4901542032375107",
                               "imsi": "001010000000003", "interface": "s13"}) + "\n")
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    args = parser().parse_args(
-        ["export", "--since", "2024-05-01", "--until", "2024-05-02", "--format", "zip",
-         "--operator", "op1", "--audit-dir", str(tmp_path / "audit"), "-o", str(out_dir)])
-    assert run_export(args) == 0
-    [z] = out_dir.iterdir()
+    z = _zip_export(tmp_path, "2024-05-02")
     assert [(r["imei"], r["imsi"]) for r in dirbs_accepts(z)] == [
         ("35209900176148", "001010000000001"),  # one row for the 15- and 14-digit sightings
         ("49015420323751", "001010000000002"),

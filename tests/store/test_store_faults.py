@@ -358,20 +358,61 @@ def _avp_u32(answer: bytes, code: int) -> int | None:
     return None
 
 
+def _serve(store_url: str, *args: str, timeout: float = 10.0):
+    """A real `eir-server serve` on the store, JSON logs on its stdout; (process, S13 socket
+    after CER)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.diameter.builders import cer
+    from tests.netutil import free_port, recv_message, wait_for_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eir_server.cli", "serve", "--store", store_url,
+         "--diameter-listen", f"127.0.0.1:{port}", "--log-format", "json", *args],
+        env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        sock = socket.create_connection(("127.0.0.1", port), timeout)
+        sock.sendall(cer())
+        recv_message(sock)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, sock
+
+
+def _stop(proc, srv) -> str:
+    """SIGTERM to serve (it drains and exits), then Redis stopped: serve's output."""
+    proc.terminate()
+    out: str = proc.communicate(timeout=30)[0].decode()
+    srv.stop()
+    return out
+
+
+def _metric(mport: int, name: str) -> float:
+    import urllib.request
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
 def test_serve_answers_3004_and_fails_readyz_during_an_outage(tmp_path, dirbs, sync_dir):
     """`eir-server serve --store-fallback too_busy` as an operator runs it: while Redis is
     down an uncached IMEI gets ECA 3004 (the MME tries another EIR), /readyz is 503, one
     episode is counted and logged; after Redis is back, verdicts and readiness return."""
     import json
-    import os
-    import socket
-    import subprocess
-    import sys
     import urllib.error
     import urllib.request
 
-    from tests.diameter.builders import cer, ecr
-    from tests.netutil import free_port, recv_message, wait_for_port
+    from tests.diameter.builders import ecr
+    from tests.netutil import free_port, recv_message
 
     def readyz() -> int:
         try:
@@ -380,28 +421,15 @@ def test_serve_answers_3004_and_fails_readyz_during_an_outage(tmp_path, dirbs, s
             return e.code
 
     def metric(name: str) -> float:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
-        for line in body.decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"{name} not exported")
+        return _metric(mport, name)
 
     srv = persistent_redis(tmp_path)
     publish(dirbs)
     sync_dir(srv.url, dirbs.root)
-    port, mport = free_port(), free_port()
-    env = {**os.environ, "EIR_LOG_FORMAT": "json"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eir_server.cli", "serve", "--store", srv.url,
-         "--diameter-listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}",
-         "--store-fallback", "too_busy", "--device-signals", "off"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    mport = free_port()
+    proc, sock = _serve(srv.url, "--metrics-listen", f"127.0.0.1:{mport}",
+                        "--store-fallback", "too_busy", "--device-signals", "off")
     try:
-        wait_for_port(port, proc)
-        sock = socket.create_connection(("127.0.0.1", port), 10)
-        sock.sendall(cer())
-        recv_message(sock)
-
         def ask(imei: str, hbh: int) -> tuple[int | None, int | None]:
             sock.sendall(ecr(hbh=hbh, imei=imei))
             a = recv_message(sock)
@@ -428,9 +456,7 @@ def test_serve_answers_3004_and_fails_readyz_during_an_outage(tmp_path, dirbs, s
         assert metric("eir_store_fallback_verdicts_total") >= 2
         sock.close()
     finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode()
-        srv.stop()
+        out = _stop(proc, srv)
     assert proc.returncode == 0, out
     events = [json.loads(line).get("event") for line in out.splitlines()
               if line.startswith("{")]
@@ -444,35 +470,20 @@ def test_serve_fallback_active_drops_once_redis_is_back_without_another_request(
     """An idle node: one request answered with --store-fallback while Redis is down, then
     Redis back with the register and no request after it. eir_store_fallback_active returns
     to 0 on its own: the episode ending with the next verdict may be long after."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    from tests.diameter.builders import cer, ecr
-    from tests.eirproc import http_get, result_and_status, wait_until
-    from tests.netutil import free_port, recv_message, wait_for_port
+    from tests.diameter.builders import ecr
+    from tests.eirproc import result_and_status, wait_until
+    from tests.netutil import free_port, recv_message
 
     def active() -> float:
-        for line in http_get(mport, "/metrics")[1].splitlines():
-            if line.startswith("eir_store_fallback_active "):
-                return float(line.split()[1])
-        raise AssertionError("eir_store_fallback_active not exported")
+        return _metric(mport, "eir_store_fallback_active")
 
     srv = persistent_redis(tmp_path)
     publish(dirbs)
     sync_dir(srv.url, dirbs.root)
-    port, mport = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eir_server.cli", "serve", "--store", srv.url,
-         "--diameter-listen", f"127.0.0.1:{port}", "--metrics-listen", f"127.0.0.1:{mport}",
-         "--store-fallback", "greylisted", "--log-format", "json"],
-        env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    mport = free_port()
+    proc, sock = _serve(srv.url, "--metrics-listen", f"127.0.0.1:{mport}",
+                        "--store-fallback", "greylisted")
     try:
-        wait_for_port(port, proc)
-        sock = socket.create_connection(("127.0.0.1", port), 10)
-        sock.sendall(cer())
-        recv_message(sock)
         assert active() == 0
         srv.stop()
         sock.sendall(ecr(hbh=2, imei=LISTED[2]))  # not cached: the fallback answers
@@ -482,9 +493,7 @@ def test_serve_fallback_active_drops_once_redis_is_back_without_another_request(
         wait_until(lambda: active() == 0, "eir_store_fallback_active back to 0", 30, proc)
         sock.close()
     finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode()
-        srv.stop()
+        out = _stop(proc, srv)
     assert proc.returncode == 0, out
     assert "store_fallback_started" in out, out
 
@@ -494,32 +503,19 @@ def test_serve_paused_longer_than_the_timeout_answers_from_redis(tmp_path, dirbs
     pause) for longer than the store timeout while a stream of uncached ECRs keeps lookups in
     flight. The answers were in its socket all along: verdicts from Redis, no fallback, Redis
     never declared down."""
-    import os
-    import socket
-    import subprocess
-    import sys
     import threading
 
-    from tests.diameter.builders import cer, ecr
-    from tests.netutil import free_port, recv_message, wait_for_port
+    from tests.diameter.builders import ecr
+    from tests.netutil import recv_message
 
     srv = RedisProc(tmp_path / "redis").start()
     publish(dirbs)
     sync_dir(srv.url, dirbs.root)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eir_server.cli", "serve", "--store", srv.url + "?timeout=0.2",
-         "--diameter-listen", f"127.0.0.1:{port}", "--metrics-listen", "",
-         "--store-fallback", "greylisted", "--log-format", "json"],
-        env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, sock = _serve(srv.url + "?timeout=0.2", "--metrics-listen", "",
+                        "--store-fallback", "greylisted", timeout=30)
     imeis = [f"350000{i:08d}" for i in range(1, 6001)]  # 12 x 5 x 100, each once
     got: dict[int, int | None] = {}
     try:
-        wait_for_port(port, proc)
-        sock = socket.create_connection(("127.0.0.1", port), 30)
-        sock.sendall(cer())
-        recv_message(sock)
-
         def reader() -> None:
             for _ in imeis:
                 a = recv_message(sock)
@@ -541,9 +537,7 @@ def test_serve_paused_longer_than_the_timeout_answers_from_redis(tmp_path, dirbs
         sock.close()
     finally:
         proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0].decode()
-        srv.stop()
+        out = _stop(proc, srv)
     assert len(got) == len(imeis)
     wrong = [(imeis[n], s) for n, s in got.items() if s != (1 if imeis[n] in LISTED_SET else 0)]
     assert wrong == [], wrong[:5]
